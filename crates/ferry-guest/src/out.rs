@@ -1,0 +1,40 @@
+//! Line output on COM1: each line is formatted into a buffer and written with one system call,
+//! under a ring-3 spin lock so lines from different lanes never interleave.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sys;
+
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+struct LineBuf {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl Write for LineBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let room = self.buf.len() - 1 - self.len;
+        let n = s.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// Prints one line (a newline is appended; over-long lines are cut).
+pub fn line(args: core::fmt::Arguments<'_>) {
+    let mut b = LineBuf { buf: [0; 512], len: 0 };
+    let _ = b.write_fmt(args);
+    b.buf[b.len] = b'\n';
+    b.len += 1;
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+    sys::write(&b.buf[..b.len]);
+    LOCK.store(false, Ordering::Release);
+}
