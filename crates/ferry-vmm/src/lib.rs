@@ -1,1 +1,18 @@
-//! placeholder
+//! The machine: a KVM virtual machine with memfd-backed guest RAM, vCPU threads, the devices a
+//! guest needs (COM1, the shutdown port), PVH boot, and the state sections that let a running
+//! machine be saved and rebuilt elsewhere.
+//!
+//! This crate owns everything that touches KVM. It never decides *when* to move a guest (that is
+//! `ferry-migrate`), and it never writes guest memory behind the dirty log's back.
+
+pub mod boot;
+pub mod devices;
+pub mod memory;
+//TMP pub mod state_codec;
+pub mod vcpu;
+//TMP pub mod vcpu_state;
+pub mod vm;
+//TMP pub mod vm_state;
+
+pub use memory::GuestRam;
+pub use vm::{ExitReason, Vm, VmConfig};

@@ -1,0 +1,365 @@
+//! vCPU threads: each vCPU runs `KVM_RUN` on its own thread and can be paused, resumed and
+//! stopped from another thread.
+//!
+//! Stopping a vCPU that is inside `KVM_RUN`: the controller sets the request, sets the vCPU's
+//! `immediate_exit` flag and signals the thread (a handler without `SA_RESTART`). The vCPU
+//! clears `immediate_exit` *before* it looks at the request, so a kick can never be lost between
+//! the check and the next `KVM_RUN`.
+//!
+//! ```text
+//!  controller: req = Pause ──▶ immediate_exit = 1 ──▶ pthread_kill
+//!  vCPU:       immediate_exit = 0 ──▶ check req ──▶ KVM_RUN (returns EINTR at once if kicked)
+//! ```
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::{IoAction, PioBus};
+
+/// Errors of vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start the thread of vCPU {0}")]
+    Spawn(u32, #[source] std::io::Error),
+    #[error("cannot signal the thread of vCPU {0}")]
+    Kick(u32, #[source] vmm_sys_util::errno::Error),
+    #[error("vCPU {0} control lock is poisoned (its thread panicked)")]
+    Poisoned(u32),
+}
+
+/// Why a machine stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest wrote its status to the shutdown port.
+    GuestShutdown(u8),
+    /// Triple fault or a KVM system event (reset/shutdown).
+    GuestReset(String),
+    /// KVM could not run the guest (e.g. an emulation failure).
+    KvmError(String),
+    /// Ferry was asked to stop (API `quit`, signal).
+    Stopped,
+    /// The machine moved away (migration completed).
+    Migrated,
+}
+
+/// The vCPU kick signal.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + 1
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Quit,
+}
+
+struct CtlState {
+    req: Request,
+    paused: bool,
+    exited: bool,
+}
+
+struct Control {
+    m: Mutex<CtlState>,
+    cv: Condvar,
+}
+
+/// Where vCPU threads report that the machine should stop.
+pub struct ExitSink {
+    m: Mutex<Option<ExitReason>>,
+    cv: Condvar,
+}
+
+impl ExitSink {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ExitSink {
+            m: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+    /// Records the first exit reason.
+    pub fn set(&self, r: ExitReason) {
+        if let Ok(mut g) = self.m.lock() {
+            if g.is_none() {
+                *g = Some(r);
+            }
+            self.cv.notify_all();
+        }
+    }
+    /// Waits for an exit reason.
+    pub fn wait(&self) -> ExitReason {
+        let mut g = match self.m.lock() {
+            Ok(g) => g,
+            Err(_) => return ExitReason::KvmError("exit lock poisoned".into()),
+        };
+        loop {
+            if let Some(r) = g.clone() {
+                return r;
+            }
+            g = match self.cv.wait(g) {
+                Ok(g) => g,
+                Err(_) => return ExitReason::KvmError("exit lock poisoned".into()),
+            };
+        }
+    }
+    pub fn get(&self) -> Option<ExitReason> {
+        self.m.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    id: u32,
+    fd: Arc<Mutex<VcpuFd>>,
+    ctl: Arc<Control>,
+    kvm_run: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Pointer to a vCPU's `kvm_run` page, shared with the controller for `immediate_exit`.
+#[derive(Clone, Copy)]
+struct RunPtr(usize);
+
+impl RunPtr {
+    fn set_immediate_exit(self, v: u8) {
+        // SAFETY: the pointer is the vCPU's mmapped kvm_run structure, valid as long as the
+        // VcpuFd lives; VcpuHandle owns an Arc of the VcpuFd and joins the thread before drop.
+        // A single-byte volatile store is what KVM expects for immediate_exit.
+        unsafe {
+            let run = self.0 as *mut kvm_bindings::kvm_run;
+            std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(v);
+        }
+    }
+}
+
+impl VcpuHandle {
+    /// Starts the thread of `fd` (already configured or restored), initially running.
+    pub fn spawn(
+        id: u32,
+        fd: VcpuFd,
+        bus: Arc<PioBus>,
+        exit: Arc<ExitSink>,
+        start_paused: bool,
+    ) -> Result<Self, VcpuError> {
+        let mut fd = fd;
+        let kvm_run = fd.get_kvm_run() as *mut kvm_bindings::kvm_run as usize;
+        let fd = Arc::new(Mutex::new(fd));
+        let ctl = Arc::new(Control {
+            m: Mutex::new(CtlState {
+                req: if start_paused {
+                    Request::Pause
+                } else {
+                    Request::Run
+                },
+                paused: false,
+                exited: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let thread = {
+            let fd = fd.clone();
+            let ctl = ctl.clone();
+            std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(id, fd, ctl, RunPtr(kvm_run), bus, exit))
+                .map_err(|e| VcpuError::Spawn(id, e))?
+        };
+        Ok(VcpuHandle {
+            id,
+            fd,
+            ctl,
+            kvm_run,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn request(&self, r: Request) -> Result<(), VcpuError> {
+        {
+            let mut g = self
+                .ctl
+                .m
+                .lock()
+                .map_err(|_| VcpuError::Poisoned(self.id))?;
+            if g.exited {
+                return Ok(());
+            }
+            g.req = r;
+            self.ctl.cv.notify_all();
+        }
+        if r != Request::Run {
+            RunPtr(self.kvm_run).set_immediate_exit(1);
+            if let Some(t) = &self.thread {
+                t.kill(kick_signal())
+                    .map_err(|e| VcpuError::Kick(self.id, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the vCPU to pause (does not wait).
+    pub fn request_pause(&self) -> Result<(), VcpuError> {
+        self.request(Request::Pause)
+    }
+
+    /// Waits until the vCPU is paused (or its thread ended).
+    pub fn wait_paused(&self) -> Result<(), VcpuError> {
+        let mut g = self
+            .ctl
+            .m
+            .lock()
+            .map_err(|_| VcpuError::Poisoned(self.id))?;
+        while !(g.paused || g.exited) {
+            g = self
+                .ctl
+                .cv
+                .wait(g)
+                .map_err(|_| VcpuError::Poisoned(self.id))?;
+        }
+        Ok(())
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.request(Request::Run)
+    }
+
+    /// The vCPU fd, for state save/restore. Only call while the vCPU is paused: the vCPU thread
+    /// holds this lock while it runs.
+    pub fn fd(&self) -> Result<MutexGuard<'_, VcpuFd>, VcpuError> {
+        self.fd.lock().map_err(|_| VcpuError::Poisoned(self.id))
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.request(Request::Quit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn vcpu_loop(
+    id: u32,
+    fd: Arc<Mutex<VcpuFd>>,
+    ctl: Arc<Control>,
+    run: RunPtr,
+    bus: Arc<PioBus>,
+    exit: Arc<ExitSink>,
+) {
+    let finish = |ctl: &Control| {
+        if let Ok(mut g) = ctl.m.lock() {
+            g.exited = true;
+            ctl.cv.notify_all();
+        }
+    };
+    loop {
+        run.set_immediate_exit(0);
+        fence(Ordering::SeqCst);
+        {
+            let mut g = match ctl.m.lock() {
+                Ok(g) => g,
+                Err(_) => break,
+            };
+            loop {
+                match g.req {
+                    Request::Run => break,
+                    Request::Quit => {
+                        drop(g);
+                        finish(&ctl);
+                        return;
+                    }
+                    Request::Pause => {
+                        if !g.paused {
+                            g.paused = true;
+                            ctl.cv.notify_all();
+                        }
+                        g = match ctl.cv.wait(g) {
+                            Ok(g) => g,
+                            Err(_) => return,
+                        };
+                    }
+                }
+            }
+            g.paused = false;
+        }
+        let mut vcpu = match fd.lock() {
+            Ok(v) => v,
+            Err(_) => break,
+        };
+        let stop = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
+                IoAction::None => None,
+                IoAction::Shutdown(code) => Some(ExitReason::GuestShutdown(code)),
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.read(port, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
+            Ok(VcpuExit::Shutdown) => {
+                Some(ExitReason::GuestReset(format!("vCPU {id}: triple fault")))
+            }
+            Ok(VcpuExit::SystemEvent(t, _)) => Some(ExitReason::GuestReset(format!(
+                "vCPU {id}: KVM system event {t}"
+            ))),
+            Ok(VcpuExit::InternalError) => {
+                let internal = {
+                    let r = vcpu.get_kvm_run();
+                    // SAFETY: for KVM_EXIT_INTERNAL_ERROR the `internal` member of the union is
+                    // the valid one.
+                    let i = unsafe { r.__bindgen_anon_1.internal };
+                    (i.suberror, i.ndata, i.data)
+                };
+                Some(ExitReason::KvmError(format!(
+                    "vCPU {id}: KVM internal error, suberror {} data {:x?}",
+                    internal.0,
+                    &internal.2[..(internal.1 as usize).min(internal.2.len())]
+                )))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::KvmError(format!(
+                "vCPU {id}: VM entry failed, reason {reason:#x} on host CPU {cpu}"
+            ))),
+            Ok(other) => Some(ExitReason::KvmError(format!(
+                "vCPU {id}: unexpected exit {other:?}"
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(ExitReason::KvmError(format!(
+                "vCPU {id}: KVM_RUN failed: {e}"
+            ))),
+        };
+        drop(vcpu);
+        if let Some(r) = stop {
+            exit.set(r);
+            break;
+        }
+    }
+    finish(&ctl);
+}

@@ -1,0 +1,267 @@
+//! A running machine: KVM VM, guest RAM, devices and vCPU threads.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootEntry, BootError};
+use crate::devices::serial::{SerialDevice, SerialSink};
+use crate::devices::{PioBus, COM1_GSI};
+use crate::memory::{GuestRam, MemoryError};
+pub use crate::vcpu::ExitReason;
+use crate::vcpu::{install_kick_handler, ExitSink, VcpuError, VcpuHandle};
+
+/// Most vCPUs Ferry gives a guest.
+pub const MAX_VCPUS: u32 = 8;
+/// Smallest guest RAM Ferry accepts.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// Errors of building or running a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM cannot {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0} vCPUs requested; Ferry supports 1 to {MAX_VCPUS}")]
+    BadVcpuCount(u32),
+    #[error("guest memory of {0} bytes is too small (at least {MIN_MEMORY} bytes)")]
+    MemoryTooSmall(u64),
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("cannot boot the kernel")]
+    Boot(#[from] BootError),
+    #[error("vCPU control")]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// What to build.
+pub struct VmConfig {
+    pub memory: u64,
+    pub vcpus: u32,
+    /// ELF image with a PVH note.
+    pub kernel: Vec<u8>,
+    pub cmdline: String,
+    pub serial_out: SerialSink,
+}
+
+/// The KVM-level pieces of a machine before its vCPUs run: shared by boot and restore.
+pub struct MachineParts {
+    pub kvm: Kvm,
+    pub vm_fd: VmFd,
+    pub ram: GuestRam,
+    pub serial_irq: EventFd,
+}
+
+/// Creates the KVM VM with in-kernel irqchip and PIT, and registers `ram`.
+pub fn create_machine(ram: GuestRam) -> Result<MachineParts, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm_fd
+        .set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit)
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+    ram.register(&vm_fd, false)?;
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&serial_irq, COM1_GSI)
+        .map_err(kvm_err("register the serial irqfd"))?;
+    Ok(MachineParts {
+        kvm,
+        vm_fd,
+        ram,
+        serial_irq,
+    })
+}
+
+/// Creates vCPU `id` with Ferry's CPUID (KVM's supported set, per-vCPU APIC ids).
+pub fn create_vcpu(parts: &MachineParts, id: u32, count: u32) -> Result<VcpuFd, VmError> {
+    let vcpu = parts
+        .vm_fd
+        .create_vcpu(id as u64)
+        .map_err(kvm_err("create a vCPU"))?;
+    let mut cpuid = parts
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report its supported CPUID"))?;
+    patch_cpuid(&mut cpuid, id, count);
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_err("set the vCPU's CPUID"))?;
+    Ok(vcpu)
+}
+
+fn patch_cpuid(cpuid: &mut CpuId, id: u32, count: u32) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                // Initial APIC id, logical processor count, HTT when more than one.
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | ((count & 0xff) << 16);
+                if count > 1 {
+                    e.edx |= 1 << 28;
+                }
+            }
+            0xb | 0x1f => e.edx = id,
+            _ => {}
+        }
+    }
+}
+
+/// A machine whose vCPUs run on their own threads.
+pub struct Vm {
+    parts: MachineParts,
+    bus: Arc<PioBus>,
+    vcpus: Vec<VcpuHandle>,
+    exit: Arc<ExitSink>,
+    vcpu_count: u32,
+}
+
+impl Vm {
+    /// Builds a machine and boots `cfg.kernel` by PVH.
+    pub fn boot(cfg: VmConfig) -> Result<Vm, VmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmError::BadVcpuCount(cfg.vcpus));
+        }
+        if cfg.memory < MIN_MEMORY {
+            return Err(VmError::MemoryTooSmall(cfg.memory));
+        }
+        let ram = GuestRam::new(cfg.memory)?;
+        let entry: BootEntry = boot::load_pvh(&ram, &cfg.kernel, &cfg.cmdline)?;
+        let parts = create_machine(ram)?;
+        let mut fds = Vec::new();
+        for id in 0..cfg.vcpus {
+            let fd = create_vcpu(&parts, id, cfg.vcpus)?;
+            boot::setup_vcpu_common(&fd)?;
+            if id == 0 {
+                boot::setup_boot_vcpu(&fd, &entry)?;
+            }
+            fds.push(fd);
+        }
+        let irq = parts.serial_irq.try_clone().map_err(VmError::EventFd)?;
+        let serial = SerialDevice::new(irq, cfg.serial_out);
+        Vm::start(parts, serial, fds, false)
+    }
+
+    /// Starts vCPU threads on prepared parts (used by boot and by restore).
+    pub fn start(
+        parts: MachineParts,
+        serial: SerialDevice,
+        fds: Vec<VcpuFd>,
+        paused: bool,
+    ) -> Result<Vm, VmError> {
+        install_kick_handler()?;
+        let bus = Arc::new(PioBus {
+            serial: Mutex::new(serial),
+        });
+        let exit = ExitSink::new();
+        let vcpu_count = fds.len() as u32;
+        let mut vcpus = Vec::new();
+        for (id, fd) in fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(
+                id as u32,
+                fd,
+                bus.clone(),
+                exit.clone(),
+                paused,
+            )?);
+        }
+        Ok(Vm {
+            parts,
+            bus,
+            vcpus,
+            exit,
+            vcpu_count,
+        })
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.parts.ram
+    }
+
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.parts.vm_fd
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.parts.kvm
+    }
+
+    pub fn bus(&self) -> &PioBus {
+        &self.bus
+    }
+
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpu_count
+    }
+
+    /// Pauses every vCPU and waits until all are out of `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.request_pause()?;
+        }
+        for v in &self.vcpus {
+            v.wait_paused()?;
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the machine must stop and returns why.
+    pub fn wait_exit(&self) -> ExitReason {
+        self.exit.wait()
+    }
+
+    /// Ends the machine's run with `reason` (wakes `wait_exit`).
+    pub fn request_exit(&self, reason: ExitReason) {
+        self.exit.set(reason);
+    }
+
+    /// Why the machine stopped, if it did.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.get()
+    }
+
+    /// Stops all vCPU threads.
+    pub fn stop(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

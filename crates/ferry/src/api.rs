@@ -1,0 +1,165 @@
+//! The control socket (`--api-socket`): one JSON object per line in, one per line out.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"quit"}`,
+//! `{"cmd":"memory-read","gpa":N,"len":N}`, `{"cmd":"memory-write","gpa":N,"hex":"..."}`.
+//! Every reply has `"ok": true|false`; failures carry `"error"`. The protocol is documented in
+//! docs/api.md.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_vmm::{ExitReason, Vm};
+use serde_json::{json, Value};
+
+/// Shared state the API acts on.
+pub struct ApiContext {
+    pub vm: Arc<Vm>,
+    pub paused: AtomicBool,
+}
+
+/// Binds the socket (replacing a stale one) and serves it on a background thread.
+pub fn serve(path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
+    if path.exists() {
+        // A live Ferry answers on it; a stale file from a dead one is replaced.
+        if UnixStream::connect(path).is_ok() {
+            bail!("API socket {} is in use by another process", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind API socket {}", path.display()))?;
+    let path: PathBuf = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let ctx = ctx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || {
+                        let _ = handle_conn(conn, &ctx);
+                    });
+            }
+            let _ = std::fs::remove_file(path);
+        })?;
+    Ok(())
+}
+
+fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
+    let mut out = conn.try_clone()?;
+    let reader = BufReader::new(conn);
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => match handle(&req, ctx) {
+                Ok(mut v) => {
+                    v["ok"] = json!(true);
+                    v
+                }
+                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            },
+            Err(e) => json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+        };
+        writeln!(out, "{reply}")?;
+    }
+    Ok(())
+}
+
+fn field_u64(req: &Value, name: &str) -> Result<u64> {
+    req.get(name)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| anyhow!("request needs a numeric \"{name}\""))
+}
+
+fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
+    let cmd = req
+        .get("cmd")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("request has no \"cmd\""))?;
+    match cmd {
+        "status" => Ok(json!({
+            "state": if ctx.paused.load(Ordering::SeqCst) { "paused" } else { "running" },
+            "vcpus": ctx.vm.vcpu_count(),
+            "memory": ctx.vm.ram().size(),
+        })),
+        "pause" => {
+            ctx.vm.pause()?;
+            ctx.paused.store(true, Ordering::SeqCst);
+            Ok(json!({}))
+        }
+        "resume" => {
+            ctx.vm.resume()?;
+            ctx.paused.store(false, Ordering::SeqCst);
+            Ok(json!({}))
+        }
+        "quit" => {
+            ctx.vm.request_exit(ExitReason::Stopped);
+            Ok(json!({}))
+        }
+        "memory-read" => {
+            let gpa = field_u64(req, "gpa")?;
+            let len = field_u64(req, "len")?;
+            if len > 1 << 20 {
+                bail!("memory-read of {len} bytes: at most 1 MiB per request");
+            }
+            let mut buf = vec![0u8; len as usize];
+            ctx.vm.ram().read(gpa, &mut buf)?;
+            Ok(json!({ "hex": hex_encode(&buf) }))
+        }
+        "memory-write" => {
+            let gpa = field_u64(req, "gpa")?;
+            let hex = req
+                .get("hex")
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("request needs \"hex\""))?;
+            let bytes = hex_decode(hex)?;
+            ctx.vm.ram().write(gpa, &bytes)?;
+            Ok(json!({ "written": bytes.len() }))
+        }
+        other => bail!("unknown command \"{other}\""),
+    }
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        bail!("hex string has an odd length");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| anyhow!("bad hex at offset {i}")))
+        .collect()
+}
+
+/// Sends one request and returns the reply (errors become `Err`).
+pub fn call(socket: &Path, req: &Value) -> Result<Value> {
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
+    let mut w = conn.try_clone()?;
+    writeln!(w, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line)?;
+    let v: Value =
+        serde_json::from_str(&line).with_context(|| format!("bad reply from Ferry: {line:?}"))?;
+    if v.get("ok") != Some(&json!(true)) {
+        bail!(
+            "{}",
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed")
+        );
+    }
+    Ok(v)
+}
