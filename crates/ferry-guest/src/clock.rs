@@ -20,7 +20,6 @@ pub struct Clock {
 impl Clock {
     /// Reads `tsc_to_system_mul`/`tsc_shift` from kvmclock and derives the TSC frequency.
     pub fn from_kvmclock() -> Result<Clock, &'static str> {
-
         // updates; we read it with volatile loads and the version protocol.
         let base = core::ptr::addr_of!(pvclock) as *const u8;
         for _ in 0..1_000_000 {

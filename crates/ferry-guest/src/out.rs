@@ -25,7 +25,10 @@ impl Write for LineBuf {
 
 /// Prints one line (a newline is appended; over-long lines are cut).
 pub fn line(args: core::fmt::Arguments<'_>) {
-    let mut b = LineBuf { buf: [0; 512], len: 0 };
+    let mut b = LineBuf {
+        buf: [0; 512],
+        len: 0,
+    };
     let _ = b.write_fmt(args);
     b.buf[b.len] = b'\n';
     b.len += 1;

@@ -85,7 +85,9 @@ pub fn bsp_main(cfg: Config, info: &StartInfo, clock: Clock, lanes: usize) -> ! 
         .find(|&&(a, s)| a <= image_end && image_end < a + s);
     let ram_top = match region {
         Some(&(a, s)) => (a + s).min(4 << 30),
-        None => crate::fatal(format_args!("GUEST-ERROR no RAM region holds the guest image")),
+        None => crate::fatal(format_args!(
+            "GUEST-ERROR no RAM region holds the guest image"
+        )),
     };
     if ws_end > ram_top {
         crate::fatal(format_args!(
@@ -131,7 +133,10 @@ pub fn ap_main(cpu: usize) -> ! {
             core::hint::spin_loop();
         }
     }
-    let clock = Clock { hz: CLOCK_HZ.load(Relaxed), t0: CLOCK_T0.load(Relaxed) };
+    let clock = Clock {
+        hz: CLOCK_HZ.load(Relaxed),
+        t0: CLOCK_T0.load(Relaxed),
+    };
     let pattern = match CFG_PATTERN.load(Relaxed) {
         1 => Pattern::Random,
         2 => Pattern::Hot,
@@ -193,25 +198,46 @@ fn check_page(g: &Geometry, page: u64, want_gen: u64) -> Result<(), Fail> {
     let p = g.page_ptr(page);
     // SAFETY: p points to a page of the working set, owned by this lane.
     let (h0, h1, h2, h3) = unsafe {
-        (p.read_volatile(), p.add(1).read_volatile(), p.add(2).read_volatile(), p.add(3).read_volatile())
+        (
+            p.read_volatile(),
+            p.add(1).read_volatile(),
+            p.add(2).read_volatile(),
+            p.add(3).read_volatile(),
+        )
     };
     if h0 != page || h3 != MAGIC ^ page {
-        return Err(Fail { what: "header", got_gen: h1, offset: 0 });
+        return Err(Fail {
+            what: "header",
+            got_gen: h1,
+            offset: 0,
+        });
     }
     if h1 != want_gen {
-        return Err(Fail { what: "generation", got_gen: h1, offset: 8 });
+        return Err(Fail {
+            what: "generation",
+            got_gen: h1,
+            offset: 8,
+        });
     }
     let mut sum = 0u64;
     for i in HEADER_WORDS..WORDS {
         // SAFETY: as above.
         let w = unsafe { p.add(i).read_volatile() };
         if w != body_word(page, h1, i) {
-            return Err(Fail { what: "body", got_gen: h1, offset: i * 8 });
+            return Err(Fail {
+                what: "body",
+                got_gen: h1,
+                offset: i * 8,
+            });
         }
         sum = sum.wrapping_add(w).rotate_left(7);
     }
     if sum != h2 {
-        return Err(Fail { what: "checksum", got_gen: h1, offset: 16 });
+        return Err(Fail {
+            what: "checksum",
+            got_gen: h1,
+            offset: 16,
+        });
     }
     Ok(())
 }
@@ -234,7 +260,6 @@ struct Reporter {
     report_cycles: u64,
     next_hb: u64,
     next_report: u64,
-    hb_seq: u64,
     last_written: u64,
     last_t: u64,
     lanes: usize,
@@ -323,7 +348,6 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
             report_cycles: clock.ms_to_cycles(cfg.report_ms),
             next_hb: now,
             next_report: now + clock.ms_to_cycles(cfg.report_ms),
-            hb_seq: 0,
             last_written: 0,
             last_t: now,
             lanes,
@@ -331,7 +355,6 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
     } else {
         None
     };
-    let _ = rep.as_ref().map(|r| r.hb_seq);
 
     // Fill: every page written once with non-zero data, generation 1.
     for i in 0..g.count {
@@ -358,7 +381,6 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
     let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ ((lane as u64 + 1) << 32) ^ clock.now());
     let mut write_cursor = 0u64;
     let mut verify_cursor = 0u64;
-    let mut pass_sum = 0u64;
     let mut rate_t0 = clock.now();
     let mut rate_done = 0u64;
     let mut last = clock.now();
@@ -398,7 +420,7 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
                 Pattern::Random => rng.next() % g.count,
                 Pattern::Hot => {
                     let r = rng.next();
-                    if r % 10 != 0 {
+                    if !r.is_multiple_of(10) {
                         (r >> 8) % (g.count / 10).max(1)
                     } else {
                         (r >> 8) % g.count
@@ -421,7 +443,6 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
             let page = g.first + verify_cursor;
             // SAFETY: the table entry of a page of this lane.
             let want = unsafe { g.gen_ptr(page).read_volatile() } as u64;
-            pass_sum += want;
             if let Err(f) = check_page(&g, page, want) {
                 st.errors.fetch_add(1, Relaxed);
                 if st.fail_lines.fetch_add(1, Relaxed) < MAX_FAIL_LINES {
@@ -436,7 +457,6 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
                 // SAFETY: as above.
                 unsafe { g.gen_ptr(page).write_volatile(gen as u32) };
                 st.gen_sum.fetch_add(1, Relaxed);
-                pass_sum += 1;
             }
             st.verified.fetch_add(1, Relaxed);
             verify_cursor += 1;
@@ -459,8 +479,6 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
                     }
                     st.gen_sum.store(sum, Relaxed);
                 }
-                let _ = pass_sum;
-                pass_sum = 0;
                 st.passes.fetch_add(1, Relaxed);
                 verify_cursor = 0;
             }

@@ -82,7 +82,7 @@ pub fn layout(size: u64) -> Vec<(u64, u64)> {
 impl GuestRam {
     /// Creates `size` bytes of guest RAM in a fresh memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % (2 << 20) != 0 {
+        if size == 0 || !size.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(size));
         }
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.

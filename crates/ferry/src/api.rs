@@ -59,17 +59,23 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let reply = match serde_json::from_str::<Value>(&line) {
+        let (reply, quit) = match serde_json::from_str::<Value>(&line) {
             Ok(req) => match handle(&req, ctx) {
                 Ok(mut v) => {
                     v["ok"] = json!(true);
-                    v
+                    (v, req["cmd"] == "quit")
                 }
-                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+                Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
             },
-            Err(e) => json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+            Err(e) => (
+                json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+                false,
+            ),
         };
         writeln!(out, "{reply}")?;
+        if quit {
+            ctx.vm.request_exit(ExitReason::Stopped);
+        }
     }
     Ok(())
 }
@@ -101,10 +107,8 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             ctx.paused.store(false, Ordering::SeqCst);
             Ok(json!({}))
         }
-        "quit" => {
-            ctx.vm.request_exit(ExitReason::Stopped);
-            Ok(json!({}))
-        }
+        // The exit itself happens after the reply is written (see handle_conn).
+        "quit" => Ok(json!({})),
         "memory-read" => {
             let gpa = field_u64(req, "gpa")?;
             let len = field_u64(req, "len")?;
@@ -134,7 +138,7 @@ fn hex_encode(b: &[u8]) -> String {
 }
 
 fn hex_decode(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("hex string has an odd length");
     }
     (0..s.len())

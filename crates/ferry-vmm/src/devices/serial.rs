@@ -37,8 +37,6 @@ impl SerialDevice {
         }
     }
 
-    /// Rebuilds the UART from saved state.
-
     pub fn write(&mut self, offset: u8, value: u8) {
         // A failing sink (closed stdout) must not stop the guest: the byte is dropped.
         let _ = self.inner.write(offset, value);

@@ -1,0 +1,291 @@
+//! End-to-end test harness: runs the `ferry` binary, keeps its serial lines with host arrival
+//! times, and talks to its API socket.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// Returns false (after saying so loudly) when KVM cannot be used here.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: this test needs KVM and /dev/kvm cannot be opened: {e}");
+            println!("SKIPPED {test}: /dev/kvm unavailable ({e})");
+            false
+        }
+    }
+}
+
+/// A fresh temporary directory.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "ferry-test-{}-{}-{}",
+        name,
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+fn rand_suffix() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (t as u64) ^ ((t >> 64) as u64)
+}
+
+/// A running process whose stdout lines are collected.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_exe(FERRY, args)
+    }
+
+    pub fn spawn_exe(exe: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn process");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout");
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(out).lines() {
+                    let Ok(l) = l else { break };
+                    lines.lock().unwrap().push((Instant::now(), l));
+                }
+            });
+        }
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().expect("stderr");
+        {
+            let stderr = stderr.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(err).lines() {
+                    let Ok(l) = l else { break };
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&l);
+                    s.push('\n');
+                }
+            });
+        }
+        Proc {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// Waits for a line containing `pat`; returns it.
+    pub fn wait_line(&mut self, pat: &str, timeout: Duration) -> Option<String> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, l)| l.contains(pat))
+            {
+                return Some(l.1.clone());
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return self
+                    .lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(_, l)| l.contains(pat))
+                    .map(|l| l.1.clone());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits until at least `n` REPORT lines were printed.
+    pub fn wait_reports(&mut self, n: usize, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.reports().len() >= n {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self.reports().len() >= n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn reports(&self) -> Vec<Report> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, l)| Report::parse(l))
+            .collect()
+    }
+
+    pub fn text(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn tail(&self, n: usize) -> String {
+        let l = self.lines.lock().unwrap();
+        let start = l.len().saturating_sub(n);
+        l[start..]
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+
+    pub fn lines_with(&self, pat: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, l)| l.contains(pat))
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    pub fn heartbeats(&self) -> Vec<(Instant, u64)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(t, l)| {
+                l.strip_prefix("HB ")
+                    .and_then(|s| s.trim().parse().ok())
+                    .map(|n| (*t, n))
+            })
+            .collect()
+    }
+
+    /// Waits for the process to end; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One parsed REPORT line.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub t_ms: u64,
+    pub written: u64,
+    pub verified: u64,
+    pub errors: u64,
+    pub lanes: u64,
+    pub line: String,
+}
+
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|t| {
+        t.strip_prefix(key)
+            .and_then(|v| v.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+impl Report {
+    pub fn parse(l: &str) -> Option<Report> {
+        if !l.starts_with("REPORT ") {
+            return None;
+        }
+        Some(Report {
+            t_ms: field(l, "t_ms")?,
+            written: field(l, "written")?,
+            verified: field(l, "verified")?,
+            errors: field(l, "errors")?,
+            lanes: field(l, "lanes").unwrap_or(1),
+            line: l.to_string(),
+        })
+    }
+}
+
+/// One API request; returns the reply.
+pub fn api(socket: &Path, req: &str) -> serde_json::Value {
+    let conn = UnixStream::connect(socket).expect("connect API socket");
+    let mut w = conn.try_clone().unwrap();
+    writeln!(w, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).expect("API reply is JSON")
+}
+
+/// Waits until the API socket accepts connections.
+pub fn wait_socket(socket: &Path, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if UnixStream::connect(socket).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Parses `ws=0xA-0xB` from the guest's BOOT line.
+pub fn working_set(boot_line: &str) -> (u64, u64) {
+    let ws = boot_line
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("ws="))
+        .expect("BOOT line has ws=");
+    let (a, b) = ws.split_once('-').expect("ws=A-B");
+    let p = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
+    (p(a), p(b))
+}
