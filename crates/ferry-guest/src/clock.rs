@@ -36,11 +36,7 @@ impl Clock {
             if v1 == v2 && v1 & 1 == 0 && v1 != 0 && mul != 0 {
                 // ns = ((ticks << shift) * mul) >> 32, so hz = 1e9 * 2^32 / (mul * 2^shift).
                 let num: u128 = 1_000_000_000u128 << 32;
-                let den: u128 = if shift >= 0 {
-                    (mul as u128) << shift
-                } else {
-                    (mul as u128) >> (-shift)
-                };
+                let den: u128 = if shift >= 0 { (mul as u128) << shift } else { (mul as u128) >> (-shift) };
                 if den == 0 {
                     return Err("kvmclock reports a zero multiplier");
                 }

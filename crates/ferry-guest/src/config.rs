@@ -79,11 +79,7 @@ impl StartInfo {
                 }
             }
         }
-        Ok(StartInfo {
-            cmdline,
-            ram,
-            ram_count,
-        })
+        Ok(StartInfo { cmdline, ram, ram_count })
     }
 }
 
@@ -146,13 +142,7 @@ fn parse_u64(s: &str) -> Option<u64> {
 
 impl Config {
     pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
-        let mut c = Config {
-            mib: 64,
-            rate: 50,
-            pattern: Pattern::Seq,
-            hb_us: 1000,
-            report_ms: 1000,
-        };
+        let mut c = Config { mib: 64, rate: 50, pattern: Pattern::Seq, hb_us: 1000, report_ms: 1000 };
         for tok in cmdline.split_ascii_whitespace() {
             let (k, v) = match tok.split_once('=') {
                 Some(kv) => kv,
@@ -161,13 +151,7 @@ impl Config {
             let bad = || ConfigError::Value(k, v);
             match k {
                 "mib" => c.mib = parse_u64(v).filter(|&m| m >= 1).ok_or_else(bad)?,
-                "rate" => {
-                    c.rate = if v == "-1" {
-                        -1
-                    } else {
-                        parse_u64(v).ok_or_else(bad)? as i64
-                    }
-                }
+                "rate" => c.rate = if v == "-1" { -1 } else { parse_u64(v).ok_or_else(bad)? as i64 },
                 "pattern" => {
                     c.pattern = match v {
                         "seq" => Pattern::Seq,

@@ -25,17 +25,11 @@ impl Write for LineBuf {
 
 /// Prints one line (a newline is appended; over-long lines are cut).
 pub fn line(args: core::fmt::Arguments<'_>) {
-    let mut b = LineBuf {
-        buf: [0; 512],
-        len: 0,
-    };
+    let mut b = LineBuf { buf: [0; 512], len: 0 };
     let _ = b.write_fmt(args);
     b.buf[b.len] = b'\n';
     b.len += 1;
-    while LOCK
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         core::hint::spin_loop();
     }
     sys::write(&b.buf[..b.len]);

@@ -80,14 +80,10 @@ pub fn bsp_main(cfg: Config, info: &StartInfo, clock: Clock, lanes: usize) -> ! 
     let table_base = image_end.div_ceil(2 << 20) * (2 << 20);
     let ws_base = table_base + table_bytes;
     let ws_end = ws_base + pages * PAGE;
-    let region = info.ram[..info.ram_count]
-        .iter()
-        .find(|&&(a, s)| a <= image_end && image_end < a + s);
+    let region = info.ram[..info.ram_count].iter().find(|&&(a, s)| a <= image_end && image_end < a + s);
     let ram_top = match region {
         Some(&(a, s)) => (a + s).min(4 << 30),
-        None => crate::fatal(format_args!(
-            "GUEST-ERROR no RAM region holds the guest image"
-        )),
+        None => crate::fatal(format_args!("GUEST-ERROR no RAM region holds the guest image")),
     };
     if ws_end > ram_top {
         crate::fatal(format_args!(
@@ -133,10 +129,7 @@ pub fn ap_main(cpu: usize) -> ! {
             core::hint::spin_loop();
         }
     }
-    let clock = Clock {
-        hz: CLOCK_HZ.load(Relaxed),
-        t0: CLOCK_T0.load(Relaxed),
-    };
+    let clock = Clock { hz: CLOCK_HZ.load(Relaxed), t0: CLOCK_T0.load(Relaxed) };
     let pattern = match CFG_PATTERN.load(Relaxed) {
         1 => Pattern::Random,
         2 => Pattern::Hot,
@@ -197,47 +190,25 @@ struct Fail {
 fn check_page(g: &Geometry, page: u64, want_gen: u64) -> Result<(), Fail> {
     let p = g.page_ptr(page);
     // SAFETY: p points to a page of the working set, owned by this lane.
-    let (h0, h1, h2, h3) = unsafe {
-        (
-            p.read_volatile(),
-            p.add(1).read_volatile(),
-            p.add(2).read_volatile(),
-            p.add(3).read_volatile(),
-        )
-    };
+    let (h0, h1, h2, h3) =
+        unsafe { (p.read_volatile(), p.add(1).read_volatile(), p.add(2).read_volatile(), p.add(3).read_volatile()) };
     if h0 != page || h3 != MAGIC ^ page {
-        return Err(Fail {
-            what: "header",
-            got_gen: h1,
-            offset: 0,
-        });
+        return Err(Fail { what: "header", got_gen: h1, offset: 0 });
     }
     if h1 != want_gen {
-        return Err(Fail {
-            what: "generation",
-            got_gen: h1,
-            offset: 8,
-        });
+        return Err(Fail { what: "generation", got_gen: h1, offset: 8 });
     }
     let mut sum = 0u64;
     for i in HEADER_WORDS..WORDS {
         // SAFETY: as above.
         let w = unsafe { p.add(i).read_volatile() };
         if w != body_word(page, h1, i) {
-            return Err(Fail {
-                what: "body",
-                got_gen: h1,
-                offset: i * 8,
-            });
+            return Err(Fail { what: "body", got_gen: h1, offset: i * 8 });
         }
         sum = sum.wrapping_add(w).rotate_left(7);
     }
     if sum != h2 {
-        return Err(Fail {
-            what: "checksum",
-            got_gen: h1,
-            offset: 16,
-        });
+        return Err(Fail { what: "checksum", got_gen: h1, offset: 16 });
     }
     Ok(())
 }
@@ -334,12 +305,8 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
     let pages = WS_PAGES.load(Relaxed);
     let first = pages * lane as u64 / lanes as u64;
     let last = pages * (lane as u64 + 1) / lanes as u64;
-    let g = Geometry {
-        ws_base: WS_BASE.load(Relaxed),
-        table_base: TABLE_BASE.load(Relaxed),
-        first,
-        count: last - first,
-    };
+    let g =
+        Geometry { ws_base: WS_BASE.load(Relaxed), table_base: TABLE_BASE.load(Relaxed), first, count: last - first };
     let st = &LANES[lane];
     let mut rep = if lane == 0 {
         let now = clock.now();

@@ -76,13 +76,8 @@ pub fn load_pvh(ram: &GuestRam, image: &[u8], cmdline: &str) -> Result<BootEntry
         return Err(BootError::CmdlineNul);
     }
     let mut cursor = Cursor::new(image);
-    let loaded = Elf::load(
-        ram.mem(),
-        None,
-        &mut cursor,
-        Some(GuestAddress(HIGH_RAM_START)),
-    )
-    .map_err(BootError::Load)?;
+    let loaded =
+        Elf::load(ram.mem(), None, &mut cursor, Some(GuestAddress(HIGH_RAM_START))).map_err(BootError::Load)?;
     let entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(a) => a.0,
         _ => return Err(BootError::NoPvhNote),
@@ -104,33 +99,20 @@ pub fn load_pvh(ram: &GuestRam, image: &[u8], cmdline: &str) -> Result<BootEntry
     let mut params = BootParams::new::<hvm_start_info>(&start_info, GuestAddress(START_INFO_ADDR));
     params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(MEMMAP_ADDR));
     PvhBootConfigurator::write_bootparams(&params, ram.mem()).map_err(BootError::StartInfo)?;
-    Ok(BootEntry {
-        entry,
-        start_info: START_INFO_ADDR,
-    })
+    Ok(BootEntry { entry, start_info: START_INFO_ADDR })
 }
 
 /// Reads a kernel image file.
 pub fn read_image(path: &std::path::Path) -> Result<Vec<u8>, BootError> {
     let mut v = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut v))
-        .map_err(BootError::Read)?;
+    File::open(path).and_then(|mut f| f.read_to_end(&mut v)).map_err(BootError::Read)?;
     Ok(v)
 }
 
 /// The E820-style memory map the guest sees.
 pub fn memory_map(ram: &GuestRam) -> Vec<hvm_memmap_table_entry> {
-    let e = |addr, size, type_| hvm_memmap_table_entry {
-        addr,
-        size,
-        type_,
-        reserved: 0,
-    };
-    let mut v = vec![
-        e(0, LOW_RAM_END, E820_RAM),
-        e(LOW_RAM_END, HIGH_RAM_START - LOW_RAM_END, E820_RESERVED),
-    ];
+    let e = |addr, size, type_| hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
+    let mut v = vec![e(0, LOW_RAM_END, E820_RAM), e(LOW_RAM_END, HIGH_RAM_START - LOW_RAM_END, E820_RESERVED)];
     for r in ram.regions() {
         let start = r.gpa.max(HIGH_RAM_START);
         let end = r.gpa + r.size;
@@ -138,9 +120,7 @@ pub fn memory_map(ram: &GuestRam) -> Vec<hvm_memmap_table_entry> {
             v.push(e(start, end - start, E820_RAM));
         }
     }
-    debug_assert!(v
-        .iter()
-        .all(|x| x.addr < 3 << 30 || x.addr >= MMIO_HOLE_END));
+    debug_assert!(v.iter().all(|x| x.addr < 3 << 30 || x.addr >= MMIO_HOLE_END));
     v
 }
 
@@ -173,27 +153,12 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), BootError
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = kvm_segment {
-        base: 0,
-        limit: 0x67,
-        selector: 0x18,
-        type_: 0xb,
-        present: 1,
-        s: 0,
-        g: 0,
-        db: 0,
-        ..data
-    };
+    sregs.tr = kvm_segment { base: 0, limit: 0x67, selector: 0x18, type_: 0xb, present: 1, s: 0, g: 0, db: 0, ..data };
     sregs.cr0 = 0x11; // PE | ET
     sregs.cr4 = 0;
     sregs.efer = 0;
     vcpu.set_sregs(&sregs).map_err(BootError::Regs)?;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry.entry,
-        rbx: entry.start_info,
-        ..Default::default()
-    };
+    let regs = kvm_regs { rflags: 0x2, rip: entry.entry, rbx: entry.start_info, ..Default::default() };
     vcpu.set_regs(&regs).map_err(BootError::Regs)?;
     Ok(())
 }
@@ -201,11 +166,7 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), BootError
 /// What every vCPU gets at power-on besides KVM's reset state: FPU control words, the boot MSRs
 /// and the local APIC's LINT pins (ExtINT and NMI), as on a PC.
 pub fn setup_vcpu_common(vcpu: &VcpuFd) -> Result<(), BootError> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(BootError::Regs)?;
     let entries = [
         (0x174u32, 0u64),       // IA32_SYSENTER_CS
@@ -219,14 +180,8 @@ pub fn setup_vcpu_common(vcpu: &VcpuFd) -> Result<(), BootError> {
         (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
         (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
     ];
-    let list: Vec<kvm_msr_entry> = entries
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
+    let list: Vec<kvm_msr_entry> =
+        entries.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
     if let Ok(msrs) = Msrs::from_entries(&list) {
         // Hosts may refuse some of these (e.g. MTRRs); what they take is enough to boot.
         let _ = vcpu.set_msrs(&msrs);

@@ -7,6 +7,8 @@
 
 pub mod boot;
 pub mod devices;
+pub mod dirty_log;
+pub mod kvm_ext;
 pub mod memory;
 //TMP pub mod state_codec;
 pub mod vcpu;

@@ -9,9 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Start of the MMIO hole below 4 GiB.
 pub const MMIO_HOLE_START: u64 = 3 << 30;
@@ -92,9 +90,7 @@ impl GuestRam {
         }
         // SAFETY: fd is a freshly created descriptor that nothing else owns.
         let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd
-            .set_len(size)
-            .map_err(|source| MemoryError::Truncate { size, source })?;
+        memfd.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
         Self::from_memfd(memfd, size)
     }
 
@@ -104,11 +100,7 @@ impl GuestRam {
         let mut offset = 0u64;
         for (gpa, len) in layout(size) {
             let file = memfd.try_clone().map_err(MemoryError::Memfd)?;
-            ranges.push((
-                GuestAddress(gpa),
-                len as usize,
-                Some(FileOffset::new(file, offset)),
-            ));
+            ranges.push((GuestAddress(gpa), len as usize, Some(FileOffset::new(file, offset))));
             offset += len;
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
@@ -118,21 +110,10 @@ impl GuestRam {
             let gpa = r.start_addr().0;
             let size = r.len();
             let host_addr = r.as_ptr() as u64;
-            regions.push(RamRegion {
-                slot: slot as u32,
-                gpa,
-                size,
-                file_offset: offset,
-                host_addr,
-            });
+            regions.push(RamRegion { slot: slot as u32, gpa, size, file_offset: offset, host_addr });
             offset += size;
         }
-        Ok(GuestRam {
-            mem,
-            regions,
-            memfd,
-            size,
-        })
+        Ok(GuestRam { mem, regions, memfd, size })
     }
 
     /// Registers every region with KVM (optionally with dirty logging on).
@@ -140,25 +121,30 @@ impl GuestRam {
         for r in &self.regions {
             let region = kvm_userspace_memory_region {
                 slot: r.slot,
-                flags: if log_dirty {
-                    KVM_MEM_LOG_DIRTY_PAGES
-                } else {
-                    0
-                },
+                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: r.gpa,
                 memory_size: r.size,
                 userspace_addr: r.host_addr,
             };
             // SAFETY: the host range [host_addr, host_addr+size) is a live mapping owned by
             // self.mem, which lives as long as the VM that uses it (Vm drops the VmFd first).
-            unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
-                MemoryError::RegisterSlot {
-                    slot: r.slot,
-                    source,
-                }
-            })?;
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(|source| MemoryError::RegisterSlot { slot: r.slot, source })?;
         }
         Ok(())
+    }
+
+    /// Switches KVM's dirty logging on or off for every region.
+    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
+        self.register(vm, on)
+    }
+
+    /// Region index and page index within it of a guest-physical address.
+    pub fn page_location(&self, gpa: u64) -> Option<(usize, u64)> {
+        self.regions
+            .iter()
+            .position(|r| gpa >= r.gpa && gpa < r.gpa + r.size)
+            .map(|i| (i, (gpa - self.regions[i].gpa) / PAGE_SIZE))
     }
 
     /// Total RAM in bytes.
@@ -188,23 +174,13 @@ impl GuestRam {
 
     /// Copies guest memory out.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange {
-                gpa,
-                len: buf.len() as u64,
-            })
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|_| MemoryError::OutOfRange { gpa, len: buf.len() as u64 })
     }
 
     /// Writes into guest memory. Ferry's own writes are not seen by KVM's dirty log: callers on a
     /// migration path must report them to the dirty log themselves.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
-        self.mem
-            .write_slice(buf, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange {
-                gpa,
-                len: buf.len() as u64,
-            })
+        self.mem.write_slice(buf, GuestAddress(gpa)).map_err(|_| MemoryError::OutOfRange { gpa, len: buf.len() as u64 })
     }
 
     /// Host address of a guest-physical page range, if it lies inside one region.

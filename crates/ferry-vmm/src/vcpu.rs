@@ -86,10 +86,7 @@ pub struct ExitSink {
 
 impl ExitSink {
     pub fn new() -> Arc<Self> {
-        Arc::new(ExitSink {
-            m: Mutex::new(None),
-            cv: Condvar::new(),
-        })
+        Arc::new(ExitSink { m: Mutex::new(None), cv: Condvar::new() })
     }
     /// Records the first exit reason.
     pub fn set(&self, r: ExitReason) {
@@ -160,11 +157,7 @@ impl VcpuHandle {
         let fd = Arc::new(Mutex::new(fd));
         let ctl = Arc::new(Control {
             m: Mutex::new(CtlState {
-                req: if start_paused {
-                    Request::Pause
-                } else {
-                    Request::Run
-                },
+                req: if start_paused { Request::Pause } else { Request::Run },
                 paused: false,
                 exited: false,
             }),
@@ -178,13 +171,7 @@ impl VcpuHandle {
                 .spawn(move || vcpu_loop(id, fd, ctl, RunPtr(kvm_run), bus, exit))
                 .map_err(|e| VcpuError::Spawn(id, e))?
         };
-        Ok(VcpuHandle {
-            id,
-            fd,
-            ctl,
-            kvm_run,
-            thread: Some(thread),
-        })
+        Ok(VcpuHandle { id, fd, ctl, kvm_run, thread: Some(thread) })
     }
 
     pub fn id(&self) -> u32 {
@@ -193,11 +180,7 @@ impl VcpuHandle {
 
     fn request(&self, r: Request) -> Result<(), VcpuError> {
         {
-            let mut g = self
-                .ctl
-                .m
-                .lock()
-                .map_err(|_| VcpuError::Poisoned(self.id))?;
+            let mut g = self.ctl.m.lock().map_err(|_| VcpuError::Poisoned(self.id))?;
             if g.exited {
                 return Ok(());
             }
@@ -207,8 +190,7 @@ impl VcpuHandle {
         if r != Request::Run {
             RunPtr(self.kvm_run).set_immediate_exit(1);
             if let Some(t) = &self.thread {
-                t.kill(kick_signal())
-                    .map_err(|e| VcpuError::Kick(self.id, e))?;
+                t.kill(kick_signal()).map_err(|e| VcpuError::Kick(self.id, e))?;
             }
         }
         Ok(())
@@ -221,17 +203,9 @@ impl VcpuHandle {
 
     /// Waits until the vCPU is paused (or its thread ended).
     pub fn wait_paused(&self) -> Result<(), VcpuError> {
-        let mut g = self
-            .ctl
-            .m
-            .lock()
-            .map_err(|_| VcpuError::Poisoned(self.id))?;
+        let mut g = self.ctl.m.lock().map_err(|_| VcpuError::Poisoned(self.id))?;
         while !(g.paused || g.exited) {
-            g = self
-                .ctl
-                .cv
-                .wait(g)
-                .map_err(|_| VcpuError::Poisoned(self.id))?;
+            g = self.ctl.cv.wait(g).map_err(|_| VcpuError::Poisoned(self.id))?;
         }
         Ok(())
     }
@@ -262,14 +236,7 @@ impl Drop for VcpuHandle {
     }
 }
 
-fn vcpu_loop(
-    id: u32,
-    fd: Arc<Mutex<VcpuFd>>,
-    ctl: Arc<Control>,
-    run: RunPtr,
-    bus: Arc<PioBus>,
-    exit: Arc<ExitSink>,
-) {
+fn vcpu_loop(id: u32, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, bus: Arc<PioBus>, exit: Arc<ExitSink>) {
     let finish = |ctl: &Control| {
         if let Ok(mut g) = ctl.m.lock() {
             g.exited = true;
@@ -324,12 +291,8 @@ fn vcpu_loop(
                 None
             }
             Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
-            Ok(VcpuExit::Shutdown) => {
-                Some(ExitReason::GuestReset(format!("vCPU {id}: triple fault")))
-            }
-            Ok(VcpuExit::SystemEvent(t, _)) => Some(ExitReason::GuestReset(format!(
-                "vCPU {id}: KVM system event {t}"
-            ))),
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestReset(format!("vCPU {id}: triple fault"))),
+            Ok(VcpuExit::SystemEvent(t, _)) => Some(ExitReason::GuestReset(format!("vCPU {id}: KVM system event {t}"))),
             Ok(VcpuExit::InternalError) => {
                 let internal = {
                     let r = vcpu.get_kvm_run();
@@ -344,16 +307,12 @@ fn vcpu_loop(
                     &internal.2[..(internal.1 as usize).min(internal.2.len())]
                 )))
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::KvmError(format!(
-                "vCPU {id}: VM entry failed, reason {reason:#x} on host CPU {cpu}"
-            ))),
-            Ok(other) => Some(ExitReason::KvmError(format!(
-                "vCPU {id}: unexpected exit {other:?}"
-            ))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Some(ExitReason::KvmError(format!("vCPU {id}: VM entry failed, reason {reason:#x} on host CPU {cpu}")))
+            }
+            Ok(other) => Some(ExitReason::KvmError(format!("vCPU {id}: unexpected exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(ExitReason::KvmError(format!(
-                "vCPU {id}: KVM_RUN failed: {e}"
-            ))),
+            Err(e) => Some(ExitReason::KvmError(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         };
         drop(vcpu);
         if let Some(r) = stop {

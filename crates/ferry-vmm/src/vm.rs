@@ -9,6 +9,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootEntry, BootError};
 use crate::devices::serial::{SerialDevice, SerialSink};
 use crate::devices::{PioBus, COM1_GSI};
+use crate::dirty_log::{ConsumerId, DirtyLog, DirtyLogError, Initial, DEFAULT_CLEAR_CHUNK_PAGES};
+use crate::kvm_ext::{self, KvmDirty};
+use crate::memory::PAGE_SIZE;
 use crate::memory::{GuestRam, MemoryError};
 pub use crate::vcpu::ExitReason;
 use crate::vcpu::{install_kick_handler, ExitSink, VcpuError, VcpuHandle};
@@ -39,6 +42,10 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error("vCPU control")]
     Vcpu(#[from] VcpuError),
+    #[error("dirty log")]
+    DirtyLog(#[from] DirtyLogError),
+    #[error("dirty log lock is poisoned")]
+    DirtyLogPoisoned,
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] std::io::Error),
 }
@@ -63,51 +70,33 @@ pub struct MachineParts {
     pub vm_fd: VmFd,
     pub ram: GuestRam,
     pub serial_irq: EventFd,
+    /// Manual dirty-log protection flags in force (0: classic get-and-clear).
+    pub manual_protect: u32,
 }
 
 /// Creates the KVM VM with in-kernel irqchip and PIT, and registers `ram`.
 pub fn create_machine(ram: GuestRam) -> Result<MachineParts, VmError> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-    vm_fd
-        .set_tss_address(0xfffb_d000)
-        .map_err(kvm_err("set the TSS address"))?;
-    vm_fd
-        .create_irq_chip()
-        .map_err(kvm_err("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm_fd
-        .create_pit2(pit)
-        .map_err(kvm_err("create the in-kernel PIT"))?;
+    vm_fd.set_tss_address(0xfffb_d000).map_err(kvm_err("set the TSS address"))?;
+    vm_fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm_fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+    let manual_protect =
+        kvm_ext::enable_manual_protect(&vm_fd).map_err(kvm_err("enable manual dirty-log protection"))?;
     ram.register(&vm_fd, false)?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    vm_fd
-        .register_irqfd(&serial_irq, COM1_GSI)
-        .map_err(kvm_err("register the serial irqfd"))?;
-    Ok(MachineParts {
-        kvm,
-        vm_fd,
-        ram,
-        serial_irq,
-    })
+    vm_fd.register_irqfd(&serial_irq, COM1_GSI).map_err(kvm_err("register the serial irqfd"))?;
+    Ok(MachineParts { kvm, vm_fd, ram, serial_irq, manual_protect })
 }
 
 /// Creates vCPU `id` with Ferry's CPUID (KVM's supported set, per-vCPU APIC ids).
 pub fn create_vcpu(parts: &MachineParts, id: u32, count: u32) -> Result<VcpuFd, VmError> {
-    let vcpu = parts
-        .vm_fd
-        .create_vcpu(id as u64)
-        .map_err(kvm_err("create a vCPU"))?;
-    let mut cpuid = parts
-        .kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("report its supported CPUID"))?;
+    let vcpu = parts.vm_fd.create_vcpu(id as u64).map_err(kvm_err("create a vCPU"))?;
+    let mut cpuid =
+        parts.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
     patch_cpuid(&mut cpuid, id, count);
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(kvm_err("set the vCPU's CPUID"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set the vCPU's CPUID"))?;
     Ok(vcpu)
 }
 
@@ -130,6 +119,7 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u32, count: u32) {
 /// A machine whose vCPUs run on their own threads.
 pub struct Vm {
     parts: MachineParts,
+    dirty: Mutex<DirtyLog>,
     bus: Arc<PioBus>,
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSink>,
@@ -163,35 +153,18 @@ impl Vm {
     }
 
     /// Starts vCPU threads on prepared parts (used by boot and by restore).
-    pub fn start(
-        parts: MachineParts,
-        serial: SerialDevice,
-        fds: Vec<VcpuFd>,
-        paused: bool,
-    ) -> Result<Vm, VmError> {
+    pub fn start(parts: MachineParts, serial: SerialDevice, fds: Vec<VcpuFd>, paused: bool) -> Result<Vm, VmError> {
         install_kick_handler()?;
-        let bus = Arc::new(PioBus {
-            serial: Mutex::new(serial),
-        });
+        let bus = Arc::new(PioBus { serial: Mutex::new(serial) });
         let exit = ExitSink::new();
         let vcpu_count = fds.len() as u32;
         let mut vcpus = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(
-                id as u32,
-                fd,
-                bus.clone(),
-                exit.clone(),
-                paused,
-            )?);
+            vcpus.push(VcpuHandle::spawn(id as u32, fd, bus.clone(), exit.clone(), paused)?);
         }
-        Ok(Vm {
-            parts,
-            bus,
-            vcpus,
-            exit,
-            vcpu_count,
-        })
+        let slots: Vec<(u32, u64)> = parts.ram.regions().iter().map(|r| (r.slot, r.size / PAGE_SIZE)).collect();
+        let dirty = Mutex::new(DirtyLog::new(&slots, DEFAULT_CLEAR_CHUNK_PAGES));
+        Ok(Vm { parts, dirty, bus, vcpus, exit, vcpu_count })
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -216,6 +189,73 @@ impl Vm {
 
     pub fn vcpu_count(&self) -> u32 {
         self.vcpu_count
+    }
+
+    fn dirty_source(&self) -> KvmDirty<'_> {
+        KvmDirty { vm: &self.parts.vm_fd, manual_protect: self.parts.manual_protect != 0 }
+    }
+
+    fn dirty_lock(&self) -> Result<std::sync::MutexGuard<'_, DirtyLog>, VmError> {
+        self.dirty.lock().map_err(|_| VmError::DirtyLogPoisoned)
+    }
+
+    /// Registers a dirty-log consumer, switching KVM's dirty logging on for the first one.
+    pub fn dirty_register(&self, name: &str, initial: Initial) -> Result<ConsumerId, VmError> {
+        let mut d = self.dirty_lock()?;
+        if !d.active() {
+            self.parts.ram.set_dirty_logging(&self.parts.vm_fd, true)?;
+        }
+        Ok(d.register(name, initial))
+    }
+
+    /// Unregisters a consumer, switching dirty logging off after the last one.
+    pub fn dirty_unregister(&self, id: ConsumerId) -> Result<(), VmError> {
+        let mut d = self.dirty_lock()?;
+        d.unregister(id);
+        if !d.active() {
+            self.parts.ram.set_dirty_logging(&self.parts.vm_fd, false)?;
+        }
+        Ok(())
+    }
+
+    /// Syncs KVM's dirty bitmaps into every consumer; returns pages dirty in KVM.
+    pub fn dirty_sync(&self) -> Result<u64, VmError> {
+        Ok(self.dirty_lock()?.sync(&self.dirty_source())?)
+    }
+
+    /// Harvests a consumer's bits of a range (see [`DirtyLog::harvest`]).
+    pub fn dirty_harvest(
+        &self,
+        id: ConsumerId,
+        slot_index: usize,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<u64>, VmError> {
+        Ok(self.dirty_lock()?.harvest(&self.dirty_source(), id, slot_index, first, count)?)
+    }
+
+    /// Gives harvested bits back to a consumer.
+    pub fn dirty_give_back(&self, id: ConsumerId, slot_index: usize, first: u64, bits: &[u64]) -> Result<(), VmError> {
+        Ok(self.dirty_lock()?.give_back(id, slot_index, first, bits)?)
+    }
+
+    /// Pages a consumer has pending.
+    pub fn dirty_pending(&self, id: ConsumerId) -> Result<u64, VmError> {
+        Ok(self.dirty_lock()?.pending(id)?)
+    }
+
+    /// Writes guest memory on Ferry's behalf and records the pages as dirty for every consumer.
+    pub fn write_guest(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.parts.ram.write(gpa, data)?;
+        let mut d = self.dirty_lock()?;
+        let mut p = gpa & !(PAGE_SIZE - 1);
+        while p < gpa + data.len() as u64 {
+            if let Some((i, page)) = self.parts.ram.page_location(p) {
+                d.mark_vmm_dirty(i, page, 1);
+            }
+            p += PAGE_SIZE;
+        }
+        Ok(())
     }
 
     /// Pauses every vCPU and waits until all are out of `KVM_RUN`.

@@ -28,26 +28,20 @@ pub fn serve(path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
         if UnixStream::connect(path).is_ok() {
             bail!("API socket {} is in use by another process", path.display());
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind API socket {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind API socket {}", path.display()))?;
     let path: PathBuf = path.to_path_buf();
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let ctx = ctx.clone();
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || {
-                        let _ = handle_conn(conn, &ctx);
-                    });
-            }
-            let _ = std::fs::remove_file(path);
-        })?;
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let ctx = ctx.clone();
+            let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                let _ = handle_conn(conn, &ctx);
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    })?;
     Ok(())
 }
 
@@ -67,10 +61,7 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
                 }
                 Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
             },
-            Err(e) => (
-                json!({"ok": false, "error": format!("request is not JSON: {e}")}),
-                false,
-            ),
+            Err(e) => (json!({"ok": false, "error": format!("request is not JSON: {e}")}), false),
         };
         writeln!(out, "{reply}")?;
         if quit {
@@ -81,16 +72,11 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
 }
 
 fn field_u64(req: &Value, name: &str) -> Result<u64> {
-    req.get(name)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| anyhow!("request needs a numeric \"{name}\""))
+    req.get(name).and_then(Value::as_u64).ok_or_else(|| anyhow!("request needs a numeric \"{name}\""))
 }
 
 fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
-    let cmd = req
-        .get("cmd")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("request has no \"cmd\""))?;
+    let cmd = req.get("cmd").and_then(Value::as_str).ok_or_else(|| anyhow!("request has no \"cmd\""))?;
     match cmd {
         "status" => Ok(json!({
             "state": if ctx.paused.load(Ordering::SeqCst) { "paused" } else { "running" },
@@ -121,12 +107,9 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
         }
         "memory-write" => {
             let gpa = field_u64(req, "gpa")?;
-            let hex = req
-                .get("hex")
-                .and_then(Value::as_str)
-                .ok_or_else(|| anyhow!("request needs \"hex\""))?;
+            let hex = req.get("hex").and_then(Value::as_str).ok_or_else(|| anyhow!("request needs \"hex\""))?;
             let bytes = hex_decode(hex)?;
-            ctx.vm.ram().write(gpa, &bytes)?;
+            ctx.vm.write_guest(gpa, &bytes)?;
             Ok(json!({ "written": bytes.len() }))
         }
         other => bail!("unknown command \"{other}\""),
@@ -149,21 +132,15 @@ fn hex_decode(s: &str) -> Result<Vec<u8>> {
 
 /// Sends one request and returns the reply (errors become `Err`).
 pub fn call(socket: &Path, req: &Value) -> Result<Value> {
-    let conn = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
+    let conn =
+        UnixStream::connect(socket).with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
     let mut w = conn.try_clone()?;
     writeln!(w, "{req}")?;
     let mut line = String::new();
     BufReader::new(conn).read_line(&mut line)?;
-    let v: Value =
-        serde_json::from_str(&line).with_context(|| format!("bad reply from Ferry: {line:?}"))?;
+    let v: Value = serde_json::from_str(&line).with_context(|| format!("bad reply from Ferry: {line:?}"))?;
     if v.get("ok") != Some(&json!(true)) {
-        bail!(
-            "{}",
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("request failed")
-        );
+        bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or("request failed"));
     }
     Ok(v)
 }

@@ -17,7 +17,9 @@ pub fn validate_cmdline(cmdline: &str, memory: u64) -> Result<()> {
     let mut mib = 64u64;
     for tok in cmdline.split_ascii_whitespace() {
         let Some((k, v)) = tok.split_once('=') else {
-            bail!("unknown guest argument '{tok}' (the built-in guest takes mib=, rate=, pattern=, hb_us=, report_ms=)");
+            bail!(
+                "unknown guest argument '{tok}' (the built-in guest takes mib=, rate=, pattern=, hb_us=, report_ms=)"
+            );
         };
         let num = |min: u64| -> Result<u64> {
             match v.parse::<u64>() {
@@ -43,7 +45,9 @@ pub fn validate_cmdline(cmdline: &str, memory: u64) -> Result<()> {
             "report_ms" => {
                 num(10)?;
             }
-            _ => bail!("unknown guest argument '{k}' (the built-in guest takes mib=, rate=, pattern=, hb_us=, report_ms=)"),
+            _ => bail!(
+                "unknown guest argument '{k}' (the built-in guest takes mib=, rate=, pattern=, hb_us=, report_ms=)"
+            ),
         }
     }
     let need = (mib + mib / 256 + GUEST_OVERHEAD_MIB) << 20;
@@ -68,17 +72,13 @@ mod tests {
 
     #[test]
     fn unknown_argument_is_named_in_the_error() {
-        let e = validate_cmdline("mib=8 bogus=1", 1 << 30)
-            .unwrap_err()
-            .to_string();
+        let e = validate_cmdline("mib=8 bogus=1", 1 << 30).unwrap_err().to_string();
         assert!(e.contains("unknown guest argument 'bogus'"), "{e}");
     }
 
     #[test]
     fn working_set_larger_than_memory_is_refused() {
-        let e = validate_cmdline("mib=512", 256 << 20)
-            .unwrap_err()
-            .to_string();
+        let e = validate_cmdline("mib=512", 256 << 20).unwrap_err().to_string();
         assert!(e.contains("working set of 512 MiB"), "{e}");
     }
 

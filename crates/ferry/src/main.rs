@@ -14,11 +14,7 @@ use ferry_vmm::devices::serial::SerialSink;
 use ferry_vmm::{ExitReason, Vm, VmConfig};
 
 #[derive(Parser)]
-#[command(
-    name = "ferry",
-    version,
-    about = "A VMM built around moving running guests"
-)]
+#[command(name = "ferry", version, about = "A VMM built around moving running guests")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -79,19 +75,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G)"))?;
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G)"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 fn serial_sink(spec: &str) -> Result<SerialSink> {
     if spec == "stdout" {
         return Ok(Box::new(std::io::stdout()));
     }
-    let f = std::fs::File::create(spec)
-        .with_context(|| format!("cannot create serial output file {spec}"))?;
+    let f = std::fs::File::create(spec).with_context(|| format!("cannot create serial output file {spec}"))?;
     Ok(Box::new(LineWriter::new(f)))
 }
 
@@ -111,39 +103,22 @@ fn run(a: RunArgs) -> Result<i32> {
     }
     let (kernel, cmdline) = match &a.kernel {
         Some(p) => {
-            let img = ferry_vmm::boot::read_image(p)
-                .with_context(|| format!("kernel {}", p.display()))?;
+            let img = ferry_vmm::boot::read_image(p).with_context(|| format!("kernel {}", p.display()))?;
             (img, a.cmdline.clone().unwrap_or_default())
         }
         None => {
-            let c = a
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| guest::DEFAULT_CMDLINE.to_string());
+            let c = a.cmdline.clone().unwrap_or_else(|| guest::DEFAULT_CMDLINE.to_string());
             guest::validate_cmdline(&c, a.memory)?;
             (guest::GUEST_ELF.to_vec(), c)
         }
     };
-    let cfg = VmConfig {
-        memory: a.memory,
-        vcpus: a.cpus,
-        kernel,
-        cmdline,
-        serial_out: serial_sink(&a.serial)?,
-    };
+    let cfg = VmConfig { memory: a.memory, vcpus: a.cpus, kernel, cmdline, serial_out: serial_sink(&a.serial)? };
     let vm = Arc::new(Vm::boot(cfg).map_err(|e| {
-        let name = a
-            .kernel
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "built-in guest".into());
+        let name = a.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in guest".into());
         anyhow::Error::new(e).context(format!("cannot start the VM ({name})"))
     })?);
     if let Some(sock) = &a.api_socket {
-        let ctx = Arc::new(api::ApiContext {
-            vm: vm.clone(),
-            paused: AtomicBool::new(false),
-        });
+        let ctx = Arc::new(api::ApiContext { vm: vm.clone(), paused: AtomicBool::new(false) });
         api::serve(sock, ctx)?;
     }
     let reason = vm.wait_exit();
@@ -165,16 +140,11 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
-        Cmd::Api {
-            api_socket,
-            command,
-        } => api::call(&api_socket, &serde_json::json!({ "cmd": command })).map(|v| {
+        Cmd::Api { api_socket, command } => api::call(&api_socket, &serde_json::json!({ "cmd": command })).map(|v| {
             println!("{v}");
             0
         }),
-        Cmd::Guest {
-            cmd: GuestCmd::Export { path },
-        } => std::fs::write(&path, guest::GUEST_ELF)
+        Cmd::Guest { cmd: GuestCmd::Export { path } } => std::fs::write(&path, guest::GUEST_ELF)
             .with_context(|| format!("cannot write {}", path.display()))
             .map(|_| 0),
     };

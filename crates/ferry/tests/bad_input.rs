@@ -9,10 +9,7 @@ use common::*;
 
 fn run_ferry(args: &[&str]) -> (i32, String) {
     let out = Command::new(FERRY).args(args).output().expect("run ferry");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// A minimal ELF64 executable: one PT_LOAD of 16 bytes at `paddr`, and (optionally) a PVH note.
@@ -69,10 +66,7 @@ fn missing_kernel_file_is_named_in_the_error() {
     let (code, err) = run_ferry(&["run", "--kernel", "/nonexistent/vmlinux"]);
 
     assert_ne!(code, 0);
-    assert!(
-        err.contains("/nonexistent/vmlinux") && err.contains("cannot read the kernel image"),
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent/vmlinux") && err.contains("cannot read the kernel image"), "{err}");
 }
 
 #[test]
@@ -117,10 +111,7 @@ fn kernel_loaded_beyond_guest_memory_is_refused() {
     let (code, err) = run_ferry(&["run", "--memory", "32M", "--kernel", p.to_str().unwrap()]);
 
     assert_ne!(code, 0);
-    assert!(
-        err.contains("cannot load the ELF kernel into guest memory"),
-        "{err}"
-    );
+    assert!(err.contains("cannot load the ELF kernel into guest memory"), "{err}");
 }
 
 #[test]

@@ -12,48 +12,19 @@ fn builtin_guest_heartbeats_and_reports_clean_verification_that_grows() {
     if !kvm_available("builtin_guest_heartbeats_and_reports_clean_verification_that_grows") {
         return;
     }
-    let mut vm = Proc::spawn(&[
-        "run",
-        "--memory",
-        "256M",
-        "--cmdline",
-        "mib=32 rate=20 report_ms=300",
-    ]);
+    let mut vm = Proc::spawn(&["run", "--memory", "256M", "--cmdline", "mib=32 rate=20 report_ms=300"]);
 
     let ok = vm.wait_reports(6, Duration::from_secs(40));
 
-    assert!(
-        ok,
-        "too few REPORT lines; output: {} stderr: {}",
-        vm.tail(5),
-        vm.stderr_text()
-    );
+    assert!(ok, "too few REPORT lines; output: {} stderr: {}", vm.tail(5), vm.stderr_text());
     let r = vm.reports();
-    assert!(
-        r.iter().all(|x| x.errors == 0),
-        "verify errors: {}",
-        r.last().unwrap().line
-    );
-    assert!(
-        vm.lines_with("VERIFY-FAIL").is_empty(),
-        "{:?}",
-        vm.lines_with("VERIFY-FAIL")
-    );
-    assert!(
-        r.windows(2).all(|w| w[1].verified > w[0].verified),
-        "verified= does not grow: {r:?}"
-    );
-    assert!(
-        r.last().unwrap().written >= 32 * 256,
-        "working set not filled: {}",
-        r.last().unwrap().line
-    );
+    assert!(r.iter().all(|x| x.errors == 0), "verify errors: {}", r.last().unwrap().line);
+    assert!(vm.lines_with("VERIFY-FAIL").is_empty(), "{:?}", vm.lines_with("VERIFY-FAIL"));
+    assert!(r.windows(2).all(|w| w[1].verified > w[0].verified), "verified= does not grow: {r:?}");
+    assert!(r.last().unwrap().written >= 32 * 256, "working set not filled: {}", r.last().unwrap().line);
     let hb = vm.heartbeats();
     assert!(hb.len() >= 200, "only {} heartbeats", hb.len());
-    assert!(
-        hb.windows(2).all(|w| w[1].1 == w[0].1 + 1),
-        "heartbeat sequence has gaps"
-    );
+    assert!(hb.windows(2).all(|w| w[1].1 == w[0].1 + 1), "heartbeat sequence has gaps");
 }
 
 #[test]
@@ -61,39 +32,18 @@ fn two_vcpus_run_two_lanes_that_both_write_and_verify() {
     if !kvm_available("two_vcpus_run_two_lanes_that_both_write_and_verify") {
         return;
     }
-    let mut vm = Proc::spawn(&[
-        "run",
-        "--memory",
-        "256M",
-        "--cpus",
-        "2",
-        "--cmdline",
-        "mib=32 rate=20 report_ms=300",
-    ]);
+    let mut vm = Proc::spawn(&["run", "--memory", "256M", "--cpus", "2", "--cmdline", "mib=32 rate=20 report_ms=300"]);
 
     let ok = vm.wait_reports(4, Duration::from_secs(40));
 
-    assert!(
-        ok,
-        "too few REPORT lines: {} {}",
-        vm.tail(5),
-        vm.stderr_text()
-    );
+    assert!(ok, "too few REPORT lines: {} {}", vm.tail(5), vm.stderr_text());
     let last = vm.reports().last().cloned().unwrap();
     assert_eq!(last.lanes, 2, "{}", last.line);
     assert_eq!(last.errors, 0, "{}", last.line);
     for lane in ["lane0=", "lane1="] {
-        let v = last
-            .line
-            .split_whitespace()
-            .find_map(|t| t.strip_prefix(lane))
-            .expect("per-lane field");
+        let v = last.line.split_whitespace().find_map(|t| t.strip_prefix(lane)).expect("per-lane field");
         let parts: Vec<u64> = v.split('/').map(|x| x.parse().unwrap()).collect();
-        assert!(
-            parts[0] > 0 && parts[1] > 0 && parts[2] == 0,
-            "{lane}{v} in {}",
-            last.line
-        );
+        assert!(parts[0] > 0 && parts[1] > 0 && parts[2] == 0, "{lane}{v} in {}", last.line);
     }
 }
 
@@ -113,26 +63,16 @@ fn one_page_corrupted_from_the_host_is_reported_for_exactly_that_page() {
         "--api-socket",
         sock.to_str().unwrap(),
     ]);
-    let boot = vm
-        .wait_line("BOOT ", Duration::from_secs(20))
-        .expect("BOOT line");
+    let boot = vm.wait_line("BOOT ", Duration::from_secs(20)).expect("BOOT line");
     let (ws, _) = working_set(&boot);
     assert!(wait_socket(&sock, Duration::from_secs(5)));
     let end = std::time::Instant::now() + Duration::from_secs(30);
-    while vm.reports().last().map(|r| r.written).unwrap_or(0) < 16 * 256
-        && std::time::Instant::now() < end
-    {
+    while vm.reports().last().map(|r| r.written).unwrap_or(0) < 16 * 256 && std::time::Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
     }
     let page = 1234u64;
 
-    let reply = api(
-        &sock,
-        &format!(
-            r#"{{"cmd":"memory-write","gpa":{},"hex":"deadbeef"}}"#,
-            ws + page * 4096 + 2048
-        ),
-    );
+    let reply = api(&sock, &format!(r#"{{"cmd":"memory-write","gpa":{},"hex":"deadbeef"}}"#, ws + page * 4096 + 2048));
     let fail = vm.wait_line("VERIFY-FAIL", Duration::from_secs(20));
     let before = vm.reports().len();
     assert!(vm.wait_reports(before + 2, Duration::from_secs(10)));
@@ -140,12 +80,7 @@ fn one_page_corrupted_from_the_host_is_reported_for_exactly_that_page() {
     assert_eq!(reply["ok"], true, "{reply}");
     let fail = fail.expect("guest never reported the corrupted page");
     assert!(fail.contains(&format!("page={page} ")), "{fail}");
-    assert_eq!(
-        vm.lines_with("VERIFY-FAIL").len(),
-        1,
-        "{:?}",
-        vm.lines_with("VERIFY-FAIL")
-    );
+    assert_eq!(vm.lines_with("VERIFY-FAIL").len(), 1, "{:?}", vm.lines_with("VERIFY-FAIL"));
     assert_eq!(vm.reports().last().unwrap().errors, 1);
 }
 
@@ -156,20 +91,9 @@ fn api_pause_stops_heartbeats_and_resume_continues_the_sequence() {
     }
     let dir = tmpdir("pause");
     let sock = dir.join("api.sock");
-    let mut vm = Proc::spawn(&[
-        "run",
-        "--memory",
-        "64M",
-        "--cmdline",
-        "mib=8 rate=10",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    assert!(
-        vm.wait_line("HB 100", Duration::from_secs(20)).is_some(),
-        "{}",
-        vm.tail(3)
-    );
+    let mut vm =
+        Proc::spawn(&["run", "--memory", "64M", "--cmdline", "mib=8 rate=10", "--api-socket", sock.to_str().unwrap()]);
+    assert!(vm.wait_line("HB 100", Duration::from_secs(20)).is_some(), "{}", vm.tail(3));
     assert!(wait_socket(&sock, Duration::from_secs(5)));
 
     let paused = api(&sock, r#"{"cmd":"pause"}"#);
@@ -187,10 +111,7 @@ fn api_pause_stops_heartbeats_and_resume_continues_the_sequence() {
     assert_eq!(n1, n2, "heartbeats continued while paused");
     assert_eq!(resumed["ok"], true);
     assert!(hb.len() > n2 + 50, "guest did not resume");
-    assert!(
-        hb.windows(2).all(|w| w[1].1 == w[0].1 + 1),
-        "sequence broke across pause"
-    );
+    assert!(hb.windows(2).all(|w| w[1].1 == w[0].1 + 1), "sequence broke across pause");
 }
 
 #[test]
@@ -200,15 +121,7 @@ fn api_quit_ends_ferry_with_status_zero() {
     }
     let dir = tmpdir("quit");
     let sock = dir.join("api.sock");
-    let mut vm = Proc::spawn(&[
-        "run",
-        "--memory",
-        "64M",
-        "--cmdline",
-        "mib=8",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+    let mut vm = Proc::spawn(&["run", "--memory", "64M", "--cmdline", "mib=8", "--api-socket", sock.to_str().unwrap()]);
     assert!(vm.wait_line("HB 10", Duration::from_secs(20)).is_some());
     assert!(wait_socket(&sock, Duration::from_secs(5)));
 

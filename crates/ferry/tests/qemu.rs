@@ -21,10 +21,7 @@ fn exported_guest_boots_under_qemu_and_prints_the_same_line_formats() {
     );
     let dir = tmpdir("qemu");
     let elf = dir.join("ferry-guest.elf");
-    let export = Command::new(FERRY)
-        .args(["guest", "export", elf.to_str().unwrap()])
-        .status()
-        .unwrap();
+    let export = Command::new(FERRY).args(["guest", "export", elf.to_str().unwrap()]).status().unwrap();
     assert!(export.success());
 
     let mut q = Proc::spawn_exe(
@@ -57,33 +54,13 @@ fn exported_guest_boots_under_qemu_and_prints_the_same_line_formats() {
     );
     let ok = q.wait_reports(4, Duration::from_secs(40));
 
-    assert!(
-        ok,
-        "QEMU guest printed too few REPORT lines: {} {}",
-        q.tail(5),
-        q.stderr_text()
-    );
-    let boot = q
-        .wait_line("BOOT ferry-guest", Duration::from_secs(1))
-        .expect("BOOT line");
+    assert!(ok, "QEMU guest printed too few REPORT lines: {} {}", q.tail(5), q.stderr_text());
+    let boot = q.wait_line("BOOT ferry-guest", Duration::from_secs(1)).expect("BOOT line");
     assert!(boot.contains("lanes=2"), "{boot}");
     let r = q.reports();
-    assert!(
-        r.iter().all(|x| x.errors == 0 && x.lanes == 2),
-        "{}",
-        r.last().unwrap().line
-    );
+    assert!(r.iter().all(|x| x.errors == 0 && x.lanes == 2), "{}", r.last().unwrap().line);
     assert!(r.windows(2).all(|w| w[1].verified > w[0].verified));
-    for key in [
-        "t_ms=",
-        "written=",
-        "verified=",
-        "errors=",
-        "rate_mib_s=",
-        "max_gap_us=",
-        "lane0=",
-        "lane1=",
-    ] {
+    for key in ["t_ms=", "written=", "verified=", "errors=", "rate_mib_s=", "max_gap_us=", "lane0=", "lane1="] {
         assert!(r.last().unwrap().line.contains(key), "REPORT lacks {key}");
     }
     assert!(q.heartbeats().len() >= 100);

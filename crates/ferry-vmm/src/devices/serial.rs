@@ -32,9 +32,7 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A freshly reset UART.
     pub fn new(irq: EventFd, out: SerialSink) -> Self {
-        SerialDevice {
-            inner: Serial::new(IrqTrigger(irq), out),
-        }
+        SerialDevice { inner: Serial::new(IrqTrigger(irq), out) }
     }
 
     pub fn write(&mut self, offset: u8, value: u8) {

@@ -13,11 +13,7 @@ pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 /// Returns false (after saying so loudly) when KVM cannot be used here.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIPPED {test}: this test needs KVM and /dev/kvm cannot be opened: {e}");
@@ -29,21 +25,13 @@ pub fn kvm_available(test: &str) -> bool {
 
 /// A fresh temporary directory.
 pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "ferry-test-{}-{}-{}",
-        name,
-        std::process::id(),
-        rand_suffix()
-    ));
+    let d = std::env::temp_dir().join(format!("ferry-test-{}-{}-{}", name, std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&d).expect("create temp dir");
     d
 }
 
 fn rand_suffix() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     (t as u64) ^ ((t >> 64) as u64)
 }
 
@@ -91,35 +79,19 @@ impl Proc {
                 }
             });
         }
-        Proc {
-            child,
-            lines,
-            stderr,
-        }
+        Proc { child, lines, stderr }
     }
 
     /// Waits for a line containing `pat`; returns it.
     pub fn wait_line(&mut self, pat: &str, timeout: Duration) -> Option<String> {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, l)| l.contains(pat))
-            {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(pat)) {
                 return Some(l.1.clone());
             }
             if let Ok(Some(_)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(100));
-                return self
-                    .lines
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|(_, l)| l.contains(pat))
-                    .map(|l| l.1.clone());
+                return self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(pat)).map(|l| l.1.clone());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -142,42 +114,21 @@ impl Proc {
     }
 
     pub fn reports(&self) -> Vec<Report> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(_, l)| Report::parse(l))
-            .collect()
+        self.lines.lock().unwrap().iter().filter_map(|(_, l)| Report::parse(l)).collect()
     }
 
     pub fn text(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.lines.lock().unwrap().iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
     }
 
     pub fn tail(&self, n: usize) -> String {
         let l = self.lines.lock().unwrap();
         let start = l.len().saturating_sub(n);
-        l[start..]
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join(" | ")
+        l[start..].iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join(" | ")
     }
 
     pub fn lines_with(&self, pat: &str) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, l)| l.contains(pat))
-            .map(|(_, l)| l.clone())
-            .collect()
+        self.lines.lock().unwrap().iter().filter(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()).collect()
     }
 
     pub fn heartbeats(&self) -> Vec<(Instant, u64)> {
@@ -185,11 +136,7 @@ impl Proc {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|(t, l)| {
-                l.strip_prefix("HB ")
-                    .and_then(|s| s.trim().parse().ok())
-                    .map(|n| (*t, n))
-            })
+            .filter_map(|(t, l)| l.strip_prefix("HB ").and_then(|s| s.trim().parse().ok()).map(|n| (*t, n)))
             .collect()
     }
 
@@ -234,11 +181,8 @@ pub struct Report {
 }
 
 pub fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace().find_map(|t| {
-        t.strip_prefix(key)
-            .and_then(|v| v.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-    })
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(key).and_then(|v| v.strip_prefix('=')).and_then(|v| v.parse().ok()))
 }
 
 impl Report {
@@ -281,10 +225,7 @@ pub fn wait_socket(socket: &Path, timeout: Duration) -> bool {
 
 /// Parses `ws=0xA-0xB` from the guest's BOOT line.
 pub fn working_set(boot_line: &str) -> (u64, u64) {
-    let ws = boot_line
-        .split_whitespace()
-        .find_map(|t| t.strip_prefix("ws="))
-        .expect("BOOT line has ws=");
+    let ws = boot_line.split_whitespace().find_map(|t| t.strip_prefix("ws=")).expect("BOOT line has ws=");
     let (a, b) = ws.split_once('-').expect("ws=A-B");
     let p = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
     (p(a), p(b))
