@@ -1,1 +1,23 @@
-//! placeholder
+//! Moving a machine: the pre-copy engine (source), the incoming side (destination), the
+//! transports they talk over and the small return-path protocol.
+//!
+//! ```text
+//!  source                                   destination (ferry run --incoming URI)
+//!  connect ───────────────────────────────▶ accept
+//!  stream: header, MACHINE_CONFIG,
+//!          PAGE_BATCH… (iteration 1..n, guest running)
+//!  pause vCPUs
+//!          PAGE_BATCH… (final pass), VM_STATE,
+//!          VCPU_STATE×n, DEVICE_STATE…, END ──▶ load pages, rebuild the machine
+//!                         ◀──────────────────── ACK (load timings) | NACK (error)
+//!  COMMIT ────────────────────────────────▶ resume vCPUs
+//!  exit (guest moved)
+//! ```
+//!
+//! Until the source has sent COMMIT it owns the guest: any failure before that point resumes the
+//! source with its dirty bits intact, and the destination discards what it received.
+
+pub mod destination;
+pub mod protocol;
+pub mod source;
+pub mod transport;

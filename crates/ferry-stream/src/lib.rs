@@ -1,1 +1,258 @@
-//! placeholder
+//! Ferry's migration stream: the one format for live migration, snapshots and live update.
+//!
+//! This crate owns the wire format (spec: `docs/stream-format.md`): a 32-byte header, then
+//! records `type u32 | body_length u32 | body | pad to 8 | crc32c u32 | reserved u32`. It has no
+//! KVM dependency and never trusts a length: a declared length is checked against its maximum
+//! before anything is allocated or read, and no input makes the reader panic.
+//!
+//! Writers emit the current format version; readers accept every version from
+//! [`MIN_FORMAT_VERSION`] to [`FORMAT_VERSION`] (older ones through explicit upgrade code).
+
+mod inspect;
+mod reader;
+mod writer;
+
+pub use inspect::{inspect, InspectSummary};
+pub use reader::{PageBatch, Record, StreamReader};
+pub use writer::StreamWriter;
+
+/// Guest page size carried by streams of this version.
+pub const PAGE_SIZE: usize = 4096;
+/// Magic at the start of every stream.
+pub const MAGIC: [u8; 8] = *b"FERRYMIG";
+/// Format version this Ferry writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Oldest format version this Ferry reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
+/// Largest record body accepted.
+pub const MAX_RECORD_BODY: u32 = 64 << 20;
+/// Most pages in one PAGE_BATCH record.
+pub const MAX_BATCH_PAGES: u32 = 1024;
+/// Size of the stream header.
+pub const HEADER_LEN: usize = 32;
+/// Bit 31 of a record type: the record is optional (an unknown optional record is skipped).
+pub const OPTIONAL: u32 = 1 << 31;
+
+/// Record types.
+pub mod rtype {
+    pub const MACHINE_CONFIG: u32 = 1;
+    pub const PAGE_BATCH: u32 = 2;
+    pub const VCPU_STATE: u32 = 3;
+    pub const VM_STATE: u32 = 4;
+    pub const DEVICE_STATE: u32 = 5;
+    pub const CHECKPOINT: u32 = 6;
+    pub const END: u32 = 7;
+
+    /// A record type's name for messages.
+    pub fn name(t: u32) -> &'static str {
+        match t & !super::OPTIONAL {
+            MACHINE_CONFIG => "MACHINE_CONFIG",
+            PAGE_BATCH => "PAGE_BATCH",
+            VCPU_STATE => "VCPU_STATE",
+            VM_STATE => "VM_STATE",
+            DEVICE_STATE => "DEVICE_STATE",
+            CHECKPOINT => "CHECKPOINT",
+            END => "END",
+            _ => "unknown",
+        }
+    }
+}
+
+/// What a page in a batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageType {
+    /// Carries 4096 bytes of data.
+    Normal,
+    /// All zero; no data.
+    Zero,
+    /// Machine-check poisoned on the source: never read; mark broken on the destination.
+    Broken,
+    /// Discarded by the guest (balloon, free page hinting): no data, contents undefined.
+    Discarded,
+}
+
+impl PageType {
+    pub fn to_u8(self) -> u8 {
+        match self {
+            PageType::Normal => 0,
+            PageType::Zero => 1,
+            PageType::Broken => 2,
+            PageType::Discarded => 3,
+        }
+    }
+    pub fn from_u8(v: u8) -> Option<PageType> {
+        match v {
+            0 => Some(PageType::Normal),
+            1 => Some(PageType::Zero),
+            2 => Some(PageType::Broken),
+            3 => Some(PageType::Discarded),
+            _ => None,
+        }
+    }
+}
+
+/// Header flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamFlags(pub u32);
+
+impl StreamFlags {
+    /// The stream carries checkpoints: the receiver buffers until each CHECKPOINT record and
+    /// only a complete checkpoint is a consistent state.
+    pub const CHECKPOINTED: StreamFlags = StreamFlags(1);
+    /// Every flag this version knows.
+    pub const KNOWN: u32 = 1;
+
+    pub fn empty() -> StreamFlags {
+        StreamFlags(0)
+    }
+    pub fn contains(self, f: StreamFlags) -> bool {
+        self.0 & f.0 == f.0
+    }
+}
+
+/// The stream header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHeader {
+    pub format_version: u32,
+    pub flags: StreamFlags,
+    pub page_size: u32,
+    /// Ferry version of the writer (major, minor, patch).
+    pub writer_version: (u16, u16, u16),
+}
+
+impl StreamHeader {
+    /// A header for a stream written by this Ferry.
+    pub fn new(flags: StreamFlags) -> Self {
+        let v = |s: &str| s.parse::<u16>().unwrap_or(0);
+        StreamHeader {
+            format_version: FORMAT_VERSION,
+            flags,
+            page_size: PAGE_SIZE as u32,
+            writer_version: (
+                v(env!("CARGO_PKG_VERSION_MAJOR")),
+                v(env!("CARGO_PKG_VERSION_MINOR")),
+                v(env!("CARGO_PKG_VERSION_PATCH")),
+            ),
+        }
+    }
+
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&self.format_version.to_le_bytes());
+        b[12..16].copy_from_slice(&self.flags.0.to_le_bytes());
+        b[16..20].copy_from_slice(&self.page_size.to_le_bytes());
+        // 20..24 reserved
+        b[24..26].copy_from_slice(&self.writer_version.0.to_le_bytes());
+        b[26..28].copy_from_slice(&self.writer_version.1.to_le_bytes());
+        b[28..30].copy_from_slice(&self.writer_version.2.to_le_bytes());
+        // 30..32 reserved
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, StreamError> {
+        if b[..8] != MAGIC {
+            return Err(StreamError::BadMagic(b[..8].try_into().unwrap_or([0; 8])));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let version = u32_at(8);
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(StreamError::UnsupportedVersion {
+                found: version,
+                min: MIN_FORMAT_VERSION,
+                max: FORMAT_VERSION,
+            });
+        }
+        let flags = u32_at(12);
+        if flags & !StreamFlags::KNOWN != 0 {
+            return Err(StreamError::UnknownFlags(flags & !StreamFlags::KNOWN));
+        }
+        let page_size = u32_at(16);
+        if page_size != PAGE_SIZE as u32 {
+            return Err(StreamError::PageSize(page_size));
+        }
+        if u32_at(20) != 0 || u16_at(30) != 0 {
+            return Err(StreamError::Reserved { what: "header", offset: 0 });
+        }
+        Ok(StreamHeader {
+            format_version: version,
+            flags: StreamFlags(flags),
+            page_size,
+            writer_version: (u16_at(24), u16_at(26), u16_at(28)),
+        })
+    }
+}
+
+/// Guest RAM layout and vCPU count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineConfig {
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    /// (guest-physical address, size) of each RAM region.
+    pub regions: Vec<(u64, u64)>,
+}
+
+/// Most RAM regions a MACHINE_CONFIG may list.
+pub const MAX_REGIONS: u32 = 64;
+
+/// Errors reading or writing a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("writing the stream failed")]
+    Write(#[source] std::io::Error),
+    #[error("reading the stream failed at byte {offset}")]
+    Read {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not a Ferry stream: magic {0:02x?}, want \"FERRYMIG\"")]
+    BadMagic([u8; 8]),
+    #[error("stream format version {found} is not supported: this Ferry reads versions {min} to {max}")]
+    UnsupportedVersion { found: u32, min: u32, max: u32 },
+    #[error("stream header has unknown flags {0:#x}")]
+    UnknownFlags(u32),
+    #[error("stream page size {0} is not supported (only 4096)")]
+    PageSize(u32),
+    #[error("non-zero reserved bytes in {what} at byte offset {offset}")]
+    Reserved { what: &'static str, offset: u64 },
+    #[error("stream truncated in its header (byte {0})")]
+    TruncatedHeader(u64),
+    #[error("stream truncated in record {index} ({name}) at byte offset {offset}")]
+    TruncatedRecord { index: u64, name: &'static str, offset: u64 },
+    #[error("stream ended after record {index} at byte offset {offset} without an END record")]
+    MissingEnd { index: u64, offset: u64 },
+    #[error("record {index} at byte offset {offset} declares a body of {len} bytes, more than the {max} allowed")]
+    TooLong { index: u64, offset: u64, len: u32, max: u32 },
+    #[error("unknown mandatory record type {rtype:#x} (record {index} at byte offset {offset})")]
+    UnknownRecord { rtype: u32, index: u64, offset: u64 },
+    #[error("checksum mismatch in record {index} ({name}) at byte offset {offset}: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum { index: u64, name: &'static str, offset: u64, stored: u32, computed: u32 },
+    #[error("malformed {name} record {index} at byte offset {offset}: {what}")]
+    Malformed { index: u64, name: &'static str, offset: u64, what: String },
+    #[error("unknown page type {ptype} for frame {gfn:#x} in record {index}")]
+    UnknownPageType { ptype: u8, gfn: u64, index: u64 },
+    #[error("invalid record to write: {0}")]
+    Invalid(String),
+}
+
+/// crc32c over the record type, length and body.
+pub(crate) fn record_crc(rtype: u32, len: u32, body_parts: &[&[u8]]) -> u32 {
+    let mut c = crc32c::crc32c(&rtype.to_le_bytes());
+    c = crc32c::crc32c_append(c, &len.to_le_bytes());
+    for p in body_parts {
+        c = crc32c::crc32c_append(c, p);
+    }
+    c
+}
+
+/// Padding after a body of `len` bytes.
+pub(crate) fn pad_len(len: u32) -> usize {
+    (8 - (len as usize % 8)) % 8
+}
+
+/// Encodes a page-batch entry.
+pub(crate) fn entry(gfn: u64, t: PageType) -> u64 {
+    (gfn & ((1 << 52) - 1)) | ((t.to_u8() as u64) << 60)
+}

@@ -313,7 +313,7 @@ impl DirtyLog {
         count: u64,
     ) -> Result<Vec<u64>, DirtyLogError> {
         let s = self.slots.get_mut(i).ok_or(DirtyLogError::Range { slot_index: i, first, count })?;
-        if first % WORD_BITS != 0 || first >= s.npages {
+        if !first.is_multiple_of(WORD_BITS) || first >= s.npages {
             return Err(DirtyLogError::Range { slot_index: i, first, count });
         }
         let count = count.min(s.npages - first);
@@ -389,7 +389,10 @@ mod tests {
 
     impl FakeKvm {
         fn new(npages: u64) -> Self {
-            FakeKvm { kvm_bits: RefCell::new(Bitmap::new(npages, false)), memory: RefCell::new(vec![0; npages as usize]) }
+            FakeKvm {
+                kvm_bits: RefCell::new(Bitmap::new(npages, false)),
+                memory: RefCell::new(vec![0; npages as usize]),
+            }
         }
         fn guest_write(&self, page: u64) {
             self.memory.borrow_mut()[page as usize] += 1;
@@ -550,8 +553,8 @@ mod tests {
                 handle(&mut log, &kvm, ids[c], &mut views[c], 0, PAGES);
             }
             for (c, view) in views.iter().enumerate() {
-                for p in 0..PAGES as usize {
-                    prop_assert_eq!(view[p], kvm.read(p as u64), "consumer {} page {}", c, p);
+                for (p, v) in view.iter().enumerate() {
+                    prop_assert_eq!(*v, kvm.read(p as u64), "consumer {} page {}", c, p);
                 }
             }
         }

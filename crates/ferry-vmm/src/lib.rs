@@ -10,11 +10,11 @@ pub mod devices;
 pub mod dirty_log;
 pub mod kvm_ext;
 pub mod memory;
-//TMP pub mod state_codec;
+pub mod state_codec;
 pub mod vcpu;
-//TMP pub mod vcpu_state;
+pub mod vcpu_state;
 pub mod vm;
-//TMP pub mod vm_state;
+pub mod vm_state;
 
 pub use memory::GuestRam;
 pub use vm::{ExitReason, Vm, VmConfig};

@@ -261,6 +261,23 @@ fn vcpu_loop(id: u32, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, bu
                     }
                     Request::Pause => {
                         if !g.paused {
+                            // KVM finishes an exit's pending work (e.g. the rest of a `rep outsb`)
+                            // only on the next KVM_RUN: re-enter once with immediate_exit so the
+                            // saved state is consistent and nothing is replayed after a restore.
+                            run.set_immediate_exit(1);
+                            if let Ok(mut v) = fd.lock() {
+                                for _ in 0..64 {
+                                    match run_once(&mut v, id, &bus) {
+                                        Step::Continue => continue,
+                                        Step::Interrupted => break,
+                                        Step::Stop(r) => {
+                                            exit.set(r);
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                            run.set_immediate_exit(0);
                             g.paused = true;
                             ctl.cv.notify_all();
                         }
@@ -277,42 +294,9 @@ fn vcpu_loop(id: u32, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, bu
             Ok(v) => v,
             Err(_) => break,
         };
-        let stop = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
-                IoAction::None => None,
-                IoAction::Shutdown(code) => Some(ExitReason::GuestShutdown(code)),
-            },
-            Ok(VcpuExit::IoIn(port, data)) => {
-                bus.read(port, data);
-                None
-            }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
-                None
-            }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
-            Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestReset(format!("vCPU {id}: triple fault"))),
-            Ok(VcpuExit::SystemEvent(t, _)) => Some(ExitReason::GuestReset(format!("vCPU {id}: KVM system event {t}"))),
-            Ok(VcpuExit::InternalError) => {
-                let internal = {
-                    let r = vcpu.get_kvm_run();
-                    // SAFETY: for KVM_EXIT_INTERNAL_ERROR the `internal` member of the union is
-                    // the valid one.
-                    let i = unsafe { r.__bindgen_anon_1.internal };
-                    (i.suberror, i.ndata, i.data)
-                };
-                Some(ExitReason::KvmError(format!(
-                    "vCPU {id}: KVM internal error, suberror {} data {:x?}",
-                    internal.0,
-                    &internal.2[..(internal.1 as usize).min(internal.2.len())]
-                )))
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Some(ExitReason::KvmError(format!("vCPU {id}: VM entry failed, reason {reason:#x} on host CPU {cpu}")))
-            }
-            Ok(other) => Some(ExitReason::KvmError(format!("vCPU {id}: unexpected exit {other:?}"))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(ExitReason::KvmError(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        let stop = match run_once(&mut vcpu, id, &bus) {
+            Step::Continue | Step::Interrupted => None,
+            Step::Stop(r) => Some(r),
         };
         drop(vcpu);
         if let Some(r) = stop {
@@ -321,4 +305,57 @@ fn vcpu_loop(id: u32, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, bu
         }
     }
     finish(&ctl);
+}
+
+/// What one KVM_RUN led to.
+enum Step {
+    Continue,
+    /// KVM_RUN returned EINTR/EAGAIN (a kick or immediate_exit).
+    Interrupted,
+    Stop(ExitReason),
+}
+
+/// Runs the vCPU once and handles the exit.
+fn run_once(vcpu: &mut VcpuFd, id: u32, bus: &PioBus) -> Step {
+    let r = match vcpu.run() {
+        Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
+            IoAction::None => None,
+            IoAction::Shutdown(code) => Some(ExitReason::GuestShutdown(code)),
+        },
+        Ok(VcpuExit::IoIn(port, data)) => {
+            bus.read(port, data);
+            None
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            data.fill(0xff);
+            None
+        }
+        Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
+        Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestReset(format!("vCPU {id}: triple fault"))),
+        Ok(VcpuExit::SystemEvent(t, _)) => Some(ExitReason::GuestReset(format!("vCPU {id}: KVM system event {t}"))),
+        Ok(VcpuExit::InternalError) => {
+            let internal = {
+                let r = vcpu.get_kvm_run();
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the `internal` member of the union is
+                // the valid one.
+                let i = unsafe { r.__bindgen_anon_1.internal };
+                (i.suberror, i.ndata, i.data)
+            };
+            Some(ExitReason::KvmError(format!(
+                "vCPU {id}: KVM internal error, suberror {} data {:x?}",
+                internal.0,
+                &internal.2[..(internal.1 as usize).min(internal.2.len())]
+            )))
+        }
+        Ok(VcpuExit::FailEntry(reason, cpu)) => {
+            Some(ExitReason::KvmError(format!("vCPU {id}: VM entry failed, reason {reason:#x} on host CPU {cpu}")))
+        }
+        Ok(other) => Some(ExitReason::KvmError(format!("vCPU {id}: unexpected exit {other:?}"))),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Step::Interrupted,
+        Err(e) => Some(ExitReason::KvmError(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+    };
+    match r {
+        Some(reason) => Step::Stop(reason),
+        None => Step::Continue,
+    }
 }

@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_migrate::source::{MigrateParams, Progress};
+use ferry_migrate::transport::Uri;
 use ferry_vmm::{ExitReason, Vm};
 use serde_json::{json, Value};
 
@@ -19,6 +23,21 @@ use serde_json::{json, Value};
 pub struct ApiContext {
     pub vm: Arc<Vm>,
     pub paused: AtomicBool,
+    /// A migration is running (one at a time).
+    pub migrating: AtomicBool,
+    /// Set by `migrate-cancel`; the running migration stops at its next step.
+    pub cancel: AtomicBool,
+}
+
+impl ApiContext {
+    pub fn new(vm: Arc<Vm>) -> Self {
+        ApiContext {
+            vm,
+            paused: AtomicBool::new(false),
+            migrating: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
@@ -54,6 +73,15 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
             continue;
         }
         let (reply, quit) = match serde_json::from_str::<Value>(&line) {
+            Ok(req) if req["cmd"] == "migrate" => {
+                let reply = migrate(&req, ctx, &mut out);
+                let done = reply["ok"] == json!(true);
+                writeln!(out, "{reply}")?;
+                if done {
+                    ctx.vm.request_exit(ExitReason::Migrated);
+                }
+                continue;
+            }
             Ok(req) => match handle(&req, ctx) {
                 Ok(mut v) => {
                     v["ok"] = json!(true);
@@ -69,6 +97,42 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a migration on this connection: progress events as JSON lines, then the final reply.
+fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
+    if ctx.migrating.swap(true, Ordering::SeqCst) {
+        return json!({"ok": false, "error": "a migration is already running"});
+    }
+    ctx.cancel.store(false, Ordering::SeqCst);
+    let r = (|| -> Result<Value> {
+        let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("migrate needs \"to\""))?;
+        if ctx.paused.load(Ordering::SeqCst) {
+            bail!("the VM is paused by the API; resume it before migrating");
+        }
+        let params = MigrateParams {
+            to: Uri::parse(to)?,
+            downtime_limit: Duration::from_millis(req.get("downtime_ms").and_then(Value::as_u64).unwrap_or(300)),
+            max_bandwidth: req.get("max_bandwidth_mib_s").and_then(Value::as_u64).map(|m| m << 20),
+            max_iterations: req.get("max_iterations").and_then(Value::as_u64).unwrap_or(30) as u32,
+            force_switchover: req.get("force_switchover").and_then(Value::as_bool).unwrap_or(false),
+        };
+        let mut progress = |p: &Progress| {
+            if let Ok(v) = serde_json::to_value(p) {
+                let _ = writeln!(out, "{v}");
+            }
+        };
+        let summary = ferry_migrate::source::migrate(&ctx.vm, &params, &ctx.cancel, &mut progress)?;
+        Ok(json!({ "summary": summary }))
+    })();
+    ctx.migrating.store(false, Ordering::SeqCst);
+    match r {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            v
+        }
+        Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+    }
 }
 
 fn field_u64(req: &Value, name: &str) -> Result<u64> {
@@ -91,6 +155,13 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
         "resume" => {
             ctx.vm.resume()?;
             ctx.paused.store(false, Ordering::SeqCst);
+            Ok(json!({}))
+        }
+        "migrate-cancel" => {
+            if !ctx.migrating.load(Ordering::SeqCst) {
+                bail!("no migration is running");
+            }
+            ctx.cancel.store(true, Ordering::SeqCst);
             Ok(json!({}))
         }
         // The exit itself happens after the reply is written (see handle_conn).
@@ -128,6 +199,38 @@ fn hex_decode(s: &str) -> Result<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| anyhow!("bad hex at offset {i}")))
         .collect()
+}
+
+/// Sends a request and calls `line` for every reply line until the final one (the one with
+/// `"ok"`), which is returned. `tick` runs whenever no line came for 200 ms.
+pub fn call_streaming(
+    socket: &Path,
+    req: &Value,
+    line: &mut dyn FnMut(&Value),
+    tick: &mut dyn FnMut(),
+) -> Result<Value> {
+    let conn =
+        UnixStream::connect(socket).with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
+    let mut w = conn.try_clone()?;
+    writeln!(w, "{req}")?;
+    conn.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut r = BufReader::new(conn);
+    let mut buf = String::new();
+    loop {
+        match r.read_line(&mut buf) {
+            Ok(0) => bail!("Ferry closed the API connection before answering (did the source process die?)"),
+            Ok(_) => {
+                let v: Value = serde_json::from_str(&buf).with_context(|| format!("bad reply from Ferry: {buf:?}"))?;
+                buf.clear();
+                if v.get("ok").is_some() {
+                    return Ok(v);
+                }
+                line(&v);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => tick(),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Sends one request and returns the reply (errors become `Err`).

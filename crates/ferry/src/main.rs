@@ -2,10 +2,11 @@
 
 mod api;
 mod guest;
+mod report;
 
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -31,6 +32,13 @@ enum Cmd {
         /// status | pause | resume | quit
         command: String,
     },
+    /// Live-migrate the VM behind an API socket to a destination started with `ferry run --incoming`.
+    Migrate(MigrateArgs),
+    /// Cancel the migration running in the VM behind an API socket (the source keeps running).
+    MigrateCancel {
+        #[arg(long)]
+        api_socket: PathBuf,
+    },
     /// The built-in guest.
     Guest {
         #[command(subcommand)]
@@ -45,13 +53,38 @@ enum GuestCmd {
 }
 
 #[derive(clap::Args)]
+struct MigrateArgs {
+    /// API socket of the source Ferry.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Destination: unix:PATH or tcp:HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Longest acceptable pause of the guest, in ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Bandwidth cap in MiB/s (default: none).
+    #[arg(long)]
+    max_bandwidth: Option<u64>,
+    /// Give up (or, with --force-switchover, stop the guest anyway) after this many iterations.
+    #[arg(long, default_value_t = 30)]
+    max_iterations: u32,
+    /// Switch over after --max-iterations even if the downtime limit cannot be met.
+    #[arg(long)]
+    force_switchover: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     /// ELF kernel with a PVH entry note (default: the built-in guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Guest RAM, e.g. 512M, 1G.
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    memory: u64,
+    /// Guest RAM, e.g. 512M, 1G (default 1G; with --incoming, the source's size).
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
@@ -64,6 +97,9 @@ struct RunArgs {
     /// Control socket path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Wait for an incoming migration on unix:PATH or tcp:HOST:PORT instead of booting.
+    #[arg(long)]
+    incoming: Option<String>,
 }
 
 /// Parses sizes like `512M`, `1G`, `1048576`.
@@ -101,6 +137,37 @@ fn run(a: RunArgs) -> Result<i32> {
     if a.cpus == 0 {
         bail!("--cpus 0: a VM needs at least one vCPU");
     }
+    let vm = match &a.incoming {
+        Some(uri) => incoming(&a, uri)?,
+        None => boot(&a)?,
+    };
+    serve_and_wait(&a, vm)
+}
+
+fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
+    if a.kernel.is_some() || a.cmdline.is_some() {
+        bail!("--incoming takes the guest from the migration stream: --kernel and --cmdline do not apply");
+    }
+    let uri = ferry_migrate::transport::Uri::parse(uri)?;
+    let listener = ferry_migrate::transport::Listener::bind(&uri)?;
+    eprintln!("ferry: waiting for an incoming migration on {uri}");
+    let conn = listener.accept(&uri)?;
+    drop(listener);
+    let (vm, stats) = ferry_migrate::destination::receive(conn, a.memory, serial_sink(&a.serial)?)
+        .context("incoming migration failed; nothing was started")?;
+    eprintln!(
+        "ferry: incoming migration complete: {:.1} MiB, {} normal and {} zero pages, load {:.1} ms (restore {:.1} ms)",
+        stats.bytes as f64 / (1 << 20) as f64,
+        stats.normal_pages,
+        stats.zero_pages,
+        stats.load.as_secs_f64() * 1000.0,
+        stats.restore.as_secs_f64() * 1000.0
+    );
+    Ok(Arc::new(vm))
+}
+
+fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
+    let memory = a.memory.unwrap_or(1 << 30);
     let (kernel, cmdline) = match &a.kernel {
         Some(p) => {
             let img = ferry_vmm::boot::read_image(p).with_context(|| format!("kernel {}", p.display()))?;
@@ -108,17 +175,21 @@ fn run(a: RunArgs) -> Result<i32> {
         }
         None => {
             let c = a.cmdline.clone().unwrap_or_else(|| guest::DEFAULT_CMDLINE.to_string());
-            guest::validate_cmdline(&c, a.memory)?;
+            guest::validate_cmdline(&c, memory)?;
             (guest::GUEST_ELF.to_vec(), c)
         }
     };
-    let cfg = VmConfig { memory: a.memory, vcpus: a.cpus, kernel, cmdline, serial_out: serial_sink(&a.serial)? };
-    let vm = Arc::new(Vm::boot(cfg).map_err(|e| {
+    let cfg = VmConfig { memory, vcpus: a.cpus, kernel, cmdline, serial_out: serial_sink(&a.serial)? };
+    let vm = Vm::boot(cfg).map_err(|e| {
         let name = a.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in guest".into());
         anyhow::Error::new(e).context(format!("cannot start the VM ({name})"))
-    })?);
+    })?;
+    Ok(Arc::new(vm))
+}
+
+fn serve_and_wait(a: &RunArgs, vm: Arc<Vm>) -> Result<i32> {
     if let Some(sock) = &a.api_socket {
-        let ctx = Arc::new(api::ApiContext { vm: vm.clone(), paused: AtomicBool::new(false) });
+        let ctx = Arc::new(api::ApiContext::new(vm.clone()));
         api::serve(sock, ctx)?;
     }
     let reason = vm.wait_exit();
@@ -136,10 +207,61 @@ fn run(a: RunArgs) -> Result<i32> {
     Ok(exit_code(&reason))
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn migrate(a: MigrateArgs) -> Result<i32> {
+    ferry_migrate::transport::Uri::parse(&a.to)?;
+    // Ctrl-C cancels the migration (the source keeps running) instead of killing this client.
+    vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint)
+        .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+    let mut req = serde_json::json!({
+        "cmd": "migrate",
+        "to": a.to,
+        "downtime_ms": a.downtime_ms,
+        "max_iterations": a.max_iterations,
+        "force_switchover": a.force_switchover,
+    });
+    if let Some(b) = a.max_bandwidth {
+        req["max_bandwidth_mib_s"] = b.into();
+    }
+    let sock = a.api_socket.clone();
+    let mut cancelled = false;
+    let reply = api::call_streaming(
+        &a.api_socket,
+        &req,
+        &mut |ev| eprintln!("ferry: {}", report::progress_line(ev)),
+        &mut || {
+            if INTERRUPTED.load(Ordering::SeqCst) && !cancelled {
+                cancelled = true;
+                eprintln!("ferry: cancelling the migration (the source keeps running)");
+                let _ = api::call(&sock, &serde_json::json!({"cmd": "migrate-cancel"}));
+            }
+        },
+    )?;
+    if reply["ok"] != serde_json::json!(true) {
+        bail!("migration failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
+    }
+    let summary = &reply["summary"];
+    if a.json {
+        println!("{summary}");
+    } else {
+        print!("{}", report::summary_text(summary));
+    }
+    Ok(0)
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Migrate(a) => migrate(a),
+        Cmd::MigrateCancel { api_socket } => {
+            api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| 0)
+        }
         Cmd::Api { api_socket, command } => api::call(&api_socket, &serde_json::json!({ "cmd": command })).map(|v| {
             println!("{v}");
             0

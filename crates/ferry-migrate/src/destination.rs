@@ -1,0 +1,233 @@
+//! The incoming side: read a stream into fresh guest RAM, rebuild the machine from its state
+//! sections, acknowledge, and start it only when the source commits.
+//!
+//! Nothing runs before COMMIT: on any error the destination answers NACK (when it still can),
+//! drops everything it built and the caller exits with the error.
+
+use std::io::BufReader;
+use std::time::{Duration, Instant};
+
+use ferry_stream::{PageType, Record, StreamReader, PAGE_SIZE};
+use ferry_vmm::devices::serial::{decode_state, SerialDevice, SerialSink, SERIAL_SECTION_ID};
+use ferry_vmm::dirty_log::Bitmap;
+use ferry_vmm::memory::GuestRam;
+use ferry_vmm::vcpu_state::VcpuState;
+use ferry_vmm::vm::{create_machine, create_vcpu, Vm};
+use ferry_vmm::vm_state::VmState;
+
+use crate::protocol::{self, Ack, ProtocolError};
+use crate::transport::Conn;
+
+/// Errors of an incoming migration.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("reading the migration stream failed")]
+    Stream(#[from] ferry_stream::StreamError),
+    #[error("the stream has no MACHINE_CONFIG record before its first {0}")]
+    NoConfig(&'static str),
+    #[error("the stream describes {stream} bytes of guest memory but this destination was started with {local}")]
+    MemoryMismatch { stream: u64, local: u64 },
+    #[error("the stream's RAM layout {0:?} is not the one Ferry uses for that size")]
+    Layout(Vec<(u64, u64)>),
+    #[error("the stream describes {0} vCPUs; Ferry supports 1 to 8")]
+    VcpuCount(u32),
+    #[error("page frame {0:#x} is outside guest RAM")]
+    PageOutside(u64),
+    #[error("page frame {0:#x} is BROKEN (poisoned on the source); this Ferry cannot represent broken pages yet")]
+    Broken(u64),
+    #[error("the stream ended without state for vCPU {0}")]
+    MissingVcpu(u32),
+    #[error("the stream ended without VM-wide state")]
+    MissingVmState,
+    #[error("the stream carries state for vCPU {0}, which the machine does not have")]
+    ExtraVcpu(u32),
+    #[error("device section '{id}' version {version} is not known to this Ferry")]
+    UnknownDevice { id: String, version: u32 },
+    #[error("record {0} is not valid in a migration stream")]
+    Unexpected(&'static str),
+    #[error("cannot rebuild the machine")]
+    Vm(#[from] ferry_vmm::vm::VmError),
+    #[error("guest memory")]
+    Memory(#[from] ferry_vmm::memory::MemoryError),
+    #[error("vCPU {0} state is invalid")]
+    VcpuState(u32, #[source] ferry_vmm::vcpu_state::VcpuStateError),
+    #[error("VM-wide state is invalid")]
+    VmState(#[source] ferry_vmm::vm_state::VmStateError),
+    #[error("serial state is invalid")]
+    Serial(#[source] ferry_vmm::devices::serial::SerialStateError),
+    #[error("the source did not commit the handover")]
+    Commit(#[source] ProtocolError),
+    #[error("cannot answer the source")]
+    Reply(#[source] std::io::Error),
+    #[error("cannot start the machine's vCPUs")]
+    Start(#[source] ferry_vmm::vm::VmError),
+}
+
+/// Timings of the load, reported in the ACK and to the caller.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IncomingStats {
+    pub bytes: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub total: Duration,
+    pub load: Duration,
+    pub restore: Duration,
+}
+
+struct Pending {
+    ram: GuestRam,
+    vcpus: u32,
+    /// Pages written during this load (a ZERO page there must be cleared again).
+    written: Vec<Bitmap>,
+}
+
+impl Pending {
+    fn page(&mut self, gfn: u64) -> Result<(*mut u8, usize, u64), IncomingError> {
+        let gpa = gfn * PAGE_SIZE as u64;
+        let (ri, page) = self.ram.page_location(gpa).ok_or(IncomingError::PageOutside(gfn))?;
+        let p = self.ram.host_ptr(gpa, PAGE_SIZE as u64).map_err(|_| IncomingError::PageOutside(gfn))?;
+        Ok((p, ri, page))
+    }
+}
+
+/// Receives a machine on `conn`. `memory` is the size the user asked for, if any. Returns the
+/// running machine once the source committed.
+pub fn receive(conn: Conn, memory: Option<u64>, serial_out: SerialSink) -> Result<(Vm, IncomingStats), IncomingError> {
+    let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
+    let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
+    let t_start = Instant::now();
+    match load(conn, memory, serial_out, t_start) {
+        Ok((parts, stats)) => {
+            protocol::send_ack(
+                &mut reply,
+                Ack { load_us: stats.load.as_micros() as u64, restore_us: stats.restore.as_micros() as u64 },
+            )
+            .map_err(IncomingError::Reply)?;
+            let mut c = commit_conn;
+            c.set_read_timeout(Some(Duration::from_secs(60))).map_err(IncomingError::Reply)?;
+            protocol::read_commit(&mut c).map_err(IncomingError::Commit)?;
+            let (machine, serial, fds) = parts;
+            let vm = Vm::start(machine, serial, fds, false).map_err(IncomingError::Start)?;
+            Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }))
+        }
+        Err(e) => {
+            let _ = protocol::send_nack(&mut reply, &format!("{}", ErrorChain(&e)));
+            Err(e)
+        }
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut s = self.0.source();
+        while let Some(e) = s {
+            write!(f, ": {e}")?;
+            s = e.source();
+        }
+        Ok(())
+    }
+}
+
+type Parts = (ferry_vmm::vm::MachineParts, SerialDevice, Vec<kvm_ioctls::VcpuFd>);
+
+fn load(
+    conn: Conn,
+    memory: Option<u64>,
+    serial_out: SerialSink,
+    t_start: Instant,
+) -> Result<(Parts, IncomingStats), IncomingError> {
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
+    let mut pending: Option<Pending> = None;
+    let mut stats = IncomingStats::default();
+    let mut vm_state: Option<VmState> = None;
+    let mut vcpu_states: Vec<Option<VcpuState>> = Vec::new();
+    let mut serial_state = None;
+    loop {
+        match r.next_record()? {
+            Record::MachineConfig(c) => {
+                if let Some(m) = memory {
+                    if m != c.memory_bytes {
+                        return Err(IncomingError::MemoryMismatch { stream: c.memory_bytes, local: m });
+                    }
+                }
+                if c.vcpus == 0 || c.vcpus > ferry_vmm::vm::MAX_VCPUS {
+                    return Err(IncomingError::VcpuCount(c.vcpus));
+                }
+                if ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
+                    return Err(IncomingError::Layout(c.regions.clone()));
+                }
+                let ram = GuestRam::new(c.memory_bytes)?;
+                let written = ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
+                vcpu_states = (0..c.vcpus).map(|_| None).collect();
+                pending = Some(Pending { ram, vcpus: c.vcpus, written });
+            }
+            Record::PageBatch(batch) => {
+                let p = pending.as_mut().ok_or(IncomingError::NoConfig("PAGE_BATCH"))?;
+                for (gfn, ty, data) in batch.iter() {
+                    let (host, ri, page) = p.page(gfn)?;
+                    match (ty, data) {
+                        (PageType::Normal, Some(d)) => {
+                            // SAFETY: `host` points to one page of guest RAM that no vCPU runs on
+                            // yet; `d` is exactly one page from the reader's buffer.
+                            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), host, PAGE_SIZE) };
+                            p.written[ri].set(page);
+                            stats.normal_pages += 1;
+                        }
+                        (PageType::Zero | PageType::Discarded, _) => {
+                            if p.written[ri].get(page) {
+                                // SAFETY: as above; the page was written earlier in this load.
+                                unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
+                            }
+                            stats.zero_pages += 1;
+                        }
+                        (PageType::Broken, _) => return Err(IncomingError::Broken(gfn)),
+                        (PageType::Normal, None) => return Err(IncomingError::Unexpected("NORMAL page without data")),
+                    }
+                }
+            }
+            Record::VmState { data, .. } => {
+                vm_state = Some(VmState::decode(data).map_err(IncomingError::VmState)?);
+            }
+            Record::VcpuState { id, data, .. } => {
+                let slot = vcpu_states.get_mut(id as usize).ok_or(IncomingError::ExtraVcpu(id))?;
+                *slot = Some(VcpuState::decode(data).map_err(|e| IncomingError::VcpuState(id, e))?);
+            }
+            Record::DeviceState { id, version, data, .. } => {
+                if id != SERIAL_SECTION_ID || version != ferry_vmm::devices::serial::SERIAL_STATE_VERSION {
+                    return Err(IncomingError::UnknownDevice { id, version });
+                }
+                serial_state = Some(decode_state(data).map_err(IncomingError::Serial)?);
+            }
+            Record::Checkpoint(_) => return Err(IncomingError::Unexpected("CHECKPOINT")),
+            Record::SkippedOptional { .. } => {}
+            Record::End => break,
+        }
+    }
+    stats.bytes = r.bytes_read();
+    let t_end = Instant::now();
+    let p = pending.ok_or(IncomingError::NoConfig("END"))?;
+    let vm_state = vm_state.ok_or(IncomingError::MissingVmState)?;
+    let t_restore = Instant::now();
+    let machine = create_machine(p.ram)?;
+    vm_state.restore(&machine.vm_fd).map_err(IncomingError::VmState)?;
+    let mut fds = Vec::new();
+    for (id, st) in vcpu_states.iter().enumerate() {
+        let st = st.as_ref().ok_or(IncomingError::MissingVcpu(id as u32))?;
+        let fd = create_vcpu(&machine, id as u32, p.vcpus)?;
+        st.restore(&fd).map_err(|e| IncomingError::VcpuState(id as u32, e))?;
+        fds.push(fd);
+    }
+    let irq = machine.serial_irq.try_clone().map_err(|e| IncomingError::Vm(ferry_vmm::vm::VmError::EventFd(e)))?;
+    let serial = match serial_state {
+        Some(s) => SerialDevice::from_state(&s, irq, serial_out).map_err(IncomingError::Serial)?,
+        None => SerialDevice::new(irq, serial_out),
+    };
+    stats.restore = t_restore.elapsed();
+    stats.load = t_end.elapsed();
+    let _ = t_start;
+    Ok(((machine, serial, fds), stats))
+}

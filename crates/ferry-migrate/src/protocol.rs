@@ -1,0 +1,130 @@
+//! The return path and the commit message.
+//!
+//! After END the destination answers on the same connection with one frame
+//! `type u32 | length u32 | body`: ACK (body: load_us u64, restore_us u64) once it has loaded
+//! everything, or NACK (body: UTF-8 message) when it refuses. The source then sends the 8 bytes
+//! `FERRYCMT`; only then does the destination resume the guest. Little-endian throughout.
+
+use std::io::{Read, Write};
+
+pub const FRAME_ACK: u32 = 1;
+pub const FRAME_NACK: u32 = 2;
+/// What the source sends to hand the guest over.
+pub const COMMIT: &[u8; 8] = b"FERRYCMT";
+/// Longest NACK message accepted.
+const MAX_NACK: u32 = 4096;
+
+/// Errors of the return path.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the connection failed on the return path")]
+    Io(#[from] std::io::Error),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("unexpected return-path frame type {0}")]
+    BadFrame(u32),
+    #[error("return-path frame of {0} bytes is too long")]
+    TooLong(u32),
+    #[error("expected the commit message, got {0:?}")]
+    BadCommit([u8; 8]),
+}
+
+/// What the destination reports with its ACK.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// Microseconds from END received to the machine ready (state restored).
+    pub load_us: u64,
+    /// Of which restoring KVM state.
+    pub restore_us: u64,
+}
+
+pub fn send_ack(w: &mut impl Write, a: Ack) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(24);
+    b.extend_from_slice(&FRAME_ACK.to_le_bytes());
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&a.load_us.to_le_bytes());
+    b.extend_from_slice(&a.restore_us.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()
+}
+
+pub fn send_nack(w: &mut impl Write, msg: &str) -> std::io::Result<()> {
+    let m = &msg.as_bytes()[..msg.len().min(MAX_NACK as usize)];
+    let mut b = Vec::with_capacity(8 + m.len());
+    b.extend_from_slice(&FRAME_NACK.to_le_bytes());
+    b.extend_from_slice(&(m.len() as u32).to_le_bytes());
+    b.extend_from_slice(m);
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Reads the destination's answer.
+pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
+    let mut h = [0u8; 8];
+    r.read_exact(&mut h)?;
+    let t = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    if len > MAX_NACK {
+        return Err(ProtocolError::TooLong(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    match t {
+        FRAME_ACK if len == 16 => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&body[..8]);
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&body[8..]);
+            Ok(Ack { load_us: u64::from_le_bytes(a), restore_us: u64::from_le_bytes(b) })
+        }
+        FRAME_NACK => Err(ProtocolError::Refused(String::from_utf8_lossy(&body).into_owned())),
+        other => Err(ProtocolError::BadFrame(other)),
+    }
+}
+
+pub fn send_commit(w: &mut impl Write) -> std::io::Result<()> {
+    w.write_all(COMMIT)?;
+    w.flush()
+}
+
+pub fn read_commit(r: &mut impl Read) -> Result<(), ProtocolError> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    if &b != COMMIT {
+        return Err(ProtocolError::BadCommit(b));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_round_trips() {
+        let mut buf = Vec::new();
+        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3 }).unwrap();
+
+        let a = read_answer(&mut buf.as_slice()).unwrap();
+
+        assert_eq!(a, Ack { load_us: 7, restore_us: 3 });
+    }
+
+    #[test]
+    fn nack_becomes_a_refusal_carrying_the_message() {
+        let mut buf = Vec::new();
+        send_nack(&mut buf, "memory size differs").unwrap();
+
+        let e = read_answer(&mut buf.as_slice()).unwrap_err().to_string();
+
+        assert!(e.contains("memory size differs"), "{e}");
+    }
+
+    #[test]
+    fn truncated_answer_is_an_error() {
+        let mut buf = Vec::new();
+        send_ack(&mut buf, Ack::default()).unwrap();
+
+        assert!(read_answer(&mut &buf[..10]).is_err());
+    }
+}

@@ -1,0 +1,567 @@
+//! The pre-copy engine (source side).
+//!
+//! Iteration 1 sends every page (pages in memfd holes or full of zeros as ZERO, without data);
+//! each later iteration sends what the guest dirtied meanwhile. Before each iteration the engine
+//! syncs the dirty log and estimates the pause the remaining dirty set would cost at the
+//! bandwidth measured in the previous iteration; when that fits the downtime limit it pauses the
+//! vCPUs, sends the last dirty pages and all machine state, and waits for the destination's ACK.
+//!
+//! Failure at any point leaves the source running: the vCPU pause is a guard that resumes on
+//! drop, harvested-but-unsent dirty bits are given back, and the migration's dirty-log consumer
+//! is unregistered (other consumers keep their bits).
+
+use std::io::BufWriter;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_stream::{MachineConfig, PageType, StreamFlags, StreamHeader, StreamWriter, PAGE_SIZE};
+use ferry_vmm::devices::serial::{encode_state, SERIAL_SECTION_ID, SERIAL_STATE_VERSION};
+use ferry_vmm::dirty_log::{ConsumerId, Initial};
+use ferry_vmm::vcpu_state::{msrs_to_save, VcpuState, VCPU_STATE_VERSION};
+use ferry_vmm::vm_state::{VmState, VM_STATE_VERSION};
+use ferry_vmm::Vm;
+use serde::Serialize;
+
+use crate::protocol::{self, ProtocolError};
+use crate::transport::{Conn, TransportError, Uri};
+
+/// Pages per PAGE_BATCH record.
+const BATCH_PAGES: usize = 512;
+/// Pages harvested (and cleared in KVM) at a time.
+const HARVEST_PAGES: u64 = 16384;
+
+/// Errors of an outgoing migration. The source keeps running after every one of them.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot reach the destination")]
+    Transport(#[from] TransportError),
+    #[error("sending the stream failed (destination gone?)")]
+    Send(#[source] ferry_stream::StreamError),
+    #[error("the destination did not complete the handover")]
+    Handover(#[from] ProtocolError),
+    #[error("the machine")]
+    Vm(#[from] ferry_vmm::vm::VmError),
+    #[error("cannot save the state of vCPU {0}")]
+    VcpuState(u32, #[source] ferry_vmm::vcpu_state::VcpuStateError),
+    #[error("cannot save the VM-wide state")]
+    VmState(#[source] ferry_vmm::vm_state::VmStateError),
+    #[error("vCPU {0} is not available for state save")]
+    VcpuLock(u32, #[source] ferry_vmm::vcpu::VcpuError),
+    #[error(
+        "migration did not converge after {iterations} iterations: {pending_mib:.1} MiB still dirty would take \
+         {estimate_ms:.0} ms at {bandwidth_mib_s:.1} MiB/s, over the {limit_ms} ms downtime limit \
+         (raise --downtime-ms or --max-bandwidth, or use --force-switchover)"
+    )]
+    NotConverged { iterations: u32, pending_mib: f64, estimate_ms: f64, bandwidth_mib_s: f64, limit_ms: u64 },
+    #[error("migration cancelled")]
+    Cancelled,
+    #[error("reading guest memory at {gpa:#x} failed")]
+    Memory {
+        gpa: u64,
+        #[source]
+        source: ferry_vmm::memory::MemoryError,
+    },
+}
+
+/// What the caller asks for.
+#[derive(Debug, Clone)]
+pub struct MigrateParams {
+    pub to: Uri,
+    pub downtime_limit: Duration,
+    /// Bytes per second; `None` = as fast as the link goes.
+    pub max_bandwidth: Option<u64>,
+    pub max_iterations: u32,
+    pub force_switchover: bool,
+}
+
+/// One pre-copy iteration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IterationStats {
+    pub iteration: u32,
+    /// Pages dirty at the start of the iteration (all pages for the first one).
+    pub pages_dirtied: u64,
+    pub pages_sent: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub duration_ms: f64,
+    pub bandwidth_mib_s: f64,
+    /// Guest dirty rate seen at the start of this iteration (pages dirtied during the previous
+    /// one, per second of it).
+    pub dirty_rate_pages_s: f64,
+    /// Estimated pause if the switch-over had happened at the start of this iteration.
+    pub estimated_downtime_ms: f64,
+}
+
+/// Where the pause went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Stopping the vCPUs.
+    pub pause_ms: f64,
+    pub final_sync_ms: f64,
+    pub final_pages: u64,
+    pub final_pages_ms: f64,
+    /// Saving and sending vCPU, VM-wide and device state.
+    pub state_ms: f64,
+    /// Destination: END received to machine ready (its own measure).
+    pub dest_load_ms: f64,
+    /// Of which restoring KVM state.
+    pub dest_restore_ms: f64,
+    /// Source: last byte sent to ACK received (transfer tail + destination load).
+    pub ack_wait_ms: f64,
+    /// Sending COMMIT (the destination resumes on receipt).
+    pub commit_ms: f64,
+}
+
+/// Page counts by type.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PageCounts {
+    pub normal: u64,
+    pub zero: u64,
+    pub broken: u64,
+    pub discarded: u64,
+}
+
+/// The result of a completed migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationSummary {
+    pub to: String,
+    pub total_ms: f64,
+    /// Source paused → destination's ACK received and COMMIT sent.
+    pub downtime_ms: f64,
+    pub setup_ms: f64,
+    pub bytes: u64,
+    pub pages: PageCounts,
+    pub iterations: Vec<IterationStats>,
+    pub downtime_breakdown: DowntimeBreakdown,
+    pub downtime_limit_ms: u64,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+}
+
+/// Progress reports while the migration runs.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Progress {
+    Connected { to: String },
+    Iteration(IterationStats),
+    Switchover { pending_pages: u64, estimated_downtime_ms: f64 },
+}
+
+/// Resumes the vCPUs on drop unless committed: the source keeps running after any failure.
+struct PauseGuard<'a> {
+    vm: &'a Vm,
+    committed: bool,
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = self.vm.resume();
+        }
+    }
+}
+
+/// Unregisters the migration's dirty-log consumer on drop.
+struct ConsumerGuard<'a> {
+    vm: &'a Vm,
+    id: ConsumerId,
+}
+
+impl Drop for ConsumerGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.vm.dirty_unregister(self.id);
+    }
+}
+
+struct Sender<'a> {
+    vm: &'a Vm,
+    w: StreamWriter<BufWriter<Conn>>,
+    consumer: ConsumerId,
+    counts: PageCounts,
+    limit: Option<u64>,
+    cancel: &'a AtomicBool,
+}
+
+/// Whether a page's bytes are all zero.
+fn is_zero(p: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: reinterpreting initialized bytes as u64 words (align_to handles alignment).
+        unsafe { p.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Ranges of the memfd `[off, off+len)` that hold data (the rest are holes: zero pages that
+/// were never touched). Uses SEEK_DATA/SEEK_HOLE so holes are never read (reading would
+/// allocate them).
+fn data_ranges(fd: i32, off: u64, len: u64) -> Vec<(u64, u64)> {
+    let end = off + len;
+    let mut v = Vec::new();
+    let mut pos = off;
+    while pos < end {
+        // SAFETY: lseek on a valid memfd; no memory is touched.
+        let d = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 || d as u64 >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        let h = if h < 0 { end } else { (h as u64).min(end) };
+        v.push((d as u64, h));
+        pos = h;
+    }
+    v
+}
+
+impl Sender<'_> {
+    /// Harvests and sends every page the consumer has pending. Returns (pages sent, bytes).
+    fn send_pending(&mut self, iter_start: Instant, iter_bytes_start: u64) -> Result<(u64, u64, u64), MigrateError> {
+        let ram = self.vm.ram();
+        let mut sent = 0;
+        let (mut normal, mut zero) = (0, 0);
+        for (ri, region) in ram.regions().iter().enumerate() {
+            let npages = region.size / PAGE_SIZE as u64;
+            let mut first = 0;
+            while first < npages {
+                if self.cancel.load(Ordering::SeqCst) {
+                    return Err(MigrateError::Cancelled);
+                }
+                let count = HARVEST_PAGES.min(npages - first);
+                let bits = self.vm.dirty_harvest(self.consumer, ri, first, count)?;
+                if bits.iter().all(|&w| w == 0) {
+                    first += count;
+                    continue;
+                }
+                let res = self.send_chunk(ri, first, count, &bits, iter_start, iter_bytes_start);
+                match res {
+                    Ok((n, z)) => {
+                        normal += n;
+                        zero += z;
+                        sent += n + z;
+                    }
+                    Err(e) => {
+                        // Nothing of this chunk is known to have arrived: the bits go back.
+                        let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
+                        return Err(e);
+                    }
+                }
+                first += count;
+            }
+        }
+        Ok((sent, normal, zero))
+    }
+
+    fn send_chunk(
+        &mut self,
+        ri: usize,
+        first: u64,
+        count: u64,
+        bits: &[u64],
+        iter_start: Instant,
+        iter_bytes_start: u64,
+    ) -> Result<(u64, u64), MigrateError> {
+        let ram = self.vm.ram();
+        let region = ram.regions()[ri];
+        let data =
+            data_ranges(ram.memfd_raw(), region.file_offset + first * PAGE_SIZE as u64, count * PAGE_SIZE as u64);
+        let in_data = |page: u64| {
+            let off = region.file_offset + page * PAGE_SIZE as u64;
+            data.iter().any(|&(a, b)| off >= a && off < b)
+        };
+        let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(BATCH_PAGES);
+        let (mut normal, mut zero) = (0u64, 0u64);
+        let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
+            (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
+        });
+        for page in pages {
+            let gpa = region.gpa + page * PAGE_SIZE as u64;
+            let gfn = gpa / PAGE_SIZE as u64;
+            let host = if in_data(page) {
+                let p = ram.host_ptr(gpa, PAGE_SIZE as u64).map_err(|source| MigrateError::Memory { gpa, source })?;
+                // SAFETY: host_ptr returned a pointer to one page inside a live guest RAM mapping;
+                // the guest may write it concurrently (that write is then dirty again and resent),
+                // so the bytes are only copied out, never interpreted.
+                Some(unsafe { std::slice::from_raw_parts(p as *const u8, PAGE_SIZE) })
+            } else {
+                None
+            };
+            match host {
+                Some(s) if !is_zero(s) => {
+                    entries.push((gfn, PageType::Normal));
+                    slices.push(s);
+                    normal += 1;
+                }
+                _ => {
+                    entries.push((gfn, PageType::Zero));
+                    zero += 1;
+                }
+            }
+            if entries.len() == BATCH_PAGES {
+                self.flush_batch(&mut entries, &mut slices, iter_start, iter_bytes_start)?;
+            }
+        }
+        self.flush_batch(&mut entries, &mut slices, iter_start, iter_bytes_start)?;
+        self.counts.normal += normal;
+        self.counts.zero += zero;
+        Ok((normal, zero))
+    }
+
+    fn flush_batch(
+        &mut self,
+        entries: &mut Vec<(u64, PageType)>,
+        slices: &mut Vec<&[u8]>,
+        iter_start: Instant,
+        iter_bytes_start: u64,
+    ) -> Result<(), MigrateError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.w.page_batch(entries, slices).map_err(MigrateError::Send)?;
+        entries.clear();
+        slices.clear();
+        if let Some(limit) = self.limit {
+            // Keep the iteration's average rate at the limit.
+            let bytes = self.w.bytes_written() - iter_bytes_start;
+            let due = Duration::from_secs_f64(bytes as f64 / limit as f64);
+            let elapsed = iter_start.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Migrates `vm` to `params.to`. On success the guest runs on the destination and the caller
+/// must stop this machine without resuming it; on error the source guest is running.
+pub fn migrate(
+    vm: &Vm,
+    params: &MigrateParams,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationSummary, MigrateError> {
+    let t_start = Instant::now();
+    let conn = Conn::connect(&params.to)?;
+    let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
+    let answer = ReturnPath::spawn(conn.try_clone().map_err(TransportError::Setup)?)?;
+    progress(&Progress::Connected { to: params.to.to_string() });
+    let r = run(vm, params, cancel, progress, conn, &answer, t_start, &mut reply);
+    if r.is_err() {
+        // Tell the destination (and our return-path reader) that this attempt is over; the
+        // destination discards what it received.
+        let refusal = answer.refusal(Duration::from_millis(0));
+        reply.shutdown();
+        if let Some(refused) = refusal {
+            return Err(MigrateError::Handover(refused));
+        }
+    }
+    match r {
+        // A refusal from the destination explains a failed send better than "broken pipe".
+        Err(MigrateError::Send(e)) => match answer.refusal(Duration::from_millis(500)) {
+            Some(refused) => Err(MigrateError::Handover(refused)),
+            None => Err(MigrateError::Send(e)),
+        },
+        other => other,
+    }
+}
+
+/// Reads the destination's answer on its own thread, so a NACK sent early (a corrupt stream, a
+/// refused configuration) is seen even while the source is still sending.
+struct ReturnPath {
+    rx: std::sync::mpsc::Receiver<Result<protocol::Ack, ProtocolError>>,
+}
+
+impl ReturnPath {
+    fn spawn(mut conn: Conn) -> Result<Self, MigrateError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("migration-return".into())
+            .spawn(move || {
+                let _ = tx.send(protocol::read_answer(&mut conn));
+            })
+            .map_err(TransportError::Setup)?;
+        Ok(ReturnPath { rx })
+    }
+
+    /// The destination's refusal, if one arrives within `wait`.
+    fn refusal(&self, wait: Duration) -> Option<ProtocolError> {
+        match self.rx.recv_timeout(wait) {
+            Ok(Err(e @ ProtocolError::Refused(_))) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The answer after END.
+    fn answer(&self, wait: Duration) -> Result<protocol::Ack, ProtocolError> {
+        match self.rx.recv_timeout(wait) {
+            Ok(r) => r,
+            Err(_) => Err(ProtocolError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from the destination within {} s", wait.as_secs()),
+            ))),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    vm: &Vm,
+    params: &MigrateParams,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+    conn: Conn,
+    answer: &ReturnPath,
+    t_start: Instant,
+    reply: &mut Conn,
+) -> Result<MigrationSummary, MigrateError> {
+    let header = StreamHeader::new(StreamFlags::empty());
+    let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
+    let consumer = vm.dirty_register("migration", Initial::AllDirty)?;
+    let _consumer_guard = ConsumerGuard { vm, id: consumer };
+    let mut s = Sender { vm, w, consumer, counts: PageCounts::default(), limit: params.max_bandwidth, cancel };
+
+    let ram = vm.ram();
+    let config = MachineConfig {
+        memory_bytes: ram.size(),
+        vcpus: vm.vcpu_count(),
+        regions: ram.regions().iter().map(|r| (r.gpa, r.size)).collect(),
+    };
+    s.w.machine_config(&config).map_err(MigrateError::Send)?;
+    let msr_list = msrs_to_save(vm.kvm()).map_err(|e| MigrateError::VcpuState(0, e))?;
+    let setup_ms = ms(t_start.elapsed());
+
+    let mut summary = MigrationSummary {
+        to: params.to.to_string(),
+        setup_ms,
+        downtime_limit_ms: params.downtime_limit.as_millis() as u64,
+        memory_bytes: ram.size(),
+        vcpus: vm.vcpu_count(),
+        ..Default::default()
+    };
+    let limit_ms = ms(params.downtime_limit);
+    let mut bandwidth: f64 = 0.0; // bytes/s measured in the last iteration
+    let mut last_iter_secs: f64 = 0.0;
+    let mut iteration = 0u32;
+    loop {
+        iteration += 1;
+        vm.dirty_sync()?;
+        let pending = vm.dirty_pending(consumer)?;
+        let estimate_ms =
+            if bandwidth > 0.0 { pending as f64 * PAGE_SIZE as f64 / bandwidth * 1000.0 } else { f64::INFINITY };
+        if iteration > 1 && estimate_ms <= limit_ms {
+            progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
+            break;
+        }
+        if iteration > params.max_iterations {
+            if params.force_switchover {
+                progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
+                break;
+            }
+            return Err(MigrateError::NotConverged {
+                iterations: iteration - 1,
+                pending_mib: pending as f64 * PAGE_SIZE as f64 / (1 << 20) as f64,
+                estimate_ms,
+                bandwidth_mib_s: bandwidth / (1 << 20) as f64,
+                limit_ms: params.downtime_limit.as_millis() as u64,
+            });
+        }
+        let t0 = Instant::now();
+        let b0 = s.w.bytes_written();
+        let (sent, normal, zero) = s.send_pending(t0, b0)?;
+        s.w.flush().map_err(MigrateError::Send)?;
+        let secs = t0.elapsed().as_secs_f64().max(1e-6);
+        let bytes = s.w.bytes_written() - b0;
+        // Tiny iterations measure latency, not bandwidth: keep the previous figure then.
+        if bytes >= 1 << 20 || bandwidth == 0.0 {
+            bandwidth = bytes as f64 / secs;
+        }
+        let stats = IterationStats {
+            iteration,
+            pages_dirtied: pending,
+            pages_sent: sent,
+            normal_pages: normal,
+            zero_pages: zero,
+            bytes,
+            duration_ms: secs * 1000.0,
+            bandwidth_mib_s: bytes as f64 / secs / (1 << 20) as f64,
+            dirty_rate_pages_s: if last_iter_secs > 0.0 { pending as f64 / last_iter_secs } else { 0.0 },
+            estimated_downtime_ms: if estimate_ms.is_finite() { estimate_ms } else { 0.0 },
+        };
+        last_iter_secs = secs;
+        progress(&Progress::Iteration(stats.clone()));
+        summary.iterations.push(stats);
+    }
+
+    // Final pass with the vCPUs stopped.
+    let t_pause = Instant::now();
+    vm.pause()?;
+    let mut guard = PauseGuard { vm, committed: false };
+    let mut bd = DowntimeBreakdown { pause_ms: ms(t_pause.elapsed()), ..Default::default() };
+    let t = Instant::now();
+    vm.dirty_sync()?;
+    bd.final_sync_ms = ms(t.elapsed());
+    let t = Instant::now();
+    let b0 = s.w.bytes_written();
+    s.limit = None;
+    let (final_pages, _, _) = s.send_pending(t, b0)?;
+    bd.final_pages = final_pages;
+    bd.final_pages_ms = ms(t.elapsed());
+
+    let t = Instant::now();
+    let vm_state = VmState::save(vm.vm_fd()).map_err(MigrateError::VmState)?;
+    s.w.vm_state(VM_STATE_VERSION, &vm_state.encode()).map_err(MigrateError::Send)?;
+    for v in vm.vcpus() {
+        let fd = v.fd().map_err(|e| MigrateError::VcpuLock(v.id(), e))?;
+        let st = VcpuState::save(&fd, &msr_list).map_err(|e| MigrateError::VcpuState(v.id(), e))?;
+        s.w.vcpu_state(v.id(), VCPU_STATE_VERSION, &st.encode()).map_err(MigrateError::Send)?;
+    }
+    let serial = match vm.bus().serial.lock() {
+        Ok(sd) => encode_state(&sd.state()),
+        Err(_) => return Err(MigrateError::Vm(ferry_vmm::vm::VmError::DirtyLogPoisoned)),
+    };
+    s.w.device_state(SERIAL_SECTION_ID, 0, SERIAL_STATE_VERSION, &serial).map_err(MigrateError::Send)?;
+    s.w.end().map_err(MigrateError::Send)?;
+    s.w.flush().map_err(MigrateError::Send)?;
+    bd.state_ms = ms(t.elapsed());
+
+    let t = Instant::now();
+    let ack = answer.answer(Duration::from_secs(60))?;
+    bd.ack_wait_ms = ms(t.elapsed());
+    bd.dest_load_ms = ack.load_us as f64 / 1000.0;
+    bd.dest_restore_ms = ack.restore_us as f64 / 1000.0;
+    if cancel.load(Ordering::SeqCst) {
+        return Err(MigrateError::Cancelled);
+    }
+    let t = Instant::now();
+    protocol::send_commit(reply).map_err(ProtocolError::Io)?;
+    bd.commit_ms = ms(t.elapsed());
+    guard.committed = true;
+    summary.downtime_ms = ms(t_pause.elapsed());
+    summary.downtime_breakdown = bd;
+    summary.bytes = s.w.bytes_written();
+    summary.pages = s.counts;
+    summary.total_ms = ms(t_start.elapsed());
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_sees_one_non_zero_byte_anywhere() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[3] = 9;
+        assert!(!is_zero(&p));
+    }
+}

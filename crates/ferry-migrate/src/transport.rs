@@ -1,0 +1,230 @@
+//! Transports: `unix:PATH` and `tcp:HOST:PORT`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Errors of transports.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("'{0}' is not a migration address: use unix:PATH or tcp:HOST:PORT")]
+    BadUri(String),
+    #[error("cannot connect to {uri}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {uri}")]
+    Listen {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("accepting a connection on {uri} failed")]
+    Accept {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket setup failed")]
+    Setup(#[source] std::io::Error),
+}
+
+/// Where a migration goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uri {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Uri {
+    pub fn parse(s: &str) -> Result<Uri, TransportError> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(TransportError::BadUri(s.into()));
+            }
+            return Ok(Uri::Unix(PathBuf::from(p)));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            match a.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => return Ok(Uri::Tcp(a.into())),
+                _ => return Err(TransportError::BadUri(s.into())),
+            }
+        }
+        Err(TransportError::BadUri(s.into()))
+    }
+}
+
+impl std::fmt::Display for Uri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Uri::Unix(p) => write!(f, "unix:{}", p.display()),
+            Uri::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A connected byte stream.
+#[derive(Debug)]
+pub enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+/// Socket buffer size asked for on both ends (the kernel may cap it).
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+fn set_buffers(fd: i32) {
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a valid socket fd with a pointer to a c_int of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &SOCKET_BUFFER as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+impl Conn {
+    pub fn connect(uri: &Uri) -> Result<Conn, TransportError> {
+        let err = |source| TransportError::Connect { uri: uri.to_string(), source };
+        let c = match uri {
+            Uri::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(err)?),
+            Uri::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(err)?;
+                s.set_nodelay(true).map_err(TransportError::Setup)?;
+                Conn::Tcp(s)
+            }
+        };
+        set_buffers(c.raw_fd());
+        Ok(c)
+    }
+
+    fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        match self {
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
+    pub fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(t),
+            Conn::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Shuts both directions down (wakes a peer blocked on us).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening endpoint for `ferry run --incoming`.
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    pub fn bind(uri: &Uri) -> Result<Listener, TransportError> {
+        let err = |source| TransportError::Listen { uri: uri.to_string(), source };
+        Ok(match uri {
+            Uri::Unix(p) => {
+                if p.exists() && UnixStream::connect(p).is_err() {
+                    let _ = std::fs::remove_file(p);
+                }
+                Listener::Unix(UnixListener::bind(p).map_err(err)?, p.clone())
+            }
+            Uri::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(err)?),
+        })
+    }
+
+    /// Waits for the source.
+    pub fn accept(&self, uri: &Uri) -> Result<Conn, TransportError> {
+        let err = |source| TransportError::Accept { uri: uri.to_string(), source };
+        let c = match self {
+            Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(err)?.0),
+            Listener::Tcp(l) => {
+                let s = l.accept().map_err(err)?.0;
+                s.set_nodelay(true).map_err(TransportError::Setup)?;
+                Conn::Tcp(s)
+            }
+        };
+        set_buffers(c.raw_fd());
+        Ok(c)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_and_tcp_uris_parse() {
+        assert_eq!(Uri::parse("unix:/tmp/m.sock").unwrap(), Uri::Unix("/tmp/m.sock".into()));
+        assert_eq!(Uri::parse("tcp:127.0.0.1:4444").unwrap(), Uri::Tcp("127.0.0.1:4444".into()));
+    }
+
+    #[test]
+    fn malformed_uris_are_refused_with_the_accepted_forms() {
+        for bad in ["", "unix:", "tcp:host", "tcp::80", "tcp:h:notaport", "udp:1.2.3.4:5", "/tmp/x"] {
+            let e = Uri::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("unix:PATH or tcp:HOST:PORT"), "{bad}: {e}");
+        }
+    }
+}

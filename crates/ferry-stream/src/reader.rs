@@ -1,0 +1,280 @@
+//! Reading a stream: validate everything, trust no length, never panic.
+
+use std::io::Read;
+
+use crate::{pad_len, record_crc, rtype, MachineConfig, PageType, StreamError, StreamHeader};
+use crate::{HEADER_LEN, MAX_BATCH_PAGES, MAX_RECORD_BODY, MAX_REGIONS, OPTIONAL, PAGE_SIZE};
+
+/// One decoded record. Borrowed data points into the reader's buffer until the next call.
+#[derive(Debug)]
+pub enum Record<'a> {
+    MachineConfig(MachineConfig),
+    PageBatch(PageBatch<'a>),
+    VcpuState {
+        id: u32,
+        version: u32,
+        data: &'a [u8],
+    },
+    VmState {
+        version: u32,
+        data: &'a [u8],
+    },
+    DeviceState {
+        id: String,
+        instance: u32,
+        version: u32,
+        data: &'a [u8],
+    },
+    Checkpoint(u64),
+    End,
+    /// An optional record of a type this Ferry does not know, skipped.
+    SkippedOptional {
+        rtype: u32,
+        len: u32,
+    },
+}
+
+/// A decoded page batch.
+#[derive(Debug)]
+pub struct PageBatch<'a> {
+    entries: Vec<(u64, PageType)>,
+    data: &'a [u8],
+}
+
+impl<'a> PageBatch<'a> {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn entries(&self) -> &[(u64, PageType)] {
+        &self.entries
+    }
+    /// `(frame, type, data)` for each entry; data only for NORMAL pages.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, PageType, Option<&'a [u8]>)> + '_ {
+        let data = self.data;
+        let mut next = 0usize;
+        self.entries.iter().map(move |&(gfn, t)| {
+            if t == PageType::Normal {
+                let d = data.get(next..next + PAGE_SIZE);
+                next += PAGE_SIZE;
+                (gfn, t, d)
+            } else {
+                (gfn, t, None)
+            }
+        })
+    }
+}
+
+/// Reads records from `R`.
+pub struct StreamReader<R: Read> {
+    r: R,
+    header: StreamHeader,
+    buf: Vec<u8>,
+    offset: u64,
+    index: u64,
+    ended: bool,
+}
+
+/// Fills `buf` completely; `Ok(n)` with n < len means EOF after n bytes.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and validates the header.
+    pub fn new(mut r: R) -> Result<Self, StreamError> {
+        let mut h = [0u8; HEADER_LEN];
+        let n = read_full(&mut r, &mut h).map_err(|source| StreamError::Read { offset: 0, source })?;
+        if n < HEADER_LEN {
+            if n >= 8 && h[..8] != crate::MAGIC {
+                return Err(StreamError::BadMagic(h[..8].try_into().unwrap_or([0; 8])));
+            }
+            return Err(StreamError::TruncatedHeader(n as u64));
+        }
+        let header = StreamHeader::decode(&h)?;
+        Ok(StreamReader { r, header, buf: Vec::new(), offset: HEADER_LEN as u64, index: 0, ended: false })
+    }
+
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Bytes consumed so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.offset
+    }
+
+    /// Index of the next record.
+    pub fn record_index(&self) -> u64 {
+        self.index
+    }
+
+    /// The next record. After END, returns END again without reading.
+    pub fn next_record(&mut self) -> Result<Record<'_>, StreamError> {
+        if self.ended {
+            return Ok(Record::End);
+        }
+        let start = self.offset;
+        let index = self.index;
+        let mut head = [0u8; 8];
+        let n = read_full(&mut self.r, &mut head).map_err(|source| StreamError::Read { offset: start, source })?;
+        if n == 0 {
+            return Err(StreamError::MissingEnd { index, offset: start });
+        }
+        if n < 8 {
+            return Err(StreamError::TruncatedRecord { index, name: "record header", offset: start });
+        }
+        let t = u32_at(&head, 0);
+        let len = u32_at(&head, 4);
+        let name = rtype::name(t);
+        if len > MAX_RECORD_BODY {
+            return Err(StreamError::TooLong { index, offset: start, len, max: MAX_RECORD_BODY });
+        }
+        let total = len as usize + pad_len(len) + 8;
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+        let n = read_full(&mut self.r, &mut self.buf[..total])
+            .map_err(|source| StreamError::Read { offset: start + 8, source })?;
+        if n < total {
+            return Err(StreamError::TruncatedRecord { index, name, offset: start });
+        }
+        self.offset += 8 + total as u64;
+        self.index += 1;
+        let body_end = len as usize;
+        let buf = &self.buf[..total];
+        let stored = u32_at(buf, total - 8);
+        let computed = record_crc(t, len, &[&buf[..body_end]]);
+        if stored != computed {
+            return Err(StreamError::Checksum { index, name, offset: start, stored, computed });
+        }
+        if buf[body_end..total - 8].iter().any(|&b| b != 0) {
+            return Err(StreamError::Reserved { what: "record padding", offset: start + 8 + body_end as u64 });
+        }
+        if u32_at(buf, total - 4) != 0 {
+            return Err(StreamError::Reserved { what: "record trailer", offset: start + 8 + total as u64 - 4 });
+        }
+        let body = &buf[..body_end];
+        let malformed = |what: String| StreamError::Malformed { index, name, offset: start, what };
+        let need = |n: usize| -> Result<(), StreamError> {
+            if body.len() < n {
+                Err(StreamError::Malformed {
+                    index,
+                    name,
+                    offset: start,
+                    what: format!("body of {} bytes, need at least {n}", body.len()),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match t {
+            rtype::MACHINE_CONFIG => {
+                need(16)?;
+                let count = u32_at(body, 12);
+                if count > MAX_REGIONS || body.len() != 16 + 16 * count as usize {
+                    return Err(malformed(format!("{count} regions in a body of {} bytes", body.len())));
+                }
+                let regions =
+                    (0..count as usize).map(|i| (u64_at(body, 16 + 16 * i), u64_at(body, 24 + 16 * i))).collect();
+                Ok(Record::MachineConfig(MachineConfig {
+                    memory_bytes: u64_at(body, 0),
+                    vcpus: u32_at(body, 8),
+                    regions,
+                }))
+            }
+            rtype::PAGE_BATCH => {
+                need(8)?;
+                let count = u32_at(body, 0);
+                if u32_at(body, 4) != 0 {
+                    return Err(StreamError::Reserved { what: "page batch header", offset: start + 12 });
+                }
+                if count == 0 || count > MAX_BATCH_PAGES {
+                    return Err(malformed(format!("{count} pages (1 to {MAX_BATCH_PAGES} allowed)")));
+                }
+                let ents_end = 8 + 8 * count as usize;
+                need(ents_end)?;
+                let mut entries = Vec::with_capacity(count as usize);
+                let mut normal = 0usize;
+                for i in 0..count as usize {
+                    let e = u64_at(body, 8 + 8 * i);
+                    let gfn = e & ((1 << 52) - 1);
+                    if (e >> 52) & 0xff != 0 {
+                        return Err(StreamError::Reserved { what: "page entry", offset: start + 16 + 8 * i as u64 });
+                    }
+                    let ptype = (e >> 60) as u8;
+                    let t = PageType::from_u8(ptype).ok_or(StreamError::UnknownPageType { ptype, gfn, index })?;
+                    if t == PageType::Normal {
+                        normal += 1;
+                    }
+                    entries.push((gfn, t));
+                }
+                let want = ents_end + normal * PAGE_SIZE;
+                if body.len() != want {
+                    return Err(malformed(format!(
+                        "{count} entries with {normal} NORMAL pages need {want} bytes, body has {}",
+                        body.len()
+                    )));
+                }
+                Ok(Record::PageBatch(PageBatch { entries, data: &body[ents_end..] }))
+            }
+            rtype::VCPU_STATE => {
+                need(8)?;
+                Ok(Record::VcpuState { id: u32_at(body, 0), version: u32_at(body, 4), data: &body[8..] })
+            }
+            rtype::VM_STATE => {
+                need(8)?;
+                if u32_at(body, 4) != 0 {
+                    return Err(StreamError::Reserved { what: "VM_STATE header", offset: start + 12 });
+                }
+                Ok(Record::VmState { version: u32_at(body, 0), data: &body[8..] })
+            }
+            rtype::DEVICE_STATE => {
+                need(24)?;
+                let raw = &body[..16];
+                let n = raw.iter().position(|&b| b == 0).unwrap_or(16);
+                if raw[n..].iter().any(|&b| b != 0) || n == 0 || !raw[..n].iter().all(|b| b.is_ascii_graphic()) {
+                    return Err(malformed("device section id is not NUL-padded ASCII".into()));
+                }
+                let id = String::from_utf8_lossy(&raw[..n]).into_owned();
+                Ok(Record::DeviceState { id, instance: u32_at(body, 16), version: u32_at(body, 20), data: &body[24..] })
+            }
+            rtype::CHECKPOINT => {
+                if body.len() != 8 {
+                    return Err(malformed(format!("body of {} bytes, want 8", body.len())));
+                }
+                Ok(Record::Checkpoint(u64_at(body, 0)))
+            }
+            rtype::END => {
+                if !body.is_empty() {
+                    return Err(malformed(format!("body of {} bytes, want 0", body.len())));
+                }
+                self.ended = true;
+                Ok(Record::End)
+            }
+            other if other & OPTIONAL != 0 => Ok(Record::SkippedOptional { rtype: other, len }),
+            other => Err(StreamError::UnknownRecord { rtype: other, index, offset: start }),
+        }
+    }
+}

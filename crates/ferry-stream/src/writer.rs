@@ -1,0 +1,151 @@
+//! Writing a stream.
+
+use std::io::Write;
+
+use crate::{entry, pad_len, record_crc, rtype, MachineConfig, PageType, StreamError, StreamHeader};
+use crate::{MAX_BATCH_PAGES, MAX_RECORD_BODY, MAX_REGIONS, PAGE_SIZE};
+
+/// Writes records to `W`, counting bytes.
+pub struct StreamWriter<W: Write> {
+    w: W,
+    bytes: u64,
+    /// A page batch is assembled here first: page data can change under us (a running guest),
+    /// and the checksum must cover exactly the bytes that go out.
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Starts a stream: writes the header.
+    pub fn new(mut w: W, header: &StreamHeader) -> Result<Self, StreamError> {
+        w.write_all(&header.encode()).map_err(StreamError::Write)?;
+        Ok(StreamWriter { w, bytes: crate::HEADER_LEN as u64, scratch: Vec::new() })
+    }
+
+    /// Bytes written so far, header included.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<(), StreamError> {
+        self.w.write_all(b).map_err(StreamError::Write)?;
+        self.bytes += b.len() as u64;
+        Ok(())
+    }
+
+    /// Writes one record whose body is the concatenation of `parts`.
+    fn record(&mut self, t: u32, parts: &[&[u8]]) -> Result<(), StreamError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_RECORD_BODY as usize {
+            return Err(StreamError::Invalid(format!("{} body of {len} bytes", rtype::name(t))));
+        }
+        let len = len as u32;
+        let crc = record_crc(t, len, parts);
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&t.to_le_bytes());
+        head[4..].copy_from_slice(&len.to_le_bytes());
+        self.put(&head)?;
+        for p in parts {
+            self.put(p)?;
+        }
+        self.put(&[0u8; 8][..pad_len(len)])?;
+        let mut tail = [0u8; 8];
+        tail[..4].copy_from_slice(&crc.to_le_bytes());
+        self.put(&tail)
+    }
+
+    pub fn machine_config(&mut self, c: &MachineConfig) -> Result<(), StreamError> {
+        if c.regions.len() > MAX_REGIONS as usize {
+            return Err(StreamError::Invalid(format!("{} RAM regions", c.regions.len())));
+        }
+        let mut b = Vec::with_capacity(16 + 16 * c.regions.len());
+        b.extend_from_slice(&c.memory_bytes.to_le_bytes());
+        b.extend_from_slice(&c.vcpus.to_le_bytes());
+        b.extend_from_slice(&(c.regions.len() as u32).to_le_bytes());
+        for &(gpa, size) in &c.regions {
+            b.extend_from_slice(&gpa.to_le_bytes());
+            b.extend_from_slice(&size.to_le_bytes());
+        }
+        self.record(rtype::MACHINE_CONFIG, &[&b])
+    }
+
+    /// One batch: `entries` in order, and the data of each NORMAL entry in `data` (4096 bytes
+    /// each, in entry order). Each page is read exactly once (copied into the record).
+    pub fn page_batch(&mut self, entries: &[(u64, PageType)], data: &[&[u8]]) -> Result<(), StreamError> {
+        if entries.is_empty() || entries.len() > MAX_BATCH_PAGES as usize {
+            return Err(StreamError::Invalid(format!("page batch of {} entries", entries.len())));
+        }
+        let normal = entries.iter().filter(|e| e.1 == PageType::Normal).count();
+        if normal != data.len() || data.iter().any(|d| d.len() != PAGE_SIZE) {
+            return Err(StreamError::Invalid(format!(
+                "{normal} NORMAL entries but {} data pages (each must be {PAGE_SIZE} bytes)",
+                data.len()
+            )));
+        }
+        if let Some(&(gfn, _)) = entries.iter().find(|e| e.0 >= 1 << 52) {
+            return Err(StreamError::Invalid(format!("frame number {gfn:#x} does not fit in 52 bits")));
+        }
+        let mut body = std::mem::take(&mut self.scratch);
+        body.clear();
+        body.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        for &(gfn, t) in entries {
+            body.extend_from_slice(&entry(gfn, t).to_le_bytes());
+        }
+        for d in data {
+            body.extend_from_slice(d);
+        }
+        let r = self.record(rtype::PAGE_BATCH, &[&body]);
+        self.scratch = body;
+        r
+    }
+
+    pub fn vcpu_state(&mut self, id: u32, version: u32, bytes: &[u8]) -> Result<(), StreamError> {
+        let mut h = [0u8; 8];
+        h[..4].copy_from_slice(&id.to_le_bytes());
+        h[4..].copy_from_slice(&version.to_le_bytes());
+        self.record(rtype::VCPU_STATE, &[&h, bytes])
+    }
+
+    pub fn vm_state(&mut self, version: u32, bytes: &[u8]) -> Result<(), StreamError> {
+        let mut h = [0u8; 8];
+        h[..4].copy_from_slice(&version.to_le_bytes());
+        self.record(rtype::VM_STATE, &[&h, bytes])
+    }
+
+    /// A device section: `id` is ASCII, at most 16 bytes.
+    pub fn device_state(&mut self, id: &str, instance: u32, version: u32, bytes: &[u8]) -> Result<(), StreamError> {
+        if id.is_empty() || id.len() > 16 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(StreamError::Invalid(format!("device section id {id:?}")));
+        }
+        let mut h = [0u8; 24];
+        h[..id.len()].copy_from_slice(id.as_bytes());
+        h[16..20].copy_from_slice(&instance.to_le_bytes());
+        h[20..24].copy_from_slice(&version.to_le_bytes());
+        self.record(rtype::DEVICE_STATE, &[&h, bytes])
+    }
+
+    pub fn checkpoint(&mut self, seq: u64) -> Result<(), StreamError> {
+        self.record(rtype::CHECKPOINT, &[&seq.to_le_bytes()])
+    }
+
+    pub fn end(&mut self) -> Result<(), StreamError> {
+        self.record(rtype::END, &[])
+    }
+
+    /// A record of any type (for optional extensions and for tests of unknown records).
+    pub fn raw_record(&mut self, t: u32, body: &[u8]) -> Result<(), StreamError> {
+        self.record(t, &[body])
+    }
+
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        self.w.flush().map_err(StreamError::Write)
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
+    pub fn into_inner(self) -> W {
+        self.w
+    }
+}

@@ -1,0 +1,341 @@
+//! Everything KVM holds for one vCPU, saved as a section and restored by construction order.
+//!
+//! Save order (as Firecracker): MP state first (`KVM_GET_MP_STATE` may accept pending LAPIC
+//! events and so change other state), then events, registers, FPU/XSAVE, XCRs, debug registers,
+//! LAPIC, MSRs. Restore order: MP state, regs, sregs (CR4/EFER/APIC base before anything that
+//! depends on them), XSAVE, XCRs, debug registers, LAPIC (after the APIC base), MSRs (TSC and
+//! kvmclock after the mode is set), vCPU events last (pending exceptions and NMIs apply to the
+//! final state).
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::state_codec::{Decoder, Encoder, StateCodecError};
+
+/// Version of the vCPU state section.
+pub const VCPU_STATE_VERSION: u32 = 1;
+
+/// Size of the legacy XSAVE region.
+const XSAVE_BYTES: usize = 4096;
+
+const TAG_MP_STATE: u32 = 1;
+const TAG_REGS: u32 = 2;
+const TAG_SREGS: u32 = 3;
+const TAG_FPU: u32 = 4;
+const TAG_XSAVE: u32 = 5;
+const TAG_XCRS: u32 = 6;
+const TAG_DEBUGREGS: u32 = 7;
+const TAG_LAPIC: u32 = 8;
+const TAG_MSRS: u32 = 9;
+const TAG_EVENTS: u32 = 10;
+
+/// Errors of vCPU state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    #[error("KVM cannot {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM read {got} of {want} MSRs (first missing: {missing:#x})")]
+    MsrsShort { got: usize, want: usize, missing: u32 },
+    #[error("KVM accepted {got} of {want} MSRs (refused: {refused:#x})")]
+    MsrsRefused { got: usize, want: usize, refused: u32 },
+    #[error("too many MSRs for one call")]
+    MsrList,
+    #[error("malformed vCPU state section")]
+    Codec(#[from] StateCodecError),
+    #[error("vCPU state section lists {0} MSR bytes, not a multiple of 16")]
+    MsrBytes(usize),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |source| VcpuStateError::Kvm { what, source }
+}
+
+/// The complete state of one vCPU.
+#[derive(Clone)]
+pub struct VcpuState {
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fpu: kvm_fpu,
+    /// The 4 KiB XSAVE region (KVM_GET_XSAVE).
+    pub xsave: Vec<u8>,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<(u32, u64)>,
+    pub events: kvm_vcpu_events,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState").field("rip", &self.regs.rip).field("msrs", &self.msrs.len()).finish()
+    }
+}
+
+impl PartialEq for VcpuState {
+    fn eq(&self, o: &Self) -> bool {
+        self.encode() == o.encode()
+    }
+}
+
+/// Architectural and paravirtual MSRs Ferry migrates, when KVM offers them.
+const CANDIDATE_MSRS: &[u32] = &[
+    0x10, // IA32_TSC
+    0x3b, // IA32_TSC_ADJUST
+    0x174,
+    0x175,
+    0x176, // SYSENTER_CS/ESP/EIP
+    0x17a,
+    0x17b, // MCG_STATUS, MCG_CTL
+    0x1a0, // IA32_MISC_ENABLE
+    0x277, // IA32_PAT
+    0x2ff, // MTRRdefType
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207,
+    0x208,
+    0x209,
+    0x20a,
+    0x20b,
+    0x20c,
+    0x20d,
+    0x20e,
+    0x20f, // variable MTRRs
+    0x250,
+    0x258,
+    0x259,
+    0x268,
+    0x269,
+    0x26a,
+    0x26b,
+    0x26c,
+    0x26d,
+    0x26e,
+    0x26f, // fixed MTRRs
+    0x6e0, // TSC_DEADLINE
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084, // STAR, LSTAR, CSTAR, SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+    0x11,
+    0x12, // KVM legacy wall clock / system time
+    0x4b56_4d00,
+    0x4b56_4d01,
+    0x4b56_4d02,
+    0x4b56_4d03,
+    0x4b56_4d04,
+    0x4b56_4d05,
+    0x4b56_4d06, // KVM PV MSRs
+];
+
+/// The MSRs to migrate on this host: the candidates KVM lists and can read back on a scratch
+/// vCPU.
+pub fn msrs_to_save(kvm_sys: &Kvm) -> Result<Vec<u32>, VcpuStateError> {
+    let listed = kvm_sys.get_msr_index_list().map_err(kvm("list its MSRs"))?;
+    let listed = listed.as_slice();
+    let vm = kvm_sys.create_vm().map_err(kvm("create a scratch VM"))?;
+    vm.create_irq_chip().map_err(kvm("create a scratch irqchip"))?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm("create a scratch vCPU"))?;
+    let mut keep = Vec::new();
+    for &idx in CANDIDATE_MSRS.iter().filter(|i| listed.contains(i)) {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry { index: idx, ..Default::default() }])
+            .map_err(|_| VcpuStateError::MsrList)?;
+        if vcpu.get_msrs(&mut m) == Ok(1) {
+            keep.push(idx);
+        }
+    }
+    Ok(keep)
+}
+
+impl VcpuState {
+    /// Saves the state of a vCPU that is not running.
+    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, VcpuStateError> {
+        let mp_state = vcpu.get_mp_state().map_err(kvm("read the MP state"))?;
+        let events = vcpu.get_vcpu_events().map_err(kvm("read vCPU events"))?;
+        let regs = vcpu.get_regs().map_err(kvm("read registers"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm("read special registers"))?;
+        let fpu = vcpu.get_fpu().map_err(kvm("read the FPU"))?;
+        let xsave_raw = vcpu.get_xsave().map_err(kvm("read XSAVE state"))?;
+        let xsave: Vec<u8> = xsave_raw.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let xcrs = vcpu.get_xcrs().map_err(kvm("read XCRs"))?;
+        let debugregs = vcpu.get_debug_regs().map_err(kvm("read debug registers"))?;
+        let lapic = vcpu.get_lapic().map_err(kvm("read the LAPIC"))?;
+        let entries: Vec<kvm_msr_entry> =
+            msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut m = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::MsrList)?;
+        let n = vcpu.get_msrs(&mut m).map_err(kvm("read MSRs"))?;
+        if n != entries.len() {
+            return Err(VcpuStateError::MsrsShort { got: n, want: entries.len(), missing: entries[n].index });
+        }
+        let msrs = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
+        Ok(VcpuState { mp_state, regs, sregs, fpu, xsave, xcrs, debugregs, lapic, msrs, events })
+    }
+
+    /// Puts this state into a freshly created vCPU (its CPUID already set).
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VcpuStateError> {
+        vcpu.set_mp_state(self.mp_state).map_err(kvm("set the MP state"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("set registers"))?;
+        vcpu.set_sregs(&self.sregs).map_err(kvm("set special registers"))?;
+        vcpu.set_fpu(&self.fpu).map_err(kvm("set the FPU"))?;
+        let mut xsave = kvm_xsave::default();
+        for (w, c) in xsave.region.iter_mut().zip(self.xsave.chunks_exact(4)) {
+            *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        // SAFETY: `xsave` is a complete legacy kvm_xsave (its 4 KiB region), which is all
+        // KVM_SET_XSAVE reads; the flexible array after it is not used (no XSAVE2 here).
+        unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("set XSAVE state"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(kvm("set XCRs"))?;
+        vcpu.set_debug_regs(&self.debugregs).map_err(kvm("set debug registers"))?;
+        vcpu.set_lapic(&self.lapic).map_err(kvm("set the LAPIC"))?;
+        let entries: Vec<kvm_msr_entry> =
+            self.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let m = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::MsrList)?;
+        let n = vcpu.set_msrs(&m).map_err(kvm("set MSRs"))?;
+        if n != entries.len() {
+            return Err(VcpuStateError::MsrsRefused { got: n, want: entries.len(), refused: entries[n].index });
+        }
+        vcpu.set_vcpu_events(&self.events).map_err(kvm("set vCPU events"))?;
+        Ok(())
+    }
+
+    /// The section body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut msrs = Vec::with_capacity(self.msrs.len() * 16);
+        for &(i, v) in &self.msrs {
+            msrs.extend_from_slice(&(i as u64).to_le_bytes());
+            msrs.extend_from_slice(&v.to_le_bytes());
+        }
+        Encoder::new()
+            .pod(TAG_MP_STATE, &self.mp_state)
+            .pod(TAG_REGS, &self.regs)
+            .pod(TAG_SREGS, &self.sregs)
+            .pod(TAG_FPU, &self.fpu)
+            .field(TAG_XSAVE, &self.xsave)
+            .pod(TAG_XCRS, &self.xcrs)
+            .pod(TAG_DEBUGREGS, &self.debugregs)
+            .pod(TAG_LAPIC, &self.lapic)
+            .field(TAG_MSRS, &msrs)
+            .pod(TAG_EVENTS, &self.events)
+            .finish()
+    }
+
+    /// Rebuilds the state from a section body (version [`VCPU_STATE_VERSION`]).
+    pub fn decode(b: &[u8]) -> Result<Self, VcpuStateError> {
+        let mut d = Decoder::parse(b)?;
+        let raw = d.require(TAG_MSRS)?;
+        if raw.len() % 16 != 0 {
+            return Err(VcpuStateError::MsrBytes(raw.len()));
+        }
+        let msrs = raw
+            .chunks_exact(16)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                let mut v = [0u8; 8];
+                a.copy_from_slice(&c[..8]);
+                v.copy_from_slice(&c[8..]);
+                (u64::from_le_bytes(a) as u32, u64::from_le_bytes(v))
+            })
+            .collect();
+        let s = VcpuState {
+            mp_state: d.require_pod(TAG_MP_STATE)?,
+            regs: d.require_pod(TAG_REGS)?,
+            sregs: d.require_pod(TAG_SREGS)?,
+            fpu: d.require_pod(TAG_FPU)?,
+            xsave: {
+                let x = d.require(TAG_XSAVE)?;
+                if x.len() != XSAVE_BYTES {
+                    return Err(StateCodecError::Length { tag: TAG_XSAVE, want: XSAVE_BYTES, got: x.len() }.into());
+                }
+                x.to_vec()
+            },
+            xcrs: d.require_pod(TAG_XCRS)?,
+            debugregs: d.require_pod(TAG_DEBUGREGS)?,
+            lapic: d.require_pod(TAG_LAPIC)?,
+            msrs,
+            events: d.require_pod(TAG_EVENTS)?,
+        };
+        d.finish()?;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_ioctls::Kvm;
+
+    use super::*;
+
+    fn kvm_or_skip(test: &str) -> Option<Kvm> {
+        match Kvm::new() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("SKIPPED {test}: needs /dev/kvm: {e}");
+                None
+            }
+        }
+    }
+
+    fn vcpu(kvm: &Kvm) -> (kvm_ioctls::VmFd, VcpuFd) {
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let v = vm.create_vcpu(0).unwrap();
+        let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        v.set_cpuid2(&cpuid).unwrap();
+        (vm, v)
+    }
+
+    #[test]
+    fn vcpu_state_survives_save_encode_decode_restore_into_a_fresh_vcpu() {
+        let Some(kvm) = kvm_or_skip("vcpu_state_survives_save_encode_decode_restore_into_a_fresh_vcpu") else {
+            return;
+        };
+        let msrs = msrs_to_save(&kvm).unwrap();
+        let (_vm1, a) = vcpu(&kvm);
+        let mut regs = a.get_regs().unwrap();
+        regs.rax = 0x1234;
+        regs.rip = 0xfff0;
+        a.set_regs(&regs).unwrap();
+        let m = Msrs::from_entries(&[kvm_msr_entry { index: 0xc000_0102, data: 0xdead_b000, ..Default::default() }])
+            .unwrap();
+        a.set_msrs(&m).unwrap();
+        let saved = VcpuState::save(&a, &msrs).unwrap();
+
+        let decoded = VcpuState::decode(&saved.encode()).unwrap();
+        let (_vm2, b) = vcpu(&kvm);
+        decoded.restore(&b).unwrap();
+        let again = VcpuState::save(&b, &msrs).unwrap();
+
+        assert!(msrs.contains(&0x10) && msrs.contains(&0xc000_0102), "{msrs:x?}");
+        assert_eq!(again.regs.rax, 0x1234);
+        assert!(again.msrs.contains(&(0xc000_0102, 0xdead_b000)));
+        assert_eq!(again.sregs.cr0, saved.sregs.cr0);
+        assert_eq!(&again.lapic.regs[..], &saved.lapic.regs[..]);
+    }
+
+    #[test]
+    fn truncated_vcpu_state_is_refused_at_every_length() {
+        let Some(kvm) = kvm_or_skip("truncated_vcpu_state_is_refused_at_every_length") else {
+            return;
+        };
+        let (_vm, a) = vcpu(&kvm);
+        let b = VcpuState::save(&a, &[0x10]).unwrap().encode();
+
+        for n in (0..b.len()).step_by(7) {
+            assert!(VcpuState::decode(&b[..n]).is_err(), "prefix {n}");
+        }
+    }
+}
