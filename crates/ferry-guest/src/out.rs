@@ -8,6 +8,9 @@ use crate::sys;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 
+/// 512-byte aligned so a line never crosses a page boundary: KVM emulates `rep outsb` in one
+/// exit per page, and a line split across two exits could be split across a migration.
+#[repr(C, align(512))]
 struct LineBuf {
     buf: [u8; 512],
     len: usize,

@@ -1,6 +1,7 @@
 //! `ferry`: run a VM, migrate it, inspect streams.
 
 mod api;
+mod demo;
 mod guest;
 mod report;
 
@@ -39,11 +40,33 @@ enum Cmd {
         #[arg(long)]
         api_socket: PathBuf,
     },
+    /// Ferry's main job on one machine: boot the built-in guest, migrate it to a second Ferry
+    /// over a UNIX socket, and show it verifying its memory on the destination.
+    Demo {
+        #[arg(long, default_value = "1G")]
+        memory: String,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// The built-in guest's workload.
+        #[arg(long, default_value = "mib=256 rate=50")]
+        cmdline: String,
+    },
+    /// Migration streams and snapshot files.
+    Stream {
+        #[command(subcommand)]
+        cmd: StreamCmd,
+    },
     /// The built-in guest.
     Guest {
         #[command(subcommand)]
         cmd: GuestCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum StreamCmd {
+    /// Print a stream record by record (and check it).
+    Inspect { path: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +230,14 @@ fn serve_and_wait(a: &RunArgs, vm: Arc<Vm>) -> Result<i32> {
     Ok(exit_code(&reason))
 }
 
+fn inspect(path: &std::path::Path) -> Result<i32> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    ferry_stream::inspect(std::io::BufReader::new(f), &mut out)
+        .with_context(|| format!("{} is not a valid Ferry stream", path.display()))?;
+    Ok(0)
+}
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -259,6 +290,10 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Migrate(a) => migrate(a),
+        Cmd::Demo { memory, cpus, cmdline } => {
+            demo::run(demo::DemoArgs { memory, cpus, cmdline, after: std::time::Duration::from_secs(60) })
+        }
+        Cmd::Stream { cmd: StreamCmd::Inspect { path } } => inspect(&path),
         Cmd::MigrateCancel { api_socket } => {
             api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| 0)
         }

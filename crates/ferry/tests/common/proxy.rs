@@ -1,0 +1,116 @@
+//! A UNIX-socket proxy between a migration source and destination that understands the stream's
+//! record framing, to inject faults at exact protocol points.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+/// What to break.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Forward everything.
+    None,
+    /// Cut both connections when a record of this type starts (VM_STATE = 4: the final pass).
+    CutAtRecord(u32),
+    /// Forward only the first N bytes, then close.
+    TruncateAfter(u64),
+    /// Flip one byte at `offset` of record `index`'s body.
+    FlipByte { index: u64, offset: usize },
+}
+
+pub struct Proxy {
+    pub uri: String,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> bool {
+    r.read_exact(buf).is_ok()
+}
+
+impl Proxy {
+    pub fn start(listen: PathBuf, target: PathBuf, fault: Fault) -> Proxy {
+        let l = UnixListener::bind(&listen).expect("bind proxy");
+        let uri = format!("unix:{}", listen.display());
+        let thread = std::thread::spawn(move || {
+            let Ok((mut src, _)) = l.accept() else { return };
+            let Ok(mut dst) = UnixStream::connect(&target) else { return };
+            // Return path: raw copy.
+            {
+                let mut s2 = src.try_clone().unwrap();
+                let mut d2 = dst.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d2, &mut s2);
+                    let _ = s2.shutdown(Shutdown::Write);
+                });
+            }
+            let mut sent = 0u64;
+            let mut fwd = |dst: &mut UnixStream, b: &[u8], sent: &mut u64| -> bool {
+                if let Fault::TruncateAfter(n) = fault {
+                    if *sent + b.len() as u64 >= n {
+                        let k = (n - *sent) as usize;
+                        let _ = dst.write_all(&b[..k]);
+                        return false;
+                    }
+                }
+                *sent += b.len() as u64;
+                dst.write_all(b).is_ok()
+            };
+            let mut header = [0u8; 32];
+            if !read_exact_or_eof(&mut src, &mut header) || !fwd(&mut dst, &header, &mut sent) {
+                let _ = dst.shutdown(Shutdown::Both);
+                let _ = src.shutdown(Shutdown::Both);
+                return;
+            }
+            let mut index = 0u64;
+            loop {
+                let mut head = [0u8; 8];
+                if !read_exact_or_eof(&mut src, &mut head) {
+                    break;
+                }
+                let t = u32::from_le_bytes(head[..4].try_into().unwrap());
+                let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
+                if let Fault::CutAtRecord(ct) = fault {
+                    if t == ct {
+                        break;
+                    }
+                }
+                let total = len + (8 - len % 8) % 8 + 8;
+                let mut rest = vec![0u8; total];
+                if !read_exact_or_eof(&mut src, &mut rest) {
+                    break;
+                }
+                if let Fault::FlipByte { index: i, offset } = fault {
+                    if i == index && offset < len {
+                        rest[offset] ^= 0x40;
+                    }
+                }
+                if !fwd(&mut dst, &head, &mut sent) || !fwd(&mut dst, &rest, &mut sent) {
+                    break;
+                }
+                index += 1;
+                if t == 7 {
+                    // END: the rest (COMMIT) is raw.
+                    let _ = std::io::copy(&mut src, &mut dst);
+                    let _ = dst.shutdown(Shutdown::Write);
+                    return;
+                }
+            }
+            let _ = dst.shutdown(Shutdown::Both);
+            let _ = src.shutdown(Shutdown::Both);
+        });
+        Proxy { uri, thread: Some(thread) }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}

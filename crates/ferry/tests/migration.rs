@@ -1,0 +1,297 @@
+//! Live migration end to end on real KVM: the destination guest's own verifier must re-read the
+//! whole working set with errors=0, heartbeats continue with the next sequence number, and every
+//! failure leaves the source guest running clean so that a retry succeeds.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::proxy::{Fault, Proxy};
+use common::*;
+
+/// Migration tests share the machine's two cores: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Source {
+    vm: Proc,
+    api: PathBuf,
+    dir: PathBuf,
+}
+
+fn source(name: &str, cmdline: &str) -> Source {
+    let dir = tmpdir(name);
+    let api = dir.join("api.sock");
+    let mut vm = Proc::spawn(&["run", "--memory", "1G", "--cmdline", cmdline, "--api-socket", api.to_str().unwrap()]);
+    assert!(vm.wait_reports(3, Duration::from_secs(60)), "source never reported: {} {}", vm.tail(4), vm.stderr_text());
+    assert!(wait_socket(&api, Duration::from_secs(5)));
+    Source { vm, api, dir }
+}
+
+fn destination(uri: &str) -> Proc {
+    let d = Proc::spawn(&["run", "--incoming", uri]);
+    if let Some(p) = uri.strip_prefix("unix:") {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !Path::new(p).exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    d
+}
+
+struct Outcome {
+    code: i32,
+    summary: Option<serde_json::Value>,
+    stderr: String,
+}
+
+fn migrate(api: &Path, uri: &str, extra: &[&str]) -> Outcome {
+    let out = Command::new(FERRY)
+        .args(["migrate", "--api-socket", api.to_str().unwrap(), "--to", uri, "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Outcome {
+        code: out.status.code().unwrap_or(-1),
+        summary: serde_json::from_str(stdout.trim()).ok(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The destination guest re-verifies the whole working set with errors=0 and its heartbeats
+/// continue where the source's stopped.
+fn assert_destination_clean(src: &Source, dst: &mut Proc, ws_pages: u64) {
+    let base = src.vm.reports().last().unwrap().verified;
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = dst.reports();
+        if r.last().map(|x| x.verified.saturating_sub(base) >= ws_pages).unwrap_or(false) || Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = dst.reports();
+    let last = r.last().unwrap_or_else(|| panic!("destination printed no REPORT: {}", dst.stderr_text()));
+    assert!(dst.lines_with("VERIFY-FAIL").is_empty(), "{:?}", dst.lines_with("VERIFY-FAIL"));
+    assert_eq!(last.errors, 0, "{}", last.line);
+    assert!(last.verified - base >= ws_pages, "destination verified {} < {ws_pages}", last.verified - base);
+    let src_hb = src.vm.heartbeats().last().unwrap().1;
+    let dst_hb = dst.heartbeats().first().unwrap().1;
+    assert_eq!(dst_hb, src_hb + 1, "heartbeat sequence does not continue");
+}
+
+/// After a failed migration the source guest keeps running with errors=0.
+fn assert_source_running_clean(src: &mut Source) {
+    let n = src.vm.reports().len();
+    assert!(src.vm.wait_reports(n + 3, Duration::from_secs(20)), "source stopped reporting: {}", src.vm.tail(3));
+    let r = src.vm.reports();
+    assert!(r.iter().all(|x| x.errors == 0), "{}", r.last().unwrap().line);
+    assert!(src.vm.lines_with("VERIFY-FAIL").is_empty());
+    let st = api(&src.api, r#"{"cmd":"status"}"#);
+    assert_eq!(st["state"], "running", "{st}");
+}
+
+/// A second attempt after a failure moves the guest with nothing lost.
+fn assert_retry_succeeds(src: &Source, ws_pages: u64) {
+    let uri = format!("unix:{}", src.dir.join("retry.sock").display());
+    let mut dst = destination(&uri);
+    let o = migrate(&src.api, &uri, &[]);
+    assert_eq!(o.code, 0, "retry failed: {}", o.stderr);
+    assert_destination_clean(src, &mut dst, ws_pages);
+}
+
+fn run_clean_migration(name: &str, cmdline: &str, ws_mib: u64, tcp: bool, extra: &[&str]) -> serde_json::Value {
+    let src = source(name, cmdline);
+    let uri = if tcp {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        format!("tcp:127.0.0.1:{port}")
+    } else {
+        format!("unix:{}", src.dir.join("mig.sock").display())
+    };
+    let mut dst = destination(&uri);
+
+    let o = migrate(&src.api, &uri, extra);
+
+    assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
+    assert_destination_clean(&src, &mut dst, ws_mib * 256);
+    o.summary.expect("--json summary")
+}
+
+#[test]
+fn idle_guest_migrates_and_verifies_clean_on_the_destination() {
+    if !kvm_available("idle_guest_migrates_and_verifies_clean_on_the_destination") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+
+    let s = run_clean_migration("idle", "mib=256 rate=-1 report_ms=500", 256, false, &[]);
+
+    assert!(s["pages"]["zero"].as_u64().unwrap() > 150_000, "{s}");
+    assert!(s["downtime_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost() {
+    if !kvm_available("guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+
+    let s = run_clean_migration("d50u", "mib=256 rate=50 report_ms=500", 256, false, &[]);
+
+    assert!(!s["iterations"].as_array().unwrap().is_empty());
+    assert!(s["downtime_breakdown"]["final_pages"].as_u64().is_some());
+}
+
+#[test]
+fn guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost() {
+    if !kvm_available("guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+
+    run_clean_migration("d50t", "mib=256 rate=50 report_ms=500", 256, true, &[]);
+}
+
+#[test]
+fn guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit() {
+    if !kvm_available("guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("max");
+    let api_path = dir.join("api.sock");
+    let mut vm = Proc::spawn(&[
+        "run", "--memory", "1G", "--cpus", "2", "--cmdline", "mib=256 rate=0 report_ms=500", "--api-socket",
+        api_path.to_str().unwrap(),
+    ]);
+    assert!(vm.wait_reports(3, Duration::from_secs(60)));
+    let src = Source { vm, api: api_path, dir };
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri);
+
+    let o = migrate(&src.api, &uri, &["--downtime-ms", "500"]);
+
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_destination_clean(&src, &mut dst, 256 * 256);
+    let last = dst.reports().last().cloned().unwrap();
+    assert_eq!(last.lanes, 2);
+}
+
+#[test]
+fn capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on() {
+    if !kvm_available("capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("noconv", "mib=256 rate=0 report_ms=500");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri);
+
+    let o = migrate(&src.api, &uri, &["--max-bandwidth", "32", "--max-iterations", "3"]);
+
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("did not converge after 3 iterations"), "{}", o.stderr);
+    assert_source_running_clean(&mut src);
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0), "destination must discard and exit");
+}
+
+#[test]
+fn destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works() {
+    if !kvm_available("destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("kill", "mib=256 rate=50 report_ms=500");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        dst.kill();
+    });
+
+    let o = migrate(&src.api, &uri, &["--max-bandwidth", "64"]);
+    killer.join().unwrap();
+
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("migration failed"), "{}", o.stderr);
+    assert_source_running_clean(&mut src);
+    assert_retry_succeeds(&src, 256 * 256);
+}
+
+fn faulty_migration(name: &str, fault: Fault, expect: &str) {
+    let mut src = source(name, "mib=256 rate=50 report_ms=500");
+    let dst_sock = src.dir.join("dst.sock");
+    let mut dst = destination(&format!("unix:{}", dst_sock.display()));
+    let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, fault);
+
+    let o = migrate(&src.api, &proxy.uri, &[]);
+
+    assert_ne!(o.code, 0, "migration through a faulty link succeeded");
+    assert!(o.stderr.contains(expect), "error should mention {expect:?}: {}", o.stderr);
+    assert_source_running_clean(&mut src);
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0), "destination must discard and exit");
+    assert!(dst.reports().is_empty(), "destination must not run the guest");
+    assert_retry_succeeds(&src, 256 * 256);
+}
+
+#[test]
+fn connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works() {
+    if !kvm_available("connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    faulty_migration("cut", Fault::CutAtRecord(4), "migration failed");
+}
+
+#[test]
+fn truncated_stream_is_refused_by_the_destination_and_a_retry_works() {
+    if !kvm_available("truncated_stream_is_refused_by_the_destination_and_a_retry_works") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    faulty_migration("trunc", Fault::TruncateAfter(20 << 20), "migration failed");
+}
+
+#[test]
+fn byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works() {
+    if !kvm_available("byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    faulty_migration("flip", Fault::FlipByte { index: 3, offset: 9000 }, "checksum mismatch");
+}
+
+#[test]
+fn cancelled_migration_leaves_the_source_running_and_the_destination_discards() {
+    if !kvm_available("cancelled_migration_leaves_the_source_running_and_the_destination_discards") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("cancel", "mib=256 rate=50 report_ms=500");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri);
+    let api_path = src.api.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        Command::new(FERRY).args(["migrate-cancel", "--api-socket", api_path.to_str().unwrap()]).status().unwrap()
+    });
+
+    let o = migrate(&src.api, &uri, &["--max-bandwidth", "32"]);
+    let cancel_status = canceller.join().unwrap();
+
+    assert!(cancel_status.success());
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("cancelled"), "{}", o.stderr);
+    assert_source_running_clean(&mut src);
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
+    assert!(dst.reports().is_empty());
+}
