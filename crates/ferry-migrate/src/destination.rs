@@ -11,6 +11,7 @@ use ferry_stream::{PageType, Record, StreamReader, PAGE_SIZE};
 use ferry_vmm::devices::serial::{decode_state, SerialDevice, SerialSink, SERIAL_SECTION_ID};
 use ferry_vmm::dirty_log::Bitmap;
 use ferry_vmm::memory::GuestRam;
+use ferry_vmm::uffd::{CopyOutcome, Uffd};
 use ferry_vmm::vcpu_state::VcpuState;
 use ferry_vmm::vm::{create_machine, create_vcpu, Vm};
 use ferry_vmm::vm_state::VmState;
@@ -55,6 +56,8 @@ pub enum IncomingError {
     VmState(#[source] ferry_vmm::vm_state::VmStateError),
     #[error("serial state is invalid")]
     Serial(#[source] ferry_vmm::devices::serial::SerialStateError),
+    #[error("filling guest memory failed")]
+    Uffd(#[source] ferry_vmm::uffd::UffdError),
     #[error("the source did not commit the handover")]
     Commit(#[source] ProtocolError),
     #[error("cannot answer the source")]
@@ -79,9 +82,54 @@ struct Pending {
     vcpus: u32,
     /// Pages written during this load (a ZERO page there must be cleared again).
     written: Vec<Bitmap>,
+    /// Fills missing pages without zeroing them first (None: userfaultfd unavailable).
+    uffd: Option<Uffd>,
 }
 
 impl Pending {
+    /// Writes a run of `n` NORMAL pages starting at frame `gfn` from `data` (n pages).
+    fn write_run(&mut self, gfn: u64, n: u64, data: &[u8]) -> Result<(), IncomingError> {
+        let len = n * PAGE_SIZE as u64;
+        let (host, ri, page) = self.page(gfn)?;
+        // The run must lie in one region: check its last page too.
+        let (_, ri_last, _) = self.page(gfn + n - 1)?;
+        if ri_last != ri || data.len() as u64 != len {
+            for i in 0..n {
+                self.write_run(gfn + i, 1, &data[(i as usize) * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE])?;
+            }
+            return Ok(());
+        }
+        if let Some(u) = &self.uffd {
+            // SAFETY: `data` holds `len` bytes; the destination range is guest RAM registered
+            // with this userfaultfd, and no vCPU runs yet.
+            match unsafe { u.copy(host as u64, data.as_ptr(), len) } {
+                Ok(CopyOutcome::Copied) => {
+                    for i in 0..n {
+                        self.written[ri].set(page + i);
+                    }
+                    return Ok(());
+                }
+                Ok(CopyOutcome::Exists) if n > 1 => {
+                    // Some pages of the run exist already: page by page.
+                    for i in 0..n {
+                        self.write_run(gfn + i, 1, &data[(i as usize) * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE])?;
+                    }
+                    return Ok(());
+                }
+                Ok(CopyOutcome::Exists) => {}
+                Err(e) => return Err(IncomingError::Uffd(e)),
+            }
+        }
+        // The page exists (or there is no userfaultfd): an ordinary copy cannot fault on a
+        // missing registered page.
+        // SAFETY: `host` points to `len` bytes of guest RAM no vCPU uses yet; `data` has `len`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host, len as usize) };
+        for i in 0..n {
+            self.written[ri].set(page + i);
+        }
+        Ok(())
+    }
+
     fn page(&mut self, gfn: u64) -> Result<(*mut u8, usize, u64), IncomingError> {
         let gpa = gfn * PAGE_SIZE as u64;
         let (ri, page) = self.ram.page_location(gpa).ok_or(IncomingError::PageOutside(gfn))?;
@@ -162,31 +210,55 @@ fn load(
                 }
                 let ram = GuestRam::new(c.memory_bytes)?;
                 let written = ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
+                let uffd = Uffd::new().ok().and_then(|mut u| {
+                    ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
+                });
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
-                pending = Some(Pending { ram, vcpus: c.vcpus, written });
+                pending = Some(Pending { ram, vcpus: c.vcpus, written, uffd });
             }
             Record::PageBatch(batch) => {
                 let p = pending.as_mut().ok_or(IncomingError::NoConfig("PAGE_BATCH"))?;
+                // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.
+                let mut run: Option<(u64, u64, &[u8])> = None;
                 for (gfn, ty, data) in batch.iter() {
-                    let (host, ri, page) = p.page(gfn)?;
-                    match (ty, data) {
-                        (PageType::Normal, Some(d)) => {
-                            // SAFETY: `host` points to one page of guest RAM that no vCPU runs on
-                            // yet; `d` is exactly one page from the reader's buffer.
-                            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), host, PAGE_SIZE) };
-                            p.written[ri].set(page);
-                            stats.normal_pages += 1;
+                    if let (PageType::Normal, Some(d)) = (ty, data) {
+                        stats.normal_pages += 1;
+                        match &mut run {
+                            Some((start, n, buf)) if *start + *n == gfn && buf.as_ptr_range().end == d.as_ptr() => {
+                                *n += 1;
+                                // SAFETY: both slices come from the same record buffer and are
+                                // adjacent (checked above), so the joined range is one slice.
+                                *buf = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len() + d.len()) };
+                                continue;
+                            }
+                            _ => {
+                                if let Some((start, n, buf)) = run.take() {
+                                    p.write_run(start, n, buf)?;
+                                }
+                                run = Some((gfn, 1, d));
+                                continue;
+                            }
                         }
-                        (PageType::Zero | PageType::Discarded, _) => {
+                    }
+                    if let Some((start, n, buf)) = run.take() {
+                        p.write_run(start, n, buf)?;
+                    }
+                    match ty {
+                        PageType::Zero | PageType::Discarded => {
+                            let (host, ri, page) = p.page(gfn)?;
                             if p.written[ri].get(page) {
-                                // SAFETY: as above; the page was written earlier in this load.
+                                // SAFETY: the page exists (written earlier in this load) and no
+                                // vCPU runs yet.
                                 unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
                             }
                             stats.zero_pages += 1;
                         }
-                        (PageType::Broken, _) => return Err(IncomingError::Broken(gfn)),
-                        (PageType::Normal, None) => return Err(IncomingError::Unexpected("NORMAL page without data")),
+                        PageType::Broken => return Err(IncomingError::Broken(gfn)),
+                        PageType::Normal => return Err(IncomingError::Unexpected("NORMAL page without data")),
                     }
+                }
+                if let Some((start, n, buf)) = run.take() {
+                    p.write_run(start, n, buf)?;
                 }
             }
             Record::VmState { data, .. } => {
@@ -212,6 +284,10 @@ fn load(
     let p = pending.ok_or(IncomingError::NoConfig("END"))?;
     let vm_state = vm_state.ok_or(IncomingError::MissingVmState)?;
     let t_restore = Instant::now();
+    let mut p = p;
+    if let Some(mut u) = p.uffd.take() {
+        u.unregister_all().map_err(IncomingError::Uffd)?;
+    }
     let machine = create_machine(p.ram)?;
     vm_state.restore(&machine.vm_fd).map_err(IncomingError::VmState)?;
     let mut fds = Vec::new();

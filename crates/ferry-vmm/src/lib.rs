@@ -11,6 +11,7 @@ pub mod dirty_log;
 pub mod kvm_ext;
 pub mod memory;
 pub mod state_codec;
+pub mod uffd;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

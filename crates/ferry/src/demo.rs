@@ -109,8 +109,11 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         bail!("the migration failed; the source guest is still running");
     }
     let base = src.reports().last().and_then(|l| field(l, "verified")).unwrap_or(0);
-    let ws_pages = a.cmdline.split_whitespace().find_map(|t| t.strip_prefix("mib=")?.parse::<u64>().ok()).unwrap_or(64) * 256;
-    println!("demo: the guest runs on the destination; waiting until it has re-verified its {ws_pages}-page working set");
+    let ws_pages =
+        a.cmdline.split_whitespace().find_map(|t| t.strip_prefix("mib=")?.parse::<u64>().ok()).unwrap_or(64) * 256;
+    println!(
+        "demo: the guest runs on the destination; waiting until it has re-verified its {ws_pages}-page working set"
+    );
     let end = Instant::now() + a.after.max(Duration::from_secs(60));
     let mut last = None;
     while Instant::now() < end {

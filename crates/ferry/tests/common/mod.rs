@@ -42,6 +42,9 @@ pub struct Proc {
     pub child: Child,
     pub lines: Arc<Mutex<Vec<(Instant, String)>>>,
     pub stderr: Arc<Mutex<String>>,
+    /// The output ended without a newline: its last line is cut (the rest of a line a guest
+    /// was printing at a migration's switch-over appears on the destination).
+    pub cut_tail: Arc<Mutex<bool>>,
 }
 
 impl Proc {
@@ -58,13 +61,27 @@ impl Proc {
             .spawn()
             .expect("spawn process");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let cut_tail = Arc::new(Mutex::new(false));
         let out = child.stdout.take().expect("stdout");
         {
             let lines = lines.clone();
+            let cut_tail = cut_tail.clone();
             std::thread::spawn(move || {
-                for l in BufReader::new(out).lines() {
-                    let Ok(l) = l else { break };
-                    lines.lock().unwrap().push((Instant::now(), l));
+                let mut r = BufReader::new(out);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match r.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let complete = buf.last() == Some(&b'\n');
+                            let l = String::from_utf8_lossy(&buf).trim_end_matches('\n').to_string();
+                            lines.lock().unwrap().push((Instant::now(), l));
+                            if !complete {
+                                *cut_tail.lock().unwrap() = true;
+                            }
+                        }
+                    }
                 }
             });
         }
@@ -81,7 +98,7 @@ impl Proc {
                 }
             });
         }
-        Proc { child, lines, stderr }
+        Proc { child, lines, stderr, cut_tail }
     }
 
     /// Waits for a line containing `pat`; returns it.
@@ -169,6 +186,20 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Heartbeat numbers of a guest that moved from `src` to `dst`, with a line cut at the
+/// switch-over joined back together.
+pub fn joined_heartbeats(src: &Proc, dst: &Proc) -> Vec<u64> {
+    let mut s: Vec<String> = src.lines.lock().unwrap().iter().map(|l| l.1.clone()).collect();
+    let mut d: Vec<String> = dst.lines.lock().unwrap().iter().map(|l| l.1.clone()).collect();
+    if *src.cut_tail.lock().unwrap() && !s.is_empty() && !d.is_empty() {
+        let first = d.remove(0);
+        if let Some(last) = s.last_mut() {
+            last.push_str(&first);
+        }
+    }
+    s.into_iter().chain(d).filter_map(|l| l.strip_prefix("HB ").and_then(|x| x.trim().parse().ok())).collect()
 }
 
 /// One parsed REPORT line.

@@ -47,7 +47,7 @@ impl Proxy {
                 });
             }
             let mut sent = 0u64;
-            let mut fwd = |dst: &mut UnixStream, b: &[u8], sent: &mut u64| -> bool {
+            let fwd = |dst: &mut UnixStream, b: &[u8], sent: &mut u64| -> bool {
                 if let Fault::TruncateAfter(n) = fault {
                     if *sent + b.len() as u64 >= n {
                         let k = (n - *sent) as usize;

@@ -1,0 +1,136 @@
+//! userfaultfd, for filling guest memory without the kernel zeroing every page first:
+//! `UFFDIO_COPY` allocates a page and copies into it in one step, where a plain write to a
+//! fresh memfd page makes the kernel clear it and then we copy over it. The crate `userfaultfd`
+//! needs bindgen (libclang) at build time; three ioctls do not justify that, so they are here.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// Errors of userfaultfd.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("userfaultfd is not available")]
+    Open(#[source] std::io::Error),
+    #[error("userfaultfd {what} failed")]
+    Ioctl {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyOutcome {
+    /// The page was missing and now holds the data.
+    Copied,
+    /// The page already exists: write it the ordinary way.
+    Exists,
+}
+
+/// A userfaultfd with missing-page ranges registered. While a range is registered, nothing may
+/// fault on a missing page in it (no handler runs): only [`Uffd::copy`] fills it.
+pub struct Uffd {
+    fd: File,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Uffd {
+    pub fn new() -> Result<Self, UffdError> {
+        // SAFETY: the userfaultfd syscall takes flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(UffdError::Open(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { File::from_raw_fd(fd as i32) };
+        let mut api = UffdioApi { api: UFFD_API, features: 0, ioctls: 0 };
+        // SAFETY: UFFDIO_API with a valid uffdio_api struct that outlives the call.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) };
+        if r < 0 {
+            return Err(UffdError::Ioctl { what: "API handshake", source: std::io::Error::last_os_error() });
+        }
+        Ok(Uffd { fd, ranges: Vec::new() })
+    }
+
+    /// Registers `[start, start+len)` (page aligned, mapped) for missing-page handling.
+    pub fn register(&mut self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut reg =
+            UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER with a valid struct describing a mapped range of ours.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+        if r < 0 {
+            return Err(UffdError::Ioctl { what: "register", source: std::io::Error::last_os_error() });
+        }
+        self.ranges.push((start, len));
+        Ok(())
+    }
+
+    /// Copies one page (or a run of missing pages) to `dst`.
+    ///
+    /// # Safety
+    /// `src` must point to `len` readable bytes and `[dst, dst+len)` must lie in a registered
+    /// range of guest memory that nothing else accesses concurrently.
+    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> Result<CopyOutcome, UffdError> {
+        let mut c = UffdioCopy { dst, src: src as u64, len, mode: 0, copy: 0 };
+        // SAFETY: per this function's contract; the struct outlives the call.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+        if r == 0 {
+            return Ok(CopyOutcome::Copied);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(CopyOutcome::Exists);
+        }
+        Err(UffdError::Ioctl { what: "copy", source: e })
+    }
+
+    /// Unregisters every range (faults are ordinary again).
+    pub fn unregister_all(&mut self) -> Result<(), UffdError> {
+        for (start, len) in self.ranges.drain(..) {
+            let mut range = UffdioRange { start, len };
+            // SAFETY: UFFDIO_UNREGISTER with a range registered earlier.
+            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
+            if r < 0 {
+                return Err(UffdError::Ioctl { what: "unregister", source: std::io::Error::last_os_error() });
+            }
+        }
+        Ok(())
+    }
+}
