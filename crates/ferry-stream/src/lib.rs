@@ -136,6 +136,11 @@ impl StreamHeader {
         }
     }
 
+    /// The encoded header (for tests that build streams by hand).
+    pub fn encode_for_tests(&self) -> Vec<u8> {
+        self.encode().to_vec()
+    }
+
     pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[..8].copy_from_slice(&MAGIC);

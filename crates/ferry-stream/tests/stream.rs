@@ -1,0 +1,235 @@
+//! The stream format: round trips, every rejection the spec promises, truncation at every byte,
+//! and the golden fixture of each format version.
+#![allow(clippy::unwrap_used)]
+
+use ferry_stream::*;
+use proptest::prelude::*;
+
+fn page(seed: u8) -> Vec<u8> {
+    (0..PAGE_SIZE).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// The golden stream: header, machine config, a batch with all four page types, vCPU, VM and
+/// device state, a checkpoint, END.
+fn golden_stream() -> Vec<u8> {
+    let h = StreamHeader { format_version: 1, flags: StreamFlags::empty(), page_size: 4096, writer_version: (0, 1, 0) };
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 2, regions: vec![(0, 64 << 20)] }).unwrap();
+    let (a, b) = (page(1), page(2));
+    w.page_batch(
+        &[(0x100, PageType::Normal), (0x101, PageType::Zero), (0x102, PageType::Broken), (0x103, PageType::Discarded), (0x104, PageType::Normal)],
+        &[&a, &b],
+    )
+    .unwrap();
+    w.vcpu_state(1, 1, b"vcpu-one").unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.device_state("serial", 0, 1, b"uart").unwrap();
+    w.checkpoint(7).unwrap();
+    w.end().unwrap();
+    w.into_inner()
+}
+
+fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
+    let mut r = StreamReader::new(b)?;
+    let mut out = Vec::new();
+    loop {
+        let rec = r.next_record()?;
+        let s = match rec {
+            Record::MachineConfig(c) => format!("config {} {} {:?}", c.memory_bytes, c.vcpus, c.regions),
+            Record::PageBatch(pb) => {
+                let items: Vec<String> = pb
+                    .iter()
+                    .map(|(g, t, d)| format!("{g:#x}:{t:?}:{}", d.map(|d| d[..4].iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")).unwrap_or_default()))
+                    .collect();
+                format!("batch {}", items.join(" "))
+            }
+            Record::VcpuState { id, version, data } => format!("vcpu {id} v{version} {}", String::from_utf8_lossy(data)),
+            Record::VmState { version, data } => format!("vm v{version} {}", String::from_utf8_lossy(data)),
+            Record::DeviceState { id, instance, version, data } => {
+                format!("dev {id}#{instance} v{version} {}", String::from_utf8_lossy(data))
+            }
+            Record::Checkpoint(s) => format!("checkpoint {s}"),
+            Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
+            Record::End => {
+                out.push("end".into());
+                return Ok(out);
+            }
+        };
+        out.push(s);
+    }
+}
+
+#[test]
+fn golden_v1_fixture_is_what_this_version_writes_and_reads_back() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-basic.bin");
+    let written = golden_stream();
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(path, &written).unwrap();
+    }
+    let fixture = std::fs::read(path).unwrap();
+
+    let decoded = read_all(&fixture).unwrap();
+
+    assert_eq!(written, fixture, "the writer no longer produces the v1 fixture byte for byte");
+    assert_eq!(
+        decoded,
+        vec![
+            "config 67108864 2 [(0, 67108864)]".to_string(),
+            "batch 0x100:Normal:1,32,63,94 0x101:Zero: 0x102:Broken: 0x103:Discarded: 0x104:Normal:2,33,64,95".into(),
+            "vcpu 1 v1 vcpu-one".into(),
+            "vm v1 vm".into(),
+            "dev serial#0 v1 uart".into(),
+            "checkpoint 7".into(),
+            "end".into(),
+        ]
+    );
+}
+
+#[test]
+fn truncation_at_every_byte_is_an_error_never_a_panic_or_an_end() {
+    let s = golden_stream();
+    for n in 0..s.len() {
+        assert!(read_all(&s[..n]).is_err(), "prefix of {n} bytes read as complete");
+    }
+}
+
+#[test]
+fn truncation_at_a_record_boundary_says_end_is_missing() {
+    let s = golden_stream();
+    let cut = s.len() - 16; // END is 16 bytes
+    let e = read_all(&s[..cut]).unwrap_err();
+    assert!(matches!(e, StreamError::MissingEnd { .. }), "{e}");
+}
+
+#[test]
+fn bad_magic_is_refused() {
+    let mut s = golden_stream();
+    s[0] = b'X';
+    assert!(matches!(read_all(&s), Err(StreamError::BadMagic(_))));
+}
+
+#[test]
+fn newer_format_version_is_refused_naming_both_versions() {
+    let mut s = golden_stream();
+    s[8] = 9;
+    let e = read_all(&s).unwrap_err().to_string();
+    assert!(e.contains("version 9") && e.contains("1 to 1"), "{e}");
+}
+
+#[test]
+fn unknown_header_flag_is_refused() {
+    let mut s = golden_stream();
+    s[12] = 0x80;
+    assert!(matches!(read_all(&s), Err(StreamError::UnknownFlags(0x80))));
+}
+
+#[test]
+fn nonzero_reserved_header_bytes_are_refused() {
+    let mut s = golden_stream();
+    s[21] = 1;
+    assert!(matches!(read_all(&s), Err(StreamError::Reserved { what: "header", .. })));
+}
+
+fn stream_with(f: impl FnOnce(&mut StreamWriter<Vec<u8>>)) -> Vec<u8> {
+    let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(StreamFlags::empty())).unwrap();
+    f(&mut w);
+    w.end().unwrap();
+    w.into_inner()
+}
+
+#[test]
+fn unknown_mandatory_record_is_refused_naming_its_type() {
+    let s = stream_with(|w| w.raw_record(0x42, b"??").unwrap());
+    let e = read_all(&s).unwrap_err().to_string();
+    assert!(e.contains("unknown mandatory record type 0x42"), "{e}");
+}
+
+#[test]
+fn unknown_optional_record_is_skipped_and_the_next_one_is_read() {
+    let s = stream_with(|w| {
+        w.raw_record(OPTIONAL | 0x42, b"future").unwrap();
+        w.checkpoint(3).unwrap();
+    });
+    assert_eq!(read_all(&s).unwrap(), vec!["skipped 0x80000042 6", "checkpoint 3", "end"]);
+}
+
+#[test]
+fn flipped_byte_in_page_data_fails_the_checksum() {
+    let s0 = stream_with(|w| w.page_batch(&[(5, PageType::Normal)], &[&page(3)]).unwrap());
+    let mut s = s0.clone();
+    let data_at = 32 + 8 + 8 + 8 + 100; // header, record head, batch head, one entry, into the data
+    s[data_at] ^= 1;
+    let e = read_all(&s).unwrap_err();
+    assert!(matches!(e, StreamError::Checksum { index: 0, name: "PAGE_BATCH", .. }), "{e}");
+}
+
+#[test]
+fn unknown_page_type_is_refused() {
+    let mut s = stream_with(|w| w.page_batch(&[(5, PageType::Zero)], &[]).unwrap());
+    // Patch the entry's type nibble to 9 and fix up the checksum.
+    let rec = 32;
+    s[rec + 8 + 8 + 7] = 0x90;
+    let len = u32::from_le_bytes(s[rec + 4..rec + 8].try_into().unwrap());
+    let crc = {
+        let mut c = crc32c::crc32c(&s[rec..rec + 4]);
+        c = crc32c::crc32c_append(c, &s[rec + 4..rec + 8]);
+        crc32c::crc32c_append(c, &s[rec + 8..rec + 8 + len as usize])
+    };
+    let crc_at = rec + 8 + len as usize;
+    s[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    let e = read_all(&s).unwrap_err();
+    assert!(matches!(e, StreamError::UnknownPageType { ptype: 9, gfn: 5, .. }), "{e}");
+}
+
+#[test]
+fn declared_length_over_the_maximum_is_refused_before_reading() {
+    let mut s = StreamHeader::new(StreamFlags::empty()).encode_for_tests();
+    s.extend_from_slice(&2u32.to_le_bytes());
+    s.extend_from_slice(&(MAX_RECORD_BODY + 1).to_le_bytes());
+    let e = read_all(&s).unwrap_err();
+    assert!(matches!(e, StreamError::TooLong { .. }), "{e}");
+}
+
+#[test]
+fn writer_refuses_a_batch_whose_data_does_not_match_its_normal_pages() {
+    let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(StreamFlags::empty())).unwrap();
+    let e = w.page_batch(&[(1, PageType::Normal), (2, PageType::Normal)], &[&page(0)]).unwrap_err();
+    assert!(matches!(e, StreamError::Invalid(_)));
+}
+
+#[test]
+fn inspect_prints_every_record_and_a_total() {
+    let mut out = Vec::new();
+    let s = inspect(golden_stream().as_slice(), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(s.records, 7);
+    assert_eq!((s.normal, s.zero, s.broken, s.discarded), (2, 1, 1, 1));
+    assert!(text.contains("PAGE_BATCH 5 pages") && text.contains("DEVICE_STATE serial#0") && text.contains("END"), "{text}");
+}
+
+fn arb_type() -> impl Strategy<Value = PageType> {
+    prop_oneof![Just(PageType::Normal), Just(PageType::Zero), Just(PageType::Broken), Just(PageType::Discarded)]
+}
+
+proptest! {
+    #[test]
+    fn page_batches_round_trip(entries in proptest::collection::vec(((0u64..1 << 52), arb_type()), 1..64), seed in any::<u8>()) {
+        let datas: Vec<Vec<u8>> = entries.iter().filter(|e| e.1 == PageType::Normal).enumerate().map(|(i, _)| page(seed.wrapping_add(i as u8))).collect();
+        let refs: Vec<&[u8]> = datas.iter().map(|d| d.as_slice()).collect();
+        let s = stream_with(|w| w.page_batch(&entries, &refs).unwrap());
+        let mut r = StreamReader::new(s.as_slice()).unwrap();
+        let rec = r.next_record().unwrap();
+        let Record::PageBatch(b) = rec else { panic!("not a batch") };
+        let got: Vec<(u64, PageType, Option<Vec<u8>>)> = b.iter().map(|(g, t, d)| (g, t, d.map(|d| d.to_vec()))).collect();
+        let mut di = datas.iter();
+        let want: Vec<(u64, PageType, Option<Vec<u8>>)> = entries.iter().map(|&(g, t)| (g, t, if t == PageType::Normal { di.next().cloned() } else { None })).collect();
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_reader(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let mut s = golden_stream()[..32].to_vec();
+        s.extend_from_slice(&bytes);
+        let _ = read_all(&s);
+    }
+}
