@@ -1,0 +1,177 @@
+//! Shared pieces of Ferry's benchmarks: processes whose serial lines are kept with host
+//! arrival times, QMP for QEMU, medians.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    pub started: Instant,
+}
+
+impl Proc {
+    pub fn spawn(exe: &str, args: &[&str]) -> Proc {
+        let started = Instant::now();
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push((Instant::now(), l));
+            }
+        });
+        Proc { child, lines, started }
+    }
+
+    pub fn first(&self, prefix: &str) -> Option<Instant> {
+        self.lines.lock().unwrap().iter().find(|(_, l)| l.starts_with(prefix)).map(|(t, _)| *t)
+    }
+
+    pub fn wait(&self, what: &str, timeout: Duration, f: impl Fn(&[(Instant, String)]) -> bool) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if f(&self.lines.lock().unwrap()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    pub fn last_report_field(&self, key: &str) -> Option<u64> {
+        self.lines.lock().unwrap().iter().rev().find(|(_, l)| l.starts_with("REPORT ")).and_then(|(_, l)| field(l, key))
+    }
+
+    pub fn hb_times(&self) -> Vec<Instant> {
+        self.lines.lock().unwrap().iter().filter(|(_, l)| l.starts_with("HB ")).map(|(t, _)| *t).collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Largest gap (ms) between heartbeats of both processes in `[from, to]`.
+pub fn max_hb_gap(a: &Proc, b: &Proc, from: Instant, to: Instant) -> f64 {
+    let mut t: Vec<Instant> = a.hb_times().into_iter().chain(b.hb_times()).filter(|x| *x >= from && *x <= to).collect();
+    t.sort();
+    t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).fold(0.0, f64::max)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The built-in guest's ELF, for QEMU.
+pub fn export_guest(dir: &Path) -> PathBuf {
+    let p = dir.join("ferry-guest.elf");
+    assert!(Command::new(FERRY).args(["guest", "export", p.to_str().unwrap()]).status().unwrap().success());
+    p
+}
+
+pub fn qemu_args<'a>(elf: &'a str, memory: &'a str, cpus: &'a str, cmdline: &'a str) -> Vec<&'a str> {
+    vec![
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-M",
+        "microvm",
+        "-bios",
+        "/usr/share/qemu/qboot.rom",
+        "-m",
+        memory,
+        "-smp",
+        cpus,
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit",
+        "-kernel",
+        elf,
+        "-append",
+        cmdline,
+    ]
+}
+
+/// A QMP connection.
+pub struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        let end = Instant::now() + Duration::from_secs(20);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("QMP {}: {e}", path.display()),
+            }
+        };
+        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s };
+        let _greeting = q.read();
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Sends a command and returns its "return" (skipping events).
+    pub fn cmd(&mut self, c: &str) -> serde_json::Value {
+        writeln!(self.w, "{c}").unwrap();
+        loop {
+            let v = self.read();
+            if v.get("return").is_some() {
+                return v["return"].clone();
+            }
+            if v.get("error").is_some() {
+                panic!("QMP {c}: {v}");
+            }
+            if v.is_null() {
+                panic!("QMP connection closed on {c}");
+            }
+        }
+    }
+}
