@@ -78,8 +78,10 @@ pub struct IncomingStats {
 }
 
 struct Pending {
-    ram: GuestRam,
-    vcpus: u32,
+    /// The machine is built as soon as the configuration arrives, so that the switch-over only
+    /// has to put state into it.
+    machine: ferry_vmm::vm::MachineParts,
+    fds: Vec<kvm_ioctls::VcpuFd>,
     /// Pages written during this load (a ZERO page there must be cleared again).
     written: Vec<Bitmap>,
     /// Fills missing pages without zeroing them first (None: userfaultfd unavailable).
@@ -132,8 +134,9 @@ impl Pending {
 
     fn page(&mut self, gfn: u64) -> Result<(*mut u8, usize, u64), IncomingError> {
         let gpa = gfn * PAGE_SIZE as u64;
-        let (ri, page) = self.ram.page_location(gpa).ok_or(IncomingError::PageOutside(gfn))?;
-        let p = self.ram.host_ptr(gpa, PAGE_SIZE as u64).map_err(|_| IncomingError::PageOutside(gfn))?;
+        let ram = &self.machine.ram;
+        let (ri, page) = ram.page_location(gpa).ok_or(IncomingError::PageOutside(gfn))?;
+        let p = ram.host_ptr(gpa, PAGE_SIZE as u64).map_err(|_| IncomingError::PageOutside(gfn))?;
         Ok((p, ri, page))
     }
 }
@@ -146,6 +149,11 @@ pub fn receive(conn: Conn, memory: Option<u64>, serial_out: SerialSink) -> Resul
     let t_start = Instant::now();
     match load(conn, memory, serial_out, t_start) {
         Ok((parts, stats)) => {
+            // vCPU threads start paused; COMMIT resumes them. Their start counts as load time.
+            let (machine, serial, fds) = parts;
+            let t = Instant::now();
+            let vm = Vm::start(machine, serial, fds, true).map_err(IncomingError::Start)?;
+            let stats = IncomingStats { load: stats.load + t.elapsed(), ..stats };
             protocol::send_ack(
                 &mut reply,
                 Ack { load_us: stats.load.as_micros() as u64, restore_us: stats.restore.as_micros() as u64 },
@@ -154,8 +162,7 @@ pub fn receive(conn: Conn, memory: Option<u64>, serial_out: SerialSink) -> Resul
             let mut c = commit_conn;
             c.set_read_timeout(Some(Duration::from_secs(60))).map_err(IncomingError::Reply)?;
             protocol::read_commit(&mut c).map_err(IncomingError::Commit)?;
-            let (machine, serial, fds) = parts;
-            let vm = Vm::start(machine, serial, fds, false).map_err(IncomingError::Start)?;
+            vm.resume().map_err(IncomingError::Start)?;
             Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }))
         }
         Err(e) => {
@@ -214,7 +221,9 @@ fn load(
                     ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
                 });
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
-                pending = Some(Pending { ram, vcpus: c.vcpus, written, uffd });
+                let machine = create_machine(ram)?;
+                let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
+                pending = Some(Pending { machine, fds, written, uffd });
             }
             Record::PageBatch(batch) => {
                 let p = pending.as_mut().ok_or(IncomingError::NoConfig("PAGE_BATCH"))?;
@@ -282,20 +291,22 @@ fn load(
     stats.bytes = r.bytes_read();
     let t_end = Instant::now();
     let p = pending.ok_or(IncomingError::NoConfig("END"))?;
+    if vcpu_states.iter().any(Option::is_none) {
+        let id = vcpu_states.iter().position(Option::is_none).unwrap_or(0) as u32;
+        return Err(IncomingError::MissingVcpu(id));
+    }
     let vm_state = vm_state.ok_or(IncomingError::MissingVmState)?;
     let t_restore = Instant::now();
     let mut p = p;
     if let Some(mut u) = p.uffd.take() {
         u.unregister_all().map_err(IncomingError::Uffd)?;
     }
-    let machine = create_machine(p.ram)?;
+    let machine = p.machine;
     vm_state.restore(&machine.vm_fd).map_err(IncomingError::VmState)?;
-    let mut fds = Vec::new();
-    for (id, st) in vcpu_states.iter().enumerate() {
+    let fds = p.fds;
+    for (id, (st, fd)) in vcpu_states.iter().zip(&fds).enumerate() {
         let st = st.as_ref().ok_or(IncomingError::MissingVcpu(id as u32))?;
-        let fd = create_vcpu(&machine, id as u32, p.vcpus)?;
-        st.restore(&fd).map_err(|e| IncomingError::VcpuState(id as u32, e))?;
-        fds.push(fd);
+        st.restore(fd).map_err(|e| IncomingError::VcpuState(id as u32, e))?;
     }
     let irq = machine.serial_irq.try_clone().map_err(|e| IncomingError::Vm(ferry_vmm::vm::VmError::EventFd(e)))?;
     let serial = match serial_state {

@@ -27,6 +27,14 @@ use crate::transport::{Conn, TransportError, Uri};
 
 /// Pages per PAGE_BATCH record.
 const BATCH_PAGES: usize = 512;
+/// Below this estimated pause Ferry stops iterating (if the limit allows).
+const TARGET_DOWNTIME_MS: f64 = 1.0;
+/// An iteration that leaves more than this fraction of the previous dirty set has stalled.
+const STALL_RATIO: f64 = 0.7;
+/// Pages per batch after the first pass.
+const LATE_BATCH_PAGES: usize = 64;
+/// Longest wait for the destination to read what was sent.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pages harvested (and cleared in KVM) at a time.
 const HARVEST_PAGES: u64 = 16384;
 
@@ -176,6 +184,12 @@ impl Drop for ConsumerGuard<'_> {
 
 struct Sender<'a> {
     vm: &'a Vm,
+    /// Pages per PAGE_BATCH: large for the bulk pass, small afterwards so the destination's
+    /// work behind the last byte it read stays short.
+    batch_pages: usize,
+    /// Look for memfd holes (never-written pages) before reading pages. Only the first pass
+    /// needs it: afterwards every dirty bit comes from a write, so the page is not a hole.
+    probe_holes: bool,
     w: StreamWriter<BufWriter<Conn>>,
     consumer: ConsumerId,
     counts: PageCounts,
@@ -215,6 +229,21 @@ fn data_ranges(fd: i32, off: u64, len: u64) -> Vec<(u64, u64)> {
 }
 
 impl Sender<'_> {
+    /// Waits until the destination has read everything written so far.
+    fn drain(&mut self, cancel: &AtomicBool) -> Result<(), MigrateError> {
+        let end = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let left = self.w.get_mut().get_ref().unread_bytes().map_err(TransportError::Setup)?;
+            if left == 0 || Instant::now() > end {
+                return Ok(());
+            }
+            if cancel.load(Ordering::SeqCst) {
+                return Err(MigrateError::Cancelled);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Harvests and sends every page the consumer has pending. Returns (pages sent, bytes).
     fn send_pending(&mut self, iter_start: Instant, iter_bytes_start: u64) -> Result<(u64, u64, u64), MigrateError> {
         let ram = self.vm.ram();
@@ -263,11 +292,14 @@ impl Sender<'_> {
     ) -> Result<(u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
-        let data =
-            data_ranges(ram.memfd_raw(), region.file_offset + first * PAGE_SIZE as u64, count * PAGE_SIZE as u64);
+        let data = if self.probe_holes {
+            Some(data_ranges(ram.memfd_raw(), region.file_offset + first * PAGE_SIZE as u64, count * PAGE_SIZE as u64))
+        } else {
+            None
+        };
         let in_data = |page: u64| {
             let off = region.file_offset + page * PAGE_SIZE as u64;
-            data.iter().any(|&(a, b)| off >= a && off < b)
+            data.as_ref().is_none_or(|d| d.iter().any(|&(a, b)| off >= a && off < b))
         };
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
         let mut slices: Vec<&[u8]> = Vec::with_capacity(BATCH_PAGES);
@@ -298,7 +330,7 @@ impl Sender<'_> {
                     zero += 1;
                 }
             }
-            if entries.len() == BATCH_PAGES {
+            if entries.len() >= self.batch_pages {
                 self.flush_batch(&mut entries, &mut slices, iter_start, iter_bytes_start)?;
             }
         }
@@ -349,63 +381,30 @@ pub fn migrate(
     let t_start = Instant::now();
     let conn = Conn::connect(&params.to)?;
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
-    let answer = ReturnPath::spawn(conn.try_clone().map_err(TransportError::Setup)?)?;
     progress(&Progress::Connected { to: params.to.to_string() });
-    let r = run(vm, params, cancel, progress, conn, &answer, t_start, &mut reply);
+    let r = run(vm, params, cancel, progress, conn, t_start, &mut reply);
     if r.is_err() {
-        // Tell the destination (and our return-path reader) that this attempt is over; the
-        // destination discards what it received.
-        let refusal = answer.refusal(Duration::from_millis(0));
+        // A refusal from the destination explains a failed send better than "broken pipe": give
+        // it a moment to arrive. Then tell the destination this attempt is over; it discards
+        // what it received.
+        let refusal = match &r {
+            Err(MigrateError::Send(_)) => refusal(&mut reply, Duration::from_millis(500)),
+            _ => None,
+        };
         reply.shutdown();
         if let Some(refused) = refusal {
             return Err(MigrateError::Handover(refused));
         }
     }
-    match r {
-        // A refusal from the destination explains a failed send better than "broken pipe".
-        Err(MigrateError::Send(e)) => match answer.refusal(Duration::from_millis(500)) {
-            Some(refused) => Err(MigrateError::Handover(refused)),
-            None => Err(MigrateError::Send(e)),
-        },
-        other => other,
-    }
+    r
 }
 
-/// Reads the destination's answer on its own thread, so a NACK sent early (a corrupt stream, a
-/// refused configuration) is seen even while the source is still sending.
-struct ReturnPath {
-    rx: std::sync::mpsc::Receiver<Result<protocol::Ack, ProtocolError>>,
-}
-
-impl ReturnPath {
-    fn spawn(mut conn: Conn) -> Result<Self, MigrateError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("migration-return".into())
-            .spawn(move || {
-                let _ = tx.send(protocol::read_answer(&mut conn));
-            })
-            .map_err(TransportError::Setup)?;
-        Ok(ReturnPath { rx })
-    }
-
-    /// The destination's refusal, if one arrives within `wait`.
-    fn refusal(&self, wait: Duration) -> Option<ProtocolError> {
-        match self.rx.recv_timeout(wait) {
-            Ok(Err(e @ ProtocolError::Refused(_))) => Some(e),
-            _ => None,
-        }
-    }
-
-    /// The answer after END.
-    fn answer(&self, wait: Duration) -> Result<protocol::Ack, ProtocolError> {
-        match self.rx.recv_timeout(wait) {
-            Ok(r) => r,
-            Err(_) => Err(ProtocolError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer from the destination within {} s", wait.as_secs()),
-            ))),
-        }
+/// The destination's NACK, if one arrives within `wait`.
+fn refusal(reply: &mut Conn, wait: Duration) -> Option<ProtocolError> {
+    reply.set_read_timeout(Some(wait)).ok()?;
+    match protocol::read_answer(reply) {
+        Err(e @ ProtocolError::Refused(_)) => Some(e),
+        _ => None,
     }
 }
 
@@ -416,7 +415,6 @@ fn run(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
     conn: Conn,
-    answer: &ReturnPath,
     t_start: Instant,
     reply: &mut Conn,
 ) -> Result<MigrationSummary, MigrateError> {
@@ -424,7 +422,16 @@ fn run(
     let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
     let consumer = vm.dirty_register("migration", Initial::AllDirty)?;
     let _consumer_guard = ConsumerGuard { vm, id: consumer };
-    let mut s = Sender { vm, w, consumer, counts: PageCounts::default(), limit: params.max_bandwidth, cancel };
+    let mut s = Sender {
+        vm,
+        batch_pages: BATCH_PAGES,
+        probe_holes: true,
+        w,
+        consumer,
+        counts: PageCounts::default(),
+        limit: params.max_bandwidth,
+        cancel,
+    };
 
     let ram = vm.ram();
     let config = MachineConfig {
@@ -448,16 +455,23 @@ fn run(
     let mut bandwidth: f64 = 0.0; // bytes/s measured in the last iteration
     let mut last_iter_secs: f64 = 0.0;
     let mut iteration = 0u32;
+    let mut last_pending = u64::MAX;
     loop {
         iteration += 1;
         vm.dirty_sync()?;
         let pending = vm.dirty_pending(consumer)?;
         let estimate_ms =
             if bandwidth > 0.0 { pending as f64 * PAGE_SIZE as f64 / bandwidth * 1000.0 } else { f64::INFINITY };
-        if iteration > 1 && estimate_ms <= limit_ms {
+        // Switch over once the pause fits the limit and iterating more would not shrink it much:
+        // either it is already tiny, or the dirty set stopped shrinking (the guest dirties
+        // about as much per iteration as an iteration sends).
+        let tiny = estimate_ms <= limit_ms.min(TARGET_DOWNTIME_MS);
+        let stalled = pending as f64 >= last_pending as f64 * STALL_RATIO;
+        if iteration > 1 && estimate_ms <= limit_ms && (tiny || stalled) {
             progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
             break;
         }
+        last_pending = pending;
         if iteration > params.max_iterations {
             if params.force_switchover {
                 progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
@@ -474,7 +488,12 @@ fn run(
         let t0 = Instant::now();
         let b0 = s.w.bytes_written();
         let (sent, normal, zero) = s.send_pending(t0, b0)?;
+        s.probe_holes = false;
+        s.batch_pages = LATE_BATCH_PAGES;
         s.w.flush().map_err(MigrateError::Send)?;
+        // Let the destination take in what was sent before measuring and deciding: the pause
+        // must not include the tail of an earlier iteration sitting in socket buffers.
+        s.drain(cancel)?;
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let bytes = s.w.bytes_written() - b0;
         // Tiny iterations measure latency, not bandwidth: keep the previous figure then.
@@ -531,7 +550,8 @@ fn run(
     bd.state_ms = ms(t.elapsed());
 
     let t = Instant::now();
-    let ack = answer.answer(Duration::from_secs(60))?;
+    reply.set_read_timeout(Some(Duration::from_secs(60))).map_err(TransportError::Setup)?;
+    let ack = protocol::read_answer(reply)?;
     bd.ack_wait_ms = ms(t.elapsed());
     bd.dest_load_ms = ack.load_us as f64 / 1000.0;
     bd.dest_restore_ms = ack.restore_us as f64 / 1000.0;

@@ -115,6 +115,17 @@ impl Conn {
         }
     }
 
+    /// Bytes written but not yet read by the peer (UNIX) or not yet acknowledged (TCP).
+    pub fn unread_bytes(&self) -> std::io::Result<u64> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) on a valid socket writes one c_int.
+        let r = unsafe { libc::ioctl(self.raw_fd(), libc::TIOCOUTQ, &mut n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n.max(0) as u64)
+    }
+
     pub fn try_clone(&self) -> std::io::Result<Conn> {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),

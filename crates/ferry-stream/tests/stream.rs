@@ -17,7 +17,13 @@ fn golden_stream() -> Vec<u8> {
     w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 2, regions: vec![(0, 64 << 20)] }).unwrap();
     let (a, b) = (page(1), page(2));
     w.page_batch(
-        &[(0x100, PageType::Normal), (0x101, PageType::Zero), (0x102, PageType::Broken), (0x103, PageType::Discarded), (0x104, PageType::Normal)],
+        &[
+            (0x100, PageType::Normal),
+            (0x101, PageType::Zero),
+            (0x102, PageType::Broken),
+            (0x103, PageType::Discarded),
+            (0x104, PageType::Normal),
+        ],
         &[&a, &b],
     )
     .unwrap();
@@ -39,11 +45,19 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
             Record::PageBatch(pb) => {
                 let items: Vec<String> = pb
                     .iter()
-                    .map(|(g, t, d)| format!("{g:#x}:{t:?}:{}", d.map(|d| d[..4].iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")).unwrap_or_default()))
+                    .map(|(g, t, d)| {
+                        format!(
+                            "{g:#x}:{t:?}:{}",
+                            d.map(|d| d[..4].iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))
+                                .unwrap_or_default()
+                        )
+                    })
                     .collect();
                 format!("batch {}", items.join(" "))
             }
-            Record::VcpuState { id, version, data } => format!("vcpu {id} v{version} {}", String::from_utf8_lossy(data)),
+            Record::VcpuState { id, version, data } => {
+                format!("vcpu {id} v{version} {}", String::from_utf8_lossy(data))
+            }
             Record::VmState { version, data } => format!("vm v{version} {}", String::from_utf8_lossy(data)),
             Record::DeviceState { id, instance, version, data } => {
                 format!("dev {id}#{instance} v{version} {}", String::from_utf8_lossy(data))
@@ -204,7 +218,10 @@ fn inspect_prints_every_record_and_a_total() {
     let text = String::from_utf8(out).unwrap();
     assert_eq!(s.records, 7);
     assert_eq!((s.normal, s.zero, s.broken, s.discarded), (2, 1, 1, 1));
-    assert!(text.contains("PAGE_BATCH 5 pages") && text.contains("DEVICE_STATE serial#0") && text.contains("END"), "{text}");
+    assert!(
+        text.contains("PAGE_BATCH 5 pages") && text.contains("DEVICE_STATE serial#0") && text.contains("END"),
+        "{text}"
+    );
 }
 
 fn arb_type() -> impl Strategy<Value = PageType> {

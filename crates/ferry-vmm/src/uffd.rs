@@ -108,17 +108,32 @@ impl Uffd {
     /// `src` must point to `len` readable bytes and `[dst, dst+len)` must lie in a registered
     /// range of guest memory that nothing else accesses concurrently.
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> Result<CopyOutcome, UffdError> {
-        let mut c = UffdioCopy { dst, src: src as u64, len, mode: 0, copy: 0 };
-        // SAFETY: per this function's contract; the struct outlives the call.
-        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
-        if r == 0 {
-            return Ok(CopyOutcome::Copied);
+        let (mut dst, mut src, mut len) = (dst, src as u64, len);
+        // EAGAIN means the copy stopped early (e.g. the address space changed under it):
+        // continue after what was copied.
+        for _ in 0..1000 {
+            let mut c = UffdioCopy { dst, src, len, mode: 0, copy: 0 };
+            // SAFETY: per this function's contract; the struct outlives the call.
+            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+            if r == 0 {
+                return Ok(CopyOutcome::Copied);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => return Ok(CopyOutcome::Exists),
+                Some(libc::EAGAIN) => {
+                    let done = c.copy.max(0) as u64;
+                    dst += done;
+                    src += done;
+                    len -= done.min(len);
+                    if len == 0 {
+                        return Ok(CopyOutcome::Copied);
+                    }
+                }
+                _ => return Err(UffdError::Ioctl { what: "copy", source: e }),
+            }
         }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(CopyOutcome::Exists);
-        }
-        Err(UffdError::Ioctl { what: "copy", source: e })
+        Err(UffdError::Ioctl { what: "copy", source: std::io::Error::from_raw_os_error(libc::EAGAIN) })
     }
 
     /// Unregisters every range (faults are ordinary again).

@@ -1,0 +1,184 @@
+//! Live migration, Ferry against QEMU, on the same built-in guest and cases, in one run.
+//!
+//! `cargo bench -p ferry --bench migration` prints, per case, medians over FERRY_BENCH_RUNS
+//! runs (default 3): total time, host-seen pause (largest gap between `HB` lines as received from
+//! the source then the destination), bytes sent, and throughput, each with the Ferry/QEMU ratio.
+//! QEMU 10 runs as `-M microvm -bios qboot.rom`, unlimited bandwidth, 300 ms downtime limit, over
+//! a UNIX socket; Ferry with its defaults (300 ms limit) over a UNIX socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Case {
+    name: &'static str,
+    cmdline: &'static str,
+    ws_mib: u64,
+}
+
+const CASES: &[Case] = &[
+    Case { name: "idle 1 GiB", cmdline: "mib=8 rate=-1 hb_us=1000 report_ms=500", ws_mib: 8 },
+    Case { name: "768 MiB data, not dirtied", cmdline: "mib=768 rate=-1 hb_us=1000 report_ms=500", ws_mib: 768 },
+    Case { name: "256 MiB dirtied at 50 MiB/s", cmdline: "mib=256 rate=50 hb_us=1000 report_ms=500", ws_mib: 256 },
+    Case { name: "256 MiB dirtied flat out", cmdline: "mib=256 rate=0 hb_us=1000 report_ms=500", ws_mib: 256 },
+];
+
+#[derive(Default, Clone, Copy)]
+struct Run {
+    total_ms: f64,
+    pause_ms: f64,
+    bytes: f64,
+    downtime_ms: f64,
+}
+
+fn wait_filled(p: &Proc, ws_mib: u64) {
+    p.wait("the guest to fill its working set", Duration::from_secs(180), |l| {
+        l.iter().rev().find(|(_, x)| x.starts_with("REPORT ")).and_then(|(_, x)| field(x, "written")).unwrap_or(0)
+            >= ws_mib * 256
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+fn ferry_run(c: &Case, i: usize) -> Run {
+    let d = tmpdir(&format!("ferry-{i}"));
+    let api = d.join("api.sock");
+    let mig = format!("unix:{}", d.join("mig.sock").display());
+    let src =
+        Proc::spawn(FERRY, &["run", "--memory", "1G", "--cmdline", c.cmdline, "--api-socket", api.to_str().unwrap()]);
+    wait_filled(&src, c.ws_mib);
+    let dst = Proc::spawn(FERRY, &["run", "--incoming", &mig]);
+    let sock = d.join("mig.sock");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    let out = std::process::Command::new(FERRY)
+        .args(["migrate", "--api-socket", api.to_str().unwrap(), "--to", &mig, "--json"])
+        .output()
+        .unwrap();
+    let t1 = Instant::now();
+    assert!(out.status.success(), "ferry migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(dst.last_report_field("errors"), Some(0), "destination guest not clean");
+    Run {
+        total_ms: s["total_ms"].as_f64().unwrap(),
+        pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
+        bytes: s["bytes"].as_f64().unwrap(),
+        downtime_ms: s["downtime_ms"].as_f64().unwrap(),
+    }
+}
+
+fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
+    let d = tmpdir(&format!("qemu-{i}"));
+    let qs = d.join("qmp-src.sock");
+    let qd = d.join("qmp-dst.sock");
+    let mig = format!("unix:{}", d.join("mig.sock").display());
+    let qmp_src = format!("unix:{},server=on,wait=off", qs.display());
+    let qmp_dst = format!("unix:{},server=on,wait=off", qd.display());
+    let mut a = qemu_args(elf, "1G", "1", c.cmdline);
+    a.extend(["-qmp", &qmp_src]);
+    let src = Proc::spawn("qemu-system-x86_64", &a);
+    wait_filled(&src, c.ws_mib);
+    let mut b = qemu_args(elf, "1G", "1", c.cmdline);
+    b.extend(["-qmp", &qmp_dst, "-incoming", &mig]);
+    let dst = Proc::spawn("qemu-system-x86_64", &b);
+    let mut qd_conn = Qmp::connect(&qd);
+    let _ = qd_conn.cmd(r#"{"execute":"query-status"}"#);
+    let mut q = Qmp::connect(&qs);
+    q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":107374182400,"downtime-limit":300}}"#);
+    let t0 = Instant::now();
+    q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"{mig}"}}}}"#));
+    let info = loop {
+        let v = q.cmd(r#"{"execute":"query-migrate"}"#);
+        match v["status"].as_str() {
+            Some("completed") => break v,
+            Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {v}"),
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(dst.last_report_field("errors"), Some(0), "QEMU destination guest not clean");
+    Run {
+        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
+        bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        println!("SKIPPED migration benchmark: /dev/kvm is not available");
+        return;
+    }
+    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let only = std::env::var("FERRY_BENCH_CASE").ok();
+    let d = tmpdir("guest");
+    let elf = export_guest(&d);
+    let elf = elf.to_str().unwrap();
+    println!("Live migration, Ferry vs QEMU 10 (same guest, same run), medians of {runs} runs; ratio = Ferry/QEMU");
+    println!(
+        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8}",
+        "case",
+        "total F",
+        "total Q",
+        "ratio",
+        "pause F",
+        "pause Q",
+        "ratio",
+        "MiB F",
+        "MiB Q",
+        "ratio",
+        "MB/s F",
+        "MB/s Q",
+        "ratio",
+        "down F",
+        "down Q"
+    );
+    for c in CASES {
+        if only.as_deref().is_some_and(|o| !c.name.contains(o)) {
+            continue;
+        }
+        let mut f = Vec::new();
+        let mut q = Vec::new();
+        for i in 0..runs {
+            f.push(ferry_run(c, i));
+            q.push(qemu_run(c, i, elf));
+        }
+        let m = |v: &[Run], g: fn(&Run) -> f64| median(v.iter().map(g).collect());
+        let (ft, qt) = (m(&f, |r| r.total_ms), m(&q, |r| r.total_ms));
+        let (fp, qp) = (m(&f, |r| r.pause_ms), m(&q, |r| r.pause_ms));
+        let (fb, qb) = (m(&f, |r| r.bytes), m(&q, |r| r.bytes));
+        let (fr, qr) = (m(&f, |r| r.bytes / r.total_ms / 1000.0), m(&q, |r| r.bytes / r.total_ms / 1000.0));
+        let (fd, qd) = (m(&f, |r| r.downtime_ms), m(&q, |r| r.downtime_ms));
+        println!(
+            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1}",
+            c.name,
+            ft,
+            qt,
+            ft / qt,
+            fp,
+            qp,
+            fp / qp,
+            fb / 1048576.0,
+            qb / 1048576.0,
+            fb / qb,
+            fr,
+            qr,
+            fr / qr,
+            fd,
+            qd
+        );
+    }
+    println!("total/pause/down in ms; pause = host-seen (largest HB gap, source then destination); down = each VMM's own downtime figure");
+}
