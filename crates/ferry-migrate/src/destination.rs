@@ -13,7 +13,7 @@ use ferry_vmm::dirty_log::Bitmap;
 use ferry_vmm::memory::GuestRam;
 use ferry_vmm::uffd::{CopyOutcome, Uffd};
 use ferry_vmm::vcpu_state::VcpuState;
-use ferry_vmm::vm::{create_machine, create_vcpu, Vm};
+use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, Vm};
 use ferry_vmm::vm_state::VmState;
 
 use crate::protocol::{self, Ack, ProtocolError};
@@ -143,11 +143,16 @@ impl Pending {
 
 /// Receives a machine on `conn`. `memory` is the size the user asked for, if any. Returns the
 /// running machine once the source committed.
-pub fn receive(conn: Conn, memory: Option<u64>, serial_out: SerialSink) -> Result<(Vm, IncomingStats), IncomingError> {
+pub fn receive(
+    conn: Conn,
+    memory: Option<u64>,
+    serial_out: SerialSink,
+    dirty_tracking: DirtyTracking,
+) -> Result<(Vm, IncomingStats), IncomingError> {
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
-    match load(conn, memory, serial_out, t_start) {
+    match load(conn, memory, serial_out, dirty_tracking, t_start) {
         Ok((parts, stats)) => {
             // vCPU threads start paused; COMMIT resumes them. Their start counts as load time.
             let (machine, serial, fds) = parts;
@@ -193,6 +198,7 @@ fn load(
     conn: Conn,
     memory: Option<u64>,
     serial_out: SerialSink,
+    dirty_tracking: DirtyTracking,
     t_start: Instant,
 ) -> Result<(Parts, IncomingStats), IncomingError> {
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
@@ -221,7 +227,7 @@ fn load(
                     ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
                 });
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
-                let machine = create_machine(ram)?;
+                let machine = create_machine(ram, dirty_tracking)?;
                 let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
                 pending = Some(Pending { machine, fds, written, uffd });
             }

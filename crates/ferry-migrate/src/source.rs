@@ -170,18 +170,6 @@ impl Drop for PauseGuard<'_> {
     }
 }
 
-/// Unregisters the migration's dirty-log consumer on drop.
-struct ConsumerGuard<'a> {
-    vm: &'a Vm,
-    id: ConsumerId,
-}
-
-impl Drop for ConsumerGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.vm.dirty_unregister(self.id);
-    }
-}
-
 struct Sender<'a> {
     vm: &'a Vm,
     /// Pages per PAGE_BATCH: large for the bulk pass, small afterwards so the destination's
@@ -420,8 +408,8 @@ fn run(
 ) -> Result<MigrationSummary, MigrateError> {
     let header = StreamHeader::new(StreamFlags::empty());
     let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
-    let consumer = vm.dirty_register("migration", Initial::AllDirty)?;
-    let _consumer_guard = ConsumerGuard { vm, id: consumer };
+    let registered = vm.dirty_consumer("migration", Initial::AllDirty)?;
+    let consumer = registered.id();
     let mut s = Sender {
         vm,
         batch_pages: BATCH_PAGES,

@@ -35,6 +35,9 @@ pub trait DirtySource {
     /// Clears the set bits of `bitmap` (bit i = page `first_page + i`) in KVM's log of `slot`
     /// and write-protects those pages again. `first_page` is a multiple of 64.
     fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u64, bitmap: &[u64]) -> Result<(), DirtyLogError>;
+    /// Whether fetching already re-protects the fetched pages in KVM (classic get-and-clear, the
+    /// dirty ring's collect-and-reset): then no bit is left to clear and none is cached.
+    fn protects_on_get(&self) -> bool;
 }
 
 /// Errors of the dirty log.
@@ -60,6 +63,10 @@ pub enum DirtyLogError {
         #[source]
         source: std::io::Error,
     },
+    #[error("dirty ring")]
+    Ring(#[source] std::io::Error),
+    #[error("no memory slot {0} in the dirty log")]
+    NoSlot(u32),
     #[error("no dirty-log consumer with id {0}")]
     NoConsumer(usize),
     #[error("range {first}+{count} is outside slot index {slot_index}")]
@@ -106,6 +113,9 @@ impl Bitmap {
     }
     pub fn words(&self) -> &[u64] {
         &self.words
+    }
+    pub fn into_words(self) -> Vec<u64> {
+        self.words
     }
     pub fn get(&self, page: u64) -> bool {
         page < self.npages && self.words[(page / WORD_BITS) as usize] & (1 << (page % WORD_BITS)) != 0
@@ -279,7 +289,9 @@ impl DirtyLog {
         let mut total = 0;
         for (i, s) in self.slots.iter_mut().enumerate() {
             let kvm = src.get_dirty_log(s.slot, s.npages)?;
-            s.kvm_cache.or_words(&kvm);
+            if !src.protects_on_get() {
+                s.kvm_cache.or_words(&kvm);
+            }
             total += kvm.iter().map(|w| w.count_ones() as u64).sum::<u64>();
             for c in self.consumers.iter_mut().flatten() {
                 c.bits[i].or_words(&kvm);
@@ -381,17 +393,26 @@ mod tests {
 
     use super::*;
 
-    /// A stand-in for KVM's dirty log in manual-protect mode, with guest memory as page versions.
+    /// A stand-in for KVM's dirty log with guest memory as page versions: manual-protect bitmap
+    /// mode, or dirty-ring mode (a fetch collects the ring and re-protects what it collected;
+    /// a ring-full exit collects early into pages that wait for the next fetch).
     struct FakeKvm {
         kvm_bits: RefCell<Bitmap>,
+        collected: RefCell<Bitmap>,
         memory: RefCell<Vec<u64>>,
+        ring: bool,
     }
 
     impl FakeKvm {
         fn new(npages: u64) -> Self {
+            Self::with_mode(npages, false)
+        }
+        fn with_mode(npages: u64, ring: bool) -> Self {
             FakeKvm {
                 kvm_bits: RefCell::new(Bitmap::new(npages, false)),
+                collected: RefCell::new(Bitmap::new(npages, false)),
                 memory: RefCell::new(vec![0; npages as usize]),
+                ring,
             }
         }
         fn guest_write(&self, page: u64) {
@@ -401,10 +422,24 @@ mod tests {
         fn read(&self, page: u64) -> u64 {
             self.memory.borrow()[page as usize]
         }
+        /// Ring mode: collect and reset (what a vCPU does on KVM_EXIT_DIRTY_RING_FULL).
+        fn ring_full(&self) {
+            if self.ring {
+                let mut k = self.kvm_bits.borrow_mut();
+                self.collected.borrow_mut().or_words(k.words());
+                *k = Bitmap::new(k.npages(), false);
+            }
+        }
     }
 
     impl DirtySource for FakeKvm {
         fn get_dirty_log(&self, _slot: u32, _npages: u64) -> Result<Vec<u64>, DirtyLogError> {
+            if self.ring {
+                self.ring_full();
+                let mut c = self.collected.borrow_mut();
+                let n = c.npages();
+                return Ok(std::mem::replace(&mut *c, Bitmap::new(n, false)).into_words());
+            }
             Ok(self.kvm_bits.borrow().words().to_vec())
         }
         fn clear_dirty_log(&self, _slot: u32, first: u64, num: u64, bitmap: &[u64]) -> Result<(), DirtyLogError> {
@@ -416,6 +451,9 @@ mod tests {
                 }
             }
             Ok(())
+        }
+        fn protects_on_get(&self) -> bool {
+            self.ring
         }
     }
 
@@ -505,6 +543,7 @@ mod tests {
         Harvest { consumer: usize, chunk: u64 },
         HarvestThenFail { consumer: usize, chunk: u64 },
         VmmWrite(u64),
+        RingFull,
     }
 
     const PAGES: u64 = 256;
@@ -516,15 +555,21 @@ mod tests {
             3 => (0..4usize, 0..PAGES / 64).prop_map(|(consumer, chunk)| Op::Harvest { consumer, chunk }),
             1 => (0..4usize, 0..PAGES / 64).prop_map(|(consumer, chunk)| Op::HarvestThenFail { consumer, chunk }),
             1 => (0..PAGES).prop_map(Op::VmmWrite),
+            1 => Just(Op::RingFull),
         ]
     }
 
     proptest! {
         /// Every write is eventually seen by every consumer, whatever the interleaving of
-        /// guest writes, syncs, harvests (successful or failed) and Ferry's own writes.
+        /// guest writes, syncs, harvests (successful or failed), ring-full collects and Ferry's
+        /// own writes, with the bitmap and with the ring backend.
         #[test]
-        fn every_write_is_eventually_seen_by_every_consumer(n in 2usize..5, ops in proptest::collection::vec(op(), 1..300)) {
-            let kvm = FakeKvm::new(PAGES);
+        fn every_write_is_eventually_seen_by_every_consumer(
+            ring in any::<bool>(),
+            n in 2usize..5,
+            ops in proptest::collection::vec(op(), 1..300),
+        ) {
+            let kvm = FakeKvm::with_mode(PAGES, ring);
             let mut log = DirtyLog::new(&[(0, PAGES)], 64);
             let ids: Vec<ConsumerId> = (0..n).map(|i| log.register(&format!("c{i}"), Initial::AllDirty)).collect();
             let mut views = vec![vec![u64::MAX; PAGES as usize]; n];
@@ -536,6 +581,7 @@ mod tests {
                         log.mark_vmm_dirty(0, p, 1);
                     }
                     Op::Sync => { log.sync(&kvm).unwrap(); }
+                    Op::RingFull => kvm.ring_full(),
                     Op::Harvest { consumer, chunk } => {
                         let c = consumer % n;
                         handle(&mut log, &kvm, ids[c], &mut views[c], chunk * 64, 64);

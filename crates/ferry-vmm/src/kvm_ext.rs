@@ -66,6 +66,10 @@ impl DirtySource for KvmDirty<'_> {
         }
         Ok(())
     }
+
+    fn protects_on_get(&self) -> bool {
+        !self.manual_protect
+    }
 }
 
 struct RawVm(i32);

@@ -8,6 +8,8 @@
 pub mod boot;
 pub mod devices;
 pub mod dirty_log;
+pub mod dirty_rate;
+pub mod dirty_ring;
 pub mod kvm_ext;
 pub mod memory;
 pub mod state_codec;

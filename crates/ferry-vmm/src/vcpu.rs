@@ -15,10 +15,12 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::{IoAction, PioBus};
+use crate::dirty_ring::DirtyRings;
 
 /// Errors of vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +152,7 @@ impl VcpuHandle {
         fd: VcpuFd,
         bus: Arc<PioBus>,
         exit: Arc<ExitSink>,
+        rings: Option<Arc<DirtyRings>>,
         start_paused: bool,
     ) -> Result<Self, VcpuError> {
         let mut fd = fd;
@@ -168,7 +171,10 @@ impl VcpuHandle {
             let ctl = ctl.clone();
             std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, fd, ctl, RunPtr(kvm_run), bus, exit))
+                .spawn(move || {
+                    let env = VcpuEnv { id, bus, rings };
+                    vcpu_loop(&env, fd, ctl, RunPtr(kvm_run), exit)
+                })
                 .map_err(|e| VcpuError::Spawn(id, e))?
         };
         Ok(VcpuHandle { id, fd, ctl, kvm_run, thread: Some(thread) })
@@ -236,7 +242,14 @@ impl Drop for VcpuHandle {
     }
 }
 
-fn vcpu_loop(id: u32, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, bus: Arc<PioBus>, exit: Arc<ExitSink>) {
+/// What a vCPU thread's exits are handled with.
+struct VcpuEnv {
+    id: u32,
+    bus: Arc<PioBus>,
+    rings: Option<Arc<DirtyRings>>,
+}
+
+fn vcpu_loop(env: &VcpuEnv, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, exit: Arc<ExitSink>) {
     let finish = |ctl: &Control| {
         if let Ok(mut g) = ctl.m.lock() {
             g.exited = true;
@@ -267,7 +280,7 @@ fn vcpu_loop(id: u32, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, bu
                             run.set_immediate_exit(1);
                             if let Ok(mut v) = fd.lock() {
                                 for _ in 0..64 {
-                                    match run_once(&mut v, id, &bus) {
+                                    match run_once(&mut v, env) {
                                         Step::Continue => continue,
                                         Step::Interrupted => break,
                                         Step::Stop(r) => {
@@ -294,7 +307,7 @@ fn vcpu_loop(id: u32, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, bu
             Ok(v) => v,
             Err(_) => break,
         };
-        let stop = match run_once(&mut vcpu, id, &bus) {
+        let stop = match run_once(&mut vcpu, env) {
             Step::Continue | Step::Interrupted => None,
             Step::Stop(r) => Some(r),
         };
@@ -316,7 +329,8 @@ enum Step {
 }
 
 /// Runs the vCPU once and handles the exit.
-fn run_once(vcpu: &mut VcpuFd, id: u32, bus: &PioBus) -> Step {
+fn run_once(vcpu: &mut VcpuFd, env: &VcpuEnv) -> Step {
+    let (id, bus) = (env.id, &*env.bus);
     let r = match vcpu.run() {
         Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
             IoAction::None => None,
@@ -350,6 +364,15 @@ fn run_once(vcpu: &mut VcpuFd, id: u32, bus: &PioBus) -> Step {
         Ok(VcpuExit::FailEntry(reason, cpu)) => {
             Some(ExitReason::KvmError(format!("vCPU {id}: VM entry failed, reason {reason:#x} on host CPU {cpu}")))
         }
+        // The vCPU's dirty ring is full: collect every ring (which resets them) before running
+        // again; the pages wait in the rings' bitmaps for the dirty log's next sync.
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match &env.rings {
+            Some(r) => match r.collect_full() {
+                Ok(_) => None,
+                Err(e) => Some(ExitReason::KvmError(format!("vCPU {id}: cannot collect the full dirty ring: {e}"))),
+            },
+            None => Some(ExitReason::KvmError(format!("vCPU {id}: dirty ring full without a dirty ring"))),
+        },
         Ok(other) => Some(ExitReason::KvmError(format!("vCPU {id}: unexpected exit {other:?}"))),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Step::Interrupted,
         Err(e) => Some(ExitReason::KvmError(format!("vCPU {id}: KVM_RUN failed: {e}"))),

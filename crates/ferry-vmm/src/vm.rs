@@ -9,7 +9,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootEntry, BootError};
 use crate::devices::serial::{SerialDevice, SerialSink};
 use crate::devices::{PioBus, COM1_GSI};
-use crate::dirty_log::{ConsumerId, DirtyLog, DirtyLogError, Initial, DEFAULT_CLEAR_CHUNK_PAGES};
+use crate::dirty_log::{ConsumerId, DirtyLog, DirtyLogError, DirtySource, Initial, DEFAULT_CLEAR_CHUNK_PAGES};
+use crate::dirty_ring::{self, DirtyRingError, DirtyRings, RingSource, RingStats};
 use crate::kvm_ext::{self, KvmDirty};
 use crate::memory::PAGE_SIZE;
 use crate::memory::{GuestRam, MemoryError};
@@ -46,6 +47,8 @@ pub enum VmError {
     DirtyLog(#[from] DirtyLogError),
     #[error("dirty log lock is poisoned")]
     DirtyLogPoisoned,
+    #[error("dirty ring")]
+    DirtyRing(#[from] DirtyRingError),
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] std::io::Error),
 }
@@ -62,6 +65,29 @@ pub struct VmConfig {
     pub kernel: Vec<u8>,
     pub cmdline: String,
     pub serial_out: SerialSink,
+    pub dirty_tracking: DirtyTracking,
+}
+
+/// How KVM reports the pages the guest writes (chosen per VM, before its vCPUs exist).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyTracking {
+    /// Per-slot bitmap in manual-protect mode, cleared in chunks of this many pages.
+    Bitmap { clear_chunk_pages: u64 },
+    /// Per-vCPU dirty ring of this many entries.
+    Ring { entries: u32 },
+}
+
+impl Default for DirtyTracking {
+    fn default() -> Self {
+        DirtyTracking::Bitmap { clear_chunk_pages: DEFAULT_CLEAR_CHUNK_PAGES }
+    }
+}
+
+impl DirtyTracking {
+    /// The dirty ring with its default size.
+    pub fn ring() -> Self {
+        DirtyTracking::Ring { entries: dirty_ring::DEFAULT_RING_ENTRIES }
+    }
 }
 
 /// The KVM-level pieces of a machine before its vCPUs run: shared by boot and restore.
@@ -70,24 +96,32 @@ pub struct MachineParts {
     pub vm_fd: VmFd,
     pub ram: GuestRam,
     pub serial_irq: EventFd,
-    /// Manual dirty-log protection flags in force (0: classic get-and-clear).
+    /// Manual dirty-log protection flags in force (0: classic get-and-clear, or the ring).
     pub manual_protect: u32,
+    pub dirty_tracking: DirtyTracking,
 }
 
 /// Creates the KVM VM with in-kernel irqchip and PIT, and registers `ram`.
-pub fn create_machine(ram: GuestRam) -> Result<MachineParts, VmError> {
+pub fn create_machine(ram: GuestRam, dirty_tracking: DirtyTracking) -> Result<MachineParts, VmError> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
     vm_fd.set_tss_address(0xfffb_d000).map_err(kvm_err("set the TSS address"))?;
     vm_fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm_fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
-    let manual_protect =
-        kvm_ext::enable_manual_protect(&vm_fd).map_err(kvm_err("enable manual dirty-log protection"))?;
+    let manual_protect = match dirty_tracking {
+        DirtyTracking::Bitmap { .. } => {
+            kvm_ext::enable_manual_protect(&vm_fd).map_err(kvm_err("enable manual dirty-log protection"))?
+        }
+        DirtyTracking::Ring { entries } => {
+            dirty_ring::enable(&vm_fd, entries)?;
+            0
+        }
+    };
     ram.register(&vm_fd, false)?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm_fd.register_irqfd(&serial_irq, COM1_GSI).map_err(kvm_err("register the serial irqfd"))?;
-    Ok(MachineParts { kvm, vm_fd, ram, serial_irq, manual_protect })
+    Ok(MachineParts { kvm, vm_fd, ram, serial_irq, manual_protect, dirty_tracking })
 }
 
 /// Creates vCPU `id` with Ferry's CPUID (KVM's supported set, per-vCPU APIC ids).
@@ -120,6 +154,8 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u32, count: u32) {
 pub struct Vm {
     parts: MachineParts,
     dirty: Mutex<DirtyLog>,
+    /// The vCPUs' dirty rings (ring tracking only); vCPU threads collect them when full.
+    rings: Option<Arc<DirtyRings>>,
     bus: Arc<PioBus>,
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSink>,
@@ -137,7 +173,7 @@ impl Vm {
         }
         let ram = GuestRam::new(cfg.memory)?;
         let entry: BootEntry = boot::load_pvh(&ram, &cfg.kernel, &cfg.cmdline)?;
-        let parts = create_machine(ram)?;
+        let parts = create_machine(ram, cfg.dirty_tracking)?;
         let mut fds = Vec::new();
         for id in 0..cfg.vcpus {
             let fd = create_vcpu(&parts, id, cfg.vcpus)?;
@@ -158,13 +194,19 @@ impl Vm {
         let bus = Arc::new(PioBus { serial: Mutex::new(serial) });
         let exit = ExitSink::new();
         let vcpu_count = fds.len() as u32;
+        let slots: Vec<(u32, u64)> = parts.ram.regions().iter().map(|r| (r.slot, r.size / PAGE_SIZE)).collect();
+        let (rings, chunk) = match parts.dirty_tracking {
+            DirtyTracking::Bitmap { clear_chunk_pages } => (None, clear_chunk_pages),
+            DirtyTracking::Ring { entries } => {
+                (Some(Arc::new(DirtyRings::map(&parts.vm_fd, &fds, entries, &slots)?)), DEFAULT_CLEAR_CHUNK_PAGES)
+            }
+        };
         let mut vcpus = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(id as u32, fd, bus.clone(), exit.clone(), paused)?);
+            vcpus.push(VcpuHandle::spawn(id as u32, fd, bus.clone(), exit.clone(), rings.clone(), paused)?);
         }
-        let slots: Vec<(u32, u64)> = parts.ram.regions().iter().map(|r| (r.slot, r.size / PAGE_SIZE)).collect();
-        let dirty = Mutex::new(DirtyLog::new(&slots, DEFAULT_CLEAR_CHUNK_PAGES));
-        Ok(Vm { parts, dirty, bus, vcpus, exit, vcpu_count })
+        let dirty = Mutex::new(DirtyLog::new(&slots, chunk));
+        Ok(Vm { parts, dirty, rings, bus, vcpus, exit, vcpu_count })
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -191,8 +233,22 @@ impl Vm {
         self.vcpu_count
     }
 
-    fn dirty_source(&self) -> KvmDirty<'_> {
-        KvmDirty { vm: &self.parts.vm_fd, manual_protect: self.parts.manual_protect != 0 }
+    /// How this VM tracks dirty pages.
+    pub fn dirty_tracking(&self) -> DirtyTracking {
+        self.parts.dirty_tracking
+    }
+
+    /// Entries each vCPU's dirty ring has delivered (ring tracking only).
+    pub fn dirty_ring_stats(&self) -> Option<RingStats> {
+        self.rings.as_ref().map(|r| r.stats())
+    }
+
+    /// Runs `f` with KVM's dirty log as a [`DirtySource`] (bitmap or ring).
+    fn with_dirty_source<R>(&self, f: impl FnOnce(&dyn DirtySource) -> R) -> R {
+        match &self.rings {
+            Some(r) => f(&RingSource(r)),
+            None => f(&KvmDirty { vm: &self.parts.vm_fd, manual_protect: self.parts.manual_protect != 0 }),
+        }
     }
 
     fn dirty_lock(&self) -> Result<std::sync::MutexGuard<'_, DirtyLog>, VmError> {
@@ -208,6 +264,12 @@ impl Vm {
         Ok(d.register(name, initial))
     }
 
+    /// Registers a consumer that is unregistered when the returned guard drops (however the
+    /// work that uses it ends).
+    pub fn dirty_consumer(&self, name: &str, initial: Initial) -> Result<RegisteredConsumer<'_>, VmError> {
+        Ok(RegisteredConsumer { vm: self, id: self.dirty_register(name, initial)? })
+    }
+
     /// Unregisters a consumer, switching dirty logging off after the last one.
     pub fn dirty_unregister(&self, id: ConsumerId) -> Result<(), VmError> {
         let mut d = self.dirty_lock()?;
@@ -220,7 +282,8 @@ impl Vm {
 
     /// Syncs KVM's dirty bitmaps into every consumer; returns pages dirty in KVM.
     pub fn dirty_sync(&self) -> Result<u64, VmError> {
-        Ok(self.dirty_lock()?.sync(&self.dirty_source())?)
+        let mut d = self.dirty_lock()?;
+        Ok(self.with_dirty_source(|src| d.sync(src))?)
     }
 
     /// Harvests a consumer's bits of a range (see [`DirtyLog::harvest`]).
@@ -231,7 +294,8 @@ impl Vm {
         first: u64,
         count: u64,
     ) -> Result<Vec<u64>, VmError> {
-        Ok(self.dirty_lock()?.harvest(&self.dirty_source(), id, slot_index, first, count)?)
+        let mut d = self.dirty_lock()?;
+        Ok(self.with_dirty_source(|src| d.harvest(src, id, slot_index, first, count))?)
     }
 
     /// Gives harvested bits back to a consumer.
@@ -297,6 +361,24 @@ impl Vm {
         for v in &mut self.vcpus {
             v.stop();
         }
+    }
+}
+
+/// A dirty-log consumer, unregistered on drop.
+pub struct RegisteredConsumer<'a> {
+    vm: &'a Vm,
+    id: ConsumerId,
+}
+
+impl RegisteredConsumer<'_> {
+    pub fn id(&self) -> ConsumerId {
+        self.id
+    }
+}
+
+impl Drop for RegisteredConsumer<'_> {
+    fn drop(&mut self) {
+        let _ = self.vm.dirty_unregister(self.id);
     }
 }
 

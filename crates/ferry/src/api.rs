@@ -1,7 +1,8 @@
 //! The control socket (`--api-socket`): one JSON object per line in, one per line out.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"quit"}`,
-//! `{"cmd":"memory-read","gpa":N,"len":N}`, `{"cmd":"memory-write","gpa":N,"hex":"..."}`.
+//! `{"cmd":"memory-read","gpa":N,"len":N}`, `{"cmd":"memory-write","gpa":N,"hex":"..."}`,
+//! `{"cmd":"dirty-rate","window_ms":N}`.
 //! Every reply has `"ok": true|false`; failures carry `"error"`. The protocol is documented in
 //! docs/api.md.
 
@@ -163,6 +164,14 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             }
             ctx.cancel.store(true, Ordering::SeqCst);
             Ok(json!({}))
+        }
+        "dirty-rate" => {
+            let ms = req.get("window_ms").and_then(Value::as_u64).unwrap_or(1000);
+            if !(10..=60_000).contains(&ms) {
+                bail!("dirty-rate window of {ms} ms: use 10 to 60000 ms");
+            }
+            let r = ferry_vmm::dirty_rate::measure(&ctx.vm, Duration::from_millis(ms))?;
+            Ok(json!({ "dirty_rate": r }))
         }
         // The exit itself happens after the reply is written (see handle_conn).
         "quit" => Ok(json!({})),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_vmm::devices::serial::SerialSink;
+use ferry_vmm::vm::DirtyTracking;
 use ferry_vmm::{ExitReason, Vm, VmConfig};
 
 #[derive(Parser)]
@@ -39,6 +40,18 @@ enum Cmd {
     MigrateCancel {
         #[arg(long)]
         api_socket: PathBuf,
+    },
+    /// Measure the guest's dirty rate (pages/s, MiB/s; per vCPU with the dirty ring) while it
+    /// runs; safe during a migration.
+    DirtyRate {
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Measurement window in ms (10 to 60000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60000))]
+        window_ms: u64,
+        /// Print the measurement as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Ferry's main job on one machine: boot the built-in guest, migrate it to a second Ferry
     /// over a UNIX socket, and show it verifying its memory on the destination.
@@ -123,6 +136,42 @@ struct RunArgs {
     /// Wait for an incoming migration on unix:PATH or tcp:HOST:PORT instead of booting.
     #[arg(long)]
     incoming: Option<String>,
+    /// How KVM reports dirty pages: a per-slot bitmap (manual protect) or per-vCPU rings.
+    #[arg(long, value_enum, default_value = "bitmap")]
+    dirty_tracking: TrackingArg,
+    /// Bitmap tracking: guest memory re-protected per KVM_CLEAR_DIRTY_LOG call, e.g. 64M.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    dirty_clear_chunk: u64,
+    /// Ring tracking: entries per vCPU ring (a power of two, at least 1024).
+    #[arg(long, default_value_t = ferry_vmm::dirty_ring::DEFAULT_RING_ENTRIES)]
+    dirty_ring_entries: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TrackingArg {
+    Bitmap,
+    Ring,
+}
+
+impl RunArgs {
+    fn dirty_tracking(&self) -> Result<DirtyTracking> {
+        Ok(match self.dirty_tracking {
+            TrackingArg::Bitmap => {
+                let pages = self.dirty_clear_chunk / 4096;
+                if pages < 64 || !pages.is_power_of_two() {
+                    bail!("--dirty-clear-chunk {} is not a power of two of at least 256K", self.dirty_clear_chunk);
+                }
+                DirtyTracking::Bitmap { clear_chunk_pages: pages }
+            }
+            TrackingArg::Ring => {
+                let n = self.dirty_ring_entries;
+                if n < 1024 || !n.is_power_of_two() {
+                    bail!("--dirty-ring-entries {n} is not a power of two of at least 1024");
+                }
+                DirtyTracking::Ring { entries: n }
+            }
+        })
+    }
 }
 
 /// Parses sizes like `512M`, `1G`, `1048576`.
@@ -176,7 +225,7 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     eprintln!("ferry: waiting for an incoming migration on {uri}");
     let conn = listener.accept(&uri)?;
     drop(listener);
-    let (vm, stats) = ferry_migrate::destination::receive(conn, a.memory, serial_sink(&a.serial)?)
+    let (vm, stats) = ferry_migrate::destination::receive(conn, a.memory, serial_sink(&a.serial)?, a.dirty_tracking()?)
         .context("incoming migration failed; nothing was started")?;
     eprintln!(
         "ferry: incoming migration complete: {:.1} MiB, {} normal and {} zero pages, load {:.1} ms (restore {:.1} ms)",
@@ -202,7 +251,14 @@ fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
             (guest::GUEST_ELF.to_vec(), c)
         }
     };
-    let cfg = VmConfig { memory, vcpus: a.cpus, kernel, cmdline, serial_out: serial_sink(&a.serial)? };
+    let cfg = VmConfig {
+        memory,
+        vcpus: a.cpus,
+        kernel,
+        cmdline,
+        serial_out: serial_sink(&a.serial)?,
+        dirty_tracking: a.dirty_tracking()?,
+    };
     let vm = Vm::boot(cfg).map_err(|e| {
         let name = a.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in guest".into());
         anyhow::Error::new(e).context(format!("cannot start the VM ({name})"))
@@ -235,6 +291,36 @@ fn inspect(path: &std::path::Path) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     ferry_stream::inspect(std::io::BufReader::new(f), &mut out)
         .with_context(|| format!("{} is not a valid Ferry stream", path.display()))?;
+    Ok(0)
+}
+
+fn dirty_rate(api_socket: &std::path::Path, window_ms: u64, json: bool) -> Result<i32> {
+    let v = api::call(api_socket, &serde_json::json!({"cmd": "dirty-rate", "window_ms": window_ms}))?;
+    let r = &v["dirty_rate"];
+    if json {
+        println!("{r}");
+        return Ok(0);
+    }
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "dirty rate ({}): {} pages in {:.0} ms = {:.0} pages/s, {:.1} MiB/s",
+        r["tracking"].as_str().unwrap_or("?"),
+        r["pages"],
+        f("window_ms"),
+        f("pages_per_s"),
+        f("mib_per_s")
+    );
+    if let Some(per) = r["per_vcpu_pages_per_s"].as_array() {
+        for (i, p) in per.iter().enumerate() {
+            println!("  vCPU {i}: {:.0} ring entries/s", p.as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    println!(
+        "  start sync + clear of all RAM: {:.2} ms ({} pages re-protected); end sync {:.2} ms",
+        f("start_sync_clear_ms"),
+        r["start_pages"],
+        f("end_sync_ms")
+    );
     Ok(0)
 }
 
@@ -297,6 +383,7 @@ fn main() {
         Cmd::MigrateCancel { api_socket } => {
             api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| 0)
         }
+        Cmd::DirtyRate { api_socket, window_ms, json } => dirty_rate(&api_socket, window_ms, json),
         Cmd::Api { api_socket, command } => api::call(&api_socket, &serde_json::json!({ "cmd": command })).map(|v| {
             println!("{v}");
             0

@@ -131,3 +131,41 @@ fn api_quit_ends_ferry_with_status_zero() {
     assert_eq!(reply["ok"], true);
     assert_eq!(code, Some(0));
 }
+
+/// `ferry dirty-rate` measures the rate the guest was told to write at (40 MiB/s), with both
+/// backends.
+#[test]
+fn dirty_rate_measures_the_rate_the_guest_writes_at_with_bitmap_and_ring() {
+    if !kvm_available("dirty_rate_measures_the_rate_the_guest_writes_at_with_bitmap_and_ring") {
+        return;
+    }
+    for tracking in ["bitmap", "ring"] {
+        let dir = tmpdir(&format!("rate-{tracking}"));
+        let sock = dir.join("api.sock");
+        let mut vm = Proc::spawn(&[
+            "run",
+            "--memory",
+            "512M",
+            "--cmdline",
+            "mib=128 rate=40 report_ms=500",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--dirty-tracking",
+            tracking,
+        ]);
+        assert!(vm.wait_reports(4, Duration::from_secs(60)), "{tracking}: {}", vm.stderr_text());
+
+        let out = std::process::Command::new(FERRY)
+            .args(["dirty-rate", "--api-socket", sock.to_str().unwrap(), "--window-ms", "1000", "--json"])
+            .output()
+            .unwrap();
+
+        assert!(out.status.success(), "{tracking}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let measured = v["mib_per_s"].as_f64().unwrap();
+        assert_eq!(v["tracking"], tracking);
+        assert!((28.0..=56.0).contains(&measured), "{tracking}: measured {measured} MiB/s for a 40 MiB/s guest: {v}");
+        assert_eq!(v["per_vcpu_pages_per_s"].is_array(), tracking == "ring", "{v}");
+        vm.kill();
+    }
+}

@@ -16,23 +16,57 @@ use common::*;
 /// Migration tests share the machine's two cores: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// `--dirty-tracking` of both sides: every scenario runs with the bitmap and with the ring.
+type Tracking = &'static str;
+
+/// Generates `<scenario>::bitmap` and `<scenario>::ring` tests.
+macro_rules! with_both_trackings {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            fn run(t: super::Tracking) {
+                if !super::kvm_available(&format!("{}::{t}", stringify!($scenario))) {
+                    return;
+                }
+                let _g = super::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+                super::$scenario(t);
+            }
+            #[test]
+            fn bitmap() {
+                run("bitmap");
+            }
+            #[test]
+            fn ring() {
+                run("ring");
+            }
+        }
+    )*};
+}
+
 struct Source {
     vm: Proc,
     api: PathBuf,
     dir: PathBuf,
+    tracking: Tracking,
 }
 
-fn source(name: &str, cmdline: &str) -> Source {
-    let dir = tmpdir(name);
+fn source(t: Tracking, name: &str, cmdline: &str) -> Source {
+    source_with(t, name, cmdline, &[])
+}
+
+fn source_with(t: Tracking, name: &str, cmdline: &str, extra: &[&str]) -> Source {
+    let dir = tmpdir(&format!("{name}-{t}"));
     let api = dir.join("api.sock");
-    let mut vm = Proc::spawn(&["run", "--memory", "1G", "--cmdline", cmdline, "--api-socket", api.to_str().unwrap()]);
+    let mut args = vec!["run", "--memory", "1G", "--cmdline", cmdline, "--api-socket", api.to_str().unwrap()];
+    args.extend(["--dirty-tracking", t]);
+    args.extend(extra);
+    let mut vm = Proc::spawn(&args);
     assert!(vm.wait_reports(3, Duration::from_secs(60)), "source never reported: {} {}", vm.tail(4), vm.stderr_text());
     assert!(wait_socket(&api, Duration::from_secs(5)));
-    Source { vm, api, dir }
+    Source { vm, api, dir, tracking: t }
 }
 
-fn destination(uri: &str) -> Proc {
-    let d = Proc::spawn(&["run", "--incoming", uri]);
+fn destination(uri: &str, t: Tracking) -> Proc {
+    let d = Proc::spawn(&["run", "--incoming", uri, "--dirty-tracking", t]);
     if let Some(p) = uri.strip_prefix("unix:") {
         let end = Instant::now() + Duration::from_secs(10);
         while !Path::new(p).exists() && Instant::now() < end {
@@ -103,14 +137,21 @@ fn assert_source_running_clean(src: &mut Source) {
 /// A second attempt after a failure moves the guest with nothing lost.
 fn assert_retry_succeeds(src: &Source, ws_pages: u64) {
     let uri = format!("unix:{}", src.dir.join("retry.sock").display());
-    let mut dst = destination(&uri);
+    let mut dst = destination(&uri, src.tracking);
     let o = migrate(&src.api, &uri, &[]);
     assert_eq!(o.code, 0, "retry failed: {}", o.stderr);
     assert_destination_clean(src, &mut dst, ws_pages);
 }
 
-fn run_clean_migration(name: &str, cmdline: &str, ws_mib: u64, tcp: bool, extra: &[&str]) -> serde_json::Value {
-    let src = source(name, cmdline);
+fn run_clean_migration(
+    t: Tracking,
+    name: &str,
+    cmdline: &str,
+    ws_mib: u64,
+    tcp: bool,
+    extra: &[&str],
+) -> serde_json::Value {
+    let src = source(t, name, cmdline);
     let uri = if tcp {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
@@ -119,7 +160,7 @@ fn run_clean_migration(name: &str, cmdline: &str, ws_mib: u64, tcp: bool, extra:
     } else {
         format!("unix:{}", src.dir.join("mig.sock").display())
     };
-    let mut dst = destination(&uri);
+    let mut dst = destination(&uri, t);
 
     let o = migrate(&src.api, &uri, extra);
 
@@ -128,65 +169,28 @@ fn run_clean_migration(name: &str, cmdline: &str, ws_mib: u64, tcp: bool, extra:
     o.summary.expect("--json summary")
 }
 
-#[test]
-fn idle_guest_migrates_and_verifies_clean_on_the_destination() {
-    if !kvm_available("idle_guest_migrates_and_verifies_clean_on_the_destination") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-
-    let s = run_clean_migration("idle", "mib=256 rate=-1 report_ms=500", 256, false, &[]);
+fn idle_guest_migrates_and_verifies_clean_on_the_destination(t: Tracking) {
+    let s = run_clean_migration(t, "idle", "mib=256 rate=-1 report_ms=500", 256, false, &[]);
 
     assert!(s["pages"]["zero"].as_u64().unwrap() > 150_000, "{s}");
     assert!(s["downtime_ms"].as_f64().unwrap() > 0.0);
 }
 
-#[test]
-fn guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost() {
-    if !kvm_available("guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-
-    let s = run_clean_migration("d50u", "mib=256 rate=50 report_ms=500", 256, false, &[]);
+fn guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost(t: Tracking) {
+    let s = run_clean_migration(t, "d50u", "mib=256 rate=50 report_ms=500", 256, false, &[]);
 
     assert!(!s["iterations"].as_array().unwrap().is_empty());
     assert!(s["downtime_breakdown"]["final_pages"].as_u64().is_some());
 }
 
-#[test]
-fn guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost() {
-    if !kvm_available("guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-
-    run_clean_migration("d50t", "mib=256 rate=50 report_ms=500", 256, true, &[]);
+fn guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost(t: Tracking) {
+    run_clean_migration(t, "d50t", "mib=256 rate=50 report_ms=500", 256, true, &[]);
 }
 
-#[test]
-fn guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit() {
-    if !kvm_available("guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tmpdir("max");
-    let api_path = dir.join("api.sock");
-    let mut vm = Proc::spawn(&[
-        "run",
-        "--memory",
-        "1G",
-        "--cpus",
-        "2",
-        "--cmdline",
-        "mib=256 rate=0 report_ms=500",
-        "--api-socket",
-        api_path.to_str().unwrap(),
-    ]);
-    assert!(vm.wait_reports(3, Duration::from_secs(60)));
-    let src = Source { vm, api: api_path, dir };
+fn guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit(t: Tracking) {
+    let src = source_with(t, "max", "mib=256 rate=0 report_ms=500", &["--cpus", "2"]);
     let uri = format!("unix:{}", src.dir.join("mig.sock").display());
-    let mut dst = destination(&uri);
+    let mut dst = destination(&uri, t);
 
     let o = migrate(&src.api, &uri, &["--downtime-ms", "500"]);
 
@@ -196,15 +200,10 @@ fn guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit() {
     assert_eq!(last.lanes, 2);
 }
 
-#[test]
-fn capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on() {
-    if !kvm_available("capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut src = source("noconv", "mib=256 rate=0 report_ms=500");
+fn capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on(t: Tracking) {
+    let mut src = source(t, "noconv", "mib=256 rate=0 report_ms=500");
     let uri = format!("unix:{}", src.dir.join("mig.sock").display());
-    let mut dst = destination(&uri);
+    let mut dst = destination(&uri, t);
 
     let o = migrate(&src.api, &uri, &["--max-bandwidth", "32", "--max-iterations", "3"]);
 
@@ -214,15 +213,10 @@ fn capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on() {
     assert!(dst.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0), "destination must discard and exit");
 }
 
-#[test]
-fn destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works() {
-    if !kvm_available("destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut src = source("kill", "mib=256 rate=50 report_ms=500");
+fn destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works(t: Tracking) {
+    let mut src = source(t, "kill", "mib=256 rate=50 report_ms=500");
     let uri = format!("unix:{}", src.dir.join("mig.sock").display());
-    let mut dst = destination(&uri);
+    let mut dst = destination(&uri, t);
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
         dst.kill();
@@ -237,10 +231,10 @@ fn destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works(
     assert_retry_succeeds(&src, 256 * 256);
 }
 
-fn faulty_migration(name: &str, fault: Fault, expect: &str) {
-    let mut src = source(name, "mib=256 rate=50 report_ms=500");
+fn faulty_migration(t: Tracking, name: &str, fault: Fault, expect: &str) {
+    let mut src = source(t, name, "mib=256 rate=50 report_ms=500");
     let dst_sock = src.dir.join("dst.sock");
-    let mut dst = destination(&format!("unix:{}", dst_sock.display()));
+    let mut dst = destination(&format!("unix:{}", dst_sock.display()), t);
     let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, fault);
 
     let o = migrate(&src.api, &proxy.uri, &[]);
@@ -253,42 +247,22 @@ fn faulty_migration(name: &str, fault: Fault, expect: &str) {
     assert_retry_succeeds(&src, 256 * 256);
 }
 
-#[test]
-fn connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works() {
-    if !kvm_available("connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    faulty_migration("cut", Fault::CutAtRecord(4), "migration failed");
+fn connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works(t: Tracking) {
+    faulty_migration(t, "cut", Fault::CutAtRecord(4), "migration failed");
 }
 
-#[test]
-fn truncated_stream_is_refused_by_the_destination_and_a_retry_works() {
-    if !kvm_available("truncated_stream_is_refused_by_the_destination_and_a_retry_works") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    faulty_migration("trunc", Fault::TruncateAfter(20 << 20), "migration failed");
+fn truncated_stream_is_refused_by_the_destination_and_a_retry_works(t: Tracking) {
+    faulty_migration(t, "trunc", Fault::TruncateAfter(20 << 20), "migration failed");
 }
 
-#[test]
-fn byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works() {
-    if !kvm_available("byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    faulty_migration("flip", Fault::FlipByte { index: 3, offset: 9000 }, "checksum mismatch");
+fn byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works(t: Tracking) {
+    faulty_migration(t, "flip", Fault::FlipByte { index: 3, offset: 9000 }, "checksum mismatch");
 }
 
-#[test]
-fn cancelled_migration_leaves_the_source_running_and_the_destination_discards() {
-    if !kvm_available("cancelled_migration_leaves_the_source_running_and_the_destination_discards") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut src = source("cancel", "mib=256 rate=50 report_ms=500");
+fn cancelled_migration_leaves_the_source_running_and_the_destination_discards(t: Tracking) {
+    let mut src = source(t, "cancel", "mib=256 rate=50 report_ms=500");
     let uri = format!("unix:{}", src.dir.join("mig.sock").display());
-    let mut dst = destination(&uri);
+    let mut dst = destination(&uri, t);
     let api_path = src.api.clone();
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
@@ -305,3 +279,52 @@ fn cancelled_migration_leaves_the_source_running_and_the_destination_discards() 
     assert!(dst.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
     assert!(dst.reports().is_empty());
 }
+
+/// A second consumer of the dirty log (the dirty-rate monitor, which harvests and re-protects
+/// pages on its own) polled throughout a migration must not make the migration lose a page.
+fn dirty_rate_polled_throughout_a_migration_loses_no_page(t: Tracking) {
+    let src = source(t, "rate", "mib=256 rate=50 report_ms=500");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri, t);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (stop, api_path) = (stop.clone(), src.api.clone());
+        std::thread::spawn(move || {
+            let mut rates = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = Command::new(FERRY)
+                    .args(["dirty-rate", "--api-socket", api_path.to_str().unwrap(), "--window-ms", "100", "--json"])
+                    .output()
+                    .unwrap();
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                    rates.push(v["mib_per_s"].as_f64().unwrap_or(0.0));
+                }
+            }
+            rates
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    let o = migrate(&src.api, &uri, &[]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rates = poller.join().unwrap();
+
+    assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
+    assert!(rates.len() >= 2, "dirty-rate succeeded only {} times during the migration", rates.len());
+    assert!(rates.iter().any(|&r| r > 10.0), "dirty-rate never saw the guest's 50 MiB/s: {rates:?}");
+    assert_destination_clean(&src, &mut dst, 256 * 256);
+}
+
+with_both_trackings!(
+    dirty_rate_polled_throughout_a_migration_loses_no_page,
+    idle_guest_migrates_and_verifies_clean_on_the_destination,
+    guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost,
+    guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost,
+    guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit,
+    capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on,
+    destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works,
+    connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works,
+    truncated_stream_is_refused_by_the_destination_and_a_retry_works,
+    byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works,
+    cancelled_migration_leaves_the_source_running_and_the_destination_discards,
+);

@@ -1,0 +1,269 @@
+//! The dirty-ring backend of the dirty log (`KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]`).
+//!
+//! With a dirty ring, KVM pushes one entry `(slot, page)` per newly dirtied page onto a per-vCPU
+//! ring shared with Ferry (an mmap of the vCPU fd), instead of setting a bit in a per-slot
+//! bitmap. Ferry *collects* entries (acquire-load the flags, read slot and offset, release-store
+//! RESET) and then calls `KVM_RESET_DIRTY_RINGS`, which re-protects exactly the collected pages.
+//! So a collect is GET and CLEAR in one step, and it never clears a page Ferry did not see:
+//! there is no KVM cache to keep, and [`crate::dirty_log::DirtyLog`] never issues a clear for
+//! this backend ([`DirtySource::protects_on_get`]).
+//!
+//! Collected pages wait in per-slot bitmaps here until the dirty log's next sync takes them, so
+//! a collect can happen at any time on any thread: when a vCPU exits with
+//! `KVM_EXIT_DIRTY_RING_FULL` its own thread collects all rings before it runs again.
+//!
+//! Why nothing is lost: a page's write after a reset makes a new entry; a write between the push
+//! of its entry and the reset is not logged again, but the page's bit reaches consumers only at
+//! a sync after that reset, and a consumer reads the page only after that, so it sees the write.
+//!
+//! This host's KVM (PVM) overflows small rings when emulated ring-0 code writes (it runs up to
+//! 1024 instructions before checking the ring): use a large ring (the default is 65536 entries).
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use kvm_bindings::{
+    kvm_dirty_gfn, kvm_enable_cap, KVMIO, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_DIRTY_LOG_PAGE_OFFSET,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+use crate::dirty_log::{Bitmap, DirtyLogError, DirtySource};
+
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+
+/// Entry flag: KVM wrote this entry (the page is dirty).
+const GFN_DIRTY: u32 = 1;
+/// Entry flag: Ferry collected this entry; KVM may reuse it after `KVM_RESET_DIRTY_RINGS`.
+const GFN_RESET: u32 = 2;
+
+/// Default ring size per vCPU, in entries (16 bytes each: 1 MiB).
+pub const DEFAULT_RING_ENTRIES: u32 = 65536;
+
+/// Errors of the dirty ring.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyRingError {
+    #[error("KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING); use --dirty-tracking bitmap")]
+    Unsupported,
+    #[error("a dirty ring of {entries} entries ({bytes} bytes) exceeds KVM's maximum of {max} bytes")]
+    TooLarge { entries: u32, bytes: u64, max: u64 },
+    #[error("dirty ring size {0} is not a power of two of at least 1024 entries")]
+    BadSize(u32),
+    #[error("cannot enable the dirty ring")]
+    Enable(#[source] std::io::Error),
+    #[error("cannot map the dirty ring of vCPU {vcpu}")]
+    Map {
+        vcpu: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Enables the dirty ring on a VM (before any vCPU exists). Prefers the acquire/release variant.
+/// Returns the number of entries per vCPU.
+pub fn enable(vm: &VmFd, entries: u32) -> Result<u32, DirtyRingError> {
+    if entries < 1024 || !entries.is_power_of_two() {
+        return Err(DirtyRingError::BadSize(entries));
+    }
+    let acq_rel = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING_ACQ_REL as _) > 0;
+    let cap = if acq_rel { KVM_CAP_DIRTY_LOG_RING_ACQ_REL } else { KVM_CAP_DIRTY_LOG_RING };
+    let max = vm.check_extension_raw(cap as _);
+    if max <= 0 {
+        return Err(DirtyRingError::Unsupported);
+    }
+    let bytes = entries as u64 * std::mem::size_of::<kvm_dirty_gfn>() as u64;
+    if bytes > max as u64 {
+        return Err(DirtyRingError::TooLarge { entries, bytes, max: max as u64 });
+    }
+    let mut c = kvm_enable_cap { cap, ..Default::default() };
+    c.args[0] = bytes;
+    vm.enable_cap(&c).map_err(|e| DirtyRingError::Enable(std::io::Error::from_raw_os_error(e.errno())))?;
+    Ok(entries)
+}
+
+/// One vCPU's ring mapping.
+struct RingMap {
+    ptr: *mut kvm_dirty_gfn,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through `DirtyRings`' mutex and
+// atomics on the flags word, as KVM's dirty-ring protocol requires.
+unsafe impl Send for RingMap {}
+
+impl Drop for RingMap {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly the mapping made in `DirtyRings::map`, unmapped once.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>());
+        }
+    }
+}
+
+struct RingState {
+    rings: Vec<RingMap>,
+    /// Next entry to look at, per vCPU (free-running, taken modulo the ring size).
+    fetch: Vec<u32>,
+    /// Collected pages per slot index, not yet taken by a sync.
+    pending: Vec<Bitmap>,
+    /// Entries collected per vCPU since the VM started.
+    per_vcpu: Vec<u64>,
+    /// Collects that found the ring full (from `KVM_EXIT_DIRTY_RING_FULL`).
+    full_exits: u64,
+}
+
+/// The dirty rings of a VM's vCPUs.
+pub struct DirtyRings {
+    vm_fd: i32,
+    /// Slot number of each slot index.
+    slots: Vec<u32>,
+    state: Mutex<RingState>,
+}
+
+/// What the rings have collected so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Entries collected per vCPU since the VM started.
+    pub per_vcpu: Vec<u64>,
+    pub full_exits: u64,
+}
+
+impl DirtyRings {
+    /// Maps the ring of every vCPU. `slots` are `(slot number, pages)` per slot index.
+    pub fn map(vm: &VmFd, vcpus: &[VcpuFd], entries: u32, slots: &[(u32, u64)]) -> Result<Self, DirtyRingError> {
+        let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as libc::off_t;
+        let mut rings = Vec::new();
+        for (id, v) in vcpus.iter().enumerate() {
+            // SAFETY: maps the vCPU fd's dirty-ring pages at the offset KVM documents; the
+            // result is checked before use and unmapped in RingMap's Drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    v.as_raw_fd(),
+                    KVM_DIRTY_LOG_PAGE_OFFSET as libc::off_t * page,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(DirtyRingError::Map { vcpu: id as u32, source: std::io::Error::last_os_error() });
+            }
+            rings.push(RingMap { ptr: p.cast(), entries });
+        }
+        let n = rings.len();
+        Ok(DirtyRings {
+            vm_fd: vm.as_raw_fd(),
+            slots: slots.iter().map(|s| s.0).collect(),
+            state: Mutex::new(RingState {
+                rings,
+                fetch: vec![0; n],
+                pending: slots.iter().map(|s| Bitmap::new(s.1, false)).collect(),
+                per_vcpu: vec![0; n],
+                full_exits: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, RingState>, DirtyLogError> {
+        self.state.lock().map_err(|_| DirtyLogError::Ring(std::io::Error::other("dirty ring lock is poisoned")))
+    }
+
+    /// Collects every vCPU's ring into the pending bitmaps and resets the rings in KVM.
+    /// Returns the number of entries collected.
+    pub fn collect(&self) -> Result<u64, DirtyLogError> {
+        let mut st = self.lock()?;
+        Self::collect_locked(&mut st, self.vm_fd, &self.slots)
+    }
+
+    /// As [`DirtyRings::collect`], called by a vCPU thread after `KVM_EXIT_DIRTY_RING_FULL`.
+    pub fn collect_full(&self) -> Result<u64, DirtyLogError> {
+        let mut st = self.lock()?;
+        st.full_exits += 1;
+        Self::collect_locked(&mut st, self.vm_fd, &self.slots)
+    }
+
+    fn collect_locked(st: &mut RingState, vm_fd: i32, slots: &[u32]) -> Result<u64, DirtyLogError> {
+        let mut total = 0u64;
+        let RingState { rings, fetch, pending, per_vcpu, .. } = st;
+        for (v, ring) in rings.iter().enumerate() {
+            loop {
+                let idx = (fetch[v] % ring.entries) as usize;
+                // SAFETY: idx < entries, inside the mapping; the flags word is 4-byte aligned
+                // and KVM accesses it atomically too (acquire here pairs with KVM's release).
+                let e = unsafe { ring.ptr.add(idx) };
+                // SAFETY: as above; AtomicU32 has the layout of u32.
+                let flags = unsafe { &*(std::ptr::addr_of_mut!((*e).flags) as *const AtomicU32) };
+                if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                    break;
+                }
+                // SAFETY: the entry is published (DIRTY seen with acquire), so slot and offset
+                // are written; KVM does not touch it again until RESET and the reset ioctl.
+                let (slot, offset) = unsafe { ((*e).slot, (*e).offset) };
+                let slot_id = slot & 0xffff;
+                if let Some(i) = slots.iter().position(|&s| s == slot_id) {
+                    pending[i].set(offset);
+                }
+                flags.store(GFN_RESET, Ordering::Release);
+                fetch[v] = fetch[v].wrapping_add(1);
+                per_vcpu[v] += 1;
+                total += 1;
+            }
+        }
+        if total > 0 {
+            // SAFETY: a VM-fd ioctl without arguments; vm_fd outlives the rings (Vm owns both).
+            let r = unsafe { ioctl(&RawFd(vm_fd), KVM_RESET_DIRTY_RINGS()) };
+            if r < 0 {
+                return Err(DirtyLogError::Ring(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(total)
+    }
+
+    /// Takes the pending pages of slot number `slot`.
+    fn take(&self, slot: u32) -> Result<Vec<u64>, DirtyLogError> {
+        let mut st = self.lock()?;
+        let i = self.slots.iter().position(|&s| s == slot).ok_or(DirtyLogError::NoSlot(slot))?;
+        let n = st.pending[i].npages();
+        Ok(std::mem::replace(&mut st.pending[i], Bitmap::new(n, false)).into_words())
+    }
+
+    /// Counters since the VM started.
+    pub fn stats(&self) -> RingStats {
+        match self.state.lock() {
+            Ok(st) => RingStats { per_vcpu: st.per_vcpu.clone(), full_exits: st.full_exits },
+            Err(_) => RingStats::default(),
+        }
+    }
+}
+
+struct RawFd(i32);
+impl AsRawFd for RawFd {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
+    }
+}
+
+/// The rings seen as a [`DirtySource`]: a "get" collects the rings (which also re-protects the
+/// pages in KVM) and takes the slot's collected pages.
+pub struct RingSource<'a>(pub &'a DirtyRings);
+
+impl DirtySource for RingSource<'_> {
+    fn get_dirty_log(&self, slot: u32, _npages: u64) -> Result<Vec<u64>, DirtyLogError> {
+        self.0.collect()?;
+        self.0.take(slot)
+    }
+
+    fn clear_dirty_log(&self, _slot: u32, _first: u64, _num: u64, _bitmap: &[u64]) -> Result<(), DirtyLogError> {
+        Ok(())
+    }
+
+    fn protects_on_get(&self) -> bool {
+        true
+    }
+}
