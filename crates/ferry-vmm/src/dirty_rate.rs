@@ -34,6 +34,10 @@ pub struct DirtyRate {
     pub start_pages: u64,
     /// Time of the final sync, in ms.
     pub end_sync_ms: f64,
+    /// What the final sync fetched: bits set in KVM's bitmap, or ring entries collected.
+    pub end_fetched: u64,
+    /// Ring only: `KVM_EXIT_DIRTY_RING_FULL` exits during the window (each collected all rings).
+    pub ring_full_exits: Option<u64>,
 }
 
 /// Harvests (and so re-protects) every page `id` has pending; returns how many there were.
@@ -57,16 +61,24 @@ pub fn measure(vm: &Vm, window: Duration) -> Result<DirtyRate, VmError> {
     let ring0 = vm.dirty_ring_stats();
     let t0 = Instant::now();
     std::thread::sleep(window);
+    let ring_before_end = vm.dirty_ring_stats();
     let t = Instant::now();
-    vm.dirty_sync()?;
+    let kvm_bits = vm.dirty_sync()?;
     let end_sync = t.elapsed();
     let secs = t0.elapsed().as_secs_f64().max(1e-6);
     let pages = vm.dirty_pending(id)?;
-    let per_vcpu = match (ring0, vm.dirty_ring_stats()) {
-        (Some(a), Some(b)) => {
-            Some(b.per_vcpu.iter().zip(&a.per_vcpu).map(|(b, a)| b.saturating_sub(*a) as f64 / secs).collect())
-        }
-        _ => None,
+    let ring1 = vm.dirty_ring_stats();
+    let entries = |s: &Option<crate::dirty_ring::RingStats>| s.as_ref().map(|s| s.per_vcpu.iter().sum::<u64>());
+    let end_fetched = match (entries(&ring_before_end), entries(&ring1)) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => kvm_bits,
+    };
+    let (per_vcpu, ring_full_exits) = match (ring0, ring1) {
+        (Some(a), Some(b)) => (
+            Some(b.per_vcpu.iter().zip(&a.per_vcpu).map(|(b, a)| b.saturating_sub(*a) as f64 / secs).collect()),
+            Some(b.full_exits.saturating_sub(a.full_exits)),
+        ),
+        _ => (None, None),
     };
     let pages_per_s = pages as f64 / secs;
     Ok(DirtyRate {
@@ -82,5 +94,7 @@ pub fn measure(vm: &Vm, window: Duration) -> Result<DirtyRate, VmError> {
         start_sync_clear_ms: start_sync_clear.as_secs_f64() * 1000.0,
         start_pages,
         end_sync_ms: end_sync.as_secs_f64() * 1000.0,
+        end_fetched,
+        ring_full_exits,
     })
 }

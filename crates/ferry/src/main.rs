@@ -316,11 +316,15 @@ fn dirty_rate(api_socket: &std::path::Path, window_ms: u64, json: bool) -> Resul
         }
     }
     println!(
-        "  start sync + clear of all RAM: {:.2} ms ({} pages re-protected); end sync {:.2} ms",
+        "  start sync + clear of all RAM: {:.2} ms ({} pages re-protected); end sync {:.2} ms ({} fetched)",
         f("start_sync_clear_ms"),
         r["start_pages"],
-        f("end_sync_ms")
+        f("end_sync_ms"),
+        r["end_fetched"]
     );
+    if let Some(n) = r["ring_full_exits"].as_u64() {
+        println!("  ring-full exits in the window: {n}");
+    }
     Ok(0)
 }
 
