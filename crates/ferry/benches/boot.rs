@@ -17,14 +17,9 @@ fn time_to_first_hb(exe: &str, args: &[&str]) -> f64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(runs) = bench_runs("boot", 7) else {
         return;
-    }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        println!("SKIPPED boot benchmark: /dev/kvm is not available");
-        return;
-    }
-    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+    };
     let d = tmpdir("boot");
     let elf = export_guest(&d);
     let cmd = "mib=8 rate=-1";

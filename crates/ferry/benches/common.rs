@@ -11,6 +11,19 @@ use std::time::{Duration, Instant};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
+/// Runs per figure (FERRY_BENCH_RUNS, else `default`), or None when the benchmark must not run:
+/// `--list` (cargo asking), or no /dev/kvm (said loudly).
+pub fn bench_runs(name: &str, default: usize) -> Option<usize> {
+    if std::env::args().any(|a| a == "--list") {
+        return None;
+    }
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        println!("SKIPPED {name} benchmark: /dev/kvm is not available");
+        return None;
+    }
+    Some(std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+}
+
 pub struct Proc {
     pub child: Child,
     pub lines: Arc<Mutex<Vec<(Instant, String)>>>,

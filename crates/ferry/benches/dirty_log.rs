@@ -54,14 +54,9 @@ fn guest_rate(p: &Proc, from: Instant, to: Instant) -> f64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(runs) = bench_runs("dirty-log", 5) else {
         return;
-    }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        println!("SKIPPED dirty-log benchmark: /dev/kvm is not available");
-        return;
-    }
-    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    };
     let d = tmpdir("dirty");
 
     // 1. Sync + clear of 1 GiB, all dirty. An idle guest, so the figure is the log's own work.

@@ -114,14 +114,9 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(runs) = bench_runs("migration", 3) else {
         return;
-    }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        println!("SKIPPED migration benchmark: /dev/kvm is not available");
-        return;
-    }
-    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    };
     let only = std::env::var("FERRY_BENCH_CASE").ok();
     let d = tmpdir("guest");
     let elf = export_guest(&d);
