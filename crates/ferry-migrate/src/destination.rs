@@ -192,7 +192,7 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-type Parts = (ferry_vmm::vm::MachineParts, SerialDevice, Vec<kvm_ioctls::VcpuFd>);
+pub(crate) type Parts = (ferry_vmm::vm::MachineParts, SerialDevice, Vec<kvm_ioctls::VcpuFd>);
 
 fn load(
     conn: Conn,
@@ -290,6 +290,7 @@ fn load(
                 serial_state = Some(decode_state(data).map_err(IncomingError::Serial)?);
             }
             Record::Checkpoint(_) => return Err(IncomingError::Unexpected("CHECKPOINT")),
+            Record::SnapshotInfo(_) | Record::RamMap(_) => return Err(IncomingError::Unexpected("snapshot file")),
             Record::SkippedOptional { .. } => {}
             Record::End => break,
         }
@@ -307,9 +308,27 @@ fn load(
     if let Some(mut u) = p.uffd.take() {
         u.unregister_all().map_err(IncomingError::Uffd)?;
     }
-    let machine = p.machine;
+    let parts = restore_state(p.machine, p.fds, &vm_state, &vcpu_states, serial_state, serial_out)?;
+    stats.restore = t_restore.elapsed();
+    stats.load = t_end.elapsed();
+    let _ = t_start;
+    Ok((parts, stats))
+}
+
+/// Puts saved state into a built machine (RAM already filled): VM-wide state, every vCPU, the
+/// serial device. Shared by the migration destination and snapshot restore.
+pub(crate) fn restore_state(
+    machine: ferry_vmm::vm::MachineParts,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    vm_state: &VmState,
+    vcpu_states: &[Option<VcpuState>],
+    serial_state: Option<ferry_vmm::devices::serial::SerialState>,
+    serial_out: SerialSink,
+) -> Result<Parts, IncomingError> {
+    if fds.len() != vcpu_states.len() {
+        return Err(IncomingError::MissingVcpu(fds.len().min(vcpu_states.len()) as u32));
+    }
     vm_state.restore(&machine.vm_fd).map_err(IncomingError::VmState)?;
-    let fds = p.fds;
     for (id, (st, fd)) in vcpu_states.iter().zip(&fds).enumerate() {
         let st = st.as_ref().ok_or(IncomingError::MissingVcpu(id as u32))?;
         st.restore(fd).map_err(|e| IncomingError::VcpuState(id as u32, e))?;
@@ -319,8 +338,5 @@ fn load(
         Some(s) => SerialDevice::from_state(&s, irq, serial_out).map_err(IncomingError::Serial)?,
         None => SerialDevice::new(irq, serial_out),
     };
-    stats.restore = t_restore.elapsed();
-    stats.load = t_end.elapsed();
-    let _ = t_start;
-    Ok(((machine, serial, fds), stats))
+    Ok((machine, serial, fds))
 }

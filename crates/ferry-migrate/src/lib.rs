@@ -19,5 +19,6 @@
 
 pub mod destination;
 pub mod protocol;
+pub mod snapshot;
 pub mod source;
 pub mod transport;

@@ -186,7 +186,7 @@ struct Sender<'a> {
 }
 
 /// Whether a page's bytes are all zero.
-fn is_zero(p: &[u8]) -> bool {
+pub(crate) fn is_zero(p: &[u8]) -> bool {
     let (pre, words, post) = {
         // SAFETY: reinterpreting initialized bytes as u64 words (align_to handles alignment).
         unsafe { p.align_to::<u64>() }
@@ -197,7 +197,7 @@ fn is_zero(p: &[u8]) -> bool {
 /// Ranges of the memfd `[off, off+len)` that hold data (the rest are holes: zero pages that
 /// were never touched). Uses SEEK_DATA/SEEK_HOLE so holes are never read (reading would
 /// allocate them).
-fn data_ranges(fd: i32, off: u64, len: u64) -> Vec<(u64, u64)> {
+pub(crate) fn data_ranges(fd: i32, off: u64, len: u64) -> Vec<(u64, u64)> {
     let end = off + len;
     let mut v = Vec::new();
     let mut pos = off;
@@ -352,6 +352,27 @@ impl Sender<'_> {
         }
         Ok(())
     }
+}
+
+/// Writes VM_STATE, every VCPU_STATE and the device sections of a paused machine.
+pub(crate) fn write_machine_state<W: std::io::Write>(
+    vm: &Vm,
+    w: &mut StreamWriter<W>,
+    msr_list: &[u32],
+) -> Result<(), MigrateError> {
+    let vm_state = VmState::save(vm.vm_fd()).map_err(MigrateError::VmState)?;
+    w.vm_state(VM_STATE_VERSION, &vm_state.encode()).map_err(MigrateError::Send)?;
+    for v in vm.vcpus() {
+        let fd = v.fd().map_err(|e| MigrateError::VcpuLock(v.id(), e))?;
+        let st = VcpuState::save(&fd, msr_list).map_err(|e| MigrateError::VcpuState(v.id(), e))?;
+        w.vcpu_state(v.id(), VCPU_STATE_VERSION, &st.encode()).map_err(MigrateError::Send)?;
+    }
+    let serial = match vm.bus().serial.lock() {
+        Ok(sd) => encode_state(&sd.state()),
+        Err(_) => return Err(MigrateError::Vm(ferry_vmm::vm::VmError::DirtyLogPoisoned)),
+    };
+    w.device_state(SERIAL_SECTION_ID, 0, SERIAL_STATE_VERSION, &serial).map_err(MigrateError::Send)?;
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -521,18 +542,7 @@ fn run(
     bd.final_pages_ms = ms(t.elapsed());
 
     let t = Instant::now();
-    let vm_state = VmState::save(vm.vm_fd()).map_err(MigrateError::VmState)?;
-    s.w.vm_state(VM_STATE_VERSION, &vm_state.encode()).map_err(MigrateError::Send)?;
-    for v in vm.vcpus() {
-        let fd = v.fd().map_err(|e| MigrateError::VcpuLock(v.id(), e))?;
-        let st = VcpuState::save(&fd, &msr_list).map_err(|e| MigrateError::VcpuState(v.id(), e))?;
-        s.w.vcpu_state(v.id(), VCPU_STATE_VERSION, &st.encode()).map_err(MigrateError::Send)?;
-    }
-    let serial = match vm.bus().serial.lock() {
-        Ok(sd) => encode_state(&sd.state()),
-        Err(_) => return Err(MigrateError::Vm(ferry_vmm::vm::VmError::DirtyLogPoisoned)),
-    };
-    s.w.device_state(SERIAL_SECTION_ID, 0, SERIAL_STATE_VERSION, &serial).map_err(MigrateError::Send)?;
+    write_machine_state(vm, &mut s.w, &msr_list)?;
     s.w.end().map_err(MigrateError::Send)?;
     s.w.flush().map_err(MigrateError::Send)?;
     bd.state_ms = ms(t.elapsed());

@@ -31,7 +31,13 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
         "header: format v{} flags {:#x}{} page_size {} written by Ferry {}.{}.{}",
         h.format_version,
         h.flags.0,
-        if h.flags.contains(crate::StreamFlags::CHECKPOINTED) { " (checkpointed)" } else { "" },
+        if h.flags.contains(crate::StreamFlags::CHECKPOINTED) {
+            " (checkpointed)"
+        } else if h.flags.contains(crate::StreamFlags::SNAPSHOT) {
+            " (snapshot file)"
+        } else {
+            ""
+        },
         h.page_size,
         h.writer_version.0,
         h.writer_version.1,
@@ -76,6 +82,35 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
             Record::Checkpoint(seq) => {
                 s.checkpoints += 1;
                 format!("CHECKPOINT {seq}")
+            }
+            Record::SnapshotInfo(i) => {
+                let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+                match i.kind {
+                    crate::SnapshotKind::Full => format!("SNAPSHOT_INFO full, id {}", hex(&i.id)),
+                    crate::SnapshotKind::Incremental => format!(
+                        "SNAPSHOT_INFO incremental, id {}, parent {} (metadata crc {:#010x}) at {:?}",
+                        hex(&i.id),
+                        hex(&i.parent_id),
+                        i.parent_meta_crc,
+                        i.parent_path
+                    ),
+                }
+            }
+            Record::RamMap(m) => {
+                let zero: u64 = m.zero.iter().map(|w| w.count_ones() as u64).sum();
+                let present = m.present_count();
+                s.normal += present;
+                s.zero += zero;
+                format!(
+                    "RAM_MAP region {} gpa {:#x}, {} pages: {} with data at file offset {:#x}, {} zero, {} from the parent",
+                    m.region,
+                    m.gpa,
+                    m.npages,
+                    present,
+                    m.data_offset,
+                    zero,
+                    m.npages - present - zero
+                )
             }
             Record::SkippedOptional { rtype: t, len } => format!("optional record {t:#x} ({len} bytes), skipped"),
             Record::End => {

@@ -10,10 +10,12 @@
 
 mod inspect;
 mod reader;
+mod snapshot;
 mod writer;
 
 pub use inspect::{inspect, InspectSummary};
 pub use reader::{PageBatch, Record, StreamReader};
+pub use snapshot::{RamMap, SnapshotInfo, SnapshotKind, MAX_PARENT_PATH, SNAPSHOT_ID_LEN};
 pub use writer::StreamWriter;
 
 /// Guest page size carried by streams of this version.
@@ -42,6 +44,8 @@ pub mod rtype {
     pub const DEVICE_STATE: u32 = 5;
     pub const CHECKPOINT: u32 = 6;
     pub const END: u32 = 7;
+    pub const SNAPSHOT_INFO: u32 = 8;
+    pub const RAM_MAP: u32 = 9;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -53,6 +57,8 @@ pub mod rtype {
             DEVICE_STATE => "DEVICE_STATE",
             CHECKPOINT => "CHECKPOINT",
             END => "END",
+            SNAPSHOT_INFO => "SNAPSHOT_INFO",
+            RAM_MAP => "RAM_MAP",
             _ => "unknown",
         }
     }
@@ -99,8 +105,11 @@ impl StreamFlags {
     /// The stream carries checkpoints: the receiver buffers until each CHECKPOINT record and
     /// only a complete checkpoint is a consistent state.
     pub const CHECKPOINTED: StreamFlags = StreamFlags(1);
+    /// A snapshot file: RAM lives in page-aligned data areas of the file named by RAM_MAP
+    /// records, not in PAGE_BATCH records.
+    pub const SNAPSHOT: StreamFlags = StreamFlags(2);
     /// Every flag this version knows.
-    pub const KNOWN: u32 = 1;
+    pub const KNOWN: u32 = 3;
 
     pub fn empty() -> StreamFlags {
         StreamFlags(0)

@@ -2,7 +2,8 @@
 
 use std::io::Read;
 
-use crate::{pad_len, record_crc, rtype, MachineConfig, PageType, StreamError, StreamHeader};
+use crate::{pad_len, record_crc, rtype, MachineConfig, PageType, StreamError, StreamFlags, StreamHeader};
+use crate::{RamMap, SnapshotInfo};
 use crate::{HEADER_LEN, MAX_BATCH_PAGES, MAX_RECORD_BODY, MAX_REGIONS, OPTIONAL, PAGE_SIZE};
 
 /// One decoded record. Borrowed data points into the reader's buffer until the next call.
@@ -26,6 +27,10 @@ pub enum Record<'a> {
         data: &'a [u8],
     },
     Checkpoint(u64),
+    /// Snapshot files only.
+    SnapshotInfo(SnapshotInfo),
+    /// Snapshot files only.
+    RamMap(RamMap),
     End,
     /// An optional record of a type this Ferry does not know, skipped.
     SkippedOptional {
@@ -266,6 +271,11 @@ impl<R: Read> StreamReader<R> {
                 }
                 Ok(Record::Checkpoint(u64_at(body, 0)))
             }
+            rtype::SNAPSHOT_INFO | rtype::RAM_MAP if !self.header.flags.contains(StreamFlags::SNAPSHOT) => {
+                Err(malformed("only snapshot files (header flag SNAPSHOT) carry this record".into()))
+            }
+            rtype::SNAPSHOT_INFO => Ok(Record::SnapshotInfo(SnapshotInfo::decode(body).map_err(malformed)?)),
+            rtype::RAM_MAP => Ok(Record::RamMap(RamMap::decode(body).map_err(malformed)?)),
             rtype::END => {
                 if !body.is_empty() {
                     return Err(malformed(format!("body of {} bytes, want 0", body.len())));

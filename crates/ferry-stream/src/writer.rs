@@ -128,6 +128,18 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::CHECKPOINT, &[&seq.to_le_bytes()])
     }
 
+    /// SNAPSHOT_INFO (snapshot files).
+    pub fn snapshot_info(&mut self, i: &crate::SnapshotInfo) -> Result<(), StreamError> {
+        let b = i.encode()?;
+        self.record(rtype::SNAPSHOT_INFO, &[&b])
+    }
+
+    /// RAM_MAP (snapshot files).
+    pub fn ram_map(&mut self, m: &crate::RamMap) -> Result<(), StreamError> {
+        let b = m.encode()?;
+        self.record(rtype::RAM_MAP, &[&b])
+    }
+
     pub fn end(&mut self) -> Result<(), StreamError> {
         self.record(rtype::END, &[])
     }

@@ -63,6 +63,14 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
                 format!("dev {id}#{instance} v{version} {}", String::from_utf8_lossy(data))
             }
             Record::Checkpoint(s) => format!("checkpoint {s}"),
+            Record::SnapshotInfo(i) => format!(
+                "snapshot {:?} id {:02x} parent {:02x} crc {:#x} t {} from {:?}",
+                i.kind, i.id[0], i.parent_id[0], i.parent_meta_crc, i.created_unix_ms, i.parent_path
+            ),
+            Record::RamMap(m) => format!(
+                "ram_map {} gpa {:#x} {} pages at {:#x} present {:x?} zero {:x?} crcs {:x?}",
+                m.region, m.gpa, m.npages, m.data_offset, m.present, m.zero, m.crcs
+            ),
             Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
             Record::End => {
                 out.push("end".into());
@@ -248,5 +256,96 @@ proptest! {
         let mut s = golden_stream()[..32].to_vec();
         s.extend_from_slice(&bytes);
         let _ = read_all(&s);
+    }
+}
+
+fn sample_map() -> RamMap {
+    RamMap {
+        region: 0,
+        gpa: 0,
+        npages: 70,
+        data_offset: 0x20_0000,
+        present: vec![0b1011, 0b1],
+        zero: vec![0b0100, 0b10],
+        crcs: vec![0x11, 0x22, 0x33, 0x44],
+    }
+}
+
+/// The golden snapshot-file metadata: an incremental snapshot with one RAM_MAP.
+fn golden_snapshot_meta() -> Vec<u8> {
+    let h =
+        StreamHeader { format_version: 1, flags: StreamFlags::SNAPSHOT, page_size: 4096, writer_version: (0, 1, 0) };
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.machine_config(&MachineConfig { memory_bytes: 70 * 4096, vcpus: 1, regions: vec![(0, 70 * 4096)] }).unwrap();
+    w.snapshot_info(&SnapshotInfo {
+        id: [0xaa; 16],
+        parent_id: [0xbb; 16],
+        parent_meta_crc: 0x1234_5678,
+        kind: SnapshotKind::Incremental,
+        created_unix_ms: 1_700_000_000_000,
+        parent_path: "base.snap".into(),
+    })
+    .unwrap();
+    w.ram_map(&sample_map()).unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.vcpu_state(0, 1, b"vcpu-zero").unwrap();
+    w.device_state("serial", 0, 1, b"uart").unwrap();
+    w.end().unwrap();
+    w.into_inner()
+}
+
+#[test]
+fn golden_v1_snapshot_fixture_is_what_this_version_writes_and_reads_back() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-snapshot-meta.bin");
+    let written = golden_snapshot_meta();
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(path, &written).unwrap();
+    }
+    let fixture = std::fs::read(path).unwrap();
+
+    let decoded = read_all(&fixture).unwrap();
+
+    assert_eq!(written, fixture, "the writer no longer produces the v1 snapshot fixture byte for byte");
+    assert_eq!(decoded[1], "snapshot Incremental id aa parent bb crc 0x12345678 t 1700000000000 from \"base.snap\"");
+    assert_eq!(decoded[2], "ram_map 0 gpa 0x0 70 pages at 0x200000 present [b, 1] zero [4, 2] crcs [11, 22, 33, 44]");
+    assert_eq!(decoded.last().unwrap(), "end");
+}
+
+#[test]
+fn snapshot_records_outside_a_snapshot_file_are_refused() {
+    let h = StreamHeader::new(StreamFlags::empty());
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.ram_map(&sample_map()).unwrap();
+    w.end().unwrap();
+
+    let e = read_all(&w.into_inner()).unwrap_err();
+
+    assert!(e.to_string().contains("only snapshot files"), "{e}");
+}
+
+#[test]
+fn ram_map_with_overlapping_bitmaps_or_wrong_checksum_count_is_refused() {
+    let h = StreamHeader::new(StreamFlags::SNAPSHOT);
+    for bad in [
+        RamMap { zero: vec![0b1000, 0], ..sample_map() }, // page 3 both present and zero
+        RamMap { zero: vec![0, 1 << 40], ..sample_map() }, // page 104 beyond 70 pages
+    ] {
+        let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+        w.ram_map(&bad).unwrap();
+        w.end().unwrap();
+
+        let e = read_all(&w.into_inner()).unwrap_err();
+
+        assert!(e.to_string().contains("RAM_MAP"), "{e}");
+    }
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    assert!(w.ram_map(&RamMap { crcs: vec![1], ..sample_map() }).is_err(), "writer must refuse a short checksum list");
+}
+
+#[test]
+fn every_truncation_of_snapshot_metadata_is_an_error() {
+    let s = golden_snapshot_meta();
+    for n in 0..s.len() {
+        assert!(read_all(&s[..n]).is_err(), "prefix of {n} bytes read as complete");
     }
 }

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ pub struct ApiContext {
     pub migrating: AtomicBool,
     /// Set by `migrate-cancel`; the running migration stops at its next step.
     pub cancel: AtomicBool,
+    /// Pages dirtied since the last snapshot (for incremental snapshots); also one at a time.
+    pub snapshots: Mutex<Option<ferry_migrate::snapshot::Tracker>>,
 }
 
 impl ApiContext {
@@ -37,6 +39,7 @@ impl ApiContext {
             paused: AtomicBool::new(false),
             migrating: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
+            snapshots: Mutex::new(None),
         }
     }
 }
@@ -164,6 +167,26 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             }
             ctx.cancel.store(true, Ordering::SeqCst);
             Ok(json!({}))
+        }
+        "snapshot" => {
+            let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("snapshot needs \"to\""))?;
+            if ctx.migrating.load(Ordering::SeqCst) {
+                bail!("a migration is running; snapshot after it");
+            }
+            let params = ferry_migrate::snapshot::SnapshotParams {
+                path: PathBuf::from(to),
+                live: req.get("live").and_then(Value::as_bool).unwrap_or(false),
+                stop: req.get("stop").and_then(Value::as_bool).unwrap_or(false),
+                incremental_from: req.get("incremental_from").and_then(Value::as_str).map(PathBuf::from),
+            };
+            let mut tracker = ctx.snapshots.lock().map_err(|_| anyhow!("snapshot state lock is poisoned"))?;
+            let already_paused = ctx.paused.load(Ordering::SeqCst);
+            let summary =
+                ferry_migrate::snapshot::snapshot(&ctx.vm, &params, &mut tracker, already_paused, &ctx.cancel)?;
+            if params.stop {
+                ctx.paused.store(true, Ordering::SeqCst);
+            }
+            Ok(json!({ "summary": summary }))
         }
         "dirty-rate" => {
             let ms = req.get("window_ms").and_then(Value::as_u64).unwrap_or(1000);

@@ -41,6 +41,8 @@ enum Cmd {
         #[arg(long)]
         api_socket: PathBuf,
     },
+    /// Save the VM behind an API socket to a snapshot file (restore with `ferry run --restore`).
+    Snapshot(SnapshotArgs),
     /// Measure the guest's dirty rate (pages/s, MiB/s; per vCPU with the dirty ring) while it
     /// runs; safe during a migration.
     DirtyRate {
@@ -114,6 +116,27 @@ struct MigrateArgs {
 }
 
 #[derive(clap::Args)]
+struct SnapshotArgs {
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// The snapshot file to write (written as PATH.partial, renamed when complete).
+    #[arg(long)]
+    to: PathBuf,
+    /// Copy memory while the guest runs; pause only for the last pass.
+    #[arg(long)]
+    live: bool,
+    /// Leave the guest paused afterwards.
+    #[arg(long)]
+    stop: bool,
+    /// Only the pages dirtied since this snapshot (the last one this Ferry took).
+    #[arg(long)]
+    incremental_from: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     /// ELF kernel with a PVH entry note (default: the built-in guest).
     #[arg(long)]
@@ -136,6 +159,12 @@ struct RunArgs {
     /// Wait for an incoming migration on unix:PATH or tcp:HOST:PORT instead of booting.
     #[arg(long)]
     incoming: Option<String>,
+    /// Restore a snapshot file (following its chain of parents) instead of booting.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// With --restore: leave the restored guest paused until the API resumes it.
+    #[arg(long)]
+    paused: bool,
     /// How KVM reports dirty pages: a per-slot bitmap (manual protect) or per-vCPU rings.
     #[arg(long, value_enum, default_value = "bitmap")]
     dirty_tracking: TrackingArg,
@@ -209,11 +238,37 @@ fn run(a: RunArgs) -> Result<i32> {
     if a.cpus == 0 {
         bail!("--cpus 0: a VM needs at least one vCPU");
     }
-    let vm = match &a.incoming {
-        Some(uri) => incoming(&a, uri)?,
-        None => boot(&a)?,
+    if a.paused && a.restore.is_none() {
+        bail!("--paused applies to --restore only");
+    }
+    let vm = match (&a.incoming, &a.restore) {
+        (Some(_), Some(_)) => bail!("--incoming and --restore exclude each other: a guest comes from one place"),
+        (Some(uri), None) => incoming(&a, uri)?,
+        (None, Some(path)) => restore(&a, path)?,
+        (None, None) => boot(&a)?,
     };
     serve_and_wait(&a, vm)
+}
+
+fn restore(a: &RunArgs, path: &std::path::Path) -> Result<Arc<Vm>> {
+    if a.kernel.is_some() || a.cmdline.is_some() {
+        bail!("--restore takes the guest from the snapshot: --kernel and --cmdline do not apply");
+    }
+    let (vm, st) =
+        ferry_migrate::snapshot::restore(path, a.memory, serial_sink(&a.serial)?, a.dirty_tracking()?, a.paused)
+            .with_context(|| format!("cannot restore {}; nothing was started", path.display()))?;
+    eprintln!(
+        "ferry: restored {} ({} snapshot{} in the chain): {} data and {} zero pages, {:.1} MiB read, {:.1} ms{}",
+        path.display(),
+        st.chain_len,
+        if st.chain_len == 1 { "" } else { "s" },
+        st.data_pages,
+        st.zero_pages,
+        st.bytes_read as f64 / (1 << 20) as f64,
+        st.total.as_secs_f64() * 1000.0,
+        if a.paused { "; paused until the API resumes it" } else { "" }
+    );
+    Ok(Arc::new(vm))
 }
 
 fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
@@ -269,6 +324,7 @@ fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
 fn serve_and_wait(a: &RunArgs, vm: Arc<Vm>) -> Result<i32> {
     if let Some(sock) = &a.api_socket {
         let ctx = Arc::new(api::ApiContext::new(vm.clone()));
+        ctx.paused.store(a.paused, Ordering::SeqCst);
         api::serve(sock, ctx)?;
     }
     let reason = vm.wait_exit();
@@ -291,6 +347,33 @@ fn inspect(path: &std::path::Path) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     ferry_stream::inspect(std::io::BufReader::new(f), &mut out)
         .with_context(|| format!("{} is not a valid Ferry stream", path.display()))?;
+    Ok(0)
+}
+
+fn snapshot(a: SnapshotArgs) -> Result<i32> {
+    let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut req = serde_json::json!({"cmd": "snapshot", "to": abs(&a.to), "live": a.live, "stop": a.stop});
+    if let Some(p) = &a.incremental_from {
+        req["incremental_from"] = serde_json::json!(abs(p));
+    }
+    let v = api::call(&a.api_socket, &req)?;
+    let s = &v["summary"];
+    if a.json {
+        println!("{s}");
+        return Ok(0);
+    }
+    let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "snapshot {} ({}) written to {}: {} data pages, {} zero, {} from the parent; {:.1} MiB on disk",
+        s["id"].as_str().unwrap_or("?"),
+        s["kind"].as_str().unwrap_or("?"),
+        s["path"].as_str().unwrap_or("?"),
+        s["data_pages"],
+        s["zero_pages"],
+        s["parent_pages"],
+        f("allocated_bytes") / (1 << 20) as f64
+    );
+    println!("  total {:.1} ms, guest paused {:.1} ms, {} pass(es)", f("total_ms"), f("pause_ms"), s["passes"]);
     Ok(0)
 }
 
@@ -387,6 +470,7 @@ fn main() {
         Cmd::MigrateCancel { api_socket } => {
             api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| 0)
         }
+        Cmd::Snapshot(a) => snapshot(a),
         Cmd::DirtyRate { api_socket, window_ms, json } => dirty_rate(&api_socket, window_ms, json),
         Cmd::Api { api_socket, command } => api::call(&api_socket, &serde_json::json!({ "cmd": command })).map(|v| {
             println!("{v}");

@@ -2,7 +2,8 @@
 
 use std::io::Write;
 
-use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::serial::NoEvents;
+pub use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 

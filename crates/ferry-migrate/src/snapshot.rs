@@ -1,0 +1,885 @@
+//! Snapshots: a machine written to a file in the migration stream format, and restored from it.
+//!
+//! A snapshot file (docs/snapshots.md) is a stream with header flag SNAPSHOT whose records
+//! describe the machine (MACHINE_CONFIG, SNAPSHOT_INFO, one RAM_MAP per RAM region, VM_STATE,
+//! VCPU_STATE…, DEVICE_STATE…, END) in a metadata area at the start of the file, followed by one
+//! data area per region where page i lies at `data_offset + i * 4096` (QEMU's mapped-ram idea):
+//! pages are written in place (a live snapshot rewrites a page the guest dirtied again), and a
+//! restore reads (or could map) each region directly. Never-written and all-zero pages take no
+//! space: the file is sparse.
+//!
+//! Incremental snapshots: after each snapshot Ferry keeps a dirty-log consumer (the *tracker*)
+//! registered, holding every page written since. `--incremental-from P` (P must be the last
+//! snapshot this process took) writes only those pages; pages it does not carry come from the
+//! parent, named in SNAPSHOT_INFO by path, id and metadata checksum. The tracker's harvested
+//! bits are given back if the snapshot fails, so the next snapshot still holds every page
+//! dirtied before the failure.
+//!
+//! A snapshot is written to `PATH.partial`, synced, then renamed: a failed snapshot leaves no
+//! file at PATH.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_stream::{
+    MachineConfig, RamMap, Record, SnapshotInfo, SnapshotKind, StreamError, StreamFlags, StreamHeader, StreamReader,
+    StreamWriter, PAGE_SIZE, SNAPSHOT_ID_LEN,
+};
+use ferry_vmm::devices::serial::{decode_state, SerialSink, SERIAL_SECTION_ID, SERIAL_STATE_VERSION};
+use ferry_vmm::dirty_log::{ConsumerId, Initial};
+use ferry_vmm::memory::GuestRam;
+use ferry_vmm::vcpu_state::{msrs_to_save, VcpuState};
+use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, Vm};
+use ferry_vmm::vm_state::VmState;
+use serde::Serialize;
+
+use crate::destination::{restore_state, IncomingError};
+use crate::source::{data_ranges, is_zero, write_machine_state, MigrateError};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Longest chain of incremental snapshots followed on restore.
+const MAX_CHAIN: usize = 64;
+/// Live snapshot: stop iterating once the rest is estimated to take less than this.
+const LIVE_TARGET: Duration = Duration::from_millis(20);
+/// Live snapshot: most passes while the guest runs.
+const LIVE_MAX_PASSES: u32 = 10;
+/// Pages per pwrite at most (a run of consecutive pages is one write).
+const MAX_RUN_PAGES: u64 = 512;
+
+/// Errors of taking or restoring a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot write snapshot file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read snapshot file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot file {path} is not valid")]
+    Stream {
+        path: PathBuf,
+        #[source]
+        source: StreamError,
+    },
+    #[error("{path} is a migration stream, not a snapshot file (no SNAPSHOT flag)")]
+    NotSnapshot { path: PathBuf },
+    #[error("snapshot file {path} is incomplete: {what}")]
+    Incomplete { path: PathBuf, what: String },
+    #[error("page {page} of region {region} in {path} is corrupt (checksum {stored:#010x}, data {computed:#010x})")]
+    PageChecksum { path: PathBuf, region: u32, page: u64, stored: u32, computed: u32 },
+    #[error("parent snapshot {parent} of {child} is missing")]
+    MissingParent {
+        parent: PathBuf,
+        child: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{parent} is not the parent of {child}: {what}")]
+    WrongParent { parent: PathBuf, child: PathBuf, what: String },
+    #[error("snapshot chain from {0} is longer than {MAX_CHAIN} or loops")]
+    ChainTooLong(PathBuf),
+    #[error("{0} does not match the snapshot's machine: {1}")]
+    Mismatch(PathBuf, String),
+    #[error(
+        "an incremental snapshot needs the last snapshot this Ferry took as its parent; {asked} is not it{}",
+        last.as_ref().map(|p| format!(" (the last one is {})", p.display())).unwrap_or_else(|| " (none was taken)".into())
+    )]
+    NotTracked { asked: PathBuf, last: Option<PathBuf> },
+    #[error("--live cannot be combined with --incremental-from yet")]
+    LiveIncremental,
+    #[error("the snapshot was cancelled")]
+    Cancelled,
+    #[error("snapshot metadata of {0} bytes does not fit the {1} bytes reserved for it")]
+    MetadataTooLarge(u64, u64),
+    #[error("saving the machine failed")]
+    Save(#[source] MigrateError),
+    #[error("rebuilding the machine failed")]
+    Restore(#[source] IncomingError),
+    #[error("the machine")]
+    Vm(#[from] ferry_vmm::vm::VmError),
+    #[error("guest memory")]
+    Memory(#[from] ferry_vmm::memory::MemoryError),
+}
+
+/// What to take.
+#[derive(Debug, Clone)]
+pub struct SnapshotParams {
+    pub path: PathBuf,
+    /// Pre-copy into the file while the guest runs; pause only for the last pass.
+    pub live: bool,
+    /// Leave the guest paused afterwards.
+    pub stop: bool,
+    /// Only the pages dirtied since this snapshot (the last one this process took).
+    pub incremental_from: Option<PathBuf>,
+}
+
+/// The dirty pages since the last snapshot, for the next incremental one.
+pub struct Tracker {
+    consumer: ConsumerId,
+    id: [u8; SNAPSHOT_ID_LEN],
+    meta_crc: u32,
+    path: PathBuf,
+}
+
+impl Tracker {
+    /// Unregisters the tracker's consumer (the VM stops tracking for incrementals).
+    pub fn release(self, vm: &Vm) {
+        let _ = vm.dirty_unregister(self.consumer);
+    }
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    pub path: String,
+    pub kind: &'static str,
+    pub id: String,
+    pub parent: Option<String>,
+    pub total_ms: f64,
+    /// Guest paused (ms): everything for a plain snapshot, the last pass for a live one.
+    pub pause_ms: f64,
+    pub passes: u32,
+    /// Pages whose data is in the file.
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    /// Pages left to the parent (incremental).
+    pub parent_pages: u64,
+    /// Bytes of page data written (a live snapshot rewrites re-dirtied pages).
+    pub data_bytes_written: u64,
+    pub metadata_bytes: u64,
+    /// Bytes the file occupies on disk (it is sparse).
+    pub allocated_bytes: u64,
+    /// Apparent file size.
+    pub file_bytes: u64,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn new_id() -> [u8; SNAPSHOT_ID_LEN] {
+    let mut id = [0u8; SNAPSHOT_ID_LEN];
+    let ok = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut id)).is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        id[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    id
+}
+
+/// Pages of one region as the snapshot records them.
+struct RegionMap {
+    present: Vec<u64>,
+    zero: Vec<u64>,
+    /// Per page (dense), valid where present.
+    crcs: Vec<u32>,
+}
+
+impl RegionMap {
+    fn new(npages: u64) -> Self {
+        let n = npages.div_ceil(64) as usize;
+        RegionMap { present: vec![0; n], zero: vec![0; n], crcs: vec![0; npages as usize] }
+    }
+    fn set(&mut self, page: u64, data_crc: Option<u32>) {
+        let (w, b) = ((page / 64) as usize, 1u64 << (page % 64));
+        match data_crc {
+            Some(c) => {
+                self.present[w] |= b;
+                self.zero[w] &= !b;
+                self.crcs[page as usize] = c;
+            }
+            None => {
+                self.present[w] &= !b;
+                self.zero[w] |= b;
+            }
+        }
+    }
+    fn to_record(&self, region: u32, gpa: u64, npages: u64, data_offset: u64) -> RamMap {
+        let crcs = (0..npages).filter(|&p| self.present[(p / 64) as usize] & (1 << (p % 64)) != 0);
+        RamMap {
+            region,
+            gpa,
+            npages,
+            data_offset,
+            present: self.present.clone(),
+            zero: self.zero.clone(),
+            crcs: crcs.map(|p| self.crcs[p as usize]).collect(),
+        }
+    }
+}
+
+/// The file being written.
+struct Out<'a> {
+    vm: &'a Vm,
+    file: File,
+    path: PathBuf,
+    /// File offset of each region's data area.
+    data_offsets: Vec<u64>,
+    maps: Vec<RegionMap>,
+    bytes: u64,
+}
+
+impl Out<'_> {
+    fn werr(&self, source: std::io::Error) -> SnapshotError {
+        SnapshotError::Write { path: self.path.clone(), source }
+    }
+
+    /// Writes the pages set in `bits` (pages `first + i` of region `ri`): data pages in place,
+    /// zero pages as zero bits.
+    fn write_pages(&mut self, ri: usize, first: u64, bits: &[u64], probe_holes: bool) -> Result<(), SnapshotError> {
+        let ram = self.vm.ram();
+        let region = ram.regions()[ri];
+        let count = bits.len() as u64 * 64;
+        let holes = probe_holes.then(|| {
+            data_ranges(
+                ram.memfd_raw(),
+                region.file_offset + first * PAGE,
+                count.min(region.size / PAGE - first) * PAGE,
+            )
+        });
+        let in_data = |page: u64| {
+            let off = region.file_offset + page * PAGE;
+            holes.as_ref().is_none_or(|d| d.iter().any(|&(a, b)| off >= a && off < b))
+        };
+        let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
+            (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
+        });
+        // Runs of consecutive data pages go out in one pwrite, straight from guest memory.
+        let mut run: Option<(u64, u64)> = None;
+        for page in pages {
+            let gpa = region.gpa + page * PAGE;
+            let data = if in_data(page) {
+                let p = ram.host_ptr(gpa, PAGE)?;
+                // SAFETY: one page of live guest RAM; a running guest may change it (it is then
+                // dirty again and rewritten), so the bytes are only copied, never interpreted.
+                Some(unsafe { std::slice::from_raw_parts(p as *const u8, PAGE_SIZE) })
+            } else {
+                None
+            };
+            match data {
+                Some(d) if !is_zero(d) => {
+                    self.maps[ri].set(page, Some(crc32c::crc32c(d)));
+                    run = match run {
+                        Some((s, n)) if s + n == page && n < MAX_RUN_PAGES => Some((s, n + 1)),
+                        Some(r) => {
+                            self.flush_run(ri, r)?;
+                            Some((page, 1))
+                        }
+                        None => Some((page, 1)),
+                    };
+                }
+                _ => self.maps[ri].set(page, None),
+            }
+        }
+        if let Some(r) = run {
+            self.flush_run(ri, r)?;
+        }
+        Ok(())
+    }
+
+    fn flush_run(&mut self, ri: usize, (start, n): (u64, u64)) -> Result<(), SnapshotError> {
+        let region = self.vm.ram().regions()[ri];
+        let p = self.vm.ram().host_ptr(region.gpa + start * PAGE, n * PAGE)?;
+        // SAFETY: `n` pages of live guest RAM inside one region (host_ptr checked the range).
+        let buf = unsafe { std::slice::from_raw_parts(p as *const u8, (n * PAGE) as usize) };
+        let off = self.data_offsets[ri] + start * PAGE;
+        self.file.write_all_at(buf, off).map_err(|e| self.werr(e))?;
+        self.bytes += n * PAGE;
+        Ok(())
+    }
+}
+
+/// Pages harvested from a consumer, kept until the snapshot is safely written; given back on
+/// failure.
+struct Harvested<'a> {
+    vm: &'a Vm,
+    consumer: ConsumerId,
+    /// (region, bits from page 0)
+    bits: Vec<(usize, Vec<u64>)>,
+    keep: bool,
+}
+
+impl<'a> Harvested<'a> {
+    fn take(vm: &'a Vm, consumer: ConsumerId) -> Result<Self, SnapshotError> {
+        let mut h = Harvested { vm, consumer, bits: Vec::new(), keep: false };
+        for (ri, r) in vm.ram().regions().iter().enumerate() {
+            let b = vm.dirty_harvest(consumer, ri, 0, r.size / PAGE)?;
+            h.bits.push((ri, b));
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for Harvested<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            for (ri, b) in &self.bits {
+                let _ = self.vm.dirty_give_back(self.consumer, *ri, 0, b);
+            }
+        }
+    }
+}
+
+/// Resumes on drop unless told to stay paused.
+struct Paused<'a> {
+    vm: &'a Vm,
+    resume: bool,
+    since: Instant,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        if self.resume {
+            let _ = self.vm.resume();
+        }
+    }
+}
+
+/// Unregisters a consumer on drop unless kept.
+struct NewConsumer<'a> {
+    vm: &'a Vm,
+    id: ConsumerId,
+    keep: bool,
+}
+
+impl Drop for NewConsumer<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = self.vm.dirty_unregister(self.id);
+        }
+    }
+}
+
+fn layout(vm: &Vm) -> (u64, Vec<u64>) {
+    let regions = vm.ram().regions();
+    let index: u64 = regions.iter().map(|r| 64 + (r.size / PAGE).div_ceil(64) * 16 + (r.size / PAGE) * 4).sum();
+    let state = 64 * 1024 * (vm.vcpu_count() as u64 + 2) + 64 * 1024;
+    let meta = (index + state + (1 << 20)).next_multiple_of(1 << 21);
+    let mut offs = Vec::new();
+    let mut o = meta;
+    for r in regions {
+        offs.push(o);
+        o += r.size;
+    }
+    (meta, offs)
+}
+
+/// The partial file's path.
+fn partial(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".partial");
+    PathBuf::from(p)
+}
+
+/// Takes a snapshot of `vm`. `tracker` is the VM's incremental tracker (replaced on success);
+/// `already_paused` says the API paused the guest (it then stays paused).
+pub fn snapshot(
+    vm: &Vm,
+    params: &SnapshotParams,
+    tracker: &mut Option<Tracker>,
+    already_paused: bool,
+    cancel: &AtomicBool,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let t_start = Instant::now();
+    if params.live && params.incremental_from.is_some() {
+        return Err(SnapshotError::LiveIncremental);
+    }
+    let parent = match &params.incremental_from {
+        Some(p) => {
+            let meta = read_meta(p)?;
+            match tracker {
+                Some(t) if t.id == meta.info.id && t.meta_crc == meta.meta_crc => {
+                    Some((p.clone(), meta.info.id, meta.meta_crc, t.consumer))
+                }
+                _ => {
+                    return Err(SnapshotError::NotTracked {
+                        asked: p.clone(),
+                        last: tracker.as_ref().map(|t| t.path.clone()),
+                    })
+                }
+            }
+        }
+        None => None,
+    };
+    let tmp = partial(&params.path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|source| SnapshotError::Write { path: tmp.clone(), source })?;
+    let r = write_file(vm, params, tracker, parent, already_paused, cancel, file, &tmp, t_start);
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_file(
+    vm: &Vm,
+    params: &SnapshotParams,
+    tracker: &mut Option<Tracker>,
+    parent: Option<(PathBuf, [u8; SNAPSHOT_ID_LEN], u32, ConsumerId)>,
+    already_paused: bool,
+    cancel: &AtomicBool,
+    file: File,
+    tmp: &Path,
+    t_start: Instant,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let (meta_reserve, data_offsets) = layout(vm);
+    let end =
+        data_offsets.last().copied().unwrap_or(meta_reserve) + vm.ram().regions().last().map(|r| r.size).unwrap_or(0);
+    file.set_len(end).map_err(|source| SnapshotError::Write { path: tmp.to_path_buf(), source })?;
+    let maps = vm.ram().regions().iter().map(|r| RegionMap::new(r.size / PAGE)).collect();
+    let mut out = Out { vm, file, path: tmp.to_path_buf(), data_offsets, maps, bytes: 0 };
+    let msr_list = msrs_to_save(vm.kvm()).map_err(|e| SnapshotError::Save(MigrateError::VcpuState(0, e)))?;
+    let mut passes = 0;
+
+    // Live: pre-copy into the file while the guest runs.
+    let live = if params.live {
+        let reg = vm.dirty_consumer("snapshot-live", Initial::AllDirty)?;
+        let mut last_pending = u64::MAX;
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(SnapshotError::Cancelled);
+            }
+            vm.dirty_sync()?;
+            let pending = vm.dirty_pending(reg.id())?;
+            let secs = t_start.elapsed().as_secs_f64().max(1e-3);
+            let rate = out.bytes as f64 / secs;
+            let estimate = if rate > 0.0 { pending as f64 * PAGE as f64 / rate } else { f64::INFINITY };
+            if passes > 0
+                && (estimate < LIVE_TARGET.as_secs_f64()
+                    || pending * 10 > last_pending * 7
+                    || passes >= LIVE_MAX_PASSES)
+            {
+                break;
+            }
+            last_pending = pending;
+            let h = Harvested::take(vm, reg.id())?;
+            for (ri, b) in &h.bits {
+                out.write_pages(*ri, 0, b, passes == 0)?;
+            }
+            let mut h = h;
+            h.keep = true;
+            passes += 1;
+        }
+        Some(reg)
+    } else {
+        None
+    };
+
+    // The stop.
+    let paused_at = Instant::now();
+    if !already_paused {
+        vm.pause()?;
+    }
+    let paused = Paused { vm, resume: !(already_paused || params.stop), since: paused_at };
+    // The next incremental snapshot's tracker starts now: everything before is in this one.
+    let fresh = vm.dirty_register("snapshot", Initial::Clean)?;
+    let mut fresh = NewConsumer { vm, id: fresh, keep: false };
+    vm.dirty_sync()?;
+    let _in_this_snapshot = {
+        let mut h = Harvested::take(vm, fresh.id)?;
+        h.keep = true;
+        h
+    };
+    let mut from_parent = None;
+    match (&live, &parent) {
+        (Some(reg), _) => {
+            let mut h = Harvested::take(vm, reg.id())?;
+            for (ri, b) in &h.bits {
+                out.write_pages(*ri, 0, b, false)?;
+            }
+            h.keep = true;
+            passes += 1;
+        }
+        (None, Some((_, _, _, consumer))) => {
+            let h = Harvested::take(vm, *consumer)?;
+            for (ri, b) in &h.bits {
+                out.write_pages(*ri, 0, b, false)?;
+            }
+            // Given back unless the whole snapshot lands.
+            from_parent = Some(h);
+            passes += 1;
+        }
+        (None, None) => {
+            for (ri, r) in vm.ram().regions().iter().enumerate() {
+                let all = vec![!0u64; (r.size / PAGE).div_ceil(64) as usize];
+                out.write_pages(ri, 0, &all, true)?;
+            }
+            passes += 1;
+        }
+    }
+
+    // Metadata, captured while paused.
+    let id = new_id();
+    let ram = vm.ram();
+    let info = SnapshotInfo {
+        id,
+        parent_id: parent.as_ref().map(|p| p.1).unwrap_or([0; SNAPSHOT_ID_LEN]),
+        parent_meta_crc: parent.as_ref().map(|p| p.2).unwrap_or(0),
+        kind: if parent.is_some() { SnapshotKind::Incremental } else { SnapshotKind::Full },
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        parent_path: parent.as_ref().map(|p| p.0.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    let werr = |e: StreamError| SnapshotError::Stream { path: tmp.to_path_buf(), source: e };
+    let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(StreamFlags::SNAPSHOT)).map_err(werr)?;
+    w.machine_config(&MachineConfig {
+        memory_bytes: ram.size(),
+        vcpus: vm.vcpu_count(),
+        regions: ram.regions().iter().map(|r| (r.gpa, r.size)).collect(),
+    })
+    .map_err(werr)?;
+    w.snapshot_info(&info).map_err(werr)?;
+    let mut data_pages = 0;
+    let mut zero_pages = 0;
+    let mut parent_pages = 0;
+    for (ri, r) in ram.regions().iter().enumerate() {
+        let m = out.maps[ri].to_record(ri as u32, r.gpa, r.size / PAGE, out.data_offsets[ri]);
+        let (d, z) = (m.present_count(), m.zero.iter().map(|x| x.count_ones() as u64).sum::<u64>());
+        data_pages += d;
+        zero_pages += z;
+        parent_pages += m.npages - d - z;
+        w.ram_map(&m).map_err(werr)?;
+    }
+    write_machine_state(vm, &mut w, &msr_list).map_err(SnapshotError::Save)?;
+    w.end().map_err(werr)?;
+    let pause_ms = paused.since.elapsed().as_secs_f64() * 1000.0;
+    drop(paused); // the guest runs on (unless stopped) while the file is finished
+    let meta = w.into_inner();
+    if meta.len() as u64 > meta_reserve {
+        return Err(SnapshotError::MetadataTooLarge(meta.len() as u64, meta_reserve));
+    }
+    out.file.write_all_at(&meta, 0).map_err(|e| out.werr(e))?;
+    out.file.sync_all().map_err(|e| out.werr(e))?;
+    std::fs::rename(tmp, &params.path).map_err(|source| SnapshotError::Write { path: params.path.clone(), source })?;
+    if let Some(dir) = params.path.parent() {
+        if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+            let _ = d.sync_all();
+        }
+    }
+
+    // Landed: the new tracker replaces the old one; bits taken from the old one are consumed.
+    if let Some(mut h) = from_parent {
+        h.keep = true;
+    }
+    if let Some(old) = tracker.take() {
+        old.release(vm);
+    }
+    fresh.keep = true;
+    *tracker = Some(Tracker { consumer: fresh.id, id, meta_crc: crc32c::crc32c(&meta), path: params.path.clone() });
+    let st = std::fs::metadata(&params.path).ok();
+    use std::os::unix::fs::MetadataExt;
+    Ok(SnapshotSummary {
+        path: params.path.display().to_string(),
+        kind: if parent.is_some() {
+            "incremental"
+        } else if params.live {
+            "live"
+        } else {
+            "full"
+        },
+        id: hex(&id),
+        parent: parent.as_ref().map(|p| p.0.display().to_string()),
+        total_ms: t_start.elapsed().as_secs_f64() * 1000.0,
+        pause_ms,
+        passes,
+        data_pages,
+        zero_pages,
+        parent_pages,
+        data_bytes_written: out.bytes,
+        metadata_bytes: meta.len() as u64,
+        allocated_bytes: st.as_ref().map(|m| m.blocks() * 512).unwrap_or(0),
+        file_bytes: st.as_ref().map(|m| m.len()).unwrap_or(0),
+    })
+}
+
+/// The metadata of one snapshot file.
+pub struct SnapshotMeta {
+    pub path: PathBuf,
+    pub config: MachineConfig,
+    pub info: SnapshotInfo,
+    pub maps: Vec<RamMap>,
+    pub vm_state: Vec<u8>,
+    pub vcpus: Vec<Option<Vec<u8>>>,
+    pub serial: Option<Vec<u8>>,
+    /// crc32c of the metadata bytes (header to the end of END).
+    pub meta_crc: u32,
+}
+
+/// Reads and checks a snapshot file's metadata (not its page data).
+pub fn read_meta(path: &Path) -> Result<SnapshotMeta, SnapshotError> {
+    let f = File::open(path).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
+    let serr = |e: StreamError| SnapshotError::Stream { path: path.to_path_buf(), source: e };
+    let incomplete = |what: &str| SnapshotError::Incomplete { path: path.to_path_buf(), what: what.into() };
+    let mut r = StreamReader::new(BufReader::new(f)).map_err(serr)?;
+    if !r.header().flags.contains(StreamFlags::SNAPSHOT) {
+        return Err(SnapshotError::NotSnapshot { path: path.to_path_buf() });
+    }
+    let (mut config, mut info, mut maps, mut vm_state, mut vcpus, mut serial) =
+        (None, None, Vec::new(), None, Vec::new(), None);
+    loop {
+        match r.next_record().map_err(serr)? {
+            Record::MachineConfig(c) => {
+                vcpus = vec![None; c.vcpus.min(ferry_vmm::vm::MAX_VCPUS) as usize];
+                config = Some(c);
+            }
+            Record::SnapshotInfo(i) => info = Some(i),
+            Record::RamMap(m) => maps.push(m),
+            Record::VmState { data, .. } => vm_state = Some(data.to_vec()),
+            Record::VcpuState { id, data, .. } => {
+                let slot = vcpus.get_mut(id as usize).ok_or_else(|| incomplete("vCPU state for a vCPU it lacks"))?;
+                *slot = Some(data.to_vec());
+            }
+            Record::DeviceState { id, version, data, .. } => {
+                if id != SERIAL_SECTION_ID || version != SERIAL_STATE_VERSION {
+                    return Err(SnapshotError::Restore(IncomingError::UnknownDevice { id, version }));
+                }
+                serial = Some(data.to_vec());
+            }
+            Record::PageBatch(_) | Record::Checkpoint(_) => return Err(incomplete("a record snapshots do not carry")),
+            Record::SkippedOptional { .. } => {}
+            Record::End => break,
+        }
+    }
+    let meta_len = r.bytes_read();
+    let config = config.ok_or_else(|| incomplete("no MACHINE_CONFIG"))?;
+    let info = info.ok_or_else(|| incomplete("no SNAPSHOT_INFO"))?;
+    let vm_state = vm_state.ok_or_else(|| incomplete("no VM_STATE"))?;
+    if maps.len() != config.regions.len()
+        || maps.iter().zip(&config.regions).enumerate().any(|(i, (m, r))| {
+            m.region as usize != i || m.gpa != r.0 || m.npages * PAGE != r.1 || m.data_offset < meta_len
+        })
+    {
+        return Err(incomplete("its RAM_MAP records do not match MACHINE_CONFIG"));
+    }
+    let mut f = File::open(path).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
+    let mut meta = vec![0u8; meta_len as usize];
+    f.read_exact(&mut meta).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if maps.iter().any(|m| m.data_offset + m.npages * PAGE > len) {
+        return Err(incomplete("the file is shorter than its page data areas (truncated?)"));
+    }
+    Ok(SnapshotMeta {
+        path: path.to_path_buf(),
+        config,
+        info,
+        maps,
+        vm_state,
+        vcpus,
+        serial,
+        meta_crc: crc32c::crc32c(&meta),
+    })
+}
+
+/// The snapshot and its ancestors, newest first, each checked against its child.
+pub fn chain(path: &Path) -> Result<Vec<SnapshotMeta>, SnapshotError> {
+    let mut v = vec![read_meta(path)?];
+    loop {
+        let child = v.last().ok_or_else(|| SnapshotError::ChainTooLong(path.to_path_buf()))?;
+        if child.info.kind == SnapshotKind::Full {
+            return Ok(v);
+        }
+        if v.len() >= MAX_CHAIN {
+            return Err(SnapshotError::ChainTooLong(path.to_path_buf()));
+        }
+        let stored = PathBuf::from(&child.info.parent_path);
+        let p =
+            if stored.is_relative() { child.path.parent().map(|d| d.join(&stored)).unwrap_or(stored) } else { stored };
+        if let Err(source) = std::fs::metadata(&p) {
+            return Err(SnapshotError::MissingParent { parent: p, child: child.path.clone(), source });
+        }
+        let parent = read_meta(&p)?;
+        let wrong = |what: String| SnapshotError::WrongParent { parent: p.clone(), child: child.path.clone(), what };
+        if parent.info.id != child.info.parent_id {
+            return Err(wrong(format!(
+                "its id is {}, the child names {}",
+                hex(&parent.info.id),
+                hex(&child.info.parent_id)
+            )));
+        }
+        if parent.meta_crc != child.info.parent_meta_crc {
+            return Err(wrong(format!(
+                "its metadata checksum is {:#010x}, the child recorded {:#010x}",
+                parent.meta_crc, child.info.parent_meta_crc
+            )));
+        }
+        if parent.config != child.config {
+            return Err(wrong("it describes another machine".into()));
+        }
+        v.push(parent);
+    }
+}
+
+/// How a restore went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreStats {
+    pub chain_len: usize,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    pub bytes_read: u64,
+    pub total: Duration,
+}
+
+/// Rebuilds a machine from a snapshot (following its chain) and starts it (paused if asked).
+pub fn restore(
+    path: &Path,
+    memory: Option<u64>,
+    serial_out: SerialSink,
+    dirty_tracking: DirtyTracking,
+    paused: bool,
+) -> Result<(Vm, RestoreStats), SnapshotError> {
+    let t0 = Instant::now();
+    let chain = chain(path)?;
+    let top = &chain[0];
+    if let Some(m) = memory {
+        if m != top.config.memory_bytes {
+            return Err(SnapshotError::Mismatch(
+                path.to_path_buf(),
+                format!("it holds {} bytes of RAM, --memory asks for {m}", top.config.memory_bytes),
+            ));
+        }
+    }
+    let c = &top.config;
+    if c.vcpus == 0 || c.vcpus > ferry_vmm::vm::MAX_VCPUS || ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
+        return Err(SnapshotError::Mismatch(path.to_path_buf(), "unsupported vCPU count or RAM layout".into()));
+    }
+    let ram = GuestRam::new(c.memory_bytes)?;
+    let mut stats = RestoreStats { chain_len: chain.len(), ..Default::default() };
+    let files = chain
+        .iter()
+        .map(|m| File::open(&m.path).map_err(|source| SnapshotError::Read { path: m.path.clone(), source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (ri, region) in ram.regions().iter().enumerate() {
+        // Where each page comes from: the newest snapshot that has it.
+        let npages = region.size / PAGE;
+        let mut next_crc: Vec<usize> = vec![0; chain.len()];
+        let mut run: Option<(usize, u64, u64)> = None; // (file, first page, count)
+        let mut pending_crcs: Vec<u32> = Vec::new();
+        for page in 0..npages {
+            let mut src = None;
+            for (k, m) in chain.iter().enumerate() {
+                let map = &m.maps[ri];
+                if map.is_present(page) {
+                    src = Some(Some(k));
+                    break;
+                }
+                if map.is_zero(page) {
+                    src = Some(None);
+                    break;
+                }
+            }
+            // Every present page of every file consumes its checksum in page order.
+            for (k, m) in chain.iter().enumerate() {
+                if m.maps[ri].is_present(page) && src != Some(Some(k)) {
+                    next_crc[k] += 1;
+                }
+            }
+            match src {
+                Some(Some(k)) => {
+                    let crc = chain[k].maps[ri].crcs.get(next_crc[k]).copied().unwrap_or(0);
+                    next_crc[k] += 1;
+                    stats.data_pages += 1;
+                    run = match run {
+                        Some((f, s, n)) if f == k && s + n == page && n < MAX_RUN_PAGES => {
+                            pending_crcs.push(crc);
+                            Some((f, s, n + 1))
+                        }
+                        other => {
+                            if let Some(r) = other {
+                                read_run(&ram, ri, &chain, &files, r, &pending_crcs, &mut stats)?;
+                            }
+                            pending_crcs.clear();
+                            pending_crcs.push(crc);
+                            Some((k, page, 1))
+                        }
+                    };
+                }
+                Some(None) => stats.zero_pages += 1,
+                None => {
+                    return Err(SnapshotError::Incomplete {
+                        path: chain[chain.len() - 1].path.clone(),
+                        what: format!("page {page} of region {ri} is in no snapshot of the chain"),
+                    })
+                }
+            }
+        }
+        if let Some(r) = run {
+            read_run(&ram, ri, &chain, &files, r, &pending_crcs, &mut stats)?;
+        }
+    }
+    let vm_state = VmState::decode(&top.vm_state).map_err(|e| SnapshotError::Restore(IncomingError::VmState(e)))?;
+    let vcpu_states = top
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(id, b)| match b {
+            Some(b) => VcpuState::decode(b)
+                .map(Some)
+                .map_err(|e| SnapshotError::Restore(IncomingError::VcpuState(id as u32, e))),
+            None => Err(SnapshotError::Restore(IncomingError::MissingVcpu(id as u32))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let serial = match &top.serial {
+        Some(b) => Some(decode_state(b).map_err(|e| SnapshotError::Restore(IncomingError::Serial(e)))?),
+        None => None,
+    };
+    let machine = create_machine(ram, dirty_tracking)?;
+    let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
+    let (machine, serial, fds) =
+        restore_state(machine, fds, &vm_state, &vcpu_states, serial, serial_out).map_err(SnapshotError::Restore)?;
+    let vm = Vm::start(machine, serial, fds, paused)?;
+    stats.total = t0.elapsed();
+    Ok((vm, stats))
+}
+
+/// Reads `n` pages of chain file `k` into guest memory and checks their checksums.
+fn read_run(
+    ram: &GuestRam,
+    ri: usize,
+    chain: &[SnapshotMeta],
+    files: &[File],
+    (k, first, n): (usize, u64, u64),
+    crcs: &[u32],
+    stats: &mut RestoreStats,
+) -> Result<(), SnapshotError> {
+    let region = ram.regions()[ri];
+    let m = &chain[k].maps[ri];
+    let host = ram.host_ptr(region.gpa + first * PAGE, n * PAGE)?;
+    // SAFETY: `n` pages of guest RAM of a machine no vCPU runs on yet (host_ptr checked it).
+    let buf = unsafe { std::slice::from_raw_parts_mut(host, (n * PAGE) as usize) };
+    files[k]
+        .read_exact_at(buf, m.data_offset + first * PAGE)
+        .map_err(|source| SnapshotError::Read { path: chain[k].path.clone(), source })?;
+    stats.bytes_read += n * PAGE;
+    for (i, page) in buf.chunks(PAGE_SIZE).enumerate() {
+        let computed = crc32c::crc32c(page);
+        if computed != crcs[i] {
+            return Err(SnapshotError::PageChecksum {
+                path: chain[k].path.clone(),
+                region: ri as u32,
+                page: first + i as u64,
+                stored: crcs[i],
+                computed,
+            });
+        }
+    }
+    Ok(())
+}
