@@ -241,7 +241,7 @@ impl Out<'_> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
         let count = bits.len() as u64 * 64;
-        let holes = probe_holes.then(|| {
+        let holes = (probe_holes && ram.memfd_backs(ri)).then(|| {
             data_ranges(
                 ram.memfd_raw(),
                 region.file_offset + first * PAGE,
@@ -728,10 +728,22 @@ pub fn chain(path: &Path) -> Result<Vec<SnapshotMeta>, SnapshotError> {
     }
 }
 
+/// How a restore puts page data into guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Read every page into the memfd and check its crc32c.
+    Read,
+    /// Map the full snapshot's data areas copy-on-write (pages load on first touch, without a
+    /// checksum check); pages of newer incrementals are read over them.
+    Mmap,
+}
+
 /// How a restore went.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RestoreStats {
     pub chain_len: usize,
+    /// Pages left to the copy-on-write mapping of the full snapshot (mmap mode).
+    pub mapped_pages: u64,
     pub data_pages: u64,
     pub zero_pages: u64,
     pub bytes_read: u64,
@@ -745,6 +757,7 @@ pub fn restore(
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
     paused: bool,
+    mode: RestoreMode,
 ) -> Result<(Vm, RestoreStats), SnapshotError> {
     let t0 = Instant::now();
     let chain = chain(path)?;
@@ -761,12 +774,20 @@ pub fn restore(
     if c.vcpus == 0 || c.vcpus > ferry_vmm::vm::MAX_VCPUS || ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
         return Err(SnapshotError::Mismatch(path.to_path_buf(), "unsupported vCPU count or RAM layout".into()));
     }
-    let ram = GuestRam::new(c.memory_bytes)?;
+    let mut ram = GuestRam::new(c.memory_bytes)?;
     let mut stats = RestoreStats { chain_len: chain.len(), ..Default::default() };
     let files = chain
         .iter()
         .map(|m| File::open(&m.path).map_err(|source| SnapshotError::Read { path: m.path.clone(), source }))
         .collect::<Result<Vec<_>, _>>()?;
+    let base = chain.len() - 1;
+    let mapped = mode == RestoreMode::Mmap;
+    if mapped {
+        for ri in 0..ram.regions().len() {
+            ram.map_file_private(ri, &files[base], chain[base].maps[ri].data_offset)?;
+        }
+    }
+    let ram = ram;
     for (ri, region) in ram.regions().iter().enumerate() {
         // Where each page comes from: the newest snapshot that has it.
         let npages = region.size / PAGE;
@@ -793,6 +814,19 @@ pub fn restore(
                 }
             }
             match src {
+                Some(Some(k)) if mapped && k == base => {
+                    // Already there through the mapping.
+                    next_crc[k] += 1;
+                    stats.data_pages += 1;
+                    stats.mapped_pages += 1;
+                }
+                Some(None) if mapped && chain[base].maps[ri].is_present(page) => {
+                    // Zero now, but the mapped full snapshot has data there.
+                    let host = ram.host_ptr(region.gpa + page * PAGE, PAGE)?;
+                    // SAFETY: one page of guest RAM no vCPU runs on yet (host_ptr checked it).
+                    unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
+                    stats.zero_pages += 1;
+                }
                 Some(Some(k)) => {
                     let crc = chain[k].maps[ri].crcs.get(next_crc[k]).copied().unwrap_or(0);
                     next_crc[k] += 1;

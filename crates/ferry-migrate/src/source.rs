@@ -280,7 +280,7 @@ impl Sender<'_> {
     ) -> Result<(u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
-        let data = if self.probe_holes {
+        let data = if self.probe_holes && ram.memfd_backs(ri) {
             Some(data_ranges(ram.memfd_raw(), region.file_offset + first * PAGE_SIZE as u64, count * PAGE_SIZE as u64))
         } else {
             None

@@ -39,6 +39,12 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot map a file over guest RAM region {region}")]
+    MapFile {
+        region: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("guest address range {gpa:#x}+{len:#x} is not RAM")]
     OutOfRange { gpa: u64, len: u64 },
 }
@@ -65,6 +71,8 @@ pub struct GuestRam {
     regions: Vec<RamRegion>,
     memfd: File,
     size: u64,
+    /// Per region: the memfd holds its pages (false once a file is mapped over it).
+    memfd_backed: Vec<bool>,
 }
 
 /// The RAM layout for `size` bytes: `(gpa, len)` pairs.
@@ -113,7 +121,8 @@ impl GuestRam {
             regions.push(RamRegion { slot: slot as u32, gpa, size, file_offset: offset, host_addr });
             offset += size;
         }
-        Ok(GuestRam { mem, regions, memfd, size })
+        let memfd_backed = vec![true; regions.len()];
+        Ok(GuestRam { mem, regions, memfd, size, memfd_backed })
     }
 
     /// Registers every region with KVM (optionally with dirty logging on).
@@ -137,6 +146,39 @@ impl GuestRam {
     /// Switches KVM's dirty logging on or off for every region.
     pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
         self.register(vm, on)
+    }
+
+    /// Whether the memfd holds region `i`'s pages (its holes are then never-written zero pages).
+    pub fn memfd_backs(&self, i: usize) -> bool {
+        self.memfd_backed.get(i).copied().unwrap_or(false)
+    }
+
+    /// Maps `len` bytes of `file` at `offset` copy-on-write over region `i`, from the region's
+    /// start: the guest then reads the file's pages (page cache, loaded on first touch) and its
+    /// writes stay private. Only before KVM uses the memory. Afterwards the memfd no longer holds
+    /// this region ([`GuestRam::memfd_backs`]).
+    pub fn map_file_private(&mut self, i: usize, file: &File, offset: u64) -> Result<(), MemoryError> {
+        let r = *self
+            .regions
+            .get(i)
+            .ok_or(MemoryError::MapFile { region: i, source: std::io::Error::other("no such region") })?;
+        // SAFETY: MAP_FIXED replaces exactly the region's own mapping [host_addr, +size), which
+        // this GuestRam owns and nothing uses yet (no vCPU exists); the file is open.
+        let p = unsafe {
+            libc::mmap(
+                r.host_addr as *mut libc::c_void,
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED || p as u64 != r.host_addr {
+            return Err(MemoryError::MapFile { region: i, source: std::io::Error::last_os_error() });
+        }
+        self.memfd_backed[i] = false;
+        Ok(())
     }
 
     /// Region index and page index within it of a guest-physical address.

@@ -162,6 +162,10 @@ struct RunArgs {
     /// Restore a snapshot file (following its chain of parents) instead of booting.
     #[arg(long)]
     restore: Option<PathBuf>,
+    /// With --restore: `read` every page (and check its checksum) or `mmap` the snapshot
+    /// copy-on-write (pages load when the guest touches them).
+    #[arg(long, value_enum, default_value = "read")]
+    restore_mode: RestoreModeArg,
     /// With --restore: leave the restored guest paused until the API resumes it.
     #[arg(long)]
     paused: bool,
@@ -174,6 +178,12 @@ struct RunArgs {
     /// Ring tracking: entries per vCPU ring (a power of two, at least 1024).
     #[arg(long, default_value_t = ferry_vmm::dirty_ring::DEFAULT_RING_ENTRIES)]
     dirty_ring_entries: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RestoreModeArg {
+    Read,
+    Mmap,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -254,15 +264,25 @@ fn restore(a: &RunArgs, path: &std::path::Path) -> Result<Arc<Vm>> {
     if a.kernel.is_some() || a.cmdline.is_some() {
         bail!("--restore takes the guest from the snapshot: --kernel and --cmdline do not apply");
     }
-    let (vm, st) =
-        ferry_migrate::snapshot::restore(path, a.memory, serial_sink(&a.serial)?, a.dirty_tracking()?, a.paused)
-            .with_context(|| format!("cannot restore {}; nothing was started", path.display()))?;
+    let (vm, st) = ferry_migrate::snapshot::restore(
+        path,
+        a.memory,
+        serial_sink(&a.serial)?,
+        a.dirty_tracking()?,
+        a.paused,
+        match a.restore_mode {
+            RestoreModeArg::Read => ferry_migrate::snapshot::RestoreMode::Read,
+            RestoreModeArg::Mmap => ferry_migrate::snapshot::RestoreMode::Mmap,
+        },
+    )
+    .with_context(|| format!("cannot restore {}; nothing was started", path.display()))?;
     eprintln!(
-        "ferry: restored {} ({} snapshot{} in the chain): {} data and {} zero pages, {:.1} MiB read, {:.1} ms{}",
+        "ferry: restored {} ({} snapshot{} in the chain): {} data ({} mapped) and {} zero pages, {:.1} MiB read, {:.1} ms{}",
         path.display(),
         st.chain_len,
         if st.chain_len == 1 { "" } else { "s" },
         st.data_pages,
+        st.mapped_pages,
         st.zero_pages,
         st.bytes_read as f64 / (1 << 20) as f64,
         st.total.as_secs_f64() * 1000.0,
