@@ -365,8 +365,38 @@ fn serve_and_wait(a: &RunArgs, vm: Arc<Vm>) -> Result<i32> {
 fn inspect(path: &std::path::Path) -> Result<i32> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = std::io::stdout().lock();
-    ferry_stream::inspect(std::io::BufReader::new(f), &mut out)
+    let mut r = std::io::BufReader::new(f);
+    ferry_stream::inspect(&mut r, &mut out)
         .with_context(|| format!("{} is not a valid Ferry stream", path.display()))?;
+    let is_snapshot = {
+        let mut h = [0u8; 16];
+        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut h)).is_ok()
+            && u32::from_le_bytes([h[12], h[13], h[14], h[15]]) & ferry_stream::StreamFlags::SNAPSHOT.0 != 0
+    };
+    if !is_snapshot {
+        return Ok(0);
+    }
+    // A snapshot file: show its chain, every link checked as a restore would.
+    let chain =
+        ferry_migrate::snapshot::chain(path).with_context(|| format!("the chain of {} is broken", path.display()))?;
+    writeln!(
+        out,
+        "chain: {} snapshot{} (newest first), every link checked",
+        chain.len(),
+        if chain.len() == 1 { "" } else { "s" }
+    )?;
+    for m in &chain {
+        let data: u64 = m.maps.iter().map(|x| x.present_count()).sum();
+        let id: String = m.info.id.iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(
+            out,
+            "  {} {:?} id {id}: {} data pages, metadata crc {:#010x}",
+            m.path.display(),
+            m.info.kind,
+            data,
+            m.meta_crc
+        )?;
+    }
     Ok(0)
 }
 

@@ -256,6 +256,10 @@ fn chain_of_three_incrementals_equals_a_full_snapshot_of_the_same_moment() {
     snapshot_ok(&g.api, &p("full.snap"), &[]);
 
     assert_eq!(chain(&p("i3.snap")).unwrap().len(), 4);
+    let inspect = Command::new(FERRY).args(["stream", "inspect", p("i3.snap").to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success() && text.contains("chain: 4 snapshots"), "{text}");
+    assert!(text.contains("SNAPSHOT_INFO incremental") && text.contains("RAM_MAP region 0"), "{text}");
     assert_eq!(fingerprint(&p("i3.snap")), fingerprint(&p("full.snap")), "chain and full snapshot differ");
     assert_eq!(frozen_state(&read_meta(&p("i3.snap")).unwrap()), frozen_state(&read_meta(&p("full.snap")).unwrap()));
     api(&g.api, r#"{"cmd":"resume"}"#);
