@@ -21,4 +21,5 @@ pub mod destination;
 pub mod protocol;
 pub mod snapshot;
 pub mod source;
+pub mod throttle;
 pub mod transport;

@@ -80,6 +80,8 @@ pub struct MigrateParams {
     pub max_bandwidth: Option<u64>,
     pub max_iterations: u32,
     pub force_switchover: bool,
+    /// Throttle the vCPUs when the dirty set stops shrinking (see [`crate::throttle`]).
+    pub auto_converge: bool,
 }
 
 /// One pre-copy iteration.
@@ -145,6 +147,8 @@ pub struct MigrationSummary {
     pub downtime_limit_ms: u64,
     pub memory_bytes: u64,
     pub vcpus: u32,
+    /// Highest vCPU throttle applied (auto-converge), in percent.
+    pub max_throttle_percent: u32,
 }
 
 /// Progress reports while the migration runs.
@@ -154,6 +158,7 @@ pub enum Progress {
     Connected { to: String },
     Iteration(IterationStats),
     Switchover { pending_pages: u64, estimated_downtime_ms: f64 },
+    Throttle { percent: u32 },
 }
 
 /// Resumes the vCPUs on drop unless committed: the source keeps running after any failure.
@@ -391,7 +396,7 @@ pub fn migrate(
     let conn = Conn::connect(&params.to)?;
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
-    let r = run(vm, params, cancel, progress, conn, t_start, &mut reply);
+    let r = std::thread::scope(|scope| run(vm, params, cancel, progress, conn, t_start, &mut reply, scope));
     if r.is_err() {
         // A refusal from the destination explains a failed send better than "broken pipe": give
         // it a moment to arrive. Then tell the destination this attempt is over; it discards
@@ -418,14 +423,15 @@ fn refusal(reply: &mut Conn, wait: Duration) -> Option<ProtocolError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(
-    vm: &Vm,
+fn run<'s>(
+    vm: &'s Vm,
     params: &MigrateParams,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
     conn: Conn,
     t_start: Instant,
     reply: &mut Conn,
+    scope: &'s std::thread::Scope<'s, '_>,
 ) -> Result<MigrationSummary, MigrateError> {
     let header = StreamHeader::new(StreamFlags::empty());
     let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
@@ -465,6 +471,7 @@ fn run(
     let mut last_iter_secs: f64 = 0.0;
     let mut iteration = 0u32;
     let mut last_pending = u64::MAX;
+    let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
     loop {
         iteration += 1;
         vm.dirty_sync()?;
@@ -476,9 +483,18 @@ fn run(
         // about as much per iteration as an iteration sends).
         let tiny = estimate_ms <= limit_ms.min(TARGET_DOWNTIME_MS);
         let stalled = pending as f64 >= last_pending as f64 * STALL_RATIO;
-        if iteration > 1 && estimate_ms <= limit_ms && (tiny || stalled) {
+        // With auto-converge a stalled dirty set is throttled down rather than accepted, until
+        // the pause is tiny or the throttle is at its maximum.
+        let can_throttle = throttle.as_ref().is_some_and(|t| t.percent() < crate::throttle::MAX_PERCENT);
+        if iteration > 1 && estimate_ms <= limit_ms && (tiny || (stalled && !can_throttle)) {
             progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
             break;
+        }
+        if iteration > 1 && stalled {
+            if let Some(pct) = throttle.as_ref().and_then(|t| t.step_up()) {
+                summary.max_throttle_percent = pct;
+                progress(&Progress::Throttle { percent: pct });
+            }
         }
         last_pending = pending;
         if iteration > params.max_iterations {
@@ -526,10 +542,13 @@ fn run(
         summary.iterations.push(stats);
     }
 
-    // Final pass with the vCPUs stopped.
+    // Final pass with the vCPUs stopped (a throttle ends with them paused).
     let t_pause = Instant::now();
-    vm.pause()?;
     let mut guard = PauseGuard { vm, committed: false };
+    match throttle.as_mut() {
+        Some(t) => t.stop_paused()?,
+        None => vm.pause()?,
+    }
     let mut bd = DowntimeBreakdown { pause_ms: ms(t_pause.elapsed()), ..Default::default() };
     let t = Instant::now();
     vm.dirty_sync()?;

@@ -30,6 +30,7 @@ pub fn progress_line(ev: &Value) -> String {
             u(ev, "pending_pages"),
             f(ev, "estimated_downtime_ms")
         ),
+        "throttle" => format!("dirty set stopped shrinking: throttling the vCPUs to {}%", u(ev, "percent")),
         _ => ev.to_string(),
     }
 }
@@ -43,6 +44,9 @@ pub fn summary_text(s: &Value) -> String {
     o += &format!("  total time      {:>10.1} ms\n", f(s, "total_ms"));
     o += &format!("  downtime        {:>10.1} ms (limit {} ms)\n", f(s, "downtime_ms"), u(s, "downtime_limit_ms"));
     o += &format!("  bytes sent      {:>10.1} MiB\n", u(s, "bytes") as f64 / (1 << 20) as f64);
+    if u(s, "max_throttle_percent") > 0 {
+        o += &format!("  vCPU throttle   {:>10} % at most (auto-converge)\n", u(s, "max_throttle_percent"));
+    }
     o += &format!(
         "  pages           {} normal, {} zero, {} broken, {} discarded\n",
         u(p, "normal"),

@@ -315,7 +315,19 @@ fn dirty_rate_polled_throughout_a_migration_loses_no_page(t: Tracking) {
     assert_destination_clean(&src, &mut dst, 256 * 256);
 }
 
+/// A guest that dirties faster than the link sends never converges by itself (here it re-dirties
+/// its whole working set every iteration); --auto-converge throttles it until the final pause is
+/// short, and nothing is lost.
+fn flat_out_guest_converges_with_auto_converge_and_a_short_pause(t: Tracking) {
+    let s = run_clean_migration(t, "ac", "mib=256 rate=0 report_ms=500", 256, false, &["--auto-converge"]);
+
+    assert!(s["max_throttle_percent"].as_u64().unwrap() > 0, "the guest was never throttled: {s}");
+    let downtime = s["downtime_ms"].as_f64().unwrap();
+    assert!(downtime < 60.0, "auto-converge left a pause of {downtime} ms: {s}");
+}
+
 with_both_trackings!(
+    flat_out_guest_converges_with_auto_converge_and_a_short_pause,
     dirty_rate_polled_throughout_a_migration_loses_no_page,
     idle_guest_migrates_and_verifies_clean_on_the_destination,
     guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost,
