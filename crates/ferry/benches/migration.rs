@@ -4,7 +4,8 @@
 //! runs (default 3): total time, host-seen pause (largest gap between `HB` lines as received from
 //! the source then the destination), bytes sent, and throughput, each with the Ferry/QEMU ratio.
 //! QEMU 10 runs as `-M microvm -bios qboot.rom`, unlimited bandwidth, 300 ms downtime limit, over
-//! a UNIX socket; Ferry with its defaults (300 ms limit) over a UNIX socket.
+//! a UNIX socket; Ferry with its defaults (300 ms limit, auto-converge on) over a UNIX socket.
+//! The last case turns on QEMU's opt-in `auto-converge` capability too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,13 +19,41 @@ struct Case {
     name: &'static str,
     cmdline: &'static str,
     ws_mib: u64,
+    /// QEMU's auto-converge capability on (Ferry auto-converges by default).
+    qemu_auto_converge: bool,
 }
 
 const CASES: &[Case] = &[
-    Case { name: "idle 1 GiB", cmdline: "mib=8 rate=-1 hb_us=1000 report_ms=500", ws_mib: 8 },
-    Case { name: "768 MiB data, not dirtied", cmdline: "mib=768 rate=-1 hb_us=1000 report_ms=500", ws_mib: 768 },
-    Case { name: "256 MiB dirtied at 50 MiB/s", cmdline: "mib=256 rate=50 hb_us=1000 report_ms=500", ws_mib: 256 },
-    Case { name: "256 MiB dirtied flat out", cmdline: "mib=256 rate=0 hb_us=1000 report_ms=500", ws_mib: 256 },
+    Case {
+        name: "idle 1 GiB",
+        cmdline: "mib=8 rate=-1 hb_us=1000 report_ms=500",
+        ws_mib: 8,
+        qemu_auto_converge: false,
+    },
+    Case {
+        name: "768 MiB data, not dirtied",
+        cmdline: "mib=768 rate=-1 hb_us=1000 report_ms=500",
+        ws_mib: 768,
+        qemu_auto_converge: false,
+    },
+    Case {
+        name: "256 MiB dirtied at 50 MiB/s",
+        cmdline: "mib=256 rate=50 hb_us=1000 report_ms=500",
+        ws_mib: 256,
+        qemu_auto_converge: false,
+    },
+    Case {
+        name: "256 MiB dirtied flat out",
+        cmdline: "mib=256 rate=0 hb_us=1000 report_ms=500",
+        ws_mib: 256,
+        qemu_auto_converge: false,
+    },
+    Case {
+        name: "flat out, QEMU auto-conv.",
+        cmdline: "mib=256 rate=0 hb_us=1000 report_ms=500",
+        ws_mib: 256,
+        qemu_auto_converge: true,
+    },
 ];
 
 #[derive(Default, Clone, Copy)]
@@ -92,6 +121,9 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
     let _ = qd_conn.cmd(r#"{"execute":"query-status"}"#);
     let mut q = Qmp::connect(&qs);
     q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":107374182400,"downtime-limit":300}}"#);
+    if c.qemu_auto_converge {
+        q.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#);
+    }
     let t0 = Instant::now();
     q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"{mig}"}}}}"#));
     let info = loop {

@@ -120,7 +120,7 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
             max_bandwidth: req.get("max_bandwidth_mib_s").and_then(Value::as_u64).map(|m| m << 20),
             max_iterations: req.get("max_iterations").and_then(Value::as_u64).unwrap_or(30) as u32,
             force_switchover: req.get("force_switchover").and_then(Value::as_bool).unwrap_or(false),
-            auto_converge: req.get("auto_converge").and_then(Value::as_bool).unwrap_or(false),
+            auto_converge: req.get("auto_converge").and_then(Value::as_bool).unwrap_or(true),
         };
         let mut progress = |p: &Progress| {
             if let Ok(v) = serde_json::to_value(p) {

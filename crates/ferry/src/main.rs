@@ -110,10 +110,10 @@ struct MigrateArgs {
     /// Switch over after --max-iterations even if the downtime limit cannot be met.
     #[arg(long)]
     force_switchover: bool,
-    /// Throttle the guest's vCPUs step by step (50% up to 95% of each 10 ms) when its dirty set
-    /// stops shrinking, so that the final pause is short.
+    /// Do not throttle the guest's vCPUs when its dirty set stops shrinking (by default Ferry
+    /// throttles them step by step, 50% up to 95% of each 10 ms, so the final pause stays short).
     #[arg(long)]
-    auto_converge: bool,
+    no_auto_converge: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -482,7 +482,7 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
         "downtime_ms": a.downtime_ms,
         "max_iterations": a.max_iterations,
         "force_switchover": a.force_switchover,
-        "auto_converge": a.auto_converge,
+        "auto_converge": !a.no_auto_converge,
     });
     if let Some(b) = a.max_bandwidth {
         req["max_bandwidth_mib_s"] = b.into();

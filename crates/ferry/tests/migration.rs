@@ -316,14 +316,17 @@ fn dirty_rate_polled_throughout_a_migration_loses_no_page(t: Tracking) {
 }
 
 /// A guest that dirties faster than the link sends never converges by itself (here it re-dirties
-/// its whole working set every iteration); --auto-converge throttles it until the final pause is
-/// short, and nothing is lost.
+/// its whole working set every iteration); Ferry throttles it (auto-converge, on by default)
+/// until the final pause is short, and nothing is lost. With --no-auto-converge it is never
+/// throttled.
 fn flat_out_guest_converges_with_auto_converge_and_a_short_pause(t: Tracking) {
-    let s = run_clean_migration(t, "ac", "mib=256 rate=0 report_ms=500", 256, false, &["--auto-converge"]);
+    let s = run_clean_migration(t, "ac", "mib=256 rate=0 report_ms=500", 256, false, &[]);
+    let off = run_clean_migration(t, "noac", "mib=256 rate=0 report_ms=500", 256, false, &["--no-auto-converge"]);
 
     assert!(s["max_throttle_percent"].as_u64().unwrap() > 0, "the guest was never throttled: {s}");
     let downtime = s["downtime_ms"].as_f64().unwrap();
     assert!(downtime < 60.0, "auto-converge left a pause of {downtime} ms: {s}");
+    assert_eq!(off["max_throttle_percent"], 0, "--no-auto-converge throttled: {off}");
 }
 
 with_both_trackings!(
