@@ -109,6 +109,14 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
         return json!({"ok": false, "error": "a migration is already running"});
     }
     ctx.cancel.store(false, Ordering::SeqCst);
+    // A snapshot pauses and resumes the guest too: one or the other at a time.
+    let _no_snapshot = match ctx.snapshots.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            ctx.migrating.store(false, Ordering::SeqCst);
+            return json!({"ok": false, "error": "a snapshot is being taken; migrate after it"});
+        }
+    };
     let r = (|| -> Result<Value> {
         let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("migrate needs \"to\""))?;
         if ctx.paused.load(Ordering::SeqCst) {
@@ -180,7 +188,10 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
                 stop: req.get("stop").and_then(Value::as_bool).unwrap_or(false),
                 incremental_from: req.get("incremental_from").and_then(Value::as_str).map(PathBuf::from),
             };
-            let mut tracker = ctx.snapshots.lock().map_err(|_| anyhow!("snapshot state lock is poisoned"))?;
+            let mut tracker = ctx
+                .snapshots
+                .try_lock()
+                .map_err(|_| anyhow!("another snapshot or a migration is running; snapshot after it"))?;
             let already_paused = ctx.paused.load(Ordering::SeqCst);
             let summary =
                 ferry_migrate::snapshot::snapshot(&ctx.vm, &params, &mut tracker, already_paused, &ctx.cancel)?;
