@@ -20,6 +20,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -191,6 +192,9 @@ impl RegionMap {
         let n = npages.div_ceil(64) as usize;
         RegionMap { present: vec![0; n], zero: vec![0; n], crcs: vec![0; npages as usize] }
     }
+    fn is_present(&self, page: u64) -> bool {
+        self.present[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
     fn set(&mut self, page: u64, data_crc: Option<u32>) {
         let (w, b) = ((page / 64) as usize, 1u64 << (page % 64));
         match data_crc {
@@ -228,6 +232,8 @@ struct Out<'a> {
     data_offsets: Vec<u64>,
     maps: Vec<RegionMap>,
     bytes: u64,
+    /// Buffer of the run of pages being gathered.
+    run: Vec<u8>,
 }
 
 impl Out<'_> {
@@ -236,7 +242,9 @@ impl Out<'_> {
     }
 
     /// Writes the pages set in `bits` (pages `first + i` of region `ri`): data pages in place,
-    /// zero pages as zero bits.
+    /// zero pages as zero bits. Each page is copied out of guest RAM once (vm-memory's copy,
+    /// safe against the guest writing it meanwhile), and its checksum and the bytes written are
+    /// of that copy, so they always match.
     fn write_pages(&mut self, ri: usize, first: u64, bits: &[u64], probe_holes: bool) -> Result<(), SnapshotError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
@@ -255,47 +263,66 @@ impl Out<'_> {
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
             (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
         });
-        // Runs of consecutive data pages go out in one pwrite, straight from guest memory.
-        let mut run: Option<(u64, u64)> = None;
+        // Runs of consecutive data pages are gathered and go out in one pwrite.
+        let mut run = std::mem::take(&mut self.run);
+        run.clear();
+        let mut run_start = 0u64;
+        let mut page_buf = vec![0u8; PAGE_SIZE];
         for page in pages {
-            let gpa = region.gpa + page * PAGE;
-            let data = if in_data(page) {
-                let p = ram.host_ptr(gpa, PAGE)?;
-                // SAFETY: one page of live guest RAM; a running guest may change it (it is then
-                // dirty again and rewritten), so the bytes are only copied, never interpreted.
-                Some(unsafe { std::slice::from_raw_parts(p as *const u8, PAGE_SIZE) })
-            } else {
-                None
+            let data = in_data(page) && {
+                ram.read(region.gpa + page * PAGE, &mut page_buf)?;
+                !is_zero(&page_buf)
             };
-            match data {
-                Some(d) if !is_zero(d) => {
-                    self.maps[ri].set(page, Some(crc32c::crc32c(d)));
-                    run = match run {
-                        Some((s, n)) if s + n == page && n < MAX_RUN_PAGES => Some((s, n + 1)),
-                        Some(r) => {
-                            self.flush_run(ri, r)?;
-                            Some((page, 1))
-                        }
-                        None => Some((page, 1)),
-                    };
+            let contiguous = !run.is_empty() && run_start + (run.len() / PAGE_SIZE) as u64 == page;
+            if !run.is_empty() && (!data || !contiguous || run.len() as u64 >= MAX_RUN_PAGES * PAGE) {
+                self.flush_run(ri, run_start, &run)?;
+                run.clear();
+            }
+            if data {
+                self.maps[ri].set(page, Some(crc32c::crc32c(&page_buf)));
+                if run.is_empty() {
+                    run_start = page;
                 }
-                _ => self.maps[ri].set(page, None),
+                run.extend_from_slice(&page_buf);
+            } else {
+                if self.maps[ri].is_present(page) {
+                    // Written with data by an earlier pass: drop those bytes, so that a restore
+                    // mapping this file sees zeros there too.
+                    self.punch(ri, page)?;
+                }
+                self.maps[ri].set(page, None);
             }
         }
-        if let Some(r) = run {
-            self.flush_run(ri, r)?;
+        if !run.is_empty() {
+            self.flush_run(ri, run_start, &run)?;
         }
+        self.run = run;
         Ok(())
     }
 
-    fn flush_run(&mut self, ri: usize, (start, n): (u64, u64)) -> Result<(), SnapshotError> {
-        let region = self.vm.ram().regions()[ri];
-        let p = self.vm.ram().host_ptr(region.gpa + start * PAGE, n * PAGE)?;
-        // SAFETY: `n` pages of live guest RAM inside one region (host_ptr checked the range).
-        let buf = unsafe { std::slice::from_raw_parts(p as *const u8, (n * PAGE) as usize) };
+    fn flush_run(&mut self, ri: usize, start: u64, data: &[u8]) -> Result<(), SnapshotError> {
         let off = self.data_offsets[ri] + start * PAGE;
-        self.file.write_all_at(buf, off).map_err(|e| self.werr(e))?;
-        self.bytes += n * PAGE;
+        self.file.write_all_at(data, off).map_err(|e| self.werr(e))?;
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Deallocates one page of a region's data area (it reads as zeros afterwards).
+    fn punch(&self, ri: usize, page: u64) -> Result<(), SnapshotError> {
+        let off = self.data_offsets[ri] + page * PAGE;
+        // SAFETY: fallocate on an open file descriptor with plain integer arguments.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                PAGE as libc::off_t,
+            )
+        };
+        if r != 0 {
+            // Without hole punching, write the zeros.
+            self.file.write_all_at(&[0u8; PAGE_SIZE], off).map_err(|e| self.werr(e))?;
+        }
         Ok(())
     }
 }
@@ -444,7 +471,7 @@ fn write_file(
         data_offsets.last().copied().unwrap_or(meta_reserve) + vm.ram().regions().last().map(|r| r.size).unwrap_or(0);
     file.set_len(end).map_err(|source| SnapshotError::Write { path: tmp.to_path_buf(), source })?;
     let maps = vm.ram().regions().iter().map(|r| RegionMap::new(r.size / PAGE)).collect();
-    let mut out = Out { vm, file, path: tmp.to_path_buf(), data_offsets, maps, bytes: 0 };
+    let mut out = Out { vm, file, path: tmp.to_path_buf(), data_offsets, maps, bytes: 0, run: Vec::new() };
     let msr_list = msrs_to_save(vm.kvm()).map_err(|e| SnapshotError::Save(MigrateError::VcpuState(0, e)))?;
     let mut passes = 0;
 
@@ -484,10 +511,12 @@ fn write_file(
 
     // The stop.
     let paused_at = Instant::now();
+    // The guard exists before the pause, so a pause that fails half-way still resumes; a failed
+    // snapshot always leaves the guest as it found it (running unless the API had paused it).
+    let paused = Paused { vm, resume: !already_paused, since: paused_at };
     if !already_paused {
         vm.pause()?;
     }
-    let paused = Paused { vm, resume: !(already_paused || params.stop), since: paused_at };
     // The next incremental snapshot's tracker starts now: everything before is in this one.
     let fresh = vm.dirty_register("snapshot", Initial::Clean)?;
     let mut fresh = NewConsumer { vm, id: fresh, keep: false };
@@ -562,7 +591,14 @@ fn write_file(
     write_machine_state(vm, &mut w, &msr_list).map_err(SnapshotError::Save)?;
     w.end().map_err(werr)?;
     let pause_ms = paused.since.elapsed().as_secs_f64() * 1000.0;
-    drop(paused); // the guest runs on (unless stopped) while the file is finished
+    // The guest runs on while the file is finished; with --stop it stays paused, but is resumed
+    // if finishing the file fails.
+    let stopped = if params.stop {
+        Some(paused)
+    } else {
+        drop(paused);
+        None
+    };
     let meta = w.into_inner();
     if meta.len() as u64 > meta_reserve {
         return Err(SnapshotError::MetadataTooLarge(meta.len() as u64, meta_reserve));
@@ -577,6 +613,9 @@ fn write_file(
     }
 
     // Landed: the new tracker replaces the old one; bits taken from the old one are consumed.
+    if let Some(mut p) = stopped {
+        p.resume = false;
+    }
     if let Some(mut h) = from_parent {
         h.keep = true;
     }

@@ -184,6 +184,8 @@ struct Sender<'a> {
     /// needs it: afterwards every dirty bit comes from a write, so the page is not a hole.
     probe_holes: bool,
     w: StreamWriter<BufWriter<Conn>>,
+    /// Page bytes of the batch being built (reused).
+    pages_buf: Vec<u8>,
     consumer: ConsumerId,
     counts: PageCounts,
     limit: Option<u64>,
@@ -295,7 +297,11 @@ impl Sender<'_> {
             data.as_ref().is_none_or(|d| d.iter().any(|&(a, b)| off >= a && off < b))
         };
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
-        let mut slices: Vec<&[u8]> = Vec::with_capacity(BATCH_PAGES);
+        // NORMAL pages' bytes, in entry order: each page is copied out of guest RAM once
+        // (vm-memory's copy, safe while the guest writes it; a page it changes meanwhile is dirty
+        // again and resent), and the zero check looks at that copy.
+        let mut pages_buf = std::mem::take(&mut self.pages_buf);
+        pages_buf.clear();
         let (mut normal, mut zero) = (0u64, 0u64);
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
             (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
@@ -303,31 +309,29 @@ impl Sender<'_> {
         for page in pages {
             let gpa = region.gpa + page * PAGE_SIZE as u64;
             let gfn = gpa / PAGE_SIZE as u64;
-            let host = if in_data(page) {
-                let p = ram.host_ptr(gpa, PAGE_SIZE as u64).map_err(|source| MigrateError::Memory { gpa, source })?;
-                // SAFETY: host_ptr returned a pointer to one page inside a live guest RAM mapping;
-                // the guest may write it concurrently (that write is then dirty again and resent),
-                // so the bytes are only copied out, never interpreted.
-                Some(unsafe { std::slice::from_raw_parts(p as *const u8, PAGE_SIZE) })
+            let mut has_data = false;
+            if in_data(page) {
+                let off = pages_buf.len();
+                pages_buf.resize(off + PAGE_SIZE, 0);
+                ram.read(gpa, &mut pages_buf[off..]).map_err(|source| MigrateError::Memory { gpa, source })?;
+                has_data = !is_zero(&pages_buf[off..]);
+                if !has_data {
+                    pages_buf.truncate(off);
+                }
+            }
+            if has_data {
+                entries.push((gfn, PageType::Normal));
+                normal += 1;
             } else {
-                None
-            };
-            match host {
-                Some(s) if !is_zero(s) => {
-                    entries.push((gfn, PageType::Normal));
-                    slices.push(s);
-                    normal += 1;
-                }
-                _ => {
-                    entries.push((gfn, PageType::Zero));
-                    zero += 1;
-                }
+                entries.push((gfn, PageType::Zero));
+                zero += 1;
             }
             if entries.len() >= self.batch_pages {
-                self.flush_batch(&mut entries, &mut slices, iter_start, iter_bytes_start)?;
+                self.flush_batch(&mut entries, &mut pages_buf, iter_start, iter_bytes_start)?;
             }
         }
-        self.flush_batch(&mut entries, &mut slices, iter_start, iter_bytes_start)?;
+        self.flush_batch(&mut entries, &mut pages_buf, iter_start, iter_bytes_start)?;
+        self.pages_buf = pages_buf;
         self.counts.normal += normal;
         self.counts.zero += zero;
         Ok((normal, zero))
@@ -336,16 +340,17 @@ impl Sender<'_> {
     fn flush_batch(
         &mut self,
         entries: &mut Vec<(u64, PageType)>,
-        slices: &mut Vec<&[u8]>,
+        pages_buf: &mut Vec<u8>,
         iter_start: Instant,
         iter_bytes_start: u64,
     ) -> Result<(), MigrateError> {
         if entries.is_empty() {
             return Ok(());
         }
-        self.w.page_batch(entries, slices).map_err(MigrateError::Send)?;
+        let slices: Vec<&[u8]> = pages_buf.chunks(PAGE_SIZE).collect();
+        self.w.page_batch(entries, &slices).map_err(MigrateError::Send)?;
         entries.clear();
-        slices.clear();
+        pages_buf.clear();
         if let Some(limit) = self.limit {
             // Keep the iteration's average rate at the limit.
             let bytes = self.w.bytes_written() - iter_bytes_start;
@@ -442,6 +447,7 @@ fn run<'s>(
         batch_pages: BATCH_PAGES,
         probe_holes: true,
         w,
+        pages_buf: Vec::new(),
         consumer,
         counts: PageCounts::default(),
         limit: params.max_bandwidth,
@@ -485,7 +491,7 @@ fn run<'s>(
         let stalled = pending as f64 >= last_pending as f64 * STALL_RATIO;
         // With auto-converge a stalled dirty set is throttled down rather than accepted, until
         // the pause is tiny or the throttle is at its maximum.
-        let can_throttle = throttle.as_ref().is_some_and(|t| t.percent() < crate::throttle::MAX_PERCENT);
+        let can_throttle = throttle.as_ref().is_some_and(|t| t.can_step_up());
         if iteration > 1 && estimate_ms <= limit_ms && (tiny || (stalled && !can_throttle)) {
             progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
             break;

@@ -68,6 +68,11 @@ pub fn start<'scope>(scope: &'scope std::thread::Scope<'scope, '_>, vm: &'scope 
 }
 
 impl Throttle<'_> {
+    /// Whether it can throttle harder (its thread runs and it is below the maximum).
+    pub fn can_step_up(&self) -> bool {
+        self.thread.is_some() && self.percent() < MAX_PERCENT
+    }
+
     /// The throttle now in force.
     pub fn percent(&self) -> u32 {
         self.percent.load(Ordering::SeqCst)

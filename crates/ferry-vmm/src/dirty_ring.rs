@@ -113,6 +113,9 @@ struct RingState {
     per_vcpu: Vec<u64>,
     /// Collects that found the ring full (from `KVM_EXIT_DIRTY_RING_FULL`).
     full_exits: u64,
+    /// Entries were collected but `KVM_RESET_DIRTY_RINGS` failed: their pages are not
+    /// re-protected yet, so nothing may be taken until a reset succeeds.
+    reset_owed: bool,
 }
 
 /// The dirty rings of a VM's vCPUs.
@@ -166,6 +169,7 @@ impl DirtyRings {
                 pending: slots.iter().map(|s| Bitmap::new(s.1, false)).collect(),
                 per_vcpu: vec![0; n],
                 full_exits: 0,
+                reset_owed: false,
             }),
         })
     }
@@ -190,7 +194,7 @@ impl DirtyRings {
 
     fn collect_locked(st: &mut RingState, vm_fd: i32, slots: &[u32]) -> Result<u64, DirtyLogError> {
         let mut total = 0u64;
-        let RingState { rings, fetch, pending, per_vcpu, .. } = st;
+        let RingState { rings, fetch, pending, per_vcpu, reset_owed, .. } = st;
         for (v, ring) in rings.iter().enumerate() {
             loop {
                 let idx = (fetch[v] % ring.entries) as usize;
@@ -215,12 +219,14 @@ impl DirtyRings {
                 total += 1;
             }
         }
-        if total > 0 {
+        if total > 0 || *reset_owed {
             // SAFETY: a VM-fd ioctl without arguments; vm_fd outlives the rings (Vm owns both).
             let r = unsafe { ioctl(&RawFd(vm_fd), KVM_RESET_DIRTY_RINGS()) };
             if r < 0 {
+                *reset_owed = true;
                 return Err(DirtyLogError::Ring(std::io::Error::last_os_error()));
             }
+            *reset_owed = false;
         }
         Ok(total)
     }
@@ -228,6 +234,11 @@ impl DirtyRings {
     /// Takes the pending pages of slot number `slot`.
     fn take(&self, slot: u32) -> Result<Vec<u64>, DirtyLogError> {
         let mut st = self.lock()?;
+        if st.reset_owed {
+            return Err(DirtyLogError::Ring(std::io::Error::other(
+                "collected pages are not re-protected yet (KVM_RESET_DIRTY_RINGS failed)",
+            )));
+        }
         let i = self.slots.iter().position(|&s| s == slot).ok_or(DirtyLogError::NoSlot(slot))?;
         let n = st.pending[i].npages();
         Ok(std::mem::replace(&mut st.pending[i], Bitmap::new(n, false)).into_words())

@@ -30,6 +30,8 @@ pub struct ApiContext {
     pub cancel: AtomicBool,
     /// Pages dirtied since the last snapshot (for incremental snapshots); also one at a time.
     pub snapshots: Mutex<Option<ferry_migrate::snapshot::Tracker>>,
+    /// The guest moved away: it must never run here again.
+    pub migrated: AtomicBool,
 }
 
 impl ApiContext {
@@ -40,6 +42,7 @@ impl ApiContext {
             migrating: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             snapshots: Mutex::new(None),
+            migrated: AtomicBool::new(false),
         }
     }
 }
@@ -105,6 +108,9 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
 
 /// Runs a migration on this connection: progress events as JSON lines, then the final reply.
 fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
+    if ctx.migrated.load(Ordering::SeqCst) {
+        return json!({"ok": false, "error": "the guest has migrated away; this Ferry is exiting"});
+    }
     if ctx.migrating.swap(true, Ordering::SeqCst) {
         return json!({"ok": false, "error": "a migration is already running"});
     }
@@ -136,6 +142,9 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
             }
         };
         let summary = ferry_migrate::source::migrate(&ctx.vm, &params, &ctx.cancel, &mut progress)?;
+        // The destination runs the guest now: nothing may resume it here (the flag is set
+        // before `migrating` drops, so no request slips in between).
+        ctx.migrated.store(true, Ordering::SeqCst);
         Ok(json!({ "summary": summary }))
     })();
     ctx.migrating.store(false, Ordering::SeqCst);
@@ -154,6 +163,16 @@ fn field_u64(req: &Value, name: &str) -> Result<u64> {
 
 fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
     let cmd = req.get("cmd").and_then(Value::as_str).ok_or_else(|| anyhow!("request has no \"cmd\""))?;
+    // Running or stopping the guest while it is moving (or after it moved) would let it run in
+    // two places, or run after its final pass was taken.
+    if matches!(cmd, "pause" | "resume" | "snapshot" | "memory-write") {
+        if ctx.migrated.load(Ordering::SeqCst) {
+            bail!("the guest has migrated away; this Ferry is exiting");
+        }
+        if ctx.migrating.load(Ordering::SeqCst) {
+            bail!("a migration is running; {cmd} after it (or cancel it with migrate-cancel)");
+        }
+    }
     match cmd {
         "status" => Ok(json!({
             "state": if ctx.paused.load(Ordering::SeqCst) { "paused" } else { "running" },

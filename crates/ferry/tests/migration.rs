@@ -266,12 +266,18 @@ fn cancelled_migration_leaves_the_source_running_and_the_destination_discards(t:
     let api_path = src.api.clone();
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
-        Command::new(FERRY).args(["migrate-cancel", "--api-socket", api_path.to_str().unwrap()]).status().unwrap()
+        // Resuming or pausing a guest that is moving must be refused.
+        let resume = api(&api_path, r#"{"cmd":"resume"}"#);
+        let cancel =
+            Command::new(FERRY).args(["migrate-cancel", "--api-socket", api_path.to_str().unwrap()]).status().unwrap();
+        (resume, cancel)
     });
 
     let o = migrate(&src.api, &uri, &["--max-bandwidth", "32"]);
-    let cancel_status = canceller.join().unwrap();
+    let (resume, cancel_status) = canceller.join().unwrap();
 
+    assert_eq!(resume["ok"], false, "resume during a migration was accepted: {resume}");
+    assert!(resume["error"].as_str().unwrap().contains("a migration is running"), "{resume}");
     assert!(cancel_status.success());
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("cancelled"), "{}", o.stderr);
