@@ -96,11 +96,13 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-fn u32_at(b: &[u8], o: usize) -> u32 {
+/// Little-endian u32 at `o` (callers check the length first).
+pub(crate) fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
-fn u64_at(b: &[u8], o: usize) -> u64 {
+/// Little-endian u64 at `o` (callers check the length first).
+pub(crate) fn u64_at(b: &[u8], o: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[o..o + 8]);
     u64::from_le_bytes(a)

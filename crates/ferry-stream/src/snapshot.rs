@@ -1,6 +1,7 @@
 //! The records of snapshot files: SNAPSHOT_INFO (identity and parent) and RAM_MAP (where a RAM
 //! region's pages lie in the file). Spec: docs/stream-format.md, "Snapshot files".
 
+use crate::reader::{u32_at, u64_at};
 use crate::{StreamError, PAGE_SIZE};
 
 /// Length of a snapshot id.
@@ -48,16 +49,6 @@ pub struct RamMap {
 
 fn words(npages: u64) -> usize {
     npages.div_ceil(64) as usize
-}
-
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
 }
 
 impl SnapshotInfo {
