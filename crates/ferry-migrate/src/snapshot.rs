@@ -242,9 +242,9 @@ impl Out<'_> {
     }
 
     /// Writes the pages set in `bits` (pages `first + i` of region `ri`): data pages in place,
-    /// zero pages as zero bits. Each page is copied out of guest RAM once (vm-memory's copy,
-    /// safe against the guest writing it meanwhile), and its checksum and the bytes written are
-    /// of that copy, so they always match.
+    /// zero pages as zero bits. Each page is copied out of guest RAM once
+    /// (`GuestRam::copy_out`), and its checksum and the bytes written are of that copy, so they
+    /// always match.
     fn write_pages(&mut self, ri: usize, first: u64, bits: &[u64], probe_holes: bool) -> Result<(), SnapshotError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
@@ -270,7 +270,7 @@ impl Out<'_> {
         let mut page_buf = vec![0u8; PAGE_SIZE];
         for page in pages {
             let data = in_data(page) && {
-                ram.read(region.gpa + page * PAGE, &mut page_buf)?;
+                ram.copy_out(region.gpa + page * PAGE, &mut page_buf)?;
                 !is_zero(&page_buf)
             };
             let contiguous = !run.is_empty() && run_start + (run.len() / PAGE_SIZE) as u64 == page;

@@ -298,8 +298,8 @@ impl Sender<'_> {
         };
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
         // NORMAL pages' bytes, in entry order: each page is copied out of guest RAM once
-        // (vm-memory's copy, safe while the guest writes it; a page it changes meanwhile is dirty
-        // again and resent), and the zero check looks at that copy.
+        // (`GuestRam::copy_out`; a page the guest changes meanwhile is dirty again and resent),
+        // and the zero check looks at that copy.
         let mut pages_buf = std::mem::take(&mut self.pages_buf);
         pages_buf.clear();
         let (mut normal, mut zero) = (0u64, 0u64);
@@ -313,7 +313,7 @@ impl Sender<'_> {
             if in_data(page) {
                 let off = pages_buf.len();
                 pages_buf.resize(off + PAGE_SIZE, 0);
-                ram.read(gpa, &mut pages_buf[off..]).map_err(|source| MigrateError::Memory { gpa, source })?;
+                ram.copy_out(gpa, &mut pages_buf[off..]).map_err(|source| MigrateError::Memory { gpa, source })?;
                 has_data = !is_zero(&pages_buf[off..]);
                 if !has_data {
                     pages_buf.truncate(off);
