@@ -502,7 +502,6 @@ fn run<'s>(
                 progress(&Progress::Throttle { percent: pct });
             }
         }
-        last_pending = pending;
         if iteration > params.max_iterations {
             if params.force_switchover {
                 progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
@@ -519,6 +518,10 @@ fn run<'s>(
         let t0 = Instant::now();
         let b0 = s.w.bytes_written();
         let (sent, normal, zero) = s.send_pending(t0, b0)?;
+        // What the next iteration's dirty set is judged against: the pages this one really had
+        // to send. Zero pages cost almost nothing, so the first pass (every page) counts by its
+        // data pages: a guest that re-dirties its whole working set stalls at once.
+        last_pending = normal.max(sent / 8);
         s.probe_holes = false;
         s.batch_pages = LATE_BATCH_PAGES;
         s.w.flush().map_err(MigrateError::Send)?;
