@@ -43,24 +43,26 @@ pub fn start<'scope>(scope: &'scope std::thread::Scope<'scope, '_>, vm: &'scope 
     let thread = std::thread::Builder::new()
         .name("migration-throttle".into())
         .spawn_scoped(scope, move || {
+            // Sleeps are parks, so that a stop (which unparks) takes effect at once: the
+            // switch-over waits for this thread.
             while !s.load(Ordering::SeqCst) {
                 let pct = p.load(Ordering::SeqCst).min(MAX_PERCENT);
                 if pct == 0 {
-                    std::thread::sleep(PERIOD);
+                    std::thread::park_timeout(PERIOD);
                     continue;
                 }
                 let off = PERIOD * pct / 100;
                 if vm.pause().is_err() {
                     break;
                 }
-                std::thread::sleep(off);
+                std::thread::park_timeout(off);
                 if s.load(Ordering::SeqCst) && e.load(Ordering::SeqCst) {
                     break;
                 }
                 if vm.resume().is_err() {
                     break;
                 }
-                std::thread::sleep(PERIOD - off);
+                std::thread::park_timeout(PERIOD - off);
             }
         })
         .ok();
@@ -96,6 +98,7 @@ impl Throttle<'_> {
         self.end_paused.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
         self.vm.pause()
@@ -105,6 +108,7 @@ impl Throttle<'_> {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
         let _ = self.vm.resume();
