@@ -17,7 +17,7 @@ use std::time::Duration;
 use ferry_vmm::Vm;
 
 /// One throttle cycle: the vCPUs are paused for `percent`% of it.
-pub const PERIOD: Duration = Duration::from_millis(10);
+pub const PERIOD: Duration = Duration::from_millis(5);
 /// First throttle step, and the step added for every further stalled iteration.
 pub const INITIAL_PERCENT: u32 = 50;
 pub const STEP_PERCENT: u32 = 15;
