@@ -93,6 +93,21 @@ pub fn max_hb_gap(a: &Proc, b: &Proc, from: Instant, to: Instant) -> f64 {
     t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).fold(0.0, f64::max)
 }
 
+/// Largest gap (ms) the guest itself measured between its workload iterations (`max_gap_us`
+/// of REPORT lines received in `[from, to]`, from both processes): the pause as the guest saw
+/// it, free of how fast this harness reads serial output.
+pub fn max_guest_gap(a: &Proc, b: &Proc, from: Instant, to: Instant) -> f64 {
+    let mut m = 0u64;
+    for p in [a, b] {
+        for (t, l) in p.lines.lock().unwrap().iter() {
+            if *t >= from && *t <= to && l.starts_with("REPORT ") {
+                m = m.max(field(l, "max_gap_us").unwrap_or(0));
+            }
+        }
+    }
+    m as f64 / 1000.0
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if v.is_empty() {

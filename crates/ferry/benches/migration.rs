@@ -60,6 +60,7 @@ const CASES: &[Case] = &[
 struct Run {
     total_ms: f64,
     pause_ms: f64,
+    guest_pause_ms: f64,
     bytes: f64,
     downtime_ms: f64,
 }
@@ -98,6 +99,8 @@ fn ferry_run(c: &Case, i: usize) -> Run {
     Run {
         total_ms: s["total_ms"].as_f64().unwrap(),
         pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
+        // REPORT lines cover the 500 ms before them: from the first after the start.
+        guest_pause_ms: max_guest_gap(&src, &dst, t0 + Duration::from_millis(50), t1 + Duration::from_secs(2)),
         bytes: s["bytes"].as_f64().unwrap(),
         downtime_ms: s["downtime_ms"].as_f64().unwrap(),
     }
@@ -140,6 +143,8 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
     Run {
         total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
         pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
+        // REPORT lines cover the 500 ms before them: from the first after the start.
+        guest_pause_ms: max_guest_gap(&src, &dst, t0 + Duration::from_millis(50), t1 + Duration::from_secs(2)),
         bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
     }
@@ -155,13 +160,16 @@ fn main() {
     let elf = elf.to_str().unwrap();
     println!("Live migration, Ferry vs QEMU 10 (same guest, same run), medians of {runs} runs; ratio = Ferry/QEMU");
     println!(
-        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8}",
+        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8}",
         "case",
         "total F",
         "total Q",
         "ratio",
         "pause F",
         "pause Q",
+        "ratio",
+        "gpause F",
+        "gpause Q",
         "ratio",
         "MiB F",
         "MiB Q",
@@ -185,11 +193,12 @@ fn main() {
         let m = |v: &[Run], g: fn(&Run) -> f64| median(v.iter().map(g).collect());
         let (ft, qt) = (m(&f, |r| r.total_ms), m(&q, |r| r.total_ms));
         let (fp, qp) = (m(&f, |r| r.pause_ms), m(&q, |r| r.pause_ms));
+        let (fg, qg) = (m(&f, |r| r.guest_pause_ms), m(&q, |r| r.guest_pause_ms));
         let (fb, qb) = (m(&f, |r| r.bytes), m(&q, |r| r.bytes));
         let (fr, qr) = (m(&f, |r| r.bytes / r.total_ms / 1000.0), m(&q, |r| r.bytes / r.total_ms / 1000.0));
         let (fd, qd) = (m(&f, |r| r.downtime_ms), m(&q, |r| r.downtime_ms));
         println!(
-            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1}",
+            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1}",
             c.name,
             ft,
             qt,
@@ -197,6 +206,9 @@ fn main() {
             fp,
             qp,
             fp / qp,
+            fg,
+            qg,
+            fg / qg,
             fb / 1048576.0,
             qb / 1048576.0,
             fb / qb,
@@ -207,5 +219,8 @@ fn main() {
             qd
         );
     }
-    println!("total/pause/down in ms; pause = host-seen (largest HB gap, source then destination); down = each VMM's own downtime figure");
+    println!(
+        "total/pause/down in ms; pause = host-seen (largest HB gap, source then destination); gpause = guest-seen"
+    );
+    println!("(largest gap between the guest's own workload iterations, its max_gap_us); down = each VMM's own downtime figure");
 }
