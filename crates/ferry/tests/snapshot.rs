@@ -26,6 +26,14 @@ struct Guest {
     dir: PathBuf,
 }
 
+impl Drop for Guest {
+    /// Snapshot files are hundreds of MiB (sparse): do not leave them in the temp dir.
+    fn drop(&mut self) {
+        self.vm.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn guest(name: &str, cmdline: &str) -> Guest {
     let dir = tmpdir(name);
     let api = dir.join("api.sock");
@@ -435,7 +443,7 @@ fn mmap_restores_verify_clean_and_the_restored_guest_migrates_on() {
     std::thread::sleep(Duration::from_millis(500));
     snapshot_ok(&g.api, &inc, &["--incremental-from", full.to_str().unwrap()]);
     let base = verified_after(&mut g);
-    drop(g.vm);
+    g.vm.kill();
     let api2 = g.dir.join("mapped.sock");
 
     assert_restores_clean_with(&inc, base, &["--restore-mode", "mmap"]);
