@@ -198,9 +198,6 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
         }
         "snapshot" => {
             let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("snapshot needs \"to\""))?;
-            if ctx.migrating.load(Ordering::SeqCst) {
-                bail!("a migration is running; snapshot after it");
-            }
             let params = ferry_migrate::snapshot::SnapshotParams {
                 path: PathBuf::from(to),
                 live: req.get("live").and_then(Value::as_bool).unwrap_or(false),
