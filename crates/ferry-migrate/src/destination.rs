@@ -8,12 +8,15 @@ use std::io::BufReader;
 use std::time::{Duration, Instant};
 
 use ferry_stream::{PageType, Record, StreamReader, PAGE_SIZE};
+use ferry_vmm::devices::disk_image::DiskImage;
 use ferry_vmm::devices::serial::{decode_state, SerialDevice, SerialSink, SERIAL_SECTION_ID};
+use ferry_vmm::devices::virtio_blk::StartMode;
+use ferry_vmm::devices::virtio_blk_state::{BlockState, BLOCK_SECTION_ID, BLOCK_STATE_VERSION};
 use ferry_vmm::dirty_log::Bitmap;
 use ferry_vmm::memory::GuestRam;
 use ferry_vmm::uffd::{CopyOutcome, Uffd};
 use ferry_vmm::vcpu_state::VcpuState;
-use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, Vm};
+use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, DiskSetup, Vm};
 use ferry_vmm::vm_state::VmState;
 
 use crate::protocol::{self, Ack, ProtocolError};
@@ -56,6 +59,13 @@ pub enum IncomingError {
     VmState(#[source] ferry_vmm::vm_state::VmStateError),
     #[error("serial state is invalid")]
     Serial(#[source] ferry_vmm::devices::serial::SerialStateError),
+    #[error("state of disk {0} is invalid")]
+    DiskState(u32, #[source] ferry_vmm::devices::virtio_blk_state::BlockStateError),
+    #[error(
+        "the source machine has {source_disks} disk(s) but this destination was started with {local} \
+         (give the same --disk images, in the same order)"
+    )]
+    DiskCount { source_disks: usize, local: usize },
     #[error("filling guest memory failed")]
     Uffd(#[source] ferry_vmm::uffd::UffdError),
     #[error("the source did not commit the handover")]
@@ -75,6 +85,8 @@ pub struct IncomingStats {
     pub total: Duration,
     pub load: Duration,
     pub restore: Duration,
+    /// In-flight disk requests re-executed here.
+    pub disk_replayed: u64,
 }
 
 struct Pending {
@@ -148,25 +160,33 @@ pub fn receive(
     memory: Option<u64>,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
+    disks: Vec<DiskImage>,
 ) -> Result<(Vm, IncomingStats), IncomingError> {
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
-    match load(conn, memory, serial_out, dirty_tracking, t_start) {
-        Ok((parts, stats)) => {
+    match load(conn, memory, serial_out, dirty_tracking, disks, t_start) {
+        Ok(((machine, serial, fds), disks, stats)) => {
             // vCPU threads start paused; COMMIT resumes them. Their start counts as load time.
-            let (machine, serial, fds) = parts;
             let t = Instant::now();
-            let vm = Vm::start(machine, serial, fds, true).map_err(IncomingError::Start)?;
-            let stats = IncomingStats { load: stats.load + t.elapsed(), ..stats };
+            let replay: u64 = disks.iter().map(|d| d.state.as_ref().map_or(0, |s| s.in_flight.len() as u64)).sum();
+            let vm = Vm::start(machine, serial, disks, fds, true).map_err(IncomingError::Start)?;
+            let stats = IncomingStats { load: stats.load + t.elapsed(), disk_replayed: replay, ..stats };
             protocol::send_ack(
                 &mut reply,
-                Ack { load_us: stats.load.as_micros() as u64, restore_us: stats.restore.as_micros() as u64 },
+                Ack {
+                    load_us: stats.load.as_micros() as u64,
+                    restore_us: stats.restore.as_micros() as u64,
+                    disk_replay: replay,
+                },
             )
             .map_err(IncomingError::Reply)?;
             let mut c = commit_conn;
             c.set_read_timeout(Some(Duration::from_secs(60))).map_err(IncomingError::Reply)?;
             protocol::read_commit(&mut c).map_err(IncomingError::Commit)?;
+            // The disks take their image locks (once the source released them) and re-execute
+            // the requests that were in flight at the stop, in order, before anything new.
+            vm.disks_handover().map_err(IncomingError::Start)?;
             vm.resume().map_err(IncomingError::Start)?;
             Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }))
         }
@@ -194,13 +214,17 @@ impl std::fmt::Display for ErrorChain<'_> {
 
 pub(crate) type Parts = (ferry_vmm::vm::MachineParts, SerialDevice, Vec<kvm_ioctls::VcpuFd>);
 
+#[allow(clippy::type_complexity)]
 fn load(
     conn: Conn,
     memory: Option<u64>,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
+    disks: Vec<DiskImage>,
     t_start: Instant,
-) -> Result<(Parts, IncomingStats), IncomingError> {
+) -> Result<(Parts, Vec<DiskSetup>, IncomingStats), IncomingError> {
+    let mut disk_states: Vec<Option<BlockState>> = disks.iter().map(|_| None).collect();
+    let mut source_disks = 0usize;
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
     let mut pending: Option<Pending> = None;
     let mut stats = IncomingStats::default();
@@ -283,6 +307,17 @@ fn load(
                 let slot = vcpu_states.get_mut(id as usize).ok_or(IncomingError::ExtraVcpu(id))?;
                 *slot = Some(VcpuState::decode(data).map_err(|e| IncomingError::VcpuState(id, e))?);
             }
+            Record::DeviceState { id, instance, version, data } if id == BLOCK_SECTION_ID => {
+                if version != BLOCK_STATE_VERSION {
+                    return Err(IncomingError::UnknownDevice { id, version });
+                }
+                source_disks = source_disks.max(instance as usize + 1);
+                let st = BlockState::decode(data).map_err(|e| IncomingError::DiskState(instance, e))?;
+                match disk_states.get_mut(instance as usize) {
+                    Some(slot) => *slot = Some(st),
+                    None => return Err(IncomingError::DiskCount { source_disks, local: disks.len() }),
+                }
+            }
             Record::DeviceState { id, version, data, .. } => {
                 if id != SERIAL_SECTION_ID || version != ferry_vmm::devices::serial::SERIAL_STATE_VERSION {
                     return Err(IncomingError::UnknownDevice { id, version });
@@ -303,6 +338,14 @@ fn load(
         return Err(IncomingError::MissingVcpu(id));
     }
     let vm_state = vm_state.ok_or(IncomingError::MissingVmState)?;
+    if disk_states.iter().any(Option::is_none) {
+        return Err(IncomingError::DiskCount { source_disks, local: disks.len() });
+    }
+    let disks: Vec<DiskSetup> = disks
+        .into_iter()
+        .zip(disk_states)
+        .map(|(image, state)| DiskSetup { image, state, mode: StartMode::AwaitHandover })
+        .collect();
     let t_restore = Instant::now();
     let mut p = p;
     if let Some(mut u) = p.uffd.take() {
@@ -312,7 +355,7 @@ fn load(
     stats.restore = t_restore.elapsed();
     stats.load = t_end.elapsed();
     let _ = t_start;
-    Ok((parts, stats))
+    Ok((parts, disks, stats))
 }
 
 /// Puts saved state into a built machine (RAM already filled): VM-wide state, every vCPU, the

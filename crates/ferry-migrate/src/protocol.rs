@@ -1,7 +1,8 @@
 //! The return path and the commit message.
 //!
 //! After END the destination answers on the same connection with one frame
-//! `type u32 | length u32 | body`: ACK (body: load_us u64, restore_us u64) once it has loaded
+//! `type u32 | length u32 | body`: ACK (body: load_us u64, restore_us u64, disk_replay u64;
+//! a 16-byte body from a Ferry without disks is read with disk_replay 0) once it has loaded
 //! everything, or NACK (body: UTF-8 message) when it refuses. The source then sends the 8 bytes
 //! `FERRYCMT`; only then does the destination resume the guest. Little-endian throughout.
 
@@ -36,14 +37,17 @@ pub struct Ack {
     pub load_us: u64,
     /// Of which restoring KVM state.
     pub restore_us: u64,
+    /// In-flight disk requests the destination will execute again.
+    pub disk_replay: u64,
 }
 
 pub fn send_ack(w: &mut impl Write, a: Ack) -> std::io::Result<()> {
-    let mut b = Vec::with_capacity(24);
+    let mut b = Vec::with_capacity(32);
     b.extend_from_slice(&FRAME_ACK.to_le_bytes());
-    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&24u32.to_le_bytes());
     b.extend_from_slice(&a.load_us.to_le_bytes());
     b.extend_from_slice(&a.restore_us.to_le_bytes());
+    b.extend_from_slice(&a.disk_replay.to_le_bytes());
     w.write_all(&b)?;
     w.flush()
 }
@@ -70,12 +74,14 @@ pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body)?;
     match t {
-        FRAME_ACK if len == 16 => {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&body[..8]);
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&body[8..]);
-            Ok(Ack { load_us: u64::from_le_bytes(a), restore_us: u64::from_le_bytes(b) })
+        FRAME_ACK if len == 16 || len == 24 => {
+            let word = |i: usize| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&body[i * 8..i * 8 + 8]);
+                u64::from_le_bytes(w)
+            };
+            let disk_replay = if len == 24 { word(2) } else { 0 };
+            Ok(Ack { load_us: word(0), restore_us: word(1), disk_replay })
         }
         FRAME_NACK => Err(ProtocolError::Refused(String::from_utf8_lossy(&body).into_owned())),
         other => Err(ProtocolError::BadFrame(other)),
@@ -103,11 +109,11 @@ mod tests {
     #[test]
     fn ack_round_trips() {
         let mut buf = Vec::new();
-        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3 }).unwrap();
+        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3, disk_replay: 5 }).unwrap();
 
         let a = read_answer(&mut buf.as_slice()).unwrap();
 
-        assert_eq!(a, Ack { load_us: 7, restore_us: 3 });
+        assert_eq!(a, Ack { load_us: 7, restore_us: 3, disk_replay: 5 });
     }
 
     #[test]

@@ -98,6 +98,11 @@ pub enum SnapshotError {
     NotTracked { asked: PathBuf, last: Option<PathBuf> },
     #[error("--live cannot be combined with --incremental-from yet")]
     LiveIncremental,
+    #[error(
+        "this machine has {0} disk(s): snapshots do not include disk images yet, so a restore would \
+         pair the memory of one moment with the disk of another; snapshot is refused"
+    )]
+    HasDisks(usize),
     #[error("the snapshot was cancelled")]
     Cancelled,
     #[error("snapshot metadata of {0} bytes does not fit the {1} bytes reserved for it")]
@@ -421,6 +426,9 @@ pub fn snapshot(
     let t_start = Instant::now();
     if params.live && params.incremental_from.is_some() {
         return Err(SnapshotError::LiveIncremental);
+    }
+    if !vm.disks().is_empty() {
+        return Err(SnapshotError::HasDisks(vm.disks().len()));
     }
     let parent = match &params.incremental_from {
         Some(p) => {
@@ -918,7 +926,7 @@ pub fn restore(
     let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
     let (machine, serial, fds) =
         restore_state(machine, fds, &vm_state, &vcpu_states, serial, serial_out).map_err(SnapshotError::Restore)?;
-    let vm = Vm::start(machine, serial, fds, paused)?;
+    let vm = Vm::start(machine, serial, Vec::new(), fds, paused)?;
     stats.total = t0.elapsed();
     Ok((vm, stats))
 }

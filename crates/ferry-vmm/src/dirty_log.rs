@@ -385,6 +385,38 @@ impl DirtyLog {
     }
 }
 
+/// Records guest-memory writes made by host threads (device backends) in a machine's dirty
+/// log, which KVM does not see: every consumer finds those pages dirty at its next sync.
+#[derive(Clone)]
+pub struct GuestDirty {
+    log: std::sync::Arc<std::sync::Mutex<DirtyLog>>,
+    /// (guest-physical start, length) of each slot, in slot order.
+    slots: std::sync::Arc<Vec<(u64, u64)>>,
+}
+
+impl GuestDirty {
+    pub fn new(log: std::sync::Arc<std::sync::Mutex<DirtyLog>>, slots: Vec<(u64, u64)>) -> Self {
+        GuestDirty { log, slots: std::sync::Arc::new(slots) }
+    }
+
+    /// Marks the pages of `[gpa, gpa+len)` that are RAM.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let Ok(mut log) = self.log.lock() else { return };
+        let ps = crate::memory::PAGE_SIZE;
+        let (first, last) = (gpa / ps, (gpa + len - 1) / ps);
+        for (i, &(start, size)) in self.slots.iter().enumerate() {
+            let (s0, s1) = (start / ps, (start + size) / ps);
+            let (a, b) = (first.max(s0), (last + 1).min(s1));
+            if a < b {
+                log.mark_vmm_dirty(i, a - s0, b - a);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;

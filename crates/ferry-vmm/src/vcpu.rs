@@ -340,11 +340,15 @@ fn run_once(vcpu: &mut VcpuFd, env: &VcpuEnv) -> Step {
             bus.read(port, data);
             None
         }
-        Ok(VcpuExit::MmioRead(_, data)) => {
-            data.fill(0xff);
+        Ok(VcpuExit::MmioRead(gpa, data)) => {
+            bus.mmio_read(gpa, data);
             None
         }
-        Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
+        Ok(VcpuExit::MmioWrite(gpa, data)) => {
+            bus.mmio_write(gpa, data);
+            None
+        }
+        Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
         Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestReset(format!("vCPU {id}: triple fault"))),
         Ok(VcpuExit::SystemEvent(t, _)) => Some(ExitReason::GuestReset(format!("vCPU {id}: KVM system event {t}"))),
         Ok(VcpuExit::InternalError) => {

@@ -7,9 +7,14 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootEntry, BootError};
+use crate::devices::disk_image::DiskImage;
 use crate::devices::serial::{SerialDevice, SerialSink};
+use crate::devices::virtio_blk::{self, BlockDevice, BlockError, BlockStats, StartMode};
+use crate::devices::virtio_blk_state::BlockState;
 use crate::devices::{PioBus, COM1_GSI};
-use crate::dirty_log::{ConsumerId, DirtyLog, DirtyLogError, DirtySource, Initial, DEFAULT_CLEAR_CHUNK_PAGES};
+use crate::dirty_log::{
+    ConsumerId, DirtyLog, DirtyLogError, DirtySource, GuestDirty, Initial, DEFAULT_CLEAR_CHUNK_PAGES,
+};
 use crate::dirty_ring::{self, DirtyRingError, DirtyRings, RingSource, RingStats};
 use crate::kvm_ext::{self, KvmDirty};
 use crate::memory::PAGE_SIZE;
@@ -51,6 +56,10 @@ pub enum VmError {
     DirtyRing(#[from] DirtyRingError),
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("disk")]
+    Disk(#[from] BlockError),
+    #[error("{0} disks requested; Ferry supports at most {max}", max = virtio_blk::MAX_DISKS)]
+    TooManyDisks(usize),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -66,6 +75,16 @@ pub struct VmConfig {
     pub cmdline: String,
     pub serial_out: SerialSink,
     pub dirty_tracking: DirtyTracking,
+    /// Disk images (locked), attached as virtio-mmio block devices and announced to the guest
+    /// on its command line.
+    pub disks: Vec<DiskImage>,
+}
+
+/// A disk to attach when a machine starts: fresh or from migrated state.
+pub struct DiskSetup {
+    pub image: DiskImage,
+    pub state: Option<BlockState>,
+    pub mode: StartMode,
 }
 
 /// How KVM reports the pages the guest writes (chosen per VM, before its vCPUs exist).
@@ -153,7 +172,7 @@ fn patch_cpuid(cpuid: &mut CpuId, id: u32, count: u32) {
 /// A machine whose vCPUs run on their own threads.
 pub struct Vm {
     parts: MachineParts,
-    dirty: Mutex<DirtyLog>,
+    dirty: Arc<Mutex<DirtyLog>>,
     /// The vCPUs' dirty rings (ring tracking only); vCPU threads collect them when full.
     rings: Option<Arc<DirtyRings>>,
     bus: Arc<PioBus>,
@@ -171,8 +190,18 @@ impl Vm {
         if cfg.memory < MIN_MEMORY {
             return Err(VmError::MemoryTooSmall(cfg.memory));
         }
+        if cfg.disks.len() > virtio_blk::MAX_DISKS {
+            return Err(VmError::TooManyDisks(cfg.disks.len()));
+        }
+        let mut cmdline = cfg.cmdline.clone();
+        for i in 0..cfg.disks.len() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&virtio_blk::cmdline_token(i));
+        }
         let ram = GuestRam::new(cfg.memory)?;
-        let entry: BootEntry = boot::load_pvh(&ram, &cfg.kernel, &cfg.cmdline)?;
+        let entry: BootEntry = boot::load_pvh(&ram, &cfg.kernel, &cmdline)?;
         let parts = create_machine(ram, cfg.dirty_tracking)?;
         let mut fds = Vec::new();
         for id in 0..cfg.vcpus {
@@ -185,13 +214,23 @@ impl Vm {
         }
         let irq = parts.serial_irq.try_clone().map_err(VmError::EventFd)?;
         let serial = SerialDevice::new(irq, cfg.serial_out);
-        Vm::start(parts, serial, fds, false)
+        let disks =
+            cfg.disks.into_iter().map(|image| DiskSetup { image, state: None, mode: StartMode::Running }).collect();
+        Vm::start(parts, serial, disks, fds, false)
     }
 
     /// Starts vCPU threads on prepared parts (used by boot and by restore).
-    pub fn start(parts: MachineParts, serial: SerialDevice, fds: Vec<VcpuFd>, paused: bool) -> Result<Vm, VmError> {
+    pub fn start(
+        parts: MachineParts,
+        serial: SerialDevice,
+        disks: Vec<DiskSetup>,
+        fds: Vec<VcpuFd>,
+        paused: bool,
+    ) -> Result<Vm, VmError> {
         install_kick_handler()?;
-        let bus = Arc::new(PioBus { serial: Mutex::new(serial) });
+        if disks.len() > virtio_blk::MAX_DISKS {
+            return Err(VmError::TooManyDisks(disks.len()));
+        }
         let exit = ExitSink::new();
         let vcpu_count = fds.len() as u32;
         let slots: Vec<(u32, u64)> = parts.ram.regions().iter().map(|r| (r.slot, r.size / PAGE_SIZE)).collect();
@@ -201,11 +240,25 @@ impl Vm {
                 (Some(Arc::new(DirtyRings::map(&parts.vm_fd, &fds, entries, &slots)?)), DEFAULT_CLEAR_CHUNK_PAGES)
             }
         };
+        let dirty = Arc::new(Mutex::new(DirtyLog::new(&slots, chunk)));
+        let marker = GuestDirty::new(dirty.clone(), parts.ram.regions().iter().map(|r| (r.gpa, r.size)).collect());
+        let mut devs = Vec::new();
+        for (i, d) in disks.into_iter().enumerate() {
+            devs.push(BlockDevice::new(
+                i,
+                d.image,
+                d.state,
+                d.mode,
+                &parts.vm_fd,
+                parts.ram.mem().clone(),
+                marker.clone(),
+            )?);
+        }
+        let bus = Arc::new(PioBus { serial: Mutex::new(serial), disks: devs });
         let mut vcpus = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
             vcpus.push(VcpuHandle::spawn(id as u32, fd, bus.clone(), exit.clone(), rings.clone(), paused)?);
         }
-        let dirty = Mutex::new(DirtyLog::new(&slots, chunk));
         Ok(Vm { parts, dirty, rings, bus, vcpus, exit, vcpu_count })
     }
 
@@ -354,6 +407,60 @@ impl Vm {
     /// Why the machine stopped, if it did.
     pub fn exit_reason(&self) -> Option<ExitReason> {
         self.exit.get()
+    }
+
+    /// The machine's disks.
+    pub fn disks(&self) -> &[BlockDevice] {
+        &self.bus.disks
+    }
+
+    /// Quiesces every disk (vCPUs paused); returns the requests in flight.
+    pub fn quiesce_disks(&self) -> Result<u64, VmError> {
+        let mut n = 0;
+        for d in self.disks() {
+            n += d.quiesce()?;
+        }
+        Ok(n)
+    }
+
+    /// Undoes [`Vm::quiesce_disks`] (a failed migration): held requests complete once, here.
+    pub fn resume_disks(&self) -> Result<(), VmError> {
+        for d in self.disks() {
+            d.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Counters of every disk.
+    pub fn disk_stats(&self) -> Vec<BlockStats> {
+        self.disks().iter().map(|d| d.stats()).collect()
+    }
+
+    /// Requests finished since the quiesce, not completed to the guest.
+    pub fn disks_held(&self) -> u64 {
+        self.disks().iter().map(|d| d.held()).sum()
+    }
+
+    /// Destination at COMMIT: lets every disk take its lock and replay. Returns the requests
+    /// to replay.
+    pub fn disks_handover(&self) -> Result<u64, VmError> {
+        let mut n = 0;
+        for d in self.disks() {
+            n += d.handover()?;
+        }
+        Ok(n)
+    }
+
+    /// Source before COMMIT: releases the lock of every disk with nothing executing. Returns
+    /// whether all were released.
+    pub fn disks_try_release(&self) -> bool {
+        // Every disk is tried (no short circuit).
+        self.disks().iter().map(|d| d.try_release()).filter(|r| !r).count() == 0
+    }
+
+    /// Source after COMMIT: releases every disk's lock once its requests stopped executing.
+    pub fn disks_release_when_idle(&self, timeout: std::time::Duration) -> bool {
+        self.disks().iter().map(|d| d.release_when_idle(timeout)).filter(|r| !r).count() == 0
     }
 
     /// Stops all vCPU threads.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use ferry_vmm::devices::disk_image::{DiskImage, DiskSpec};
 use ferry_vmm::devices::serial::SerialSink;
 use ferry_vmm::vm::DirtyTracking;
 use ferry_vmm::{ExitReason, Vm, VmConfig};
@@ -182,6 +183,11 @@ struct RunArgs {
     /// Ring tracking: entries per vCPU ring (a power of two, at least 1024).
     #[arg(long, default_value_t = ferry_vmm::dirty_ring::DEFAULT_RING_ENTRIES)]
     dirty_ring_entries: u32,
+    /// A raw disk image as a virtio-blk device (repeat for several): PATH, or
+    /// path=PATH[,readonly=on][,io-threads=N][,latency-us=N]. Locked while in use; a migration
+    /// destination takes the lock over from the source at the switch-over.
+    #[arg(long, value_parser = ferry_vmm::devices::disk_image::parse_disk_spec)]
+    disk: Vec<DiskSpec>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -268,6 +274,9 @@ fn restore(a: &RunArgs, path: &std::path::Path) -> Result<Arc<Vm>> {
     if a.kernel.is_some() || a.cmdline.is_some() {
         bail!("--restore takes the guest from the snapshot: --kernel and --cmdline do not apply");
     }
+    if !a.disk.is_empty() {
+        bail!("--restore does not take --disk: snapshots do not include disk images yet");
+    }
     let (vm, st) = ferry_migrate::snapshot::restore(
         path,
         a.memory,
@@ -300,12 +309,18 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
         bail!("--incoming takes the guest from the migration stream: --kernel and --cmdline do not apply");
     }
     let uri = ferry_migrate::transport::Uri::parse(uri)?;
+    // Opened now (a missing image fails before anything waits), locked at the switch-over.
+    let disks = a.disk.iter().map(|d| DiskImage::open(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
     eprintln!("ferry: waiting for an incoming migration on {uri}");
     let conn = listener.accept(&uri)?;
     drop(listener);
-    let (vm, stats) = ferry_migrate::destination::receive(conn, a.memory, serial_sink(&a.serial)?, a.dirty_tracking()?)
-        .context("incoming migration failed; nothing was started")?;
+    let (vm, stats) =
+        ferry_migrate::destination::receive(conn, a.memory, serial_sink(&a.serial)?, a.dirty_tracking()?, disks)
+            .context("incoming migration failed; nothing was started")?;
+    if stats.disk_replayed > 0 {
+        eprintln!("ferry: re-executing {} disk request(s) that were in flight at the stop", stats.disk_replayed);
+    }
     eprintln!(
         "ferry: incoming migration complete: {:.1} MiB, {} normal and {} zero pages, load {:.1} ms (restore {:.1} ms)",
         stats.bytes as f64 / (1 << 20) as f64,
@@ -330,6 +345,11 @@ fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
             (guest::GUEST_ELF.to_vec(), c)
         }
     };
+    if a.disk.len() > ferry_vmm::devices::virtio_blk::MAX_DISKS {
+        bail!("{} --disk options; Ferry attaches at most {}", a.disk.len(), ferry_vmm::devices::virtio_blk::MAX_DISKS);
+    }
+    let disks =
+        a.disk.iter().map(|d| DiskImage::open_locked(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
     let cfg = VmConfig {
         memory,
         vcpus: a.cpus,
@@ -337,6 +357,7 @@ fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
         cmdline,
         serial_out: serial_sink(&a.serial)?,
         dirty_tracking: a.dirty_tracking()?,
+        disks,
     };
     let vm = Vm::boot(cfg).map_err(|e| {
         let name = a.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in guest".into());

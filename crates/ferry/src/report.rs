@@ -54,6 +54,15 @@ pub fn summary_text(s: &Value) -> String {
         u(p, "broken"),
         u(p, "discarded")
     );
+    if s["disk_in_flight_at_stop"].as_u64().is_some() && s["disks"].as_u64().unwrap_or(0) > 0 {
+        o += &format!(
+            "  disk requests   {} in flight at the stop ({} finished here after the quiesce point), {} replayed on the destination; locks passed {}\n",
+            u(s, "disk_in_flight_at_stop"),
+            u(s, "disk_completed_after_quiesce"),
+            u(s, "disk_replayed"),
+            if s["disk_lock_released_before_commit"] == Value::Bool(true) { "before COMMIT" } else { "after COMMIT" }
+        );
+    }
     o += "  iteration   dirty pages    sent pages        MiB      ms     MiB/s\n";
     for it in s["iterations"].as_array().into_iter().flatten() {
         o += &format!(

@@ -2,7 +2,10 @@
 //!
 //! Every device can report its state for a migration stream and be rebuilt from it.
 
+pub mod disk_image;
 pub mod serial;
+pub mod virtio_blk;
+pub mod virtio_blk_state;
 
 pub use serial::SerialDevice;
 
@@ -22,9 +25,11 @@ pub enum IoAction {
     Shutdown(u8),
 }
 
-/// The port-I/O bus of a machine.
+/// The port-I/O bus of a machine, and its MMIO devices.
 pub struct PioBus {
     pub serial: std::sync::Mutex<SerialDevice>,
+    /// virtio-mmio disks, disk `i` at `virtio_blk::mmio_base(i)`.
+    pub disks: Vec<virtio_blk::BlockDevice>,
 }
 
 impl PioBus {
@@ -39,6 +44,28 @@ impl PioBus {
             }
             SHUTDOWN_PORT => IoAction::Shutdown(data.first().copied().unwrap_or(0)),
             _ => IoAction::None,
+        }
+    }
+
+    /// The disk whose MMIO window holds `gpa`, with the offset in it.
+    fn disk_at(&self, gpa: u64) -> Option<(&virtio_blk::BlockDevice, u64)> {
+        let rel = gpa.checked_sub(virtio_blk::VIRTIO_MMIO_BASE)?;
+        let d = self.disks.get((rel / virtio_blk::VIRTIO_MMIO_SIZE) as usize)?;
+        Some((d, rel % virtio_blk::VIRTIO_MMIO_SIZE))
+    }
+
+    /// Handles an MMIO read; unclaimed addresses read as all ones.
+    pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) {
+        match self.disk_at(gpa) {
+            Some((d, off)) => d.mmio_read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Handles an MMIO write; unclaimed addresses ignore it.
+    pub fn mmio_write(&self, gpa: u64, data: &[u8]) {
+        if let Some((d, off)) = self.disk_at(gpa) {
+            d.mmio_write(off, data);
         }
     }
 

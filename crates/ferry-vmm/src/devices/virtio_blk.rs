@@ -1,0 +1,892 @@
+//! virtio-blk over virtio-mmio (virtio 1.x, one request queue) on a raw image file.
+//!
+//! Threads: the vCPU threads handle register accesses (under the device lock); the guest's
+//! queue notifications arrive on an ioeventfd watched by the device's own thread, which pops
+//! requests (with `virtio-queue`) and hands them to a pool of I/O threads; those execute them with
+//! `pread`/`pwrite`/`fdatasync` straight into guest memory and report back; the device thread
+//! writes the status byte, puts the head on the used ring and raises the interrupt by irqfd.
+//! Every guest-memory write the device makes is recorded in the dirty log (`GuestDirty`), since
+//! KVM does not see writes from host threads.
+//!
+//! Quiesce (docs/virtio-blk.md): the device stops popping the avail ring and stops putting
+//! anything on the used ring. Requests finishing after that point are *held*: their data may be
+//! on disk, but the guest is not told. The state section then lists every request popped and not
+//! yet used ("in flight"), and a destination executes them again before anything new. If the
+//! migration fails, `resume` completes the held requests exactly once, here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::*;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk_image::{DiskImage, SECTOR_SIZE};
+use super::virtio_blk_state::{BlockState, Request, Segment, TransportState, MAX_SEGMENTS};
+use crate::dirty_log::GuestDirty;
+
+/// Guest-physical base of the first virtio-mmio window; disk `i` is at `BASE + i * SIZE`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Interrupt line (GSI) of disk 0; disk `i` uses `FIRST_GSI + i`.
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// Most disks a machine takes (GSIs 5..=12).
+pub const MAX_DISKS: usize = 8;
+/// Largest queue the device offers.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+/// How long a destination waits for the source to release a disk's lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(60);
+const VENDOR_ID: u32 = 0x5952_5246; // "FRRY"
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const SEG_MAX: u32 = 126;
+
+/// Errors of a virtio-blk device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot create an eventfd for disk {0}")]
+    EventFd(usize, #[source] std::io::Error),
+    #[error("KVM cannot {what} for disk {index}")]
+    Kvm {
+        index: usize,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot start a thread of disk {0}")]
+    Spawn(usize, #[source] std::io::Error),
+    #[error("disk {index} ({path}) has {here} sectors here but {there} in the migrated state")]
+    SizeMismatch { index: usize, path: String, here: u64, there: u64 },
+    #[error("disk {index} ({path}) is {here} here but was {there} on the source")]
+    ModeMismatch { index: usize, path: String, here: &'static str, there: &'static str },
+    #[error("disk {0}: the migrated queue state is invalid")]
+    Queue(usize, #[source] virtio_queue::Error),
+    #[error("disk {index}: in-flight request at head {head} lies outside guest memory")]
+    BadRequest { index: usize, head: u16 },
+    #[error("disk {0} lock is poisoned (a device thread panicked)")]
+    Poisoned(usize),
+}
+
+/// How a device starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Serving at once (the image is locked).
+    Running,
+    /// A migration destination: nothing executes until [`BlockDevice::handover`].
+    AwaitHandover,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    /// Popping nothing, completing nothing (the machine is being saved).
+    Quiesced,
+    /// Destination before COMMIT.
+    AwaitHandover,
+    /// Waiting for the source to release the image lock (since `since`).
+    AwaitLock(Instant),
+    /// The lock could not be had: the device executes nothing.
+    Failed,
+}
+
+/// Counters of one disk.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct BlockStats {
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub io_errors: u64,
+    pub refused_writes: u64,
+    /// In flight when the device last quiesced.
+    pub in_flight_at_quiesce: u64,
+    /// Of those, finished (held, not completed to the guest) since the quiesce.
+    pub completed_after_quiesce: u64,
+    /// Requests re-executed from a migrated state.
+    pub replayed: u64,
+}
+
+struct InFlight {
+    req: Request,
+    /// Handed to the I/O threads.
+    submitted: bool,
+    /// Finished while quiesced: (status, bytes written into guest buffers incl. status).
+    held: Option<(u8, u32)>,
+}
+
+struct Job {
+    seq: u64,
+    epoch: u64,
+    req: Request,
+}
+
+struct Done {
+    seq: u64,
+    epoch: u64,
+    status: u8,
+    used_len: u32,
+}
+
+struct Shared {
+    t: TransportState,
+    queue: Queue,
+    mode: Mode,
+    /// Popped and not yet on the used ring, by pop order.
+    in_flight: BTreeMap<u64, InFlight>,
+    next_seq: u64,
+    /// Bumped on reset: completions of an older epoch are dropped.
+    epoch: u64,
+    /// Requests to execute again (destination), in their original order; executed one at a
+    /// time so overlapping requests keep their order.
+    replay: VecDeque<u64>,
+    replay_running: Option<u64>,
+    stats: BlockStats,
+    /// Executing in an I/O thread right now.
+    executing: u64,
+}
+
+struct Inner {
+    index: usize,
+    image: DiskImage,
+    mem: GuestMemoryMmap,
+    dirty: GuestDirty,
+    irq: EventFd,
+    notify: EventFd,
+    done_evt: EventFd,
+    ctl: EventFd,
+    quit: AtomicBool,
+    latency: Duration,
+    st: Mutex<Shared>,
+    refused_logged: AtomicU64,
+}
+
+/// One virtio-blk device with its threads.
+pub struct BlockDevice {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+fn device_features(readonly: bool) -> u64 {
+    let mut f = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_BLK_F_FLUSH)
+        | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | (1 << VIRTIO_RING_F_EVENT_IDX);
+    if readonly {
+        f |= 1 << VIRTIO_BLK_F_RO;
+    }
+    f
+}
+
+/// The kernel command-line token announcing disk `index` (Linux's virtio_mmio.device= form).
+pub fn cmdline_token(index: usize) -> String {
+    format!("virtio_mmio.device=4K@{:#x}:{}", mmio_base(index), VIRTIO_FIRST_GSI + index as u32)
+}
+
+pub fn mmio_base(index: usize) -> u64 {
+    VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE
+}
+
+impl BlockDevice {
+    /// Builds disk `index` on `image`, fresh (`state` None) or from a migrated state, wires its
+    /// irqfd and ioeventfd into `vm`, and starts its threads.
+    pub fn new(
+        index: usize,
+        image: DiskImage,
+        state: Option<BlockState>,
+        mode: StartMode,
+        vm: &kvm_ioctls::VmFd,
+        mem: GuestMemoryMmap,
+        dirty: GuestDirty,
+    ) -> Result<Self, BlockError> {
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| BlockError::EventFd(index, e));
+        let (irq, notify, done_evt, ctl) = (evt()?, evt()?, evt()?, evt()?);
+        let kvm = |what| move |source| BlockError::Kvm { index, what, source };
+        vm.register_irqfd(&irq, VIRTIO_FIRST_GSI + index as u32).map_err(kvm("register the irqfd"))?;
+        let addr = kvm_ioctls::IoEventAddress::Mmio(mmio_base(index) + VIRTIO_MMIO_QUEUE_NOTIFY as u64);
+        vm.register_ioevent(&notify, &addr, kvm_ioctls::NoDatamatch).map_err(kvm("register the ioeventfd"))?;
+
+        let path = image.path().display().to_string();
+        let (t, queue, in_flight, replay, next_seq) = match state {
+            None => (TransportState::default(), new_queue(index)?, BTreeMap::new(), VecDeque::new(), 0),
+            Some(s) => {
+                if s.sectors != image.sectors() {
+                    return Err(BlockError::SizeMismatch { index, path, here: image.sectors(), there: s.sectors });
+                }
+                if s.readonly != image.readonly() {
+                    let m = |ro| if ro { "read-only" } else { "read-write" };
+                    return Err(BlockError::ModeMismatch {
+                        index,
+                        path,
+                        here: m(image.readonly()),
+                        there: m(s.readonly),
+                    });
+                }
+                let queue = Queue::try_from(s.queue).map_err(|e| BlockError::Queue(index, e))?;
+                let mut map = BTreeMap::new();
+                let mut replay = VecDeque::new();
+                for (seq, req) in s.in_flight.into_iter().enumerate() {
+                    if !request_in_memory(&mem, &req) {
+                        return Err(BlockError::BadRequest { index, head: req.head });
+                    }
+                    map.insert(seq as u64, InFlight { req, submitted: false, held: None });
+                    replay.push_back(seq as u64);
+                }
+                let n = map.len() as u64;
+                (s.transport, queue, map, replay, n)
+            }
+        };
+        let st = Shared {
+            t,
+            queue,
+            mode: match mode {
+                StartMode::Running => Mode::Running,
+                StartMode::AwaitHandover => Mode::AwaitHandover,
+            },
+            in_flight,
+            next_seq,
+            epoch: 0,
+            replay,
+            replay_running: None,
+            stats: BlockStats::default(),
+            executing: 0,
+        };
+        let threads = image.spec().io_threads.max(1);
+        let latency = Duration::from_micros(image.spec().latency_us);
+        let inner = Arc::new(Inner {
+            index,
+            image,
+            mem,
+            dirty,
+            irq,
+            notify,
+            done_evt,
+            ctl,
+            quit: AtomicBool::new(false),
+            latency,
+            st: Mutex::new(st),
+            refused_logged: AtomicU64::new(0),
+        });
+        let (job_tx, job_rx) = channel::<Job>();
+        let (done_tx, done_rx) = channel::<Done>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut workers = Vec::new();
+        for w in 0..threads {
+            let (inner, rx, tx) = (inner.clone(), job_rx.clone(), done_tx.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("disk{index}-io{w}"))
+                    .spawn(move || io_thread(&inner, &rx, &tx))
+                    .map_err(|e| BlockError::Spawn(index, e))?,
+            );
+        }
+        drop(done_tx);
+        let thread = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("disk{index}"))
+                .spawn(move || device_thread(&inner, job_tx, done_rx))
+                .map_err(|e| BlockError::Spawn(index, e))?
+        };
+        Ok(BlockDevice { inner, thread: Some(thread), workers })
+    }
+
+    pub fn index(&self) -> usize {
+        self.inner.index
+    }
+
+    pub fn image(&self) -> &DiskImage {
+        &self.inner.image
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Shared>, BlockError> {
+        self.inner.st.lock().map_err(|_| BlockError::Poisoned(self.inner.index))
+    }
+
+    fn kick(&self) {
+        let _ = self.inner.ctl.write(1);
+    }
+
+    /// Handles a guest read of the device's MMIO window.
+    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(mut st) = self.lock() else { return };
+        if offset >= VIRTIO_MMIO_CONFIG as u64 {
+            let mut cfg = [0u8; 24];
+            cfg[..8].copy_from_slice(&self.inner.image.sectors().to_le_bytes());
+            cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+            let off = (offset - VIRTIO_MMIO_CONFIG as u64) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = cfg.get(off + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        let features = device_features(self.inner.image.readonly());
+        let v: u32 = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => 2,
+            VIRTIO_MMIO_DEVICE_ID => VIRTIO_ID_BLOCK,
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match st.t.device_features_sel {
+                0 => features as u32,
+                1 => (features >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX if st.t.queue_sel == 0 => QUEUE_MAX_SIZE as u32,
+            VIRTIO_MMIO_QUEUE_READY => (st.t.queue_sel == 0 && st.queue.ready()) as u32,
+            VIRTIO_MMIO_INTERRUPT_STATUS => st.t.interrupt_status,
+            VIRTIO_MMIO_STATUS => st.t.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => st.t.config_generation,
+            _ => 0,
+        };
+        let _ = &mut st;
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    /// Handles a guest write to the device's MMIO window.
+    pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+        if data.len() != 4 || offset >= VIRTIO_MMIO_CONFIG as u64 {
+            return; // config space is read-only; registers are 32-bit
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let Ok(mut st) = self.lock() else { return };
+        let q0 = st.t.queue_sel == 0;
+        // Queue registers may only change before the driver is done with setup.
+        let setup = st.t.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => st.t.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => st.t.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if st.t.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+                match st.t.driver_features_sel {
+                    0 => st.t.driver_features = (st.t.driver_features & !0xffff_ffff) | v as u64,
+                    1 => st.t.driver_features = (st.t.driver_features & 0xffff_ffff) | ((v as u64) << 32),
+                    _ => {}
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => st.t.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if q0 && setup => st.queue.set_size(v as u16),
+            VIRTIO_MMIO_QUEUE_READY if q0 && setup => st.queue.set_ready(v == 1),
+            VIRTIO_MMIO_QUEUE_DESC_LOW if q0 && setup => st.queue.set_desc_table_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if q0 && setup => st.queue.set_desc_table_address(None, Some(v)),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if q0 && setup => st.queue.set_avail_ring_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if q0 && setup => st.queue.set_avail_ring_address(None, Some(v)),
+            VIRTIO_MMIO_QUEUE_USED_LOW if q0 && setup => st.queue.set_used_ring_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_USED_HIGH if q0 && setup => st.queue.set_used_ring_address(None, Some(v)),
+            // Reaches us only if the ioeventfd did not take it.
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                let _ = self.inner.notify.write(1);
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => st.t.interrupt_status &= !v,
+            VIRTIO_MMIO_STATUS => {
+                if v == 0 {
+                    reset(&mut st);
+                    return;
+                }
+                let old = st.t.status;
+                let mut new = v;
+                if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 && old & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                    let offered = device_features(self.inner.image.readonly());
+                    let f = st.t.driver_features;
+                    if f & !offered != 0 || f & (1 << VIRTIO_F_VERSION_1) == 0 {
+                        new &= !VIRTIO_CONFIG_S_FEATURES_OK;
+                    }
+                }
+                st.t.status = new;
+                if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 && old & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+                    let eidx = st.t.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                    st.queue.set_event_idx(eidx);
+                    drop(st);
+                    self.kick();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops taking requests and completing them (the machine's vCPUs are paused). Returns the
+    /// number of requests in flight.
+    pub fn quiesce(&self) -> Result<u64, BlockError> {
+        let mut st = self.lock()?;
+        if st.mode == Mode::Running {
+            st.mode = Mode::Quiesced;
+        }
+        let n = st.in_flight.len() as u64;
+        st.stats.in_flight_at_quiesce = n;
+        st.stats.completed_after_quiesce = 0;
+        Ok(n)
+    }
+
+    /// Requests held since the quiesce (finished, not completed to the guest).
+    pub fn held(&self) -> u64 {
+        self.lock().map(|st| st.in_flight.values().filter(|f| f.held.is_some()).count() as u64).unwrap_or(0)
+    }
+
+    /// Undoes a quiesce after a failed migration: completes the held requests (once), takes
+    /// the image lock again if it was released, and serves the queue again.
+    pub fn resume(&self) -> Result<(), BlockError> {
+        let mut st = self.lock()?;
+        if st.mode != Mode::Quiesced {
+            return Ok(());
+        }
+        if let Err(e) = self.inner.image.lock() {
+            eprintln!(
+                "ferry: disk {} cannot take its image lock back ({e}); its requests stay stopped",
+                self.inner.index
+            );
+            st.mode = Mode::Failed;
+            return Ok(());
+        }
+        st.mode = Mode::Running;
+        let held: Vec<u64> = st.in_flight.iter().filter(|(_, f)| f.held.is_some()).map(|(&s, _)| s).collect();
+        let mut any = false;
+        for seq in held {
+            if let Some(f) = st.in_flight.remove(&seq) {
+                if let Some((status, len)) = f.held {
+                    complete_to_guest(&self.inner, &mut st, &f.req, status, len);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            notify_guest(&self.inner, &mut st);
+        }
+        drop(st);
+        self.kick();
+        Ok(())
+    }
+
+    /// The device's state (call while quiesced, vCPUs paused).
+    pub fn save_state(&self) -> Result<BlockState, BlockError> {
+        let st = self.lock()?;
+        Ok(BlockState {
+            sectors: self.inner.image.sectors(),
+            readonly: self.inner.image.readonly(),
+            transport: st.t,
+            queue: st.queue.state(),
+            in_flight: st.in_flight.values().map(|f| f.req.clone()).collect(),
+        })
+    }
+
+    /// Source, after the destination has everything: releases the image lock if none of this
+    /// disk's requests is still executing. Returns whether it did.
+    pub fn try_release(&self) -> bool {
+        let Ok(st) = self.lock() else { return false };
+        if st.executing == 0 {
+            self.inner.image.unlock();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Source, after COMMIT: waits (up to `timeout`) until no request executes, then releases
+    /// the lock. The destination waits for it before it executes anything.
+    pub fn release_when_idle(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.try_release() {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Destination, at COMMIT: takes the image lock if the source released it already and
+    /// starts re-executing the migrated in-flight requests; otherwise the device thread waits
+    /// for the lock. Returns the number of requests to replay.
+    pub fn handover(&self) -> Result<u64, BlockError> {
+        let mut st = self.lock()?;
+        if st.mode != Mode::AwaitHandover {
+            return Ok(0);
+        }
+        let n = st.replay.len() as u64;
+        st.stats.replayed = n;
+        // Usually the source has released the lock by now: then the replay starts before the
+        // guest's vCPUs do. Otherwise the device thread takes the lock when it is free.
+        st.mode = match self.inner.image.lock() {
+            Ok(()) => Mode::Running,
+            Err(_) => Mode::AwaitLock(Instant::now()),
+        };
+        drop(st);
+        self.kick();
+        Ok(n)
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.lock().map(|st| st.stats).unwrap_or_default()
+    }
+
+    /// Stops the threads (requests still executing finish first).
+    pub fn stop(&mut self) {
+        self.inner.quit.store(true, Ordering::SeqCst);
+        self.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for BlockDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn new_queue(index: usize) -> Result<Queue, BlockError> {
+    Queue::new(QUEUE_MAX_SIZE).map_err(|e| BlockError::Queue(index, e))
+}
+
+fn reset(st: &mut Shared) {
+    st.queue.reset();
+    st.t = TransportState::default();
+    st.in_flight.clear();
+    st.replay.clear();
+    st.replay_running = None;
+    st.epoch += 1;
+}
+
+fn request_in_memory(mem: &GuestMemoryMmap, r: &Request) -> bool {
+    GuestMemoryBackend::check_range(mem, GuestAddress(r.status_gpa), 1)
+        && r.segments.iter().all(|s| GuestMemoryBackend::check_range(mem, GuestAddress(s.gpa), s.len as usize))
+}
+
+/// Parses a descriptor chain into a request; `Err(Some(status_gpa))` when it is malformed but
+/// has a status byte to report the error in.
+fn parse_chain(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Result<Request, Option<u64>> {
+    let head = chain.head_index();
+    let descs: Vec<_> = chain.collect();
+    let last = descs.last().ok_or(None)?;
+    if !last.is_write_only() || last.len() < 1 {
+        return Err(None);
+    }
+    let status_gpa = last.addr().0 + last.len() as u64 - 1;
+    let first = descs[0];
+    if descs.len() < 2 || first.is_write_only() || first.len() < 16 {
+        return Err(Some(status_gpa));
+    }
+    let kind: u32 = mem.read_obj(first.addr()).map_err(|_| Some(status_gpa))?;
+    let sector: u64 = mem.read_obj(GuestAddress(first.addr().0 + 8)).map_err(|_| Some(status_gpa))?;
+    let data = &descs[1..descs.len() - 1];
+    if data.len() > MAX_SEGMENTS {
+        return Err(Some(status_gpa));
+    }
+    let segments: Vec<Segment> =
+        data.iter().map(|d| Segment { gpa: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
+    let want_writable = kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_GET_ID;
+    if (kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_OUT || kind == VIRTIO_BLK_T_GET_ID)
+        && segments.iter().any(|s| s.writable != want_writable)
+    {
+        return Err(Some(status_gpa));
+    }
+    Ok(Request { head, kind, sector, status_gpa, segments })
+}
+
+/// Writes the status byte, puts the head on the used ring and records both writes as dirty.
+fn complete_to_guest(inner: &Inner, st: &mut Shared, req: &Request, status: u8, used_len: u32) {
+    let _ = inner.mem.write_obj(status, GuestAddress(req.status_gpa));
+    inner.dirty.mark(req.status_gpa, 1);
+    let _ = st.queue.add_used(&inner.mem, req.head, used_len);
+    mark_used_ring(inner, st);
+}
+
+fn mark_used_ring(inner: &Inner, st: &Shared) {
+    let size = st.queue.size() as u64;
+    inner.dirty.mark(st.queue.used_ring(), 6 + 8 * size);
+}
+
+fn notify_guest(inner: &Inner, st: &mut Shared) {
+    if st.queue.needs_notification(&inner.mem).unwrap_or(true) {
+        st.t.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+        let _ = inner.irq.write(1);
+    }
+    // With EVENT_IDX, needs_notification reads used_event; without, nothing was written.
+}
+
+fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Done>) {
+    let fds = [inner.notify.as_raw_fd(), inner.done_evt.as_raw_fd(), inner.ctl.as_raw_fd()];
+    loop {
+        let waiting_lock = matches!(inner.st.lock().map(|s| s.mode), Ok(Mode::AwaitLock(_)));
+        let mut pfd: Vec<libc::pollfd> =
+            fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        let timeout = if waiting_lock { 1 } else { 1000 };
+        // SAFETY: poll on three valid eventfds owned by `inner`, with a correctly sized array.
+        unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, timeout) };
+        for e in [&inner.notify, &inner.done_evt, &inner.ctl] {
+            let _ = e.read();
+        }
+        pfd.clear();
+        if inner.quit.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut st) = inner.st.lock() else { return };
+        if let Mode::AwaitLock(since) = st.mode {
+            match inner.image.lock() {
+                Ok(()) => st.mode = Mode::Running,
+                Err(_) if since.elapsed() < LOCK_WAIT => continue,
+                Err(e) => {
+                    eprintln!(
+                        "ferry: disk {}: {e} after {} s; its requests stay stopped",
+                        inner.index,
+                        LOCK_WAIT.as_secs()
+                    );
+                    st.mode = Mode::Failed;
+                    continue;
+                }
+            }
+        }
+        let mut notify = false;
+        while let Ok(d) = done.try_recv() {
+            st.executing = st.executing.saturating_sub(1);
+            if d.epoch != st.epoch {
+                continue;
+            }
+            if st.replay_running == Some(d.seq) {
+                st.replay_running = None;
+            }
+            if st.mode == Mode::Quiesced {
+                if let Some(f) = st.in_flight.get_mut(&d.seq) {
+                    f.held = Some((d.status, d.used_len));
+                }
+                st.stats.completed_after_quiesce += 1;
+                continue;
+            }
+            if let Some(f) = st.in_flight.remove(&d.seq) {
+                complete_to_guest(inner, &mut st, &f.req, d.status, d.used_len);
+                notify = true;
+            }
+        }
+        if st.mode == Mode::Running {
+            // Replay first, one request at a time, in the source's order.
+            while st.replay_running.is_none() {
+                let Some(seq) = st.replay.pop_front() else { break };
+                let epoch = st.epoch;
+                if let Some(f) = st.in_flight.get_mut(&seq) {
+                    f.submitted = true;
+                    let req = f.req.clone();
+                    st.replay_running = Some(seq);
+                    st.executing += 1;
+                    let _ = jobs.send(Job { seq, epoch, req });
+                }
+            }
+            if st.replay.is_empty() && st.replay_running.is_none() {
+                notify |= pop_requests(inner, &mut st, &jobs);
+            }
+        }
+        if notify {
+            notify_guest(inner, &mut st);
+        }
+    }
+}
+
+/// Pops every available request and submits it. Returns whether anything was completed to the
+/// guest at once (malformed requests).
+fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -> bool {
+    if st.t.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !st.queue.is_valid(&inner.mem) {
+        return false;
+    }
+    let mut completed = false;
+    loop {
+        let _ = st.queue.disable_notification(&inner.mem);
+        while let Some(chain) = st.queue.pop_descriptor_chain(&inner.mem) {
+            let head = chain.head_index();
+            match parse_chain(&inner.mem, chain) {
+                Ok(req) => {
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.stats.requests += 1;
+                    st.executing += 1;
+                    let epoch = st.epoch;
+                    st.in_flight.insert(seq, InFlight { req: req.clone(), submitted: true, held: None });
+                    let _ = jobs.send(Job { seq, epoch, req });
+                }
+                Err(status) => {
+                    if let Some(gpa) = status {
+                        let _ = inner.mem.write_obj(VIRTIO_BLK_S_IOERR as u8, GuestAddress(gpa));
+                        inner.dirty.mark(gpa, 1);
+                    }
+                    let _ = st.queue.add_used(&inner.mem, head, 0);
+                    completed = true;
+                }
+            }
+        }
+        let more = st.queue.enable_notification(&inner.mem).unwrap_or(false);
+        mark_used_ring(inner, st);
+        if st.queue.event_idx_enabled() {
+            // enable_notification wrote avail_event at the end of the used ring.
+            inner.dirty.mark(st.queue.used_ring() + 4 + 8 * st.queue.size() as u64, 2);
+        }
+        if !more {
+            return completed;
+        }
+    }
+}
+
+fn io_thread(inner: &Inner, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        if !inner.latency.is_zero() {
+            std::thread::sleep(inner.latency);
+        }
+        let (status, used_len) = execute(inner, &job.req);
+        if done.send(Done { seq: job.seq, epoch: job.epoch, status, used_len }).is_err() {
+            return;
+        }
+        let _ = inner.done_evt.write(1);
+    }
+}
+
+/// Executes one request. Returns (status, bytes written into guest buffers incl. the status).
+fn execute(inner: &Inner, req: &Request) -> (u8, u32) {
+    let ok = VIRTIO_BLK_S_OK as u8;
+    let ioerr = VIRTIO_BLK_S_IOERR as u8;
+    let img = &inner.image;
+    let fd = img.file().as_raw_fd();
+    let len = req.data_len();
+    let in_range = len.is_multiple_of(SECTOR_SIZE)
+        && req.sector.checked_add(len / SECTOR_SIZE).is_some_and(|end| end <= img.sectors());
+    let count = |st: &mut BlockStats, read: u64, written: u64| {
+        st.bytes_read += read;
+        st.bytes_written += written;
+    };
+    match req.kind {
+        VIRTIO_BLK_T_IN => {
+            if !in_range {
+                return (ioerr, 1);
+            }
+            let mut off = req.sector * SECTOR_SIZE;
+            for s in &req.segments {
+                if !io_segment(inner, fd, s, off, false) {
+                    return (ioerr, 1);
+                }
+                inner.dirty.mark(s.gpa, s.len as u64);
+                off += s.len as u64;
+            }
+            if let Ok(mut st) = inner.st.lock() {
+                count(&mut st.stats, len, 0);
+            }
+            (ok, len as u32 + 1)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if img.readonly() {
+                if inner.refused_logged.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!(
+                        "ferry: disk {} ({}) is read-only: refused a write of {} bytes at sector {} (the guest gets an I/O error; later refusals are counted, not logged)",
+                        inner.index,
+                        img.path().display(),
+                        len,
+                        req.sector
+                    );
+                }
+                if let Ok(mut st) = inner.st.lock() {
+                    st.stats.refused_writes += 1;
+                }
+                return (ioerr, 1);
+            }
+            if !in_range {
+                return (ioerr, 1);
+            }
+            let mut off = req.sector * SECTOR_SIZE;
+            for s in &req.segments {
+                if !io_segment(inner, fd, s, off, true) {
+                    return (ioerr, 1);
+                }
+                off += s.len as u64;
+            }
+            if let Ok(mut st) = inner.st.lock() {
+                count(&mut st.stats, 0, len);
+            }
+            (ok, 1)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if !img.readonly() {
+                // SAFETY: fdatasync on the image's open fd.
+                if unsafe { libc::fdatasync(fd) } != 0 {
+                    return (ioerr, 1);
+                }
+            }
+            if let Ok(mut st) = inner.st.lock() {
+                st.stats.flushes += 1;
+            }
+            (ok, 1)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+            let s = format!("ferry-disk{}", inner.index);
+            id[..s.len()].copy_from_slice(s.as_bytes());
+            let Some(seg) = req.segments.first() else { return (ioerr, 1) };
+            let n = (seg.len as usize).min(id.len());
+            if inner.mem.write_slice(&id[..n], GuestAddress(seg.gpa)).is_err() {
+                return (ioerr, 1);
+            }
+            inner.dirty.mark(seg.gpa, n as u64);
+            (ok, n as u32 + 1)
+        }
+        _ => (VIRTIO_BLK_S_UNSUPP as u8, 1),
+    }
+}
+
+/// One segment with pread/pwrite straight between the image and guest memory.
+fn io_segment(inner: &Inner, fd: i32, s: &Segment, off: u64, write: bool) -> bool {
+    let Ok(slice) = GuestMemoryBackend::get_slice(&inner.mem, GuestAddress(s.gpa), s.len as usize) else {
+        return false;
+    };
+    let guard = slice.ptr_guard_mut();
+    let base = guard.as_ptr();
+    let mut done = 0usize;
+    while done < s.len as usize {
+        // SAFETY: `base` points to `s.len` bytes of mapped guest memory (get_slice checked the
+        // range lies in one region, which stays mapped while the machine lives); the kernel reads
+        // or writes at most the remaining bytes.
+        let r = unsafe {
+            let p = base.add(done);
+            let n = s.len as usize - done;
+            let o = (off + done as u64) as libc::off_t;
+            if write {
+                libc::pwrite(fd, p as *const libc::c_void, n, o)
+            } else {
+                libc::pread(fd, p as *mut libc::c_void, n, o)
+            }
+        };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            if let Ok(mut st) = inner.st.lock() {
+                st.stats.io_errors += 1;
+            }
+            return false;
+        }
+        if r == 0 {
+            return false;
+        }
+        done += r as usize;
+    }
+    true
+}
