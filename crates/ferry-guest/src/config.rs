@@ -101,6 +101,17 @@ impl Pattern {
     }
 }
 
+/// A `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` token of the command line.
+#[derive(Clone, Copy)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+/// Most `virtio_mmio.device=` tokens recorded (further ones are accepted and ignored).
+pub const MAX_MMIO: usize = 8;
+
 /// The workload's settings (see docs/guest.md).
 #[derive(Clone, Copy)]
 pub struct Config {
@@ -110,6 +121,16 @@ pub struct Config {
     pub pattern: Pattern,
     pub hb_us: u64,
     pub report_ms: u64,
+    /// Run the disk workload (lane 0).
+    pub disk: bool,
+    /// Disk requests in flight (1..=32).
+    pub disk_qd: u32,
+    /// MiB/s of disk writes; 0 = as fast as it can.
+    pub disk_rate: u64,
+    /// Size of the disk region used, in MiB (1..=1024, clipped to the capacity).
+    pub disk_mib: u64,
+    pub mmio: [MmioDevice; MAX_MMIO],
+    pub mmio_count: usize,
 }
 
 pub enum ConfigError<'a> {
@@ -140,9 +161,68 @@ fn parse_u64(s: &str) -> Option<u64> {
     Some(v)
 }
 
+fn parse_hex(s: &str) -> Option<u64> {
+    let h = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
+    if h.is_empty() || h.len() > 16 {
+        return None;
+    }
+    let mut v = 0u64;
+    for b in h.bytes() {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | d as u64;
+    }
+    Some(v)
+}
+
+/// `<size>@<base>:<irq>[:<id>]` as Linux takes it: size in bytes, decimal with an optional K, M
+/// or G suffix (or hex with 0x); base hex with 0x (or decimal); irq and id decimal.
+pub fn parse_mmio_device(v: &str) -> Option<MmioDevice> {
+    let num = |s: &str| if s.starts_with("0x") || s.starts_with("0X") { parse_hex(s) } else { parse_u64(s) };
+    let (size, rest) = v.split_once('@')?;
+    let (mult, digits) = match size.as_bytes().last()? {
+        b'k' | b'K' => (1u64 << 10, &size[..size.len() - 1]),
+        b'm' | b'M' => (1 << 20, &size[..size.len() - 1]),
+        b'g' | b'G' => (1 << 30, &size[..size.len() - 1]),
+        _ => (1, size),
+    };
+    let size = num(digits)?.checked_mul(mult).filter(|&s| s > 0)?;
+    let mut parts = rest.split(':');
+    let base = num(parts.next()?)?;
+    let irq = parse_u64(parts.next()?).filter(|&i| i <= u32::MAX as u64)? as u32;
+    if let Some(id) = parts.next() {
+        parse_u64(id)?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(MmioDevice { base, size, irq })
+}
+
 impl Config {
+    /// The settings of an empty command line.
+    pub fn defaults() -> Config {
+        Config {
+            mib: 64,
+            rate: 50,
+            pattern: Pattern::Seq,
+            hb_us: 1000,
+            report_ms: 1000,
+            disk: false,
+            disk_qd: 8,
+            disk_rate: 0,
+            disk_mib: 64,
+            mmio: [MmioDevice { base: 0, size: 0, irq: 0 }; MAX_MMIO],
+            mmio_count: 0,
+        }
+    }
+
     pub fn parse(cmdline: &str) -> Result<Config, ConfigError<'_>> {
-        let mut c = Config { mib: 64, rate: 50, pattern: Pattern::Seq, hb_us: 1000, report_ms: 1000 };
+        let mut c = Config::defaults();
         for tok in cmdline.split_ascii_whitespace() {
             let (k, v) = match tok.split_once('=') {
                 Some(kv) => kv,
@@ -162,6 +242,23 @@ impl Config {
                 }
                 "hb_us" => c.hb_us = parse_u64(v).filter(|&x| x >= 100).ok_or_else(bad)?,
                 "report_ms" => c.report_ms = parse_u64(v).filter(|&x| x >= 10).ok_or_else(bad)?,
+                "disk" => {
+                    c.disk = match v {
+                        "0" => false,
+                        "1" => true,
+                        _ => return Err(bad()),
+                    }
+                }
+                "disk_qd" => c.disk_qd = parse_u64(v).filter(|&x| (1..=32).contains(&x)).ok_or_else(bad)? as u32,
+                "disk_rate" => c.disk_rate = parse_u64(v).ok_or_else(bad)?,
+                "disk_mib" => c.disk_mib = parse_u64(v).filter(|&x| (1..=1024).contains(&x)).ok_or_else(bad)?,
+                "virtio_mmio.device" => {
+                    let d = parse_mmio_device(v).ok_or_else(bad)?;
+                    if c.mmio_count < MAX_MMIO {
+                        c.mmio[c.mmio_count] = d;
+                        c.mmio_count += 1;
+                    }
+                }
                 _ => return Err(ConfigError::Unknown(tok)),
             }
         }

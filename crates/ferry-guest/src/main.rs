@@ -4,6 +4,8 @@
 //! application processors and drops every CPU into ring 3, where this crate's code runs natively:
 //! each CPU runs one *lane* of the workload, which fills its share of the working set, then
 //! dirties pages at the configured rate while continuously verifying the pages it is not writing.
+//! With `disk=1`, lane 0 also drives a virtio-blk device (`virtio`, polled, no interrupts) with a
+//! verifying disk workload (`disk`).
 //! The line formats printed on COM1 are specified in `docs/guest.md`; tests and benchmarks read
 //! them.
 #![no_std]
@@ -11,9 +13,11 @@
 
 mod clock;
 mod config;
+mod disk;
 mod mem;
 mod out;
 mod sys;
+mod virtio;
 mod workload;
 
 use core::arch::global_asm;

@@ -8,11 +8,11 @@ use crate::sys;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 
-/// 512-byte aligned so a line never crosses a page boundary: KVM emulates `rep outsb` in one
+/// 1024-byte aligned so a line never crosses a page boundary: KVM emulates `rep outsb` in one
 /// exit per page, and a line split across two exits could be split across a migration.
-#[repr(C, align(512))]
+#[repr(C, align(1024))]
 struct LineBuf {
-    buf: [u8; 512],
+    buf: [u8; 1024],
     len: usize,
 }
 
@@ -28,7 +28,7 @@ impl Write for LineBuf {
 
 /// Prints one line (a newline is appended; over-long lines are cut).
 pub fn line(args: core::fmt::Arguments<'_>) {
-    let mut b = LineBuf { buf: [0; 512], len: 0 };
+    let mut b = LineBuf { buf: [0; 1024], len: 0 };
     let _ = b.write_fmt(args);
     b.buf[b.len] = b'\n';
     b.len += 1;

@@ -111,6 +111,7 @@ pub fn bsp_main(cfg: Config, info: &StartInfo, clock: Clock, lanes: usize) -> ! 
     CLOCK_T0.store(clock.t0, Relaxed);
     CFG_RATE.store(cfg.rate as u64, Relaxed);
     CFG_PATTERN.store(cfg.pattern as u32, Relaxed);
+    crate::disk::init(&cfg, &clock);
     GO.store(lanes as u32, Release);
     run_lane(0, lanes, cfg, clock)
 }
@@ -141,6 +142,7 @@ pub fn ap_main(cpu: usize) -> ! {
         pattern,
         hb_us: 0,
         report_ms: 0,
+        ..Config::defaults()
     };
     run_lane(cpu, lanes, cfg, clock)
 }
@@ -267,7 +269,7 @@ impl Reporter {
         self.last_written = w;
         let mut lanes_buf = LaneList { lanes: self.lanes };
         out::line(format_args!(
-            "REPORT t_ms={} written={} verified={} errors={} rate_mib_s={}.{} max_gap_us={} lanes={}{}",
+            "REPORT t_ms={} written={} verified={} errors={} rate_mib_s={}.{} max_gap_us={} lanes={}{}{}",
             clock.ms_since_boot(),
             w,
             v,
@@ -276,7 +278,8 @@ impl Reporter {
             tenths % 10,
             clock.cycles_to_us(gap),
             self.lanes,
-            LaneFmt(&mut lanes_buf)
+            LaneFmt(&mut lanes_buf),
+            crate::disk::report_suffix(now)
         ));
     }
 }
@@ -360,6 +363,7 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
         last = now;
         if let Some(r) = rep.as_mut() {
             r.poll(now, &clock);
+            crate::disk::poll(&clock);
         }
 
         let mut to_write = match cfg.rate {
