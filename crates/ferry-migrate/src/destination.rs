@@ -170,7 +170,14 @@ pub fn receive(
             // vCPU threads start paused; COMMIT resumes them. Their start counts as load time.
             let t = Instant::now();
             let replay: u64 = disks.iter().map(|d| d.state.as_ref().map_or(0, |s| s.in_flight.len() as u64)).sum();
-            let vm = Vm::start(machine, serial, disks, fds, true).map_err(IncomingError::Start)?;
+            let vm = match Vm::start(machine, serial, disks, fds, true) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    let e = IncomingError::Start(e);
+                    let _ = protocol::send_nack(&mut reply, &format!("{}", ErrorChain(&e)));
+                    return Err(e);
+                }
+            };
             let stats = IncomingStats { load: stats.load + t.elapsed(), disk_replayed: replay, ..stats };
             protocol::send_ack(
                 &mut reply,

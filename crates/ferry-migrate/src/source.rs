@@ -158,6 +158,8 @@ pub struct MigrationSummary {
     pub disk_in_flight_at_stop: u64,
     /// Of those, finished here after the quiesce point (not completed to the guest here).
     pub disk_completed_after_quiesce: u64,
+    /// Of which writes: on disk here already, written again by the destination's replay.
+    pub disk_writes_completed_after_quiesce: u64,
     /// Requests the destination reported it re-executes (its ACK).
     pub disk_replayed: u64,
     /// The source released the disk locks before COMMIT (nothing was executing any more).
@@ -609,7 +611,7 @@ fn run<'s>(
         return Err(MigrateError::Cancelled);
     }
     summary.disk_replayed = ack.disk_replay;
-    summary.disk_completed_after_quiesce = vm.disks_held();
+    (summary.disk_completed_after_quiesce, summary.disk_writes_completed_after_quiesce) = vm.disks_held();
     // The image locks pass now if nothing of ours still executes (the destination then replays
     // before its vCPUs run); otherwise right after COMMIT, once our requests finished.
     summary.disk_lock_released_before_commit = vm.disks_try_release();
@@ -620,7 +622,9 @@ fn run<'s>(
     if !summary.disk_lock_released_before_commit && !vm.disks_release_when_idle(Duration::from_secs(60)) {
         eprintln!("ferry: a disk request still executes 60 s after the handover; the lock passes when Ferry exits");
     }
-    summary.disk_completed_after_quiesce = summary.disk_completed_after_quiesce.max(vm.disks_held());
+    let (held, writes) = vm.disks_held();
+    summary.disk_completed_after_quiesce = summary.disk_completed_after_quiesce.max(held);
+    summary.disk_writes_completed_after_quiesce = summary.disk_writes_completed_after_quiesce.max(writes);
     summary.downtime_ms = ms(t_pause.elapsed());
     summary.downtime_breakdown = bd;
     summary.bytes = s.w.bytes_written();

@@ -436,9 +436,11 @@ impl Vm {
         self.disks().iter().map(|d| d.stats()).collect()
     }
 
-    /// Requests finished since the quiesce, not completed to the guest.
-    pub fn disks_held(&self) -> u64 {
-        self.disks().iter().map(|d| d.held()).sum()
+    /// Requests finished since the quiesce, not completed to the guest: (all, writes).
+    pub fn disks_held(&self) -> (u64, u64) {
+        let held = self.disks().iter().map(|d| d.held()).sum();
+        let writes = self.disk_stats().iter().map(|s| s.writes_completed_after_quiesce).sum();
+        (held, writes)
     }
 
     /// Destination at COMMIT: lets every disk take its lock and replay. Returns the requests

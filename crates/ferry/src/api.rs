@@ -178,6 +178,7 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             "state": if ctx.paused.load(Ordering::SeqCst) { "paused" } else { "running" },
             "vcpus": ctx.vm.vcpu_count(),
             "memory": ctx.vm.ram().size(),
+            "disks": ctx.vm.disk_stats(),
         })),
         "pause" => {
             ctx.vm.pause()?;

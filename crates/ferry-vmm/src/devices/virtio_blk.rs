@@ -112,6 +112,8 @@ pub struct BlockStats {
     pub in_flight_at_quiesce: u64,
     /// Of those, finished (held, not completed to the guest) since the quiesce.
     pub completed_after_quiesce: u64,
+    /// Of which writes (their data is on disk; the destination writes it again).
+    pub writes_completed_after_quiesce: u64,
     /// Requests re-executed from a migrated state.
     pub replayed: u64,
 }
@@ -286,7 +288,7 @@ impl BlockDevice {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("disk{index}-io{w}"))
-                    .spawn(move || io_thread(&inner, &rx, &tx))
+                    .spawn(move || io_thread(&inner, w, &rx, &tx))
                     .map_err(|e| BlockError::Spawn(index, e))?,
             );
         }
@@ -425,6 +427,7 @@ impl BlockDevice {
         let n = st.in_flight.len() as u64;
         st.stats.in_flight_at_quiesce = n;
         st.stats.completed_after_quiesce = 0;
+        st.stats.writes_completed_after_quiesce = 0;
         Ok(n)
     }
 
@@ -665,10 +668,13 @@ fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Done>) {
                 st.replay_running = None;
             }
             if st.mode == Mode::Quiesced {
+                let mut write = false;
                 if let Some(f) = st.in_flight.get_mut(&d.seq) {
                     f.held = Some((d.status, d.used_len));
+                    write = f.req.kind == VIRTIO_BLK_T_OUT;
                 }
                 st.stats.completed_after_quiesce += 1;
+                st.stats.writes_completed_after_quiesce += write as u64;
                 continue;
             }
             if let Some(f) = st.in_flight.remove(&d.seq) {
@@ -742,7 +748,8 @@ fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -> bool {
     }
 }
 
-fn io_thread(inner: &Inner, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
+fn io_thread(inner: &Inner, worker: u32, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((worker as u64 + 1) << 32) ^ std::process::id() as u64;
     loop {
         let job = match jobs.lock() {
             Ok(rx) => match rx.recv() {
@@ -752,7 +759,13 @@ fn io_thread(inner: &Inner, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
             Err(_) => return,
         };
         if !inner.latency.is_zero() {
-            std::thread::sleep(inner.latency);
+            // Uniform in [latency/2, 3*latency/2): a real slow disk does not finish requests in
+            // lockstep either.
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let l = inner.latency.as_micros() as u64;
+            std::thread::sleep(Duration::from_micros(l / 2 + rng % l.max(1)));
         }
         let (status, used_len) = execute(inner, &job.req);
         if done.send(Done { seq: job.seq, epoch: job.epoch, status, used_len }).is_err() {

@@ -292,6 +292,21 @@ mod tests {
     }
 
     #[test]
+    fn golden_v1_section_is_what_this_version_writes_and_reads_back() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-virtio-blk-state.bin");
+        let written = sample().encode();
+        if std::env::var("FERRY_BLESS").is_ok() {
+            std::fs::write(path, &written).unwrap();
+        }
+        let fixture = std::fs::read(path).unwrap();
+
+        let decoded = BlockState::decode(&fixture).unwrap();
+
+        assert_eq!(written, fixture, "the encoder no longer produces the v1 section byte for byte");
+        assert_eq!(decoded, sample());
+    }
+
+    #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let b = sample().encode();
         for n in 0..b.len() {

@@ -19,6 +19,9 @@ pub enum Fault {
     TruncateAfter(u64),
     /// Flip one byte at `offset` of record `index`'s body.
     FlipByte { index: u64, offset: usize },
+    /// When a record of this type starts, wait `after_ms`, kill process `pid` (SIGKILL) and
+    /// cut: a destination that stalls at that point of the stream, then dies.
+    KillAtRecord { record: u32, pid: u32, after_ms: u64 },
 }
 
 pub struct Proxy {
@@ -74,6 +77,14 @@ impl Proxy {
                 let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
                 if let Fault::CutAtRecord(ct) = fault {
                     if t == ct {
+                        break;
+                    }
+                }
+                if let Fault::KillAtRecord { record, pid, after_ms } = fault {
+                    if t == record {
+                        std::thread::sleep(std::time::Duration::from_millis(after_ms));
+                        // SAFETY: (test) SIGKILL to a child process of the test, by pid.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                         break;
                     }
                 }
