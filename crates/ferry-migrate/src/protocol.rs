@@ -1,8 +1,8 @@
 //! The return path and the commit message.
 //!
 //! After END the destination answers on the same connection with one frame
-//! `type u32 | length u32 | body`: ACK (body: load_us u64, restore_us u64, disk_replay u64;
-//! a 16-byte body from a Ferry without disks is read with disk_replay 0) once it has loaded
+//! `type u32 | length u32 | body`: ACK (body: load_us u64, restore_us u64, and disk_replay u64
+//! only when it is not 0, so that sources from before disks keep reading it) once it has loaded
 //! everything, or NACK (body: UTF-8 message) when it refuses. The source then sends the 8 bytes
 //! `FERRYCMT`; only then does the destination resume the guest. Little-endian throughout.
 
@@ -42,12 +42,16 @@ pub struct Ack {
 }
 
 pub fn send_ack(w: &mut impl Write, a: Ack) -> std::io::Result<()> {
+    // Without disk replays the body stays the 16 bytes every Ferry reads (older sources too).
+    let len: u32 = if a.disk_replay == 0 { 16 } else { 24 };
     let mut b = Vec::with_capacity(32);
     b.extend_from_slice(&FRAME_ACK.to_le_bytes());
-    b.extend_from_slice(&24u32.to_le_bytes());
+    b.extend_from_slice(&len.to_le_bytes());
     b.extend_from_slice(&a.load_us.to_le_bytes());
     b.extend_from_slice(&a.restore_us.to_le_bytes());
-    b.extend_from_slice(&a.disk_replay.to_le_bytes());
+    if a.disk_replay != 0 {
+        b.extend_from_slice(&a.disk_replay.to_le_bytes());
+    }
     w.write_all(&b)?;
     w.flush()
 }
@@ -114,6 +118,16 @@ mod tests {
         let a = read_answer(&mut buf.as_slice()).unwrap();
 
         assert_eq!(a, Ack { load_us: 7, restore_us: 3, disk_replay: 5 });
+    }
+
+    #[test]
+    fn ack_without_disk_replays_keeps_the_16_byte_body_older_sources_read() {
+        let mut buf = Vec::new();
+        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3, disk_replay: 0 }).unwrap();
+
+        assert_eq!(buf.len(), 8 + 16);
+        assert_eq!(&buf[4..8], &16u32.to_le_bytes());
+        assert_eq!(read_answer(&mut buf.as_slice()).unwrap(), Ack { load_us: 7, restore_us: 3, disk_replay: 0 });
     }
 
     #[test]

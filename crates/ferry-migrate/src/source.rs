@@ -186,8 +186,14 @@ struct PauseGuard<'a> {
 impl Drop for PauseGuard<'_> {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = self.vm.resume_disks();
-            let _ = self.vm.resume();
+            match self.vm.resume_disks() {
+                Ok(()) => {
+                    let _ = self.vm.resume();
+                }
+                // Someone else holds a disk's image (a destination that did get COMMIT):
+                // resuming here could run the guest twice.
+                Err(e) => eprintln!("ferry: {}: the source guest stays paused", crate::destination::ErrorChain(&e)),
+            }
         }
     }
 }

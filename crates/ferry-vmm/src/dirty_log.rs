@@ -406,7 +406,7 @@ impl GuestDirty {
         }
         let Ok(mut log) = self.log.lock() else { return };
         let ps = crate::memory::PAGE_SIZE;
-        let (first, last) = (gpa / ps, (gpa + len - 1) / ps);
+        let (first, last) = (gpa / ps, gpa.saturating_add(len - 1) / ps);
         for (i, &(start, size)) in self.slots.iter().enumerate() {
             let (s0, s1) = (start / ps, (start + size) / ps);
             let (a, b) = (first.max(s0), (last + 1).min(s1));

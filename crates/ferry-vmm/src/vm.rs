@@ -424,11 +424,17 @@ impl Vm {
     }
 
     /// Undoes [`Vm::quiesce_disks`] (a failed migration): held requests complete once, here.
+    /// Every disk is resumed; the first error (a lost image lock) is returned.
     pub fn resume_disks(&self) -> Result<(), VmError> {
+        let mut first = Ok(());
         for d in self.disks() {
-            d.resume()?;
+            if let Err(e) = d.resume() {
+                if first.is_ok() {
+                    first = Err(e.into());
+                }
+            }
         }
-        Ok(())
+        first
     }
 
     /// Counters of every disk.
@@ -462,7 +468,9 @@ impl Vm {
 
     /// Source after COMMIT: releases every disk's lock once its requests stopped executing.
     pub fn disks_release_when_idle(&self, timeout: std::time::Duration) -> bool {
-        self.disks().iter().map(|d| d.release_when_idle(timeout)).filter(|r| !r).count() == 0
+        let end = std::time::Instant::now() + timeout;
+        let left = || end.saturating_duration_since(std::time::Instant::now());
+        self.disks().iter().map(|d| d.release_when_idle(left())).filter(|r| !r).count() == 0
     }
 
     /// Stops all vCPU threads.

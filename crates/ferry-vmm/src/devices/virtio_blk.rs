@@ -32,7 +32,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk_image::{DiskImage, SECTOR_SIZE};
-use super::virtio_blk_state::{BlockState, Request, Segment, TransportState, MAX_SEGMENTS};
+use super::virtio_blk_state::{BlockState, Request, Segment, TransportState, MAX_IN_FLIGHT, MAX_SEGMENTS};
 use crate::dirty_log::GuestDirty;
 
 /// Guest-physical base of the first virtio-mmio window; disk `i` is at `BASE + i * SIZE`.
@@ -45,8 +45,9 @@ pub const VIRTIO_FIRST_GSI: u32 = 5;
 pub const MAX_DISKS: usize = 8;
 /// Largest queue the device offers.
 pub const QUEUE_MAX_SIZE: u16 = 256;
-/// How long a destination waits for the source to release a disk's lock.
-pub const LOCK_WAIT: Duration = Duration::from_secs(60);
+/// After this long waiting for the source to release a disk's lock, the destination says so
+/// (and keeps waiting: it never executes a request without the lock).
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 const VENDOR_ID: u32 = 0x5952_5246; // "FRRY"
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const SEG_MAX: u32 = 126;
@@ -75,6 +76,12 @@ pub enum BlockError {
     BadRequest { index: usize, head: u16 },
     #[error("disk {0} lock is poisoned (a device thread panicked)")]
     Poisoned(usize),
+    #[error("disk {index} cannot take its image lock back after the failed migration; the guest stays paused so that it never runs twice")]
+    LockLost {
+        index: usize,
+        #[source]
+        source: super::disk_image::DiskImageError,
+    },
 }
 
 /// How a device starts.
@@ -89,13 +96,11 @@ pub enum StartMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Running,
-    /// Popping nothing, completing nothing (the machine is being saved).
-    Quiesced,
     /// Destination before COMMIT.
     AwaitHandover,
     /// Waiting for the source to release the image lock (since `since`).
     AwaitLock(Instant),
-    /// The lock could not be had: the device executes nothing.
+    /// The lock could not be had back: the device executes nothing more.
     Failed,
 }
 
@@ -143,6 +148,11 @@ struct Shared {
     t: TransportState,
     queue: Queue,
     mode: Mode,
+    /// Popping nothing, completing nothing, starting nothing (the machine is being saved),
+    /// whatever the mode.
+    quiesced: bool,
+    /// The driver broke the ring (NEEDS_RESET set): nothing is popped until a reset.
+    broken: bool,
     /// Popped and not yet on the used ring, by pop order.
     in_flight: BTreeMap<u64, InFlight>,
     next_seq: u64,
@@ -257,6 +267,8 @@ impl BlockDevice {
             },
             in_flight,
             next_seq,
+            quiesced: false,
+            broken: false,
             epoch: 0,
             replay,
             replay_running: None,
@@ -394,6 +406,8 @@ impl BlockDevice {
             VIRTIO_MMIO_STATUS => {
                 if v == 0 {
                     reset(&mut st);
+                    drop(st);
+                    self.wait_idle();
                     return;
                 }
                 let old = st.t.status;
@@ -417,13 +431,25 @@ impl BlockDevice {
         }
     }
 
+    /// Waits (the device lock released) until no request of an older epoch executes, so that a
+    /// reset device never writes a buffer or sector the driver reuses after the reset.
+    fn wait_idle(&self) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            match self.lock() {
+                Ok(st) if st.executing > 0 => {}
+                _ => return,
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        eprintln!("ferry: disk {}: a request still executes 30 s after the guest reset the device", self.inner.index);
+    }
+
     /// Stops taking requests and completing them (the machine's vCPUs are paused). Returns the
     /// number of requests in flight.
     pub fn quiesce(&self) -> Result<u64, BlockError> {
         let mut st = self.lock()?;
-        if st.mode == Mode::Running {
-            st.mode = Mode::Quiesced;
-        }
+        st.quiesced = true;
         let n = st.in_flight.len() as u64;
         st.stats.in_flight_at_quiesce = n;
         st.stats.completed_after_quiesce = 0;
@@ -440,18 +466,22 @@ impl BlockDevice {
     /// the image lock again if it was released, and serves the queue again.
     pub fn resume(&self) -> Result<(), BlockError> {
         let mut st = self.lock()?;
-        if st.mode != Mode::Quiesced {
+        if !st.quiesced {
             return Ok(());
         }
-        if let Err(e) = self.inner.image.lock() {
-            eprintln!(
-                "ferry: disk {} cannot take its image lock back ({e}); its requests stay stopped",
-                self.inner.index
-            );
-            st.mode = Mode::Failed;
-            return Ok(());
+        st.quiesced = false;
+        // The lock was released before COMMIT and COMMIT failed: take it back before anything
+        // executes again. If someone else has it (a destination that got COMMIT after all),
+        // nothing more executes here.
+        let mut lost = None;
+        if st.mode == Mode::Running {
+            if let Err(source) = self.inner.image.lock() {
+                st.mode = Mode::Failed;
+                lost = Some(BlockError::LockLost { index: self.inner.index, source });
+            }
         }
-        st.mode = Mode::Running;
+        // Held requests finished on disk under our lock: completing them touches guest memory
+        // only, so they complete (once) even when the lock is lost.
         let held: Vec<u64> = st.in_flight.iter().filter(|(_, f)| f.held.is_some()).map(|(&s, _)| s).collect();
         let mut any = false;
         for seq in held {
@@ -467,7 +497,10 @@ impl BlockDevice {
         }
         drop(st);
         self.kick();
-        Ok(())
+        match lost {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The device's state (call while quiesced, vCPUs paused).
@@ -486,7 +519,8 @@ impl BlockDevice {
     /// disk's requests is still executing. Returns whether it did.
     pub fn try_release(&self) -> bool {
         let Ok(st) = self.lock() else { return false };
-        if st.executing == 0 {
+        // Only a quiesced device starts nothing new: otherwise it could write after unlocking.
+        if st.quiesced && st.executing == 0 {
             self.inner.image.unlock();
             true
         } else {
@@ -525,6 +559,11 @@ impl BlockDevice {
             Ok(()) => Mode::Running,
             Err(_) => Mode::AwaitLock(Instant::now()),
         };
+        // An interrupt raised just before the source quiesced may not have reached the saved
+        // irqchip state: raise it again (a spurious one is harmless, a lost one hangs Linux).
+        if st.t.interrupt_status != 0 {
+            let _ = self.inner.irq.write(1);
+        }
         drop(st);
         self.kick();
         Ok(n)
@@ -560,6 +599,7 @@ fn new_queue(index: usize) -> Result<Queue, BlockError> {
 fn reset(st: &mut Shared) {
     st.queue.reset();
     st.t = TransportState::default();
+    st.broken = false;
     st.in_flight.clear();
     st.replay.clear();
     st.replay_running = None;
@@ -583,13 +623,14 @@ fn parse_chain(
     if !last.is_write_only() || last.len() < 1 {
         return Err(None);
     }
-    let status_gpa = last.addr().0 + last.len() as u64 - 1;
+    let status_gpa = last.addr().0.checked_add(last.len() as u64 - 1).ok_or(None)?;
     let first = descs[0];
     if descs.len() < 2 || first.is_write_only() || first.len() < 16 {
         return Err(Some(status_gpa));
     }
     let kind: u32 = mem.read_obj(first.addr()).map_err(|_| Some(status_gpa))?;
-    let sector: u64 = mem.read_obj(GuestAddress(first.addr().0 + 8)).map_err(|_| Some(status_gpa))?;
+    let hdr8 = first.addr().0.checked_add(8).ok_or(Some(status_gpa))?;
+    let sector: u64 = mem.read_obj(GuestAddress(hdr8)).map_err(|_| Some(status_gpa))?;
     let data = &descs[1..descs.len() - 1];
     if data.len() > MAX_SEGMENTS {
         return Err(Some(status_gpa));
@@ -644,17 +685,17 @@ fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Done>) {
         }
         let Ok(mut st) = inner.st.lock() else { return };
         if let Mode::AwaitLock(since) = st.mode {
-            match inner.image.lock() {
-                Ok(()) => st.mode = Mode::Running,
-                Err(_) if since.elapsed() < LOCK_WAIT => continue,
-                Err(e) => {
-                    eprintln!(
-                        "ferry: disk {}: {e} after {} s; its requests stay stopped",
-                        inner.index,
-                        LOCK_WAIT.as_secs()
-                    );
-                    st.mode = Mode::Failed;
-                    continue;
+            if !st.quiesced {
+                match inner.image.lock() {
+                    Ok(()) => st.mode = Mode::Running,
+                    Err(e) => {
+                        // Waiting is never unsafe; executing without the lock would be.
+                        if since.elapsed() > LOCK_WAIT {
+                            eprintln!("ferry: disk {}: {e}; still waiting for the source to release it", inner.index);
+                            st.mode = Mode::AwaitLock(Instant::now());
+                        }
+                        continue;
+                    }
                 }
             }
         }
@@ -667,7 +708,7 @@ fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Done>) {
             if st.replay_running == Some(d.seq) {
                 st.replay_running = None;
             }
-            if st.mode == Mode::Quiesced {
+            if st.quiesced {
                 let mut write = false;
                 if let Some(f) = st.in_flight.get_mut(&d.seq) {
                     f.held = Some((d.status, d.used_len));
@@ -682,7 +723,7 @@ fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Done>) {
                 notify = true;
             }
         }
-        if st.mode == Mode::Running {
+        if st.mode == Mode::Running && !st.quiesced {
             // Replay first, one request at a time, in the source's order.
             while st.replay_running.is_none() {
                 let Some(seq) = st.replay.pop_front() else { break };
@@ -708,15 +749,25 @@ fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Done>) {
 /// Pops every available request and submits it. Returns whether anything was completed to the
 /// guest at once (malformed requests).
 fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -> bool {
-    if st.t.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !st.queue.is_valid(&inner.mem) {
+    if st.t.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || st.broken || !st.queue.is_valid(&inner.mem) {
         return false;
     }
     let mut completed = false;
     loop {
         let _ = st.queue.disable_notification(&inner.mem);
-        while let Some(chain) = st.queue.pop_descriptor_chain(&inner.mem) {
+        let mut popped = 0usize;
+        while st.in_flight.len() < MAX_IN_FLIGHT {
+            let Some(chain) = st.queue.pop_descriptor_chain(&inner.mem) else { break };
+            popped += 1;
             let head = chain.head_index();
-            match parse_chain(&inner.mem, chain) {
+            let parsed = parse_chain(&inner.mem, chain).and_then(|r| {
+                if request_in_memory(&inner.mem, &r) {
+                    Ok(r)
+                } else {
+                    Err(Some(r.status_gpa).filter(|&g| GuestMemoryBackend::check_range(&inner.mem, GuestAddress(g), 1)))
+                }
+            });
+            match parsed {
                 Ok(req) => {
                     let seq = st.next_seq;
                     st.next_seq += 1;
@@ -738,9 +789,25 @@ fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -> bool {
         }
         let more = st.queue.enable_notification(&inner.mem).unwrap_or(false);
         mark_used_ring(inner, st);
-        if st.queue.event_idx_enabled() {
-            // enable_notification wrote avail_event at the end of the used ring.
-            inner.dirty.mark(st.queue.used_ring() + 4 + 8 * st.queue.size() as u64, 2);
+        if st.in_flight.len() >= MAX_IN_FLIGHT {
+            // A full queue's worth is in flight: the rest waits for completions.
+            return completed;
+        }
+        let ahead = st
+            .queue
+            .avail_idx(&inner.mem, std::sync::atomic::Ordering::Acquire)
+            .map(|idx| (idx - std::num::Wrapping(st.queue.next_avail())).0)
+            .unwrap_or(0);
+        if more && popped == 0 && ahead > st.queue.size() {
+            // The avail index is more than a queue ahead of what the device took: nothing can
+            // be popped and it will not change. The driver broke the ring; stop serving it
+            // until a reset.
+            eprintln!("ferry: disk {}: the driver's avail ring is invalid; device needs a reset", inner.index);
+            st.broken = true;
+            st.t.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            st.t.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+            let _ = inner.irq.write(1);
+            return completed;
         }
         if !more {
             return completed;
@@ -795,10 +862,12 @@ fn execute(inner: &Inner, req: &Request) -> (u8, u32) {
             }
             let mut off = req.sector * SECTOR_SIZE;
             for s in &req.segments {
-                if !io_segment(inner, fd, s, off, false) {
+                let ok = io_segment(inner, fd, s, off, false);
+                // Marked even when it failed part way: some bytes may have landed.
+                inner.dirty.mark(s.gpa, s.len as u64);
+                if !ok {
                     return (ioerr, 1);
                 }
-                inner.dirty.mark(s.gpa, s.len as u64);
                 off += s.len as u64;
             }
             if let Ok(mut st) = inner.st.lock() {
