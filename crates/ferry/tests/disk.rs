@@ -311,3 +311,25 @@ impl Drop for Source {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+#[test]
+fn snapshot_of_a_machine_with_a_disk_is_refused_and_the_guest_runs_on() {
+    if !kvm_available("snapshot_of_a_machine_with_a_disk_is_refused_and_the_guest_runs_on") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut src = source("blk-snap", "IMG");
+    let snap = src.dir.join("snap.ferry");
+
+    let out = Command::new(FERRY)
+        .args(["snapshot", "--api-socket", src.api.to_str().unwrap(), "--to", snap.to_str().unwrap()])
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("snapshots do not include disk images"), "{e}");
+    assert!(!snap.exists() && !src.dir.join("snap.ferry.partial").exists(), "a snapshot file was left behind");
+    let d = more_reports(&mut src.vm, 4);
+    assert_eq!(d.last().unwrap().errors, 0);
+}
