@@ -17,7 +17,8 @@ pub enum Fault {
     CutAtRecord(u32),
     /// Forward only the first N bytes, then close.
     TruncateAfter(u64),
-    /// Flip one byte at `offset` of record `index`'s body.
+    /// Flip one byte at `offset` of the body of the first record from number `index` on that
+    /// is long enough.
     FlipByte { index: u64, offset: usize },
     /// When a record of this type starts, wait `after_ms`, kill process `pid` (SIGKILL) and
     /// cut: a destination that stalls at that point of the stream, then dies.
@@ -68,6 +69,7 @@ impl Proxy {
                 return;
             }
             let mut index = 0u64;
+            let mut flipped = false;
             loop {
                 let mut head = [0u8; 8];
                 if !read_exact_or_eof(&mut src, &mut head) {
@@ -94,8 +96,9 @@ impl Proxy {
                     break;
                 }
                 if let Fault::FlipByte { index: i, offset } = fault {
-                    if i == index && offset < len {
+                    if !flipped && index >= i && offset < len {
                         rest[offset] ^= 0x40;
+                        flipped = true;
                     }
                 }
                 if !fwd(&mut dst, &head, &mut sent) || !fwd(&mut dst, &rest, &mut sent) {
