@@ -333,3 +333,54 @@ fn snapshot_of_a_machine_with_a_disk_is_refused_and_the_guest_runs_on() {
     let d = more_reports(&mut src.vm, 4);
     assert_eq!(d.last().unwrap().errors, 0);
 }
+
+#[test]
+fn two_disks_migrate_each_with_its_own_state_and_a_destination_missing_one_refuses() {
+    if !kvm_available("two_disks_migrate_each_with_its_own_state_and_a_destination_missing_one_refuses") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir("blk-two");
+    let a = image(&dir, 64);
+    let b = dir.join("b.img");
+    std::fs::File::create(&b).unwrap().set_len(16 << 20).unwrap();
+    let (a, b) = (a.to_str().unwrap().to_string(), b.to_str().unwrap().to_string());
+    let api = dir.join("api.sock");
+    let vm = Proc::spawn(&[
+        "run",
+        "--memory",
+        "512M",
+        "--cmdline",
+        WORKLOAD,
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--disk",
+        &a,
+        "--disk",
+        &b,
+    ]);
+    let mut src = Source { vm, api, dir };
+    assert!(src.vm.wait_reports(4, Duration::from_secs(60)), "{}", src.vm.stderr_text());
+    assert!(wait_socket(&src.api, Duration::from_secs(5)));
+    // The guest drives the first virtio-blk device it finds: disk 0.
+    assert!(src.vm.lines_with("DISK-INFO").first().is_some_and(|l| l.contains("capacity_sectors=131072")));
+
+    let uri1 = format!("unix:{}", src.dir.join("one.sock").display());
+    let mut one = destination(&uri1, &a);
+    let refused = migrate(&src.api, &uri1);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("2 disk(s) but this destination was started with 1"), "{}", refused.stderr);
+    assert!(one.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
+    let _ = more_reports(&mut src.vm, 3);
+
+    let uri2 = format!("unix:{}", src.dir.join("two.sock").display());
+    let mut dst = Proc::spawn(&["run", "--incoming", &uri2, "--disk", &a, "--disk", &b]);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !src.dir.join("two.sock").exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = migrate(&src.api, &uri2);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.summary["disks"], 2, "{}", o.summary);
+    assert_guest_clean_after(&src, &mut dst);
+}
