@@ -133,6 +133,16 @@ fn assert_guest_clean_after(src: &Source, p: &mut Proc) {
     assert!(last.verified > before.verified + 50, "disk reads did not continue: {before:?} -> {last:?}");
 }
 
+/// Boots a guest doing disk I/O on `disk` (IMG stands for its image) and migrates it to a
+/// destination given the same image.
+fn migrate_busy_guest(name: &str, disk: &str) -> (Source, Proc, Outcome) {
+    let src = source(name, disk);
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let dst = destination(&uri, &img_spec(&src, disk));
+    let o = migrate(&src.api, &uri);
+    (src, dst, o)
+}
+
 #[test]
 fn migration_during_disk_io_replays_the_in_flight_requests_and_both_verifiers_stay_clean() {
     if !kvm_available("migration_during_disk_io_replays_the_in_flight_requests_and_both_verifiers_stay_clean") {
@@ -140,12 +150,7 @@ fn migration_during_disk_io_replays_the_in_flight_requests_and_both_verifiers_st
     }
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // 2 ms per request: with 8 in flight the stop always finds some.
-    let disk = "path=IMG,latency-us=2000";
-    let src = source("blk-mig", disk);
-    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
-    let mut dst = destination(&uri, &img_spec(&src, disk));
-
-    let o = migrate(&src.api, &uri);
+    let (src, mut dst, o) = migrate_busy_guest("blk-mig", "path=IMG,latency-us=2000");
 
     assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
     let s = &o.summary;
@@ -164,12 +169,7 @@ fn a_write_finished_after_the_quiesce_point_is_replayed_and_completes_once() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // 40 ms per request: the final pass (a few ms) ends long before they do, so they finish on
     // the source after the quiesce point, their data on disk, their completion held.
-    let disk = "path=IMG,latency-us=40000";
-    let src = source("blk-late", disk);
-    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
-    let mut dst = destination(&uri, &img_spec(&src, disk));
-
-    let o = migrate(&src.api, &uri);
+    let (src, mut dst, o) = migrate_busy_guest("blk-late", "path=IMG,latency-us=40000");
 
     assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
     let s = &o.summary;

@@ -9,6 +9,37 @@ use std::time::Duration;
 
 use common::*;
 
+/// QEMU 10 `-M <machine>` with qboot, booting `elf` with `cmdline` on its serial port.
+fn start_qemu(elf: &str, machine: &str, smp: &str, cmdline: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities", // PVM refuses QEMU writing IA32_ARCH_CAPABILITIES (MSR 0x10a)
+        "-M",
+        machine,
+        "-bios",
+        "/usr/share/qemu/qboot.rom",
+        "-m",
+        "256M",
+        "-smp",
+        smp,
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit",
+        "-kernel",
+        elf,
+        "-append",
+        cmdline,
+    ];
+    args.extend(extra);
+    Proc::spawn_exe("qemu-system-x86_64", &args)
+}
+
 #[test]
 fn exported_guest_boots_under_qemu_and_prints_the_same_line_formats() {
     if !kvm_available("exported_guest_boots_under_qemu_and_prints_the_same_line_formats") {
@@ -24,34 +55,7 @@ fn exported_guest_boots_under_qemu_and_prints_the_same_line_formats() {
     let export = Command::new(FERRY).args(["guest", "export", elf.to_str().unwrap()]).status().unwrap();
     assert!(export.success());
 
-    let mut q = Proc::spawn_exe(
-        "qemu-system-x86_64",
-        &[
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host,-arch-capabilities", // PVM refuses QEMU writing IA32_ARCH_CAPABILITIES (MSR 0x10a)
-            "-M",
-            "microvm",
-            "-bios",
-            "/usr/share/qemu/qboot.rom",
-            "-m",
-            "256M",
-            "-smp",
-            "2",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-device",
-            "isa-debug-exit",
-            "-kernel",
-            elf.to_str().unwrap(),
-            "-append",
-            "mib=32 rate=20 report_ms=300",
-        ],
-    );
+    let mut q = start_qemu(elf.to_str().unwrap(), "microvm", "2", "mib=32 rate=20 report_ms=300", &[]);
     let ok = q.wait_reports(4, Duration::from_secs(40));
 
     assert!(ok, "QEMU guest printed too few REPORT lines: {} {}", q.tail(5), q.stderr_text());
@@ -80,37 +84,13 @@ fn guest_disk_workload_verifies_clean_on_qemus_virtio_blk() {
     std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
     let drive = format!("file={},format=raw,if=none,id=d0", img.display());
 
-    let mut q = Proc::spawn_exe(
-        "qemu-system-x86_64",
-        &[
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-M",
-            "microvm,acpi=off", // with ACPI off QEMU announces virtio_mmio.device= on the command line
-            "-global",
-            "virtio-mmio.force-legacy=false",
-            "-bios",
-            "/usr/share/qemu/qboot.rom",
-            "-m",
-            "256M",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-device",
-            "isa-debug-exit",
-            "-drive",
-            &drive,
-            "-device",
-            "virtio-blk-device,drive=d0",
-            "-kernel",
-            elf.to_str().unwrap(),
-            "-append",
-            "mib=16 rate=10 report_ms=300 disk=1 disk_qd=8 disk_mib=32",
-        ],
+    // With ACPI off QEMU announces the device as virtio_mmio.device= on the command line.
+    let mut q = start_qemu(
+        elf.to_str().unwrap(),
+        "microvm,acpi=off",
+        "1",
+        "mib=16 rate=10 report_ms=300 disk=1 disk_qd=8 disk_mib=32",
+        &["-global", "virtio-mmio.force-legacy=false", "-drive", &drive, "-device", "virtio-blk-device,drive=d0"],
     );
     let ok = q.wait_reports(6, Duration::from_secs(40));
 
