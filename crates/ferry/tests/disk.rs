@@ -57,6 +57,10 @@ struct Source {
 }
 
 fn source(name: &str, disk: &str) -> Source {
+    source_with(name, disk, WORKLOAD)
+}
+
+fn source_with(name: &str, disk: &str, cmdline: &str) -> Source {
     let dir = tmpdir(name);
     let api = dir.join("api.sock");
     let img = image(&dir, 64);
@@ -66,7 +70,7 @@ fn source(name: &str, disk: &str) -> Source {
         "--memory",
         "512M",
         "--cmdline",
-        WORKLOAD,
+        cmdline,
         "--api-socket",
         api.to_str().unwrap(),
         "--disk",
@@ -135,8 +139,8 @@ fn assert_guest_clean_after(src: &Source, p: &mut Proc) {
 
 /// Boots a guest doing disk I/O on `disk` (IMG stands for its image) and migrates it to a
 /// destination given the same image.
-fn migrate_busy_guest(name: &str, disk: &str) -> (Source, Proc, Outcome) {
-    let src = source(name, disk);
+fn migrate_busy_guest(name: &str, disk: &str, cmdline: &str) -> (Source, Proc, Outcome) {
+    let src = source_with(name, disk, cmdline);
     let uri = format!("unix:{}", src.dir.join("mig.sock").display());
     let dst = destination(&uri, &img_spec(&src, disk));
     let o = migrate(&src.api, &uri);
@@ -150,7 +154,7 @@ fn migration_during_disk_io_replays_the_in_flight_requests_and_both_verifiers_st
     }
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // 2 ms per request: with 8 in flight the stop always finds some.
-    let (src, mut dst, o) = migrate_busy_guest("blk-mig", "path=IMG,latency-us=2000");
+    let (src, mut dst, o) = migrate_busy_guest("blk-mig", "path=IMG,io-threads=4,latency-us=2000", WORKLOAD);
 
     assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
     let s = &o.summary;
@@ -169,7 +173,11 @@ fn a_write_finished_after_the_quiesce_point_is_replayed_and_completes_once() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // 40 ms per request: the final pass (a few ms) ends long before they do, so they finish on
     // the source after the quiesce point, their data on disk, their completion held.
-    let (src, mut dst, o) = migrate_busy_guest("blk-late", "path=IMG,latency-us=40000");
+    // 32 slots each cycling write, read, read, each request on its own I/O thread with its own
+    // jittered latency, so the slots drift apart: some writes are in flight at the stop (the
+    // chance that none is, is about (2/3)^32).
+    let cmdline = "mib=32 rate=10 disk=1 disk_qd=32 disk_mib=32 report_ms=300";
+    let (src, mut dst, o) = migrate_busy_guest("blk-late", "path=IMG,io-threads=32,latency-us=40000", cmdline);
 
     assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
     let s = &o.summary;
@@ -186,7 +194,7 @@ fn destination_dying_after_the_stop_resumes_the_source_whose_requests_complete_e
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let disk = "path=IMG,latency-us=40000";
+    let disk = "path=IMG,io-threads=4,latency-us=40000";
     let mut src = source("blk-die", disk);
     let dst_sock = src.dir.join("dst.sock");
     let mut dst = destination(&format!("unix:{}", dst_sock.display()), &img_spec(&src, disk));
