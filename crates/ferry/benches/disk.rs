@@ -3,9 +3,9 @@
 //! `cargo bench -p ferry --bench disk` prints medians over FERRY_BENCH_RUNS runs (default 3):
 //! - the guest's disk throughput (MiB/s and IOPS, its own REPORT figures, 4 KiB requests at
 //!   queue depth 8: write, read back, read another block, a flush every 16 writes), for Ferry with
-//!   4 I/O threads (the default) and 1, and for QEMU (virtio-blk-device on `-M microvm,acpi=off`,
+//!   4 I/O threads and 1 (the default on a 2-CPU host), and for QEMU (virtio-blk-device on `-M microvm,acpi=off`,
 //!   modern virtio-mmio, default aio=threads and writeback cache, as Ferry's buffered I/O);
-//! - migration with the disk idle and with that I/O running: host-seen pause (largest gap
+//! - migration (Ferry with its default I/O threads) with the disk idle and with that I/O running: host-seen pause (largest gap
 //!   between `HB` lines received from the source then the destination), the guest-seen pause
 //!   (its own max_gap_us), total time; Ferry also reports the requests in flight at the stop.
 //!
