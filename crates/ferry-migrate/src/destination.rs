@@ -231,6 +231,7 @@ fn load(
     t_start: Instant,
 ) -> Result<(Parts, Vec<DiskSetup>, IncomingStats), IncomingError> {
     let mut disk_states: Vec<Option<BlockState>> = disks.iter().map(|_| None).collect();
+    let mut idle_copy: Option<crate::copy_priority::IdleCopy> = None;
     let mut source_disks = 0usize;
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
     let mut pending: Option<Pending> = None;
@@ -258,6 +259,8 @@ fn load(
                     ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
                 });
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
+                // The source's guest runs while the bulk of the stream arrives: stay off its CPU.
+                drop(idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus)));
                 let machine = create_machine(ram, dirty_tracking)?;
                 let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
                 pending = Some(Pending { machine, fds, written, uffd });
@@ -308,6 +311,8 @@ fn load(
                 }
             }
             Record::VmState { data, .. } => {
+                // The final pass has begun (the source paused its guest): full priority.
+                drop(idle_copy.take());
                 vm_state = Some(VmState::decode(data).map_err(IncomingError::VmState)?);
             }
             Record::VcpuState { id, data, .. } => {

@@ -17,6 +17,7 @@
 //! Until the source has sent COMMIT it owns the guest: any failure before that point resumes the
 //! source with its dirty bits intact, and the destination discards what it received.
 
+pub mod copy_priority;
 pub mod destination;
 pub mod protocol;
 pub mod snapshot;

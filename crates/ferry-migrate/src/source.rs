@@ -507,6 +507,7 @@ fn run<'s>(
     let mut iteration = 0u32;
     let mut last_pending = u64::MAX;
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
+    let idle_copy = crate::copy_priority::IdleCopy::enter(vm.vcpu_count());
     loop {
         iteration += 1;
         vm.dirty_sync()?;
@@ -580,7 +581,8 @@ fn run<'s>(
         summary.iterations.push(stats);
     }
 
-    // Final pass with the vCPUs stopped (a throttle ends with them paused).
+    // Final pass with the vCPUs stopped (a throttle ends with them paused), at normal priority.
+    drop(idle_copy);
     let t_pause = Instant::now();
     let mut guard = PauseGuard { vm, committed: false };
     match throttle.as_mut() {
