@@ -63,6 +63,9 @@ struct Run {
     guest_pause_ms: f64,
     bytes: f64,
     downtime_ms: f64,
+    /// Largest HB gap in the second before the migration: what the harness sees with nothing
+    /// happening (this host's floor for the host-seen pause).
+    floor_ms: f64,
 }
 
 fn wait_filled(p: &Proc, ws_mib: u64) {
@@ -103,6 +106,7 @@ fn ferry_run(c: &Case, i: usize) -> Run {
         guest_pause_ms: max_guest_gap(&src, &dst, t0 + Duration::from_millis(50), t1 + Duration::from_secs(2)),
         bytes: s["bytes"].as_f64().unwrap(),
         downtime_ms: s["downtime_ms"].as_f64().unwrap(),
+        floor_ms: max_hb_gap(&src, &src, t0 - Duration::from_millis(1200), t0 - Duration::from_millis(200)),
     }
 }
 
@@ -147,6 +151,7 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
         guest_pause_ms: max_guest_gap(&src, &dst, t0 + Duration::from_millis(50), t1 + Duration::from_secs(2)),
         bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        floor_ms: max_hb_gap(&src, &src, t0 - Duration::from_millis(1200), t0 - Duration::from_millis(200)),
     }
 }
 
@@ -160,7 +165,7 @@ fn main() {
     let elf = elf.to_str().unwrap();
     println!("Live migration, Ferry vs QEMU 10 (same guest, same run), medians of {runs} runs; ratio = Ferry/QEMU");
     println!(
-        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8}",
+        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7}",
         "case",
         "total F",
         "total Q",
@@ -178,7 +183,9 @@ fn main() {
         "MB/s Q",
         "ratio",
         "down F",
-        "down Q"
+        "down Q",
+        "floor F",
+        "floor Q"
     );
     for c in CASES {
         if only.as_deref().is_some_and(|o| !c.name.contains(o)) {
@@ -197,8 +204,9 @@ fn main() {
         let (fb, qb) = (m(&f, |r| r.bytes), m(&q, |r| r.bytes));
         let (fr, qr) = (m(&f, |r| r.bytes / r.total_ms / 1000.0), m(&q, |r| r.bytes / r.total_ms / 1000.0));
         let (fd, qd) = (m(&f, |r| r.downtime_ms), m(&q, |r| r.downtime_ms));
+        let (ff, qf) = (m(&f, |r| r.floor_ms), m(&q, |r| r.floor_ms));
         println!(
-            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1}",
+            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1} | {:>7.1} {:>7.1}",
             c.name,
             ft,
             qt,
@@ -216,11 +224,16 @@ fn main() {
             qr,
             fr / qr,
             fd,
-            qd
+            qd,
+            ff,
+            qf
         );
     }
     println!(
         "total/pause/down in ms; pause = host-seen (largest HB gap, source then destination); gpause = guest-seen"
     );
-    println!("(largest gap between the guest's own workload iterations, its max_gap_us); down = each VMM's own downtime figure");
+    println!("(largest gap between the guest's own workload iterations, its max_gap_us); down = each VMM's own downtime figure;");
+    println!(
+        "floor = largest HB gap the harness saw in the second before the migration started (no migration running)"
+    );
 }
