@@ -1,11 +1,12 @@
 //! Keeping the bulk copy off the guest's CPUs.
 //!
 //! On a host with a CPU to spare beyond the guest's vCPUs, the threads that move memory (the
-//! source's sender, the destination's receiver) run as `SCHED_IDLE` while the guest runs: they
-//! then use only CPU time no vCPU wants, so the copy never takes a vCPU's CPU away (on a 2-CPU
-//! host the copy at full speed otherwise stalled a 1-vCPU guest for 15–25 ms at a time). Without
-//! a spare CPU nothing changes: an idle-class copy could starve behind busy vCPUs and never
-//! converge. The guard restores the thread's normal class when dropped, before the final pass.
+//! source's sender, the destination's receiver) run as `SCHED_IDLE` during the bulk first pass:
+//! they then use only CPU time no vCPU wants, so the copy never takes a vCPU's CPU away (on a
+//! 2-CPU host the copy at full speed otherwise stalled a 1-vCPU guest for 15–25 ms at a time).
+//! Later passes race the guest's dirtying and run at normal priority. Without a spare CPU
+//! nothing changes: an idle-class copy could starve behind busy vCPUs and never converge. The
+//! guard restores the thread's normal class when dropped.
 
 /// While alive, the calling thread runs in the idle scheduling class (if it applied).
 pub struct IdleCopy {

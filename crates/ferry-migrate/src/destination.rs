@@ -232,6 +232,8 @@ fn load(
 ) -> Result<(Parts, Vec<DiskSetup>, IncomingStats), IncomingError> {
     let mut disk_states: Vec<Option<BlockState>> = disks.iter().map(|_| None).collect();
     let mut idle_copy: Option<crate::copy_priority::IdleCopy> = None;
+    // Page entries still to come before the first pass (every page once) is complete.
+    let mut first_pass_left = u64::MAX;
     let mut source_disks = 0usize;
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
     let mut pending: Option<Pending> = None;
@@ -259,14 +261,20 @@ fn load(
                     ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
                 });
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
-                // The source's guest runs while the bulk of the stream arrives: stay off its CPU.
+                // The source's guest runs while the first pass arrives: stay off its CPU until
+                // every page has come once.
                 drop(idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus)));
+                first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
                 let machine = create_machine(ram, dirty_tracking)?;
                 let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
                 pending = Some(Pending { machine, fds, written, uffd });
             }
             Record::PageBatch(batch) => {
                 let p = pending.as_mut().ok_or(IncomingError::NoConfig("PAGE_BATCH"))?;
+                first_pass_left = first_pass_left.saturating_sub(batch.len() as u64);
+                if first_pass_left == 0 {
+                    drop(idle_copy.take());
+                }
                 // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.
                 let mut run: Option<(u64, u64, &[u8])> = None;
                 for (gfn, ty, data) in batch.iter() {

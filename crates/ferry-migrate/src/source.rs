@@ -507,7 +507,9 @@ fn run<'s>(
     let mut iteration = 0u32;
     let mut last_pending = u64::MAX;
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
-    let idle_copy = crate::copy_priority::IdleCopy::enter(vm.vcpu_count());
+    // The bulk first pass runs in the idle class; later passes, which race the guest's dirtying,
+    // at normal priority.
+    let mut idle_copy = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count()));
     loop {
         iteration += 1;
         vm.dirty_sync()?;
@@ -552,6 +554,7 @@ fn run<'s>(
         // to send. Zero pages cost almost nothing, so the first pass (every page) counts by its
         // data pages: a guest that re-dirties its whole working set stalls at once.
         last_pending = normal.max(sent / 8);
+        drop(idle_copy.take());
         s.probe_holes = false;
         s.batch_pages = LATE_BATCH_PAGES;
         s.w.flush().map_err(MigrateError::Send)?;
