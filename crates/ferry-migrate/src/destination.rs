@@ -263,7 +263,8 @@ fn load(
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
                 // The source's guest runs while the first pass arrives: stay off its CPU until
                 // every page has come once.
-                drop(idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus)));
+                let disk_threads = disks.iter().map(|d| 1 + d.spec().io_threads).sum();
+                drop(idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus, disk_threads)));
                 first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
                 let machine = create_machine(ram, dirty_tracking)?;
                 let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;

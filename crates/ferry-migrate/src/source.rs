@@ -509,7 +509,8 @@ fn run<'s>(
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
     // The bulk first pass runs in the idle class; later passes, which race the guest's dirtying,
     // at normal priority.
-    let mut idle_copy = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count()));
+    let disk_threads = vm.disks().iter().map(|d| 1 + d.image().spec().io_threads).sum();
+    let mut idle_copy = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count(), disk_threads));
     loop {
         iteration += 1;
         vm.dirty_sync()?;
