@@ -39,6 +39,8 @@ ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
 const GFN_DIRTY: u32 = 1;
 /// Entry flag: Ferry collected this entry; KVM may reuse it after `KVM_RESET_DIRTY_RINGS`.
 const GFN_RESET: u32 = 2;
+/// Most KVM_RESET_DIRTY_RINGS calls one collect makes (each resets what is harvested).
+const MAX_RESET_ROUNDS: u32 = 64;
 
 /// Default ring size per vCPU, in entries (16 bytes each: 1 MiB).
 pub const DEFAULT_RING_ENTRIES: u32 = 65536;
@@ -182,17 +184,18 @@ impl DirtyRings {
     /// Returns the number of entries collected.
     pub fn collect(&self) -> Result<u64, DirtyLogError> {
         let mut st = self.lock()?;
-        Self::collect_locked(&mut st, self.vm_fd, &self.slots)
+        Self::collect_locked(&mut st, self.vm_fd, &self.slots, false)
     }
 
-    /// As [`DirtyRings::collect`], called by a vCPU thread after `KVM_EXIT_DIRTY_RING_FULL`.
+    /// As [`DirtyRings::collect`], called by a vCPU thread after `KVM_EXIT_DIRTY_RING_FULL`:
+    /// always resets the rings.
     pub fn collect_full(&self) -> Result<u64, DirtyLogError> {
         let mut st = self.lock()?;
         st.full_exits += 1;
-        Self::collect_locked(&mut st, self.vm_fd, &self.slots)
+        Self::collect_locked(&mut st, self.vm_fd, &self.slots, true)
     }
 
-    fn collect_locked(st: &mut RingState, vm_fd: i32, slots: &[u32]) -> Result<u64, DirtyLogError> {
+    fn collect_locked(st: &mut RingState, vm_fd: i32, slots: &[u32], force: bool) -> Result<u64, DirtyLogError> {
         let mut total = 0u64;
         let RingState { rings, fetch, pending, per_vcpu, reset_owed, .. } = st;
         for (v, ring) in rings.iter().enumerate() {
@@ -219,12 +222,30 @@ impl DirtyRings {
                 total += 1;
             }
         }
-        if total > 0 || *reset_owed {
-            // SAFETY: a VM-fd ioctl without arguments; vm_fd outlives the rings (Vm owns both).
-            let r = unsafe { ioctl(&RawFd(vm_fd), KVM_RESET_DIRTY_RINGS()) };
-            if r < 0 {
-                *reset_owed = true;
-                return Err(DirtyLogError::Ring(std::io::Error::last_os_error()));
+        // After a ring-full exit the reset is due even if this collect found nothing new (a
+        // concurrent collect harvested the entries): the vCPU only runs again once KVM has
+        // reset them. The ioctl returns how many entries it reset; it is repeated until there
+        // are none left (KVM may stop a reset early), and retried when a signal (our vCPU kick)
+        // interrupts it.
+        if total > 0 || *reset_owed || force {
+            let mut rounds = 0;
+            loop {
+                // SAFETY: a VM-fd ioctl without arguments; vm_fd outlives the rings (Vm owns
+                // both).
+                let r = unsafe { ioctl(&RawFd(vm_fd), KVM_RESET_DIRTY_RINGS()) };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::EINTR) && rounds < MAX_RESET_ROUNDS {
+                        rounds += 1;
+                        continue;
+                    }
+                    *reset_owed = true;
+                    return Err(DirtyLogError::Ring(e));
+                }
+                rounds += 1;
+                if r == 0 || rounds >= MAX_RESET_ROUNDS {
+                    break;
+                }
             }
             *reset_owed = false;
         }
