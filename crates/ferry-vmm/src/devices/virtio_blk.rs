@@ -125,8 +125,6 @@ pub struct BlockStats {
 
 struct InFlight {
     req: Request,
-    /// Handed to the I/O threads.
-    submitted: bool,
     /// Finished while quiesced: (status, bytes written into guest buffers incl. status).
     held: Option<(u8, u32)>,
 }
@@ -251,7 +249,7 @@ impl BlockDevice {
                     if !request_in_memory(&mem, &req) {
                         return Err(BlockError::BadRequest { index, head: req.head });
                     }
-                    map.insert(seq as u64, InFlight { req, submitted: false, held: None });
+                    map.insert(seq as u64, InFlight { req, held: None });
                     replay.push_back(seq as u64);
                 }
                 let n = map.len() as u64;
@@ -334,7 +332,7 @@ impl BlockDevice {
     /// Handles a guest read of the device's MMIO window.
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let Ok(mut st) = self.lock() else { return };
+        let Ok(st) = self.lock() else { return };
         if offset >= VIRTIO_MMIO_CONFIG as u64 {
             let mut cfg = [0u8; 24];
             cfg[..8].copy_from_slice(&self.inner.image.sectors().to_le_bytes());
@@ -363,7 +361,6 @@ impl BlockDevice {
             VIRTIO_MMIO_CONFIG_GENERATION => st.t.config_generation,
             _ => 0,
         };
-        let _ = &mut st;
         let b = v.to_le_bytes();
         let n = data.len().min(4);
         data[..n].copy_from_slice(&b[..n]);
@@ -728,8 +725,7 @@ fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Done>) {
             while st.replay_running.is_none() {
                 let Some(seq) = st.replay.pop_front() else { break };
                 let epoch = st.epoch;
-                if let Some(f) = st.in_flight.get_mut(&seq) {
-                    f.submitted = true;
+                if let Some(f) = st.in_flight.get(&seq) {
                     let req = f.req.clone();
                     st.replay_running = Some(seq);
                     st.executing += 1;
@@ -774,7 +770,7 @@ fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -> bool {
                     st.stats.requests += 1;
                     st.executing += 1;
                     let epoch = st.epoch;
-                    st.in_flight.insert(seq, InFlight { req: req.clone(), submitted: true, held: None });
+                    st.in_flight.insert(seq, InFlight { req: req.clone(), held: None });
                     let _ = jobs.send(Job { seq, epoch, req });
                 }
                 Err(status) => {
