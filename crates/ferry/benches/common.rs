@@ -203,3 +203,26 @@ impl Qmp {
         }
     }
 }
+
+/// Starts a destination Ferry (`--incoming` on a socket in `dir`, plus `dst_extra`), migrates the
+/// source behind `api` to it, and returns the destination, the migration's start and end as the
+/// harness saw them, and `ferry migrate --json`'s summary.
+pub fn ferry_migrate(api: &Path, dir: &Path, dst_extra: &[&str]) -> (Proc, Instant, Instant, serde_json::Value) {
+    let sock = dir.join("mig.sock");
+    let mig = format!("unix:{}", sock.display());
+    let mut args = vec!["run", "--incoming", &mig];
+    args.extend(dst_extra);
+    let dst = Proc::spawn(FERRY, &args);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    let out = Command::new(FERRY)
+        .args(["migrate", "--api-socket", api.to_str().unwrap(), "--to", &mig, "--json"])
+        .output()
+        .unwrap();
+    let t1 = Instant::now();
+    assert!(out.status.success(), "ferry migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+    (dst, t0, t1, serde_json::from_slice(&out.stdout).unwrap())
+}

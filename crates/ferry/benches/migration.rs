@@ -79,24 +79,10 @@ fn wait_filled(p: &Proc, ws_mib: u64) {
 fn ferry_run(c: &Case, i: usize) -> Run {
     let d = tmpdir(&format!("ferry-{i}"));
     let api = d.join("api.sock");
-    let mig = format!("unix:{}", d.join("mig.sock").display());
     let src =
         Proc::spawn(FERRY, &["run", "--memory", "1G", "--cmdline", c.cmdline, "--api-socket", api.to_str().unwrap()]);
     wait_filled(&src, c.ws_mib);
-    let dst = Proc::spawn(FERRY, &["run", "--incoming", &mig]);
-    let sock = d.join("mig.sock");
-    let end = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let t0 = Instant::now();
-    let out = std::process::Command::new(FERRY)
-        .args(["migrate", "--api-socket", api.to_str().unwrap(), "--to", &mig, "--json"])
-        .output()
-        .unwrap();
-    let t1 = Instant::now();
-    assert!(out.status.success(), "ferry migrate failed: {}", String::from_utf8_lossy(&out.stderr));
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (dst, t0, t1, s) = ferry_migrate(&api, &d, &[]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(dst.last_report_field("errors"), Some(0), "destination guest not clean");
     Run {
