@@ -254,16 +254,16 @@ impl Out<'_> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
         let count = bits.len() as u64 * 64;
-        let holes = (probe_holes && ram.memfd_backs(ri)).then(|| {
+        let mut holes = (probe_holes && ram.memfd_backs(ri)).then(|| {
             data_ranges(
                 ram.memfd_raw(),
                 region.file_offset + first * PAGE,
                 count.min(region.size / PAGE - first) * PAGE,
             )
         });
-        let in_data = |page: u64| {
+        let mut in_data = |page: u64| {
             let off = region.file_offset + page * PAGE;
-            holes.as_ref().is_none_or(|d| d.iter().any(|&(a, b)| off >= a && off < b))
+            holes.as_mut().is_none_or(|d| d.contains(off))
         };
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
             (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)

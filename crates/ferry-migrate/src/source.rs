@@ -226,8 +226,9 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
 
 /// Ranges of the memfd `[off, off+len)` that hold data (the rest are holes: zero pages that
 /// were never touched). Uses SEEK_DATA/SEEK_HOLE so holes are never read (reading would
-/// allocate them).
-pub(crate) fn data_ranges(fd: i32, off: u64, len: u64) -> Vec<(u64, u64)> {
+/// allocate them). Probe a whole region at once: each SEEK_HOLE walks the page cache up to the
+/// next hole, which may lie far beyond `off + len`.
+pub(crate) fn data_ranges(fd: i32, off: u64, len: u64) -> DataRanges {
     let end = off + len;
     let mut v = Vec::new();
     let mut pos = off;
@@ -243,7 +244,28 @@ pub(crate) fn data_ranges(fd: i32, off: u64, len: u64) -> Vec<(u64, u64)> {
         v.push((d as u64, h));
         pos = h;
     }
-    v
+    DataRanges { ranges: v, at: 0 }
+}
+
+/// The data ranges of a memfd, asked about offsets that mostly ascend.
+pub(crate) struct DataRanges {
+    ranges: Vec<(u64, u64)>,
+    /// The range the last lookup ended at.
+    at: usize,
+}
+
+impl DataRanges {
+    /// Whether the byte at memfd offset `off` lies in a data range.
+    pub(crate) fn contains(&mut self, off: u64) -> bool {
+        if self.at > 0 && self.ranges.get(self.at - 1).is_some_and(|&(_, b)| off < b) {
+            // Went back before the end of a range already passed: start over.
+            self.at = 0;
+        }
+        while self.ranges.get(self.at).is_some_and(|&(_, b)| off >= b) {
+            self.at += 1;
+        }
+        self.ranges.get(self.at).is_some_and(|&(a, b)| off >= a && off < b)
+    }
 }
 
 impl Sender<'_> {
@@ -269,6 +291,10 @@ impl Sender<'_> {
         let (mut normal, mut zero) = (0, 0);
         for (ri, region) in ram.regions().iter().enumerate() {
             let npages = region.size / PAGE_SIZE as u64;
+            // Probed once per region (after dirty logging began: a hole the guest fills later
+            // is dirty, so a ZERO sent for it now is sent again with data).
+            let mut data = (self.probe_holes && ram.memfd_backs(ri))
+                .then(|| data_ranges(ram.memfd_raw(), region.file_offset, region.size));
             let mut first = 0;
             while first < npages {
                 if self.cancel.load(Ordering::SeqCst) {
@@ -280,7 +306,7 @@ impl Sender<'_> {
                     first += count;
                     continue;
                 }
-                let res = self.send_chunk(ri, first, count, &bits, iter_start, iter_bytes_start);
+                let res = self.send_chunk(ri, first, &bits, data.as_mut(), iter_start, iter_bytes_start);
                 match res {
                     Ok((n, z)) => {
                         normal += n;
@@ -299,32 +325,31 @@ impl Sender<'_> {
         Ok((sent, normal, zero))
     }
 
+    /// Sends the pages set in `bits` (pages `first + i` of region `ri`); pages outside `data`
+    /// (if given) are holes of the memfd and go as ZERO without being read.
     fn send_chunk(
         &mut self,
         ri: usize,
         first: u64,
-        count: u64,
         bits: &[u64],
+        mut data: Option<&mut DataRanges>,
         iter_start: Instant,
         iter_bytes_start: u64,
     ) -> Result<(u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
-        let data = if self.probe_holes && ram.memfd_backs(ri) {
-            Some(data_ranges(ram.memfd_raw(), region.file_offset + first * PAGE_SIZE as u64, count * PAGE_SIZE as u64))
-        } else {
-            None
-        };
-        let in_data = |page: u64| {
+        let mut in_data = |page: u64| {
             let off = region.file_offset + page * PAGE_SIZE as u64;
-            data.as_ref().is_none_or(|d| d.iter().any(|&(a, b)| off >= a && off < b))
+            data.as_deref_mut().is_none_or(|d| d.contains(off))
         };
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
         // NORMAL pages' bytes, in entry order: each page is copied out of guest RAM once
         // (`GuestRam::copy_out`; a page the guest changes meanwhile is dirty again and resent),
         // and the zero check looks at that copy.
+        // The buffer keeps its size (zeroed once); `used` bytes of it hold this batch's pages.
         let mut pages_buf = std::mem::take(&mut self.pages_buf);
-        pages_buf.clear();
+        pages_buf.resize(pages_buf.len().max(self.batch_pages * PAGE_SIZE), 0);
+        let mut used = 0usize;
         let (mut normal, mut zero) = (0u64, 0u64);
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
             (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
@@ -334,12 +359,11 @@ impl Sender<'_> {
             let gfn = gpa / PAGE_SIZE as u64;
             let mut has_data = false;
             if in_data(page) {
-                let off = pages_buf.len();
-                pages_buf.resize(off + PAGE_SIZE, 0);
-                ram.copy_out(gpa, &mut pages_buf[off..]).map_err(|source| MigrateError::Memory { gpa, source })?;
-                has_data = !is_zero(&pages_buf[off..]);
-                if !has_data {
-                    pages_buf.truncate(off);
+                let slot = &mut pages_buf[used..used + PAGE_SIZE];
+                ram.copy_out(gpa, slot).map_err(|source| MigrateError::Memory { gpa, source })?;
+                has_data = !is_zero(slot);
+                if has_data {
+                    used += PAGE_SIZE;
                 }
             }
             if has_data {
@@ -350,10 +374,11 @@ impl Sender<'_> {
                 zero += 1;
             }
             if entries.len() >= self.batch_pages {
-                self.flush_batch(&mut entries, &mut pages_buf, iter_start, iter_bytes_start)?;
+                self.flush_batch(&mut entries, &pages_buf[..used], iter_start, iter_bytes_start)?;
+                used = 0;
             }
         }
-        self.flush_batch(&mut entries, &mut pages_buf, iter_start, iter_bytes_start)?;
+        self.flush_batch(&mut entries, &pages_buf[..used], iter_start, iter_bytes_start)?;
         self.pages_buf = pages_buf;
         self.counts.normal += normal;
         self.counts.zero += zero;
@@ -363,17 +388,15 @@ impl Sender<'_> {
     fn flush_batch(
         &mut self,
         entries: &mut Vec<(u64, PageType)>,
-        pages_buf: &mut Vec<u8>,
+        pages: &[u8],
         iter_start: Instant,
         iter_bytes_start: u64,
     ) -> Result<(), MigrateError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let slices: Vec<&[u8]> = pages_buf.chunks(PAGE_SIZE).collect();
-        self.w.page_batch(entries, &slices).map_err(MigrateError::Send)?;
+        self.w.page_batch_packed(entries, pages).map_err(MigrateError::Send)?;
         entries.clear();
-        pages_buf.clear();
         if let Some(limit) = self.limit {
             // Keep the iteration's average rate at the limit.
             let bytes = self.w.bytes_written() - iter_bytes_start;
@@ -658,5 +681,19 @@ mod tests {
         p[4095] = 0;
         p[3] = 9;
         assert!(!is_zero(&p));
+    }
+
+    #[test]
+    fn data_ranges_answer_ascending_and_backward_lookups() {
+        let mut d = DataRanges { ranges: vec![(4096, 8192), (16384, 32768)], at: 0 };
+        let asc: Vec<bool> =
+            [0, 4096, 8191, 8192, 16384, 32767, 32768, 1 << 30].iter().map(|&o| d.contains(o)).collect();
+        assert_eq!(asc, [false, true, true, false, true, true, false, false]);
+        // Backwards after the end, then into the first range again.
+        assert!(d.contains(5000));
+        assert!(!d.contains(0));
+        assert!(d.contains(20000));
+        let mut empty = DataRanges { ranges: vec![], at: 0 };
+        assert!(!empty.contains(0));
     }
 }

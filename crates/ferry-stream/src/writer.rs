@@ -9,16 +9,17 @@ use crate::{MAX_BATCH_PAGES, MAX_RECORD_BODY, MAX_REGIONS, PAGE_SIZE};
 pub struct StreamWriter<W: Write> {
     w: W,
     bytes: u64,
-    /// A page batch is assembled here first: page data can change under us (a running guest),
-    /// and the checksum must cover exactly the bytes that go out.
+    /// A page batch's count and entries are assembled here (reused).
     scratch: Vec<u8>,
+    /// Pages handed to [`Self::page_batch`] one by one are packed here (reused).
+    packed: Vec<u8>,
 }
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header.
     pub fn new(mut w: W, header: &StreamHeader) -> Result<Self, StreamError> {
         w.write_all(&header.encode()).map_err(StreamError::Write)?;
-        Ok(StreamWriter { w, bytes: crate::HEADER_LEN as u64, scratch: Vec::new() })
+        Ok(StreamWriter { w, bytes: crate::HEADER_LEN as u64, scratch: Vec::new(), packed: Vec::new() })
     }
 
     /// Bytes written so far, header included.
@@ -69,33 +70,49 @@ impl<W: Write> StreamWriter<W> {
     }
 
     /// One batch: `entries` in order, and the data of each NORMAL entry in `data` (4096 bytes
-    /// each, in entry order). Each page is read exactly once (copied into the record).
+    /// each, in entry order). The pages are copied into one record body first; a caller that
+    /// already holds them packed uses [`Self::page_batch_packed`].
     pub fn page_batch(&mut self, entries: &[(u64, PageType)], data: &[&[u8]]) -> Result<(), StreamError> {
+        if data.iter().any(|d| d.len() != PAGE_SIZE) {
+            return Err(StreamError::Invalid(format!("a data page of a page batch is not {PAGE_SIZE} bytes")));
+        }
+        let mut packed = std::mem::take(&mut self.packed);
+        packed.clear();
+        for d in data {
+            packed.extend_from_slice(d);
+        }
+        let r = self.page_batch_packed(entries, &packed);
+        self.packed = packed;
+        r
+    }
+
+    /// One batch whose NORMAL pages' data lie back to back in `data` (4096 bytes each, in entry
+    /// order). The data goes out as it is, without another copy: the checksum covers exactly
+    /// these bytes, so `data` must not change during the call (the sender copies pages out of a
+    /// running guest before).
+    pub fn page_batch_packed(&mut self, entries: &[(u64, PageType)], data: &[u8]) -> Result<(), StreamError> {
         if entries.is_empty() || entries.len() > MAX_BATCH_PAGES as usize {
             return Err(StreamError::Invalid(format!("page batch of {} entries", entries.len())));
         }
         let normal = entries.iter().filter(|e| e.1 == PageType::Normal).count();
-        if normal != data.len() || data.iter().any(|d| d.len() != PAGE_SIZE) {
+        if normal * PAGE_SIZE != data.len() {
             return Err(StreamError::Invalid(format!(
-                "{normal} NORMAL entries but {} data pages (each must be {PAGE_SIZE} bytes)",
+                "{normal} NORMAL entries but {} bytes of page data (each page must be {PAGE_SIZE} bytes)",
                 data.len()
             )));
         }
         if let Some(&(gfn, _)) = entries.iter().find(|e| e.0 >= 1 << 52) {
             return Err(StreamError::Invalid(format!("frame number {gfn:#x} does not fit in 52 bits")));
         }
-        let mut body = std::mem::take(&mut self.scratch);
-        body.clear();
-        body.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-        body.extend_from_slice(&0u32.to_le_bytes());
+        let mut head = std::mem::take(&mut self.scratch);
+        head.clear();
+        head.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        head.extend_from_slice(&0u32.to_le_bytes());
         for &(gfn, t) in entries {
-            body.extend_from_slice(&entry(gfn, t).to_le_bytes());
+            head.extend_from_slice(&entry(gfn, t).to_le_bytes());
         }
-        for d in data {
-            body.extend_from_slice(d);
-        }
-        let r = self.record(rtype::PAGE_BATCH, &[&body]);
-        self.scratch = body;
+        let r = self.record(rtype::PAGE_BATCH, &[&head, data]);
+        self.scratch = head;
         r
     }
 
