@@ -31,6 +31,8 @@ pub enum IncomingError {
     NoConfig(&'static str),
     #[error("the stream describes {stream} bytes of guest memory but this destination was started with {local}")]
     MemoryMismatch { stream: u64, local: u64 },
+    #[error("the stream has a second MACHINE_CONFIG record; a migration stream describes one machine")]
+    DuplicateConfig,
     #[error("the stream's RAM layout {0:?} is not the one Ferry uses for that size")]
     Layout(Vec<(u64, u64)>),
     #[error("the stream describes {0} vCPUs; Ferry supports 1 to 8")]
@@ -153,11 +155,22 @@ impl Pending {
     }
 }
 
-/// Receives a machine on `conn`. `memory` is the size the user asked for, if any. Returns the
-/// running machine once the source committed.
+/// Where the incoming guest's RAM comes from.
+pub enum IncomingRam {
+    /// Created when the stream's MACHINE_CONFIG arrives, of the size it gives (checked against
+    /// the size the user asked for, if any). Pages are filled with `UFFDIO_COPY`, so a page
+    /// is allocated and written once, never zeroed first.
+    Fresh(Option<u64>),
+    /// Created and fully allocated before the stream was accepted (`--prefault`): the copy
+    /// only writes into pages that exist.
+    Prefaulted(GuestRam),
+}
+
+/// Receives a machine on `conn` into `ram`. Returns the running machine once the source
+/// committed.
 pub fn receive(
     conn: Conn,
-    memory: Option<u64>,
+    ram: IncomingRam,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
     disks: Vec<DiskImage>,
@@ -165,7 +178,7 @@ pub fn receive(
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
-    match load(conn, memory, serial_out, dirty_tracking, disks, t_start) {
+    match load(conn, ram, serial_out, dirty_tracking, disks, t_start) {
         Ok(((machine, serial, fds), disks, stats)) => {
             // vCPU threads start paused; COMMIT resumes them. Their start counts as load time.
             let t = Instant::now();
@@ -224,7 +237,7 @@ pub(crate) type Parts = (ferry_vmm::vm::MachineParts, SerialDevice, Vec<kvm_ioct
 #[allow(clippy::type_complexity)]
 fn load(
     conn: Conn,
-    memory: Option<u64>,
+    ram: IncomingRam,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
     disks: Vec<DiskImage>,
@@ -235,12 +248,19 @@ fn load(
     // Page entries still to come before the first pass (every page once) is complete.
     let mut first_pass_left = u64::MAX;
     let mut source_disks = 0usize;
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, conn))?;
+    // A small buffer: a page batch's body is then mostly read straight into the reader's record
+    // buffer (BufReader passes reads larger than its buffer through) instead of being copied
+    // twice; small records still come many per read.
+    let mut r = StreamReader::new(BufReader::with_capacity(64 << 10, conn))?;
     let mut pending: Option<Pending> = None;
     let mut stats = IncomingStats::default();
     let mut vm_state: Option<VmState> = None;
     let mut vcpu_states: Vec<Option<VcpuState>> = Vec::new();
     let mut serial_state = None;
+    let (memory, mut prefaulted) = match ram {
+        IncomingRam::Fresh(m) => (m, None),
+        IncomingRam::Prefaulted(r) => (Some(r.size()), Some(r)),
+    };
     loop {
         match r.next_record()? {
             Record::MachineConfig(c) => {
@@ -255,11 +275,21 @@ fn load(
                 if ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
                     return Err(IncomingError::Layout(c.regions.clone()));
                 }
-                let ram = GuestRam::new(c.memory_bytes)?;
+                if pending.is_some() {
+                    return Err(IncomingError::DuplicateConfig);
+                }
+                let (ram, uffd) = match prefaulted.take() {
+                    // Every page exists: plain copies, no userfaultfd.
+                    Some(ram) => (ram, None),
+                    None => {
+                        let ram = GuestRam::new(c.memory_bytes)?;
+                        let uffd = Uffd::new().ok().and_then(|mut u| {
+                            ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
+                        });
+                        (ram, uffd)
+                    }
+                };
                 let written = ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
-                let uffd = Uffd::new().ok().and_then(|mut u| {
-                    ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
-                });
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
                 // The source's guest runs while the first pass arrives: stay off its CPU until
                 // every page has come once.

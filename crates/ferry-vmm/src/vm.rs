@@ -78,6 +78,8 @@ pub struct VmConfig {
     /// Disk images (locked), attached as virtio-mmio block devices and announced to the guest
     /// on its command line.
     pub disks: Vec<DiskImage>,
+    /// Allocate all guest RAM before the guest starts (`--prefault`).
+    pub prefault: bool,
 }
 
 /// A disk to attach when a machine starts: fresh or from migrated state.
@@ -201,6 +203,9 @@ impl Vm {
             cmdline.push_str(&virtio_blk::cmdline_token(i));
         }
         let ram = GuestRam::new(cfg.memory)?;
+        if cfg.prefault {
+            ram.prefault()?;
+        }
         let entry: BootEntry = boot::load_pvh(&ram, &cfg.kernel, &cmdline)?;
         let parts = create_machine(ram, cfg.dirty_tracking)?;
         let mut fds = Vec::new();

@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use ferry_migrate::destination::IncomingRam;
 use ferry_vmm::devices::disk_image::{DiskImage, DiskSpec};
 use ferry_vmm::devices::serial::SerialSink;
+use ferry_vmm::memory::GuestRam;
 use ferry_vmm::vm::DirtyTracking;
 use ferry_vmm::{ExitReason, Vm, VmConfig};
 
@@ -188,6 +190,11 @@ struct RunArgs {
     /// destination takes the lock over from the source at the switch-over.
     #[arg(long, value_parser = ferry_vmm::devices::disk_image::parse_disk_spec)]
     disk: Vec<DiskSpec>,
+    /// Allocate all guest RAM up front: before booting, or with --incoming before accepting the
+    /// stream (needs --memory there), so that neither the guest nor the incoming copy pays for
+    /// page allocation later. Takes the whole RAM size in host memory at once.
+    #[arg(long)]
+    prefault: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -264,6 +271,9 @@ fn run(a: RunArgs) -> Result<i32> {
     let vm = match (&a.incoming, &a.restore) {
         (Some(_), Some(_)) => bail!("--incoming and --restore exclude each other: a guest comes from one place"),
         (Some(uri), None) => incoming(&a, uri)?,
+        (None, Some(_)) if a.prefault => {
+            bail!("--prefault does not apply to --restore: a restore allocates what the snapshot holds")
+        }
         (None, Some(path)) => restore(&a, path)?,
         (None, None) => boot(&a)?,
     };
@@ -309,6 +319,19 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
         bail!("--incoming takes the guest from the migration stream: --kernel and --cmdline do not apply");
     }
     let uri = ferry_migrate::transport::Uri::parse(uri)?;
+    let ram = match (a.prefault, a.memory) {
+        (false, m) => IncomingRam::Fresh(m),
+        (true, None) => {
+            bail!("--prefault with --incoming needs --memory: RAM is allocated before the stream says its size")
+        }
+        (true, Some(m)) => {
+            let t = std::time::Instant::now();
+            let ram = GuestRam::new(m).context("guest RAM")?;
+            ram.prefault().context("--prefault")?;
+            eprintln!("ferry: allocated {} MiB of guest RAM in {:.0} ms", m >> 20, t.elapsed().as_secs_f64() * 1000.0);
+            IncomingRam::Prefaulted(ram)
+        }
+    };
     // Opened now (a missing image fails before anything waits), locked at the switch-over.
     let disks = a.disk.iter().map(|d| DiskImage::open(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
@@ -316,7 +339,7 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     let conn = listener.accept(&uri)?;
     drop(listener);
     let (vm, stats) =
-        ferry_migrate::destination::receive(conn, a.memory, serial_sink(&a.serial)?, a.dirty_tracking()?, disks)
+        ferry_migrate::destination::receive(conn, ram, serial_sink(&a.serial)?, a.dirty_tracking()?, disks)
             .context("incoming migration failed; nothing was started")?;
     if stats.disk_replayed > 0 {
         eprintln!("ferry: re-executing {} disk request(s) that were in flight at the stop", stats.disk_replayed);
@@ -358,6 +381,7 @@ fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
         serial_out: serial_sink(&a.serial)?,
         dirty_tracking: a.dirty_tracking()?,
         disks,
+        prefault: a.prefault,
     };
     let vm = Vm::boot(cfg).map_err(|e| {
         let name = a.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in guest".into());

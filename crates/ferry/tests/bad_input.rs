@@ -145,3 +145,11 @@ fn malformed_memory_size_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("'lots' is not a size"), "{err}");
 }
+
+#[test]
+fn prefault_on_an_incoming_migration_without_memory_size_is_refused() {
+    let (code, err) = run_ferry(&["run", "--incoming", "unix:/tmp/ferry-never-used.sock", "--prefault"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--prefault with --incoming needs --memory"), "{err}");
+    assert!(!std::path::Path::new("/tmp/ferry-never-used.sock").exists(), "nothing may listen");
+}
