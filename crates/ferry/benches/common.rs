@@ -86,11 +86,59 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace().find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// Waits (at least 3 s, at most 20 s) until every CPU of this host ran a busy loop for twice
+/// 0.5 s in a row without being held up for more than 5 ms. This host is itself a VM with free page reporting: after a
+/// process frees a lot of memory (QEMU exiting does it; Ferry exiting was not seen to), all its
+/// CPUs stall for ~35 ms out of every 100 ms for a few seconds. Each run starts after that has
+/// passed, so no run pays for the one before it.
+pub fn wait_quiet() {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let start = Instant::now();
+    let mut quiet = 0;
+    while start.elapsed() < Duration::from_secs(20) {
+        let worst = (0..cpus)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    let t0 = Instant::now();
+                    let (mut last, mut worst) = (t0, Duration::ZERO);
+                    while last - t0 < Duration::from_millis(500) {
+                        let t = Instant::now();
+                        worst = worst.max(t - last);
+                        last = t;
+                    }
+                    worst
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap_or_default();
+        quiet = if worst < Duration::from_millis(5) { quiet + 1 } else { 0 };
+        // The stalls begin a second or two after the memory was freed.
+        if quiet >= 2 && start.elapsed() >= Duration::from_secs(3) {
+            return;
+        }
+    }
+}
+
 /// Largest gap (ms) between heartbeats of both processes in `[from, to]`.
 pub fn max_hb_gap(a: &Proc, b: &Proc, from: Instant, to: Instant) -> f64 {
     let mut t: Vec<Instant> = a.hb_times().into_iter().chain(b.hb_times()).filter(|x| *x >= from && *x <= to).collect();
     t.sort();
     t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).fold(0.0, f64::max)
+}
+
+/// The gap (ms) across the switch-over: from the source's last `HB` before the destination's
+/// first to that first one, as the harness received them.
+pub fn switch_gap(src: &Proc, dst: &Proc) -> f64 {
+    let Some(d0) = dst.hb_times().into_iter().next() else {
+        return f64::NAN;
+    };
+    match src.hb_times().into_iter().rfind(|t| *t <= d0) {
+        Some(s) => (d0 - s).as_secs_f64() * 1000.0,
+        None => f64::NAN,
+    }
 }
 
 /// Largest gap (ms) the guest itself measured between its workload iterations (`max_gap_us`

@@ -72,6 +72,7 @@ fn wait_ready(p: &Proc) {
 }
 
 fn ferry_throughput(threads: u32, i: usize) -> (f64, f64) {
+    wait_quiet();
     let d = tmpdir(&format!("ferry-tp-{threads}-{i}"));
     let spec = format!("path={},io-threads={threads}", image(&d));
     let p = Proc::spawn(FERRY, &["run", "--memory", "512M", "--cmdline", BUSY, "--disk", &spec]);
@@ -93,6 +94,7 @@ fn qemu_args_disk<'a>(elf: &'a str, cmdline: &'a str, drive: &'a str) -> Vec<&'a
 }
 
 fn qemu_throughput(elf: &str, i: usize) -> (f64, f64) {
+    wait_quiet();
     let d = tmpdir(&format!("qemu-tp-{i}"));
     let drive = format!("file={},format=raw,if=none,id=d0", image(&d));
     let p = Proc::spawn("qemu-system-x86_64", &qemu_args_disk(elf, BUSY, &drive));
@@ -103,6 +105,7 @@ fn qemu_throughput(elf: &str, i: usize) -> (f64, f64) {
 }
 
 fn ferry_mig(cmdline: &str, i: usize) -> Mig {
+    wait_quiet();
     let d = tmpdir(&format!("ferry-mig-{i}"));
     let img = image(&d);
     let api = d.join("api.sock");
@@ -129,6 +132,7 @@ fn ferry_mig(cmdline: &str, i: usize) -> Mig {
 }
 
 fn qemu_mig(elf: &str, cmdline: &str, i: usize) -> Mig {
+    wait_quiet();
     let d = tmpdir(&format!("qemu-mig-{i}"));
     let drive = format!("file={},format=raw,if=none,id=d0", image(&d));
     let qs = d.join("qmp-src.sock");

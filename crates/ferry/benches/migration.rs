@@ -5,7 +5,17 @@
 //! the source then the destination), bytes sent, and throughput, each with the Ferry/QEMU ratio.
 //! QEMU 10 runs as `-M microvm -bios qboot.rom`, unlimited bandwidth, 300 ms downtime limit, over
 //! a UNIX socket; Ferry with its defaults (300 ms limit, auto-converge on) over a UNIX socket.
-//! The last case turns on QEMU's opt-in `auto-converge` capability too.
+//! The flat-out case runs twice, the second time with QEMU's opt-in `auto-converge` capability
+//! on too. The 768 MiB case runs twice too, the second time with both destinations' memory
+//! allocated before the migration (Ferry `--prefault`, QEMU `-mem-prealloc`).
+//!
+//! With FERRY_BENCH_DEBUG set, each Ferry run also prints its summary, the source's HB gaps
+//! over 8 ms and the REPORT lines around the migration (to stderr).
+//!
+//! Also printed, as the physical limit of the receiving side: the rate at which this host fills
+//! fresh memory (768 MiB of new memfd populated with MADV_POPULATE_WRITE, one thread), measured
+//! before each Ferry run. On this host (a microVM with free page reporting) it varies a lot from
+//! minute to minute, and it bounds both VMMs' destinations unless their memory is preallocated.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,6 +31,8 @@ struct Case {
     ws_mib: u64,
     /// QEMU's auto-converge capability on (Ferry auto-converges by default).
     qemu_auto_converge: bool,
+    /// Destination memory allocated before the migration (Ferry --prefault, QEMU -mem-prealloc).
+    prealloc: bool,
 }
 
 const CASES: &[Case] = &[
@@ -29,30 +41,42 @@ const CASES: &[Case] = &[
         cmdline: "mib=8 rate=-1 hb_us=1000 report_ms=500",
         ws_mib: 8,
         qemu_auto_converge: false,
+        prealloc: false,
     },
     Case {
         name: "768 MiB data, not dirtied",
         cmdline: "mib=768 rate=-1 hb_us=1000 report_ms=500",
         ws_mib: 768,
         qemu_auto_converge: false,
+        prealloc: false,
+    },
+    Case {
+        name: "768 MiB, dest. preallocated",
+        cmdline: "mib=768 rate=-1 hb_us=1000 report_ms=500",
+        ws_mib: 768,
+        qemu_auto_converge: false,
+        prealloc: true,
     },
     Case {
         name: "256 MiB dirtied at 50 MiB/s",
         cmdline: "mib=256 rate=50 hb_us=1000 report_ms=500",
         ws_mib: 256,
         qemu_auto_converge: false,
+        prealloc: false,
     },
     Case {
         name: "256 MiB dirtied flat out",
         cmdline: "mib=256 rate=0 hb_us=1000 report_ms=500",
         ws_mib: 256,
         qemu_auto_converge: false,
+        prealloc: false,
     },
     Case {
         name: "flat out, QEMU auto-conv.",
         cmdline: "mib=256 rate=0 hb_us=1000 report_ms=500",
         ws_mib: 256,
         qemu_auto_converge: true,
+        prealloc: false,
     },
 ];
 
@@ -66,6 +90,18 @@ struct Run {
     /// Largest HB gap in the second before the migration: what the harness sees with nothing
     /// happening (this host's floor for the host-seen pause).
     floor_ms: f64,
+    /// The HB gap across the switch-over (source's last, destination's first).
+    switch_ms: f64,
+    /// Fresh-memory fill rate (GB/s) measured just before (Ferry runs only).
+    fill_gbs: f64,
+}
+
+/// GB/s at which this host fills 768 MiB of fresh guest RAM (one thread).
+fn fill_rate() -> f64 {
+    let ram = ferry_vmm::memory::GuestRam::new(768 << 20).unwrap();
+    let t = Instant::now();
+    ram.prefault().unwrap();
+    (768u64 << 20) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
 fn wait_filled(p: &Proc, ws_mib: u64) {
@@ -77,13 +113,34 @@ fn wait_filled(p: &Proc, ws_mib: u64) {
 }
 
 fn ferry_run(c: &Case, i: usize) -> Run {
+    wait_quiet();
+    // Before anything runs: the fill is not to disturb the guest or the migration.
+    let fill_gbs = fill_rate();
     let d = tmpdir(&format!("ferry-{i}"));
     let api = d.join("api.sock");
     let src =
         Proc::spawn(FERRY, &["run", "--memory", "1G", "--cmdline", c.cmdline, "--api-socket", api.to_str().unwrap()]);
     wait_filled(&src, c.ws_mib);
-    let (dst, t0, t1, s) = ferry_migrate(&api, &d, &[]);
+    let pre: &[&str] = if c.prealloc { &["--memory", "1G", "--prefault"] } else { &[] };
+    let (dst, t0, t1, s) = ferry_migrate(&api, &d, pre);
     std::thread::sleep(Duration::from_secs(2));
+    if std::env::var_os("FERRY_BENCH_DEBUG").is_some() {
+        eprintln!("DBG t1=t0+{} summary {}", (t1 - t0).as_millis(), s);
+        let hb: Vec<_> = src.hb_times().into_iter().filter(|t| *t >= t0).collect();
+        for w in hb.windows(2) {
+            if w[1] - w[0] > Duration::from_millis(8) {
+                eprintln!("DBG src HB gap {} ms at t0+{}", (w[1] - w[0]).as_millis(), (w[0] - t0).as_millis());
+            }
+        }
+        for (tag, p) in [("s", &src), ("d", &dst)] {
+            for (t, l) in p.lines.lock().unwrap().iter() {
+                if l.starts_with("REPORT") && *t + Duration::from_secs(1) >= t0 {
+                    let rel = t.saturating_duration_since(t0).as_millis();
+                    eprintln!("DBG {tag} t0+{rel} {}", &l[..l.len().min(120)]);
+                }
+            }
+        }
+    }
     assert_eq!(dst.last_report_field("errors"), Some(0), "destination guest not clean");
     Run {
         total_ms: s["total_ms"].as_f64().unwrap(),
@@ -93,10 +150,13 @@ fn ferry_run(c: &Case, i: usize) -> Run {
         bytes: s["bytes"].as_f64().unwrap(),
         downtime_ms: s["downtime_ms"].as_f64().unwrap(),
         floor_ms: max_hb_gap(&src, &src, t0 - Duration::from_millis(1200), t0 - Duration::from_millis(200)),
+        switch_ms: switch_gap(&src, &dst),
+        fill_gbs,
     }
 }
 
 fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
+    wait_quiet();
     let d = tmpdir(&format!("qemu-{i}"));
     let qs = d.join("qmp-src.sock");
     let qd = d.join("qmp-dst.sock");
@@ -109,6 +169,9 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
     wait_filled(&src, c.ws_mib);
     let mut b = qemu_args(elf, "1G", "1", c.cmdline);
     b.extend(["-qmp", &qmp_dst, "-incoming", &mig]);
+    if c.prealloc {
+        b.push("-mem-prealloc");
+    }
     let dst = Proc::spawn("qemu-system-x86_64", &b);
     let mut qd_conn = Qmp::connect(&qd);
     let _ = qd_conn.cmd(r#"{"execute":"query-status"}"#);
@@ -138,6 +201,8 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
         bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         floor_ms: max_hb_gap(&src, &src, t0 - Duration::from_millis(1200), t0 - Duration::from_millis(200)),
+        switch_ms: switch_gap(&src, &dst),
+        fill_gbs: f64::NAN,
     }
 }
 
@@ -151,13 +216,16 @@ fn main() {
     let elf = elf.to_str().unwrap();
     println!("Live migration, Ferry vs QEMU 10 (same guest, same run), medians of {runs} runs; ratio = Ferry/QEMU");
     println!(
-        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7}",
+        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} | {:>6} {:>6}",
         "case",
         "total F",
         "total Q",
         "ratio",
         "pause F",
         "pause Q",
+        "ratio",
+        "switch F",
+        "switch Q",
         "ratio",
         "gpause F",
         "gpause Q",
@@ -171,7 +239,9 @@ fn main() {
         "down F",
         "down Q",
         "floor F",
-        "floor Q"
+        "floor Q",
+        "fill",
+        "F/fill"
     );
     for c in CASES {
         if only.as_deref().is_some_and(|o| !c.name.contains(o)) {
@@ -191,8 +261,10 @@ fn main() {
         let (fr, qr) = (m(&f, |r| r.bytes / r.total_ms / 1000.0), m(&q, |r| r.bytes / r.total_ms / 1000.0));
         let (fd, qd) = (m(&f, |r| r.downtime_ms), m(&q, |r| r.downtime_ms));
         let (ff, qf) = (m(&f, |r| r.floor_ms), m(&q, |r| r.floor_ms));
+        let (fs, qs) = (m(&f, |r| r.switch_ms), m(&q, |r| r.switch_ms));
+        let fill = m(&f, |r| r.fill_gbs);
         println!(
-            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1} | {:>7.1} {:>7.1}",
+            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1} | {:>7.1} {:>7.1} | {:>6.2} {:>6.2}",
             c.name,
             ft,
             qt,
@@ -200,6 +272,9 @@ fn main() {
             fp,
             qp,
             fp / qp,
+            fs,
+            qs,
+            fs / qs,
             fg,
             qg,
             fg / qg,
@@ -212,7 +287,9 @@ fn main() {
             fd,
             qd,
             ff,
-            qf
+            qf,
+            fill,
+            fr / 1000.0 / fill
         );
     }
     println!(
@@ -220,6 +297,8 @@ fn main() {
     );
     println!("(largest gap between the guest's own workload iterations, its max_gap_us); down = each VMM's own downtime figure;");
     println!(
-        "floor = largest HB gap the harness saw in the second before the migration started (no migration running)"
+        "floor = largest HB gap the harness saw in the second before the migration started (no migration running);"
     );
+    println!("switch = the HB gap across the switch-over alone (source's last HB to the destination's first);");
+    println!("fill = GB/s at which this host filled 768 MiB of fresh memory just before each Ferry run (median); F/fill = Ferry's MB/s over it");
 }
