@@ -251,6 +251,8 @@ fn load(
     // A small buffer: a page batch's body is then mostly read straight into the reader's record
     // buffer (BufReader passes reads larger than its buffer through) instead of being copied
     // twice; small records still come many per read.
+    // Whether the source (and so its running guest) shares this host's CPUs.
+    let local = conn.is_local();
     let mut r = StreamReader::new(BufReader::with_capacity(64 << 10, conn))?;
     let mut pending: Option<Pending> = None;
     let mut stats = IncomingStats::default();
@@ -291,8 +293,8 @@ fn load(
                 };
                 let written = ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
-                // The source's guest runs while the first pass arrives: stay off its CPU until
-                // every page has come once.
+                // The source's guest runs while pre-copy arrives: stay off its CPU until every
+                // page has come once, or until the final pass if the guest runs on this host.
                 let disk_threads = disks.iter().map(|d| 1 + d.spec().io_threads).sum();
                 drop(idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus, disk_threads)));
                 first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
@@ -303,7 +305,7 @@ fn load(
             Record::PageBatch(batch) => {
                 let p = pending.as_mut().ok_or(IncomingError::NoConfig("PAGE_BATCH"))?;
                 first_pass_left = first_pass_left.saturating_sub(batch.len() as u64);
-                if first_pass_left == 0 {
+                if first_pass_left == 0 && !local {
                     drop(idle_copy.take());
                 }
                 // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.

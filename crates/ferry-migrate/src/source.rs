@@ -530,10 +530,11 @@ fn run<'s>(
     let mut iteration = 0u32;
     let mut last_pending = u64::MAX;
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
-    // The bulk first pass runs in the idle class; later passes, which race the guest's dirtying,
-    // at normal priority.
+    // Pre-copy runs in the idle class where there is a spare CPU (copy_priority.rs); a later
+    // pass that gets less than half the first pass's bandwidth returns to normal priority.
     let disk_threads = vm.disks().iter().map(|d| 1 + d.image().spec().io_threads).sum();
     let mut idle_copy = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count(), disk_threads));
+    let mut first_bandwidth: f64 = 0.0;
     loop {
         iteration += 1;
         vm.dirty_sync()?;
@@ -578,7 +579,6 @@ fn run<'s>(
         // to send. Zero pages cost almost nothing, so the first pass (every page) counts by its
         // data pages: a guest that re-dirties its whole working set stalls at once.
         last_pending = normal.max(sent / 8);
-        drop(idle_copy.take());
         s.probe_holes = false;
         s.batch_pages = LATE_BATCH_PAGES;
         s.w.flush().map_err(MigrateError::Send)?;
@@ -590,6 +590,12 @@ fn run<'s>(
         // Tiny iterations measure latency, not bandwidth: keep the previous figure then.
         if bytes >= 1 << 20 || bandwidth == 0.0 {
             bandwidth = bytes as f64 / secs;
+            if iteration == 1 {
+                first_bandwidth = bandwidth;
+            } else if bandwidth < first_bandwidth / 2.0 && idle_copy.as_ref().is_some_and(|i| i.applied()) {
+                // Starved: other threads want the spare CPUs.
+                drop(idle_copy.take());
+            }
         }
         let stats = IterationStats {
             iteration,

@@ -115,6 +115,18 @@ impl Conn {
         }
     }
 
+    /// Whether the peer runs on this host: a UNIX socket, or TCP between loopback addresses or
+    /// from this host's own address.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Conn::Unix(_) => true,
+            Conn::Tcp(s) => match (s.peer_addr(), s.local_addr()) {
+                (Ok(p), Ok(l)) => p.ip().is_loopback() || p.ip() == l.ip(),
+                _ => false,
+            },
+        }
+    }
+
     /// Bytes written but not yet read by the peer (UNIX) or not yet acknowledged (TCP).
     pub fn unread_bytes(&self) -> std::io::Result<u64> {
         let mut n: libc::c_int = 0;
@@ -237,5 +249,14 @@ mod tests {
             let e = Uri::parse(bad).unwrap_err().to_string();
             assert!(e.contains("unix:PATH or tcp:HOST:PORT"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn unix_and_loopback_tcp_peers_are_local() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(Conn::Unix(a).is_local());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(Conn::Tcp(c).is_local());
     }
 }
