@@ -9,8 +9,8 @@
 //! on too. The 768 MiB case runs twice too, the second time with both destinations' memory
 //! allocated before the migration (Ferry `--prefault`, QEMU `-mem-prealloc`).
 //!
-//! With FERRY_BENCH_DEBUG set, each Ferry run also prints its summary, the source's HB gaps
-//! over 8 ms and the REPORT lines around the migration (to stderr).
+//! With FERRY_BENCH_DEBUG set, each Ferry run also prints its summary, the HB gaps over 3.5 ms
+//! on both sides and the REPORT lines around the migration (to stderr).
 //!
 //! Also printed, as the physical limit of the receiving side: the rate at which this host fills
 //! fresh memory (768 MiB of new memfd populated with MADV_POPULATE_WRITE, one thread), measured
@@ -126,10 +126,17 @@ fn ferry_run(c: &Case, i: usize) -> Run {
     std::thread::sleep(Duration::from_secs(2));
     if std::env::var_os("FERRY_BENCH_DEBUG").is_some() {
         eprintln!("DBG t1=t0+{} summary {}", (t1 - t0).as_millis(), s);
-        let hb: Vec<_> = src.hb_times().into_iter().filter(|t| *t >= t0).collect();
-        for w in hb.windows(2) {
-            if w[1] - w[0] > Duration::from_millis(8) {
-                eprintln!("DBG src HB gap {} ms at t0+{}", (w[1] - w[0]).as_millis(), (w[0] - t0).as_millis());
+        for (tag, p) in [("src", &src), ("dst", &dst)] {
+            let hb: Vec<_> = p.hb_times().into_iter().filter(|t| *t + Duration::from_millis(200) >= t0).collect();
+            for w in hb.windows(2) {
+                if w[1] - w[0] > Duration::from_micros(3500) {
+                    let at = w[0].saturating_duration_since(t0).as_millis();
+                    eprintln!(
+                        "DBG {tag} HB gap {:.1} ms at t0+{at} (t1 = t0+{})",
+                        (w[1] - w[0]).as_secs_f64() * 1e3,
+                        (t1 - t0).as_millis()
+                    );
+                }
             }
         }
         for (tag, p) in [("s", &src), ("d", &dst)] {
