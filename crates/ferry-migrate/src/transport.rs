@@ -74,10 +74,15 @@ pub enum Conn {
     Tcp(TcpStream),
 }
 
-/// Socket buffer size asked for on both ends (the kernel may cap it).
+/// Socket buffer size asked for on both ends of a TCP connection (the kernel may cap it).
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
+/// The same for a UNIX socket. Both ends share this host's caches: with less in flight the
+/// bytes the sender wrote are still in cache when the receiver copies them out (768 MiB
+/// migration into a prefaulted destination: 1.32-1.61 GB/s with 4 MiB, 1.56-1.98 GB/s with
+/// 1 MiB, in alternating runs).
+const UNIX_SOCKET_BUFFER: libc::c_int = 1 << 20;
 
-fn set_buffers(fd: i32) {
+fn set_buffers(fd: i32, size: libc::c_int) {
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
         // SAFETY: setsockopt on a valid socket fd with a pointer to a c_int of the right size.
         unsafe {
@@ -85,7 +90,7 @@ fn set_buffers(fd: i32) {
                 fd,
                 libc::SOL_SOCKET,
                 opt,
-                &SOCKET_BUFFER as *const libc::c_int as *const libc::c_void,
+                &size as *const libc::c_int as *const libc::c_void,
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
         }
@@ -103,8 +108,16 @@ impl Conn {
                 Conn::Tcp(s)
             }
         };
-        set_buffers(c.raw_fd());
+        c.set_buffers();
         Ok(c)
+    }
+
+    fn set_buffers(&self) {
+        let size = match self {
+            Conn::Unix(_) => UNIX_SOCKET_BUFFER,
+            Conn::Tcp(_) => SOCKET_BUFFER,
+        };
+        set_buffers(self.raw_fd(), size);
     }
 
     fn raw_fd(&self) -> i32 {
@@ -220,7 +233,7 @@ impl Listener {
                 Conn::Tcp(s)
             }
         };
-        set_buffers(c.raw_fd());
+        c.set_buffers();
         Ok(c)
     }
 }
