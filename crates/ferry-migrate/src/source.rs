@@ -227,7 +227,8 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
 /// Ranges of the memfd `[off, off+len)` that hold data (the rest are holes: zero pages that
 /// were never touched). Uses SEEK_DATA/SEEK_HOLE so holes are never read (reading would
 /// allocate them). Probe a whole region at once: each SEEK_HOLE walks the page cache up to the
-/// next hole, which may lie far beyond `off + len`.
+/// next hole, which may lie far beyond `off + len`. Probe only after the dirty bits of the range
+/// were cleared in KVM, so that a hole filled after the probe is dirty again.
 pub(crate) fn data_ranges(fd: i32, off: u64, len: u64) -> DataRanges {
     let end = off + len;
     let mut v = Vec::new();
@@ -291,17 +292,48 @@ impl Sender<'_> {
         let (mut normal, mut zero) = (0, 0);
         for (ri, region) in ram.regions().iter().enumerate() {
             let npages = region.size / PAGE_SIZE as u64;
-            // Probed once per region (after dirty logging began: a hole the guest fills later
-            // is dirty, so a ZERO sent for it now is sent again with data).
-            let mut data = (self.probe_holes && ram.memfd_backs(ri))
-                .then(|| data_ranges(ram.memfd_raw(), region.file_offset, region.size));
+            let probe = self.probe_holes && ram.memfd_backs(ri);
+            // Without a hole probe each chunk is harvested right before it is sent. With one
+            // (first pass), the whole region is harvested first and probed after: with
+            // KVM_DIRTY_LOG_INITIALLY_SET nothing is write-protected before its first clear,
+            // so a hole the guest filled between a probe and that clear would not be dirty
+            // again and would stay ZERO on the destination. After the clear it is.
+            let mut chunks: Vec<(u64, Vec<u64>)> = Vec::new();
+            let mut data = None;
+            if probe {
+                let mut first = 0;
+                while first < npages {
+                    let count = HARVEST_PAGES.min(npages - first);
+                    let harvested = if self.cancel.load(Ordering::SeqCst) {
+                        Err(MigrateError::Cancelled)
+                    } else {
+                        self.vm.dirty_harvest(self.consumer, ri, first, count).map_err(MigrateError::from)
+                    };
+                    match harvested {
+                        Ok(bits) => chunks.push((first, bits)),
+                        Err(e) => {
+                            self.give_back(ri, &chunks);
+                            return Err(e);
+                        }
+                    }
+                    first += count;
+                }
+                data = Some(data_ranges(ram.memfd_raw(), region.file_offset, region.size));
+            }
+            let mut next = 0;
             let mut first = 0;
             while first < npages {
+                let count = HARVEST_PAGES.min(npages - first);
                 if self.cancel.load(Ordering::SeqCst) {
+                    self.give_back(ri, &chunks[next.min(chunks.len())..]);
                     return Err(MigrateError::Cancelled);
                 }
-                let count = HARVEST_PAGES.min(npages - first);
-                let bits = self.vm.dirty_harvest(self.consumer, ri, first, count)?;
+                let bits = if probe {
+                    next += 1;
+                    std::mem::take(&mut chunks[next - 1].1)
+                } else {
+                    self.vm.dirty_harvest(self.consumer, ri, first, count)?
+                };
                 if bits.iter().all(|&w| w == 0) {
                     first += count;
                     continue;
@@ -314,8 +346,10 @@ impl Sender<'_> {
                         sent += n + z;
                     }
                     Err(e) => {
-                        // Nothing of this chunk is known to have arrived: the bits go back.
+                        // Nothing of this chunk (or of the harvested ones after it) is known
+                        // to have arrived: the bits go back.
                         let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
+                        self.give_back(ri, &chunks[next.min(chunks.len())..]);
                         return Err(e);
                     }
                 }
@@ -323,6 +357,13 @@ impl Sender<'_> {
             }
         }
         Ok((sent, normal, zero))
+    }
+
+    /// Returns harvested, unsent chunks' bits to the consumer.
+    fn give_back(&self, ri: usize, chunks: &[(u64, Vec<u64>)]) {
+        for (first, bits) in chunks {
+            let _ = self.vm.dirty_give_back(self.consumer, ri, *first, bits);
+        }
     }
 
     /// Sends the pages set in `bits` (pages `first + i` of region `ri`); pages outside `data`

@@ -187,6 +187,42 @@ fn guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost(t: Tracking) {
     run_clean_migration(t, "d50t", "mib=256 rate=50 report_ms=500", 256, true, &[]);
 }
 
+/// The guest is still filling its working set (first touch of never-written memory) while the
+/// first pass runs: pages that were holes of the memfd when the pass began become data during
+/// it, and every one of them must reach the destination.
+fn guest_filling_fresh_memory_during_the_first_pass_loses_no_page(t: Tracking) {
+    // 1800 MiB take the guest a few seconds to fill; migrate as soon as it reports.
+    let dir = tmpdir(&format!("filling-{t}"));
+    let api = dir.join("api.sock");
+    let cmdline = "mib=1800 rate=-1 report_ms=100";
+    let vm = Proc::spawn(&[
+        "run",
+        "--memory",
+        "2G",
+        "--cmdline",
+        cmdline,
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--dirty-tracking",
+        t,
+    ]);
+    let mut src = Source { vm, api, dir, tracking: t };
+    assert!(src.vm.wait_reports(1, Duration::from_secs(60)), "source never reported: {}", src.vm.stderr_text());
+    assert!(wait_socket(&src.api, Duration::from_secs(5)));
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri, t);
+    let before = src.vm.reports().last().cloned().unwrap();
+
+    let o = migrate(&src.api, &uri, &[]);
+
+    assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
+    assert!(before.written < 1800 * 256 * 3 / 4, "the fill was nearly over before the migration: {}", before.line);
+    assert_destination_clean(&src, &mut dst, 1800 * 256);
+    let written = dst.reports().last().unwrap().written;
+    assert_eq!(written, 1800 * 256, "the destination finished the fill");
+    src.vm.kill();
+}
+
 /// A destination that allocated its RAM before accepting (`--prefault`) fills existing pages
 /// with plain copies instead of userfaultfd; pages sent with data and later as ZERO (the guest
 /// dirtying at 50 MiB/s rewrites some) must still come out right.
@@ -375,6 +411,7 @@ with_both_trackings!(
     guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost,
     guest_dirtying_50_mib_s_migrates_over_tcp_with_nothing_lost,
     guest_dirtying_50_mib_s_migrates_into_a_prefaulted_destination,
+    guest_filling_fresh_memory_during_the_first_pass_loses_no_page,
     guest_dirtying_flat_out_on_two_vcpus_migrates_within_its_downtime_limit,
     capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on,
     destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works,
