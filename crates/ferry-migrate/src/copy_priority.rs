@@ -13,9 +13,9 @@
 //! Without a spare CPU nothing changes: an idle-class copy could starve behind busy vCPUs and
 //! never converge. The guard restores the thread's normal class when dropped.
 //!
-//! Leaving `SCHED_IDLE` needs root or CAP_SYS_NICE, or an RLIMIT_NICE that allows the thread's
-//! nice value: where that is not so, the idle class is never entered (a receiver stuck in it
-//! would hand it to the vCPU threads it starts).
+//! Leaving `SCHED_IDLE` needs CAP_SYS_NICE or an RLIMIT_NICE that allows the thread's nice
+//! value: Ferry tries it once on a throwaway thread and, where it fails, never enters the idle
+//! class (a receiver stuck in it would hand it to the vCPU threads it starts).
 
 /// While alive, the calling thread runs in the idle scheduling class (if it applied).
 pub struct IdleCopy {
@@ -41,22 +41,20 @@ impl IdleCopy {
     }
 }
 
-/// Whether this thread could switch back from `SCHED_IDLE` to `SCHED_OTHER` (the kernel's
-/// rule: privileged, or the nice value within RLIMIT_NICE).
+/// Whether a thread of this process can switch back from `SCHED_IDLE` to `SCHED_OTHER`. The
+/// kernel's rule involves CAP_SYS_NICE in the initial user namespace, RLIMIT_NICE, the nice
+/// value and security modules (root in a container often cannot), so it is tried once, on a
+/// throwaway thread, instead of modelled.
 fn can_leave_idle() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one rlimit struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } != 0 {
-        return false;
-    }
-    // SAFETY: getpriority has no preconditions. Its error value (-1) reads as nice -1, which
-    // only makes the check below stricter.
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    lim.rlim_cur >= (20 - nice.clamp(-20, 19)) as libc::rlim_t
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("ferry-sched-probe".into())
+            .spawn(|| set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER))
+            .ok()
+            .and_then(|h| h.join().ok())
+            .unwrap_or(false)
+    })
 }
 
 fn set_policy(policy: libc::c_int) -> bool {

@@ -115,6 +115,9 @@ pub fn wait_quiet() {
             .max()
             .unwrap_or_default();
         quiet = if worst < Duration::from_millis(5) { quiet + 1 } else { 0 };
+        if quiet < 2 && start.elapsed() >= Duration::from_secs(20) {
+            println!("(host not quiet after 20 s: worst stall {worst:?}; running anyway)");
+        }
         // The stalls begin a second or two after the memory was freed.
         if quiet >= 2 && start.elapsed() >= Duration::from_secs(3) {
             return;
@@ -156,8 +159,10 @@ pub fn max_guest_gap(a: &Proc, b: &Proc, from: Instant, to: Instant) -> f64 {
     m as f64 / 1000.0
 }
 
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+/// Median of the figures that are numbers (NaN: a run without that figure).
+pub fn median(v: Vec<f64>) -> f64 {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
+    v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;
     }

@@ -113,9 +113,10 @@ fn wait_filled(p: &Proc, ws_mib: u64) {
 }
 
 fn ferry_run(c: &Case, i: usize) -> Run {
-    wait_quiet();
-    // Before anything runs: the fill is not to disturb the guest or the migration.
+    // Before anything runs, and before the wait for a quiet host: freeing the filled memory may
+    // set off the host's page reporting, which the wait lets pass.
     let fill_gbs = fill_rate();
+    wait_quiet();
     let d = tmpdir(&format!("ferry-{i}"));
     let api = d.join("api.sock");
     let src =
