@@ -377,6 +377,8 @@ fn load(
                 }
                 serial_state = Some(decode_state(data).map_err(IncomingError::Serial)?);
             }
+            // The source paused its guest: the final pass is the pause, at full priority.
+            Record::FinalPass => drop(idle_copy.take()),
             Record::Checkpoint(_) => return Err(IncomingError::Unexpected("CHECKPOINT")),
             Record::SnapshotInfo(_) | Record::RamMap(_) => return Err(IncomingError::Unexpected("snapshot file")),
             Record::SkippedOptional { .. } => {}

@@ -702,7 +702,8 @@ pub fn read_meta(path: &Path) -> Result<SnapshotMeta, SnapshotError> {
                 serial = Some(data.to_vec());
             }
             Record::PageBatch(_) | Record::Checkpoint(_) => return Err(incomplete("a record snapshots do not carry")),
-            Record::SkippedOptional { .. } => {}
+            // Optional, and meaningless here.
+            Record::FinalPass | Record::SkippedOptional { .. } => {}
             Record::End => break,
         }
     }

@@ -667,6 +667,8 @@ fn run<'s>(
     // they made is in it; what is in flight goes to the destination as device state.
     summary.disk_in_flight_at_stop = vm.quiesce_disks()?;
     let mut bd = DowntimeBreakdown { pause_ms: ms(t_pause.elapsed()), ..Default::default() };
+    // Tells the destination the pause has begun (it leaves the idle class for the final pass).
+    s.w.final_pass().map_err(MigrateError::Send)?;
     let t = Instant::now();
     vm.dirty_sync()?;
     bd.final_sync_ms = ms(t.elapsed());

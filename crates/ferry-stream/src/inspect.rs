@@ -112,6 +112,7 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                     m.npages - present - zero
                 )
             }
+            Record::FinalPass => "FINAL_PASS (the source paused its guest; the final pass follows)".to_string(),
             Record::SkippedOptional { rtype: t, len } => format!("optional record {t:#x} ({len} bytes), skipped"),
             Record::End => {
                 s.ended = true;

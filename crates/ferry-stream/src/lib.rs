@@ -46,6 +46,9 @@ pub mod rtype {
     pub const END: u32 = 7;
     pub const SNAPSHOT_INFO: u32 = 8;
     pub const RAM_MAP: u32 = 9;
+    /// Optional: the source has paused the guest; the final pass follows. Readers that do not
+    /// know it skip it.
+    pub const FINAL_PASS: u32 = super::OPTIONAL | 0xa;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -59,6 +62,7 @@ pub mod rtype {
             END => "END",
             SNAPSHOT_INFO => "SNAPSHOT_INFO",
             RAM_MAP => "RAM_MAP",
+            0xa => "FINAL_PASS",
             _ => "unknown",
         }
     }

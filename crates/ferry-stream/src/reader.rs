@@ -27,6 +27,8 @@ pub enum Record<'a> {
         data: &'a [u8],
     },
     Checkpoint(u64),
+    /// Optional marker: the source paused the guest, the final pass follows (migration streams).
+    FinalPass,
     /// Snapshot files only.
     SnapshotInfo(SnapshotInfo),
     /// Snapshot files only.
@@ -272,6 +274,12 @@ impl<R: Read> StreamReader<R> {
                     return Err(malformed(format!("body of {} bytes, want 8", body.len())));
                 }
                 Ok(Record::Checkpoint(u64_at(body, 0)))
+            }
+            rtype::FINAL_PASS => {
+                if !body.is_empty() {
+                    return Err(malformed(format!("body of {} bytes, want 0", body.len())));
+                }
+                Ok(Record::FinalPass)
             }
             rtype::SNAPSHOT_INFO | rtype::RAM_MAP if !self.header.flags.contains(StreamFlags::SNAPSHOT) => {
                 Err(malformed("only snapshot files (header flag SNAPSHOT) carry this record".into()))

@@ -141,6 +141,11 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::DEVICE_STATE, &[&h, bytes])
     }
 
+    /// FINAL_PASS (optional, empty): the guest is paused, the final pass follows.
+    pub fn final_pass(&mut self) -> Result<(), StreamError> {
+        self.record(rtype::FINAL_PASS, &[])
+    }
+
     pub fn checkpoint(&mut self, seq: u64) -> Result<(), StreamError> {
         self.record(rtype::CHECKPOINT, &[&seq.to_le_bytes()])
     }

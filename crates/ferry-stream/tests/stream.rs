@@ -71,6 +71,7 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
                 "ram_map {} gpa {:#x} {} pages at {:#x} present {:x?} zero {:x?} crcs {:x?}",
                 m.region, m.gpa, m.npages, m.data_offset, m.present, m.zero, m.crcs
             ),
+            Record::FinalPass => "final pass".to_string(),
             Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
             Record::End => {
                 out.push("end".into());
@@ -348,4 +349,14 @@ fn every_truncation_of_snapshot_metadata_is_an_error() {
     for n in 0..s.len() {
         assert!(read_all(&s[..n]).is_err(), "prefix of {n} bytes read as complete");
     }
+}
+
+#[test]
+fn final_pass_marker_is_optional_and_read_back() {
+    let s = stream_with(|w| w.final_pass().unwrap());
+    let mut r = StreamReader::new(s.as_slice()).unwrap();
+    assert!(matches!(r.next_record().unwrap(), Record::FinalPass));
+    // Its type has the optional bit: a reader that does not know it skips it.
+    assert_ne!(ferry_stream::rtype::FINAL_PASS & ferry_stream::OPTIONAL, 0);
+    assert_eq!(ferry_stream::rtype::name(ferry_stream::rtype::FINAL_PASS), "FINAL_PASS");
 }
