@@ -408,27 +408,7 @@ fn serve_and_wait(a: &RunArgs, vm: Arc<Vm>) -> Result<i32> {
     if let Some(sock) = &a.api_socket {
         let _ = std::fs::remove_file(sock);
     }
-    if matches!(reason, ExitReason::Migrated) {
-        yield_to_the_destination();
-    }
     Ok(exit_code(&reason))
-}
-
-/// After a migration the guest runs on the destination, and this process still has to free its
-/// memory (hundreds of MiB: page by page, in whichever thread exits last). On a shared host that
-/// work took the CPU from the resumed guest (8-10 ms HB gaps right after the resume): every
-/// thread of this process moves to the idle scheduling class first. Entering it needs no
-/// privilege; nothing here needs to leave it again.
-fn yield_to_the_destination() {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    for tid in tasks.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())) {
-        // SAFETY: sched_setscheduler on a thread of this process with a valid param struct;
-        // a thread that already ended just makes the call fail.
-        unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
-    }
 }
 
 fn inspect(path: &std::path::Path) -> Result<i32> {
