@@ -45,6 +45,8 @@ pub struct Proc {
     /// The output ended without a newline: its last line is cut (the rest of a line a guest
     /// was printing at a migration's switch-over appears on the destination).
     pub cut_tail: Arc<Mutex<bool>>,
+    /// The output reached its end (the process closed stdout).
+    pub eof: Arc<Mutex<bool>>,
 }
 
 impl Proc {
@@ -62,17 +64,22 @@ impl Proc {
             .expect("spawn process");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let cut_tail = Arc::new(Mutex::new(false));
+        let eof = Arc::new(Mutex::new(false));
         let out = child.stdout.take().expect("stdout");
         {
             let lines = lines.clone();
             let cut_tail = cut_tail.clone();
+            let eof = eof.clone();
             std::thread::spawn(move || {
                 let mut r = BufReader::new(out);
                 let mut buf = Vec::new();
                 loop {
                     buf.clear();
                     match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
+                        Ok(0) | Err(_) => {
+                            *eof.lock().unwrap() = true;
+                            break;
+                        }
                         Ok(_) => {
                             let complete = buf.last() == Some(&b'\n');
                             let l = String::from_utf8_lossy(&buf).trim_end_matches('\n').to_string();
@@ -98,7 +105,7 @@ impl Proc {
                 }
             });
         }
-        Proc { child, lines, stderr, cut_tail }
+        Proc { child, lines, stderr, cut_tail, eof }
     }
 
     /// Waits for a line containing `pat`; returns it.
@@ -191,6 +198,12 @@ impl Drop for Proc {
 /// Heartbeat numbers of a guest that moved from `src` to `dst`, with a line cut at the
 /// switch-over joined back together.
 pub fn joined_heartbeats(src: &Proc, dst: &Proc) -> Vec<u64> {
+    // A line cut at the switch-over is only known to be cut once the source's output ended
+    // (until then its start waits for a newline in the reader): wait for the source to exit.
+    let end = Instant::now() + Duration::from_secs(30);
+    while !*src.eof.lock().unwrap() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut s: Vec<String> = src.lines.lock().unwrap().iter().map(|l| l.1.clone()).collect();
     let mut d: Vec<String> = dst.lines.lock().unwrap().iter().map(|l| l.1.clone()).collect();
     if *src.cut_tail.lock().unwrap() && !s.is_empty() && !d.is_empty() {
