@@ -295,7 +295,7 @@ fn load(
                 vcpu_states = (0..c.vcpus).map(|_| None).collect();
                 // The source's guest runs while pre-copy arrives: stay off its CPU until every
                 // page has come once, or until the final pass if the guest runs on this host.
-                let disk_threads = disks.iter().map(|d| 1 + d.spec().io_threads).sum();
+                let disk_threads = disks.iter().map(|d| d.spec().busy_threads()).sum();
                 drop(idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus, disk_threads)));
                 first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
                 let machine = create_machine(ram, dirty_tracking)?;

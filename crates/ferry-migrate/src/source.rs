@@ -298,7 +298,7 @@ impl Sender<'_> {
             // KVM_DIRTY_LOG_INITIALLY_SET nothing is write-protected before its first clear,
             // so a hole the guest filled between a probe and that clear would not be dirty
             // again and would stay ZERO on the destination. After the clear it is.
-            let mut chunks: Vec<(u64, Vec<u64>)> = Vec::new();
+            let mut chunks: std::collections::VecDeque<(u64, Vec<u64>)> = Default::default();
             let mut data = None;
             if probe {
                 let mut first = 0;
@@ -310,7 +310,7 @@ impl Sender<'_> {
                         self.vm.dirty_harvest(self.consumer, ri, first, count).map_err(MigrateError::from)
                     };
                     match harvested {
-                        Ok(bits) => chunks.push((first, bits)),
+                        Ok(bits) => chunks.push_back((first, bits)),
                         Err(e) => {
                             self.give_back(ri, &chunks);
                             return Err(e);
@@ -320,19 +320,16 @@ impl Sender<'_> {
                 }
                 data = Some(data_ranges(ram.memfd_raw(), region.file_offset, region.size));
             }
-            let mut next = 0;
             let mut first = 0;
             while first < npages {
                 let count = HARVEST_PAGES.min(npages - first);
                 if self.cancel.load(Ordering::SeqCst) {
-                    self.give_back(ri, &chunks[next.min(chunks.len())..]);
+                    self.give_back(ri, &chunks);
                     return Err(MigrateError::Cancelled);
                 }
-                let bits = if probe {
-                    next += 1;
-                    std::mem::take(&mut chunks[next - 1].1)
-                } else {
-                    self.vm.dirty_harvest(self.consumer, ri, first, count)?
+                let bits = match chunks.pop_front() {
+                    Some((_, bits)) => bits,
+                    None => self.vm.dirty_harvest(self.consumer, ri, first, count)?,
                 };
                 if bits.iter().all(|&w| w == 0) {
                     first += count;
@@ -349,7 +346,7 @@ impl Sender<'_> {
                         // Nothing of this chunk (or of the harvested ones after it) is known
                         // to have arrived: the bits go back.
                         let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
-                        self.give_back(ri, &chunks[next.min(chunks.len())..]);
+                        self.give_back(ri, &chunks);
                         return Err(e);
                     }
                 }
@@ -360,7 +357,7 @@ impl Sender<'_> {
     }
 
     /// Returns harvested, unsent chunks' bits to the consumer.
-    fn give_back(&self, ri: usize, chunks: &[(u64, Vec<u64>)]) {
+    fn give_back(&self, ri: usize, chunks: &std::collections::VecDeque<(u64, Vec<u64>)>) {
         for (first, bits) in chunks {
             let _ = self.vm.dirty_give_back(self.consumer, ri, *first, bits);
         }
@@ -573,7 +570,7 @@ fn run<'s>(
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
     // Pre-copy runs in the idle class where there is a spare CPU (copy_priority.rs); a later
     // pass that gets less than half the first pass's bandwidth returns to normal priority.
-    let disk_threads = vm.disks().iter().map(|d| 1 + d.image().spec().io_threads).sum();
+    let disk_threads = vm.disks().iter().map(|d| d.image().spec().busy_threads()).sum();
     let mut idle_copy = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count(), disk_threads));
     let mut first_bandwidth: f64 = 0.0;
     loop {

@@ -11,15 +11,13 @@ pub struct StreamWriter<W: Write> {
     bytes: u64,
     /// A page batch's count and entries are assembled here (reused).
     scratch: Vec<u8>,
-    /// Pages handed to [`Self::page_batch`] one by one are packed here (reused).
-    packed: Vec<u8>,
 }
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header.
     pub fn new(mut w: W, header: &StreamHeader) -> Result<Self, StreamError> {
         w.write_all(&header.encode()).map_err(StreamError::Write)?;
-        Ok(StreamWriter { w, bytes: crate::HEADER_LEN as u64, scratch: Vec::new(), packed: Vec::new() })
+        Ok(StreamWriter { w, bytes: crate::HEADER_LEN as u64, scratch: Vec::new() })
     }
 
     /// Bytes written so far, header included.
@@ -76,14 +74,7 @@ impl<W: Write> StreamWriter<W> {
         if data.iter().any(|d| d.len() != PAGE_SIZE) {
             return Err(StreamError::Invalid(format!("a data page of a page batch is not {PAGE_SIZE} bytes")));
         }
-        let mut packed = std::mem::take(&mut self.packed);
-        packed.clear();
-        for d in data {
-            packed.extend_from_slice(d);
-        }
-        let r = self.page_batch_packed(entries, &packed);
-        self.packed = packed;
-        r
+        self.page_batch_packed(entries, &data.concat())
     }
 
     /// One batch whose NORMAL pages' data lie back to back in `data` (4096 bytes each, in entry

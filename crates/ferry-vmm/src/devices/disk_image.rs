@@ -52,6 +52,12 @@ pub struct DiskSpec {
 }
 
 impl DiskSpec {
+    /// Threads this disk may keep busy while the guest runs: its device thread and its I/O
+    /// threads.
+    pub fn busy_threads(&self) -> u32 {
+        1 + self.io_threads
+    }
+
     pub fn new(path: impl Into<PathBuf>) -> Self {
         DiskSpec { path: path.into(), readonly: false, io_threads: default_io_threads(), latency_us: 0 }
     }
