@@ -112,8 +112,11 @@ impl Proxy {
                     return;
                 }
             }
-            let _ = dst.shutdown(Shutdown::Both);
-            let _ = src.shutdown(Shutdown::Both);
+            // Stop both directions of the stream, but leave the return path open: the
+            // destination's NACK must still reach the source (a full shutdown here raced with it,
+            // and the source then saw only "broken pipe").
+            let _ = dst.shutdown(Shutdown::Write);
+            let _ = src.shutdown(Shutdown::Read);
         });
         Proxy { uri, thread: Some(thread) }
     }
