@@ -8,8 +8,8 @@ use crate::sys;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 
-/// 1024-byte aligned so a line never crosses a page boundary: KVM emulates `rep outsb` in one
-/// exit per page, and a line split across two exits could be split across a migration.
+/// 1024-byte aligned so a line never crosses a page boundary (KVM's string I/O emulation works
+/// page by page; on this host it exits to the VMM once per byte anyway).
 #[repr(C, align(1024))]
 struct LineBuf {
     buf: [u8; 1024],

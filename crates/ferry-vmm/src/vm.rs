@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootEntry, BootError};
 use crate::devices::disk_image::DiskImage;
-use crate::devices::serial::{SerialDevice, SerialSink};
+use crate::devices::serial::{SerialDevice, SerialSink, PARTIAL_LINE_DELAY};
 use crate::devices::virtio_blk::{self, BlockDevice, BlockError, BlockStats, StartMode};
 use crate::devices::virtio_blk_state::BlockState;
 use crate::devices::{PioBus, COM1_GSI};
@@ -60,6 +60,8 @@ pub enum VmError {
     Disk(#[from] BlockError),
     #[error("{0} disks requested; Ferry supports at most {max}", max = virtio_blk::MAX_DISKS)]
     TooManyDisks(usize),
+    #[error("cannot start the console output thread")]
+    Thread(#[source] std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -260,6 +262,7 @@ impl Vm {
             )?);
         }
         let bus = Arc::new(PioBus { serial: Mutex::new(serial), disks: devs });
+        spawn_serial_flusher(Arc::downgrade(&bus))?;
         let mut vcpus = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
             vcpus.push(VcpuHandle::spawn(id as u32, fd, bus.clone(), exit.clone(), rings.clone(), paused)?);
@@ -388,7 +391,15 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_paused()?;
         }
+        self.flush_serial();
         Ok(())
+    }
+
+    /// Passes on console output still waiting for its newline.
+    fn flush_serial(&self) {
+        if let Ok(mut s) = self.bus.serial.lock() {
+            s.flush_output();
+        }
     }
 
     /// Lets every vCPU run again.
@@ -483,7 +494,26 @@ impl Vm {
         for v in &mut self.vcpus {
             v.stop();
         }
+        self.flush_serial();
     }
+}
+
+/// Starts the thread that passes on console output left without a newline for
+/// [`PARTIAL_LINE_DELAY`] (complete lines go out at once, from the vCPU thread). It ends with
+/// the machine's device bus.
+fn spawn_serial_flusher(bus: std::sync::Weak<PioBus>) -> Result<(), VmError> {
+    std::thread::Builder::new()
+        .name("serial-out".into())
+        .spawn(move || loop {
+            std::thread::sleep(PARTIAL_LINE_DELAY);
+            let Some(bus) = bus.upgrade() else { return };
+            let Ok(mut s) = bus.serial.lock() else { return };
+            if s.output_pending_since().is_some_and(|t| t.elapsed() >= PARTIAL_LINE_DELAY) {
+                s.flush_output();
+            }
+        })
+        .map(drop)
+        .map_err(VmError::Thread)
 }
 
 /// A dirty-log consumer, unregistered on drop.

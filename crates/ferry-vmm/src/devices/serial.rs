@@ -1,6 +1,7 @@
 //! COM1: `vm-superio`'s 16550 with its interrupt wired to an irqfd and its output to a sink.
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
 pub use vm_superio::serial::SerialState;
@@ -27,20 +28,80 @@ impl Trigger for IrqTrigger {
 /// Where serial output goes.
 pub type SerialSink = Box<dyn Write + Send>;
 
+/// How long output without a newline (a prompt, say) may wait before it is passed on anyway.
+pub const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(10);
+
+/// The UART's output side: passes bytes on a line at a time.
+///
+/// vm-superio writes and flushes its sink for every byte the guest sends, and KVM exits once per
+/// byte even for a `rep outsb`. Passing each byte on as its own write(2), with a wake-up of
+/// whoever reads the console, kept the vCPU out of the guest for that long on every byte (a
+/// 150-byte line cost ~150 system calls). Bytes are collected here and written when a line
+/// ends, when [`LINE_MAX`] are pending, or when [`SerialDevice::flush_output`] is called (the
+/// machine's output thread does so for bytes older than [`PARTIAL_LINE_DELAY`]; pause, stop and
+/// drop do too, so nothing is lost or held across a migration).
+struct LineOut {
+    out: SerialSink,
+    pending: Vec<u8>,
+    /// When the oldest pending byte arrived.
+    since: Option<Instant>,
+}
+
+/// Pending bytes that are written even without a newline.
+const LINE_MAX: usize = 4096;
+
+impl LineOut {
+    fn emit(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.since = None;
+        let r = self.out.write_all(&self.pending).and_then(|_| self.out.flush());
+        self.pending.clear();
+        r
+    }
+}
+
+impl Write for LineOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        self.since.get_or_insert_with(Instant::now);
+        if buf.contains(&b'\n') || self.pending.len() >= LINE_MAX {
+            self.emit()?;
+        }
+        Ok(buf.len())
+    }
+
+    /// Deferred: vm-superio flushes after every byte (see the type's comment).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineOut {
+    fn drop(&mut self) {
+        let _ = self.emit();
+    }
+}
+
 /// COM1.
 pub struct SerialDevice {
-    inner: Serial<IrqTrigger, NoEvents, SerialSink>,
+    inner: Serial<IrqTrigger, NoEvents, LineOut>,
+}
+
+fn line_out(out: SerialSink) -> LineOut {
+    LineOut { out, pending: Vec::with_capacity(256), since: None }
 }
 
 impl SerialDevice {
     /// A freshly reset UART.
     pub fn new(irq: EventFd, out: SerialSink) -> Self {
-        SerialDevice { inner: Serial::new(IrqTrigger(irq), out) }
+        SerialDevice { inner: Serial::new(IrqTrigger(irq), line_out(out)) }
     }
 
     /// Rebuilds the UART from saved state.
     pub fn from_state(state: &SerialState, irq: EventFd, out: SerialSink) -> Result<Self, SerialStateError> {
-        let inner = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
+        let inner = Serial::from_state(state, IrqTrigger(irq), NoEvents, line_out(out))
             .map_err(|e| SerialStateError::Rebuild(format!("{e:?}")))?;
         Ok(SerialDevice { inner })
     }
@@ -48,6 +109,17 @@ impl SerialDevice {
     pub fn write(&mut self, offset: u8, value: u8) {
         // A failing sink (closed stdout) must not stop the guest: the byte is dropped.
         let _ = self.inner.write(offset, value);
+    }
+
+    /// Passes on output still waiting for its newline.
+    pub fn flush_output(&mut self) {
+        // A failing sink drops the bytes, as for a complete line.
+        let _ = self.inner.writer_mut().emit();
+    }
+
+    /// When the oldest output byte still waiting for its newline arrived.
+    pub fn output_pending_since(&self) -> Option<Instant> {
+        self.inner.writer().since
     }
 
     pub fn read(&mut self, offset: u8) -> u8 {
@@ -116,4 +188,68 @@ pub fn decode_state(bytes: &[u8]) -> Result<SerialState, SerialStateError> {
         scratch: regs[8],
         in_buffer: input.to_vec(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A sink that records each write it gets.
+    #[derive(Clone, Default)]
+    struct Record(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Record {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn uart() -> (SerialDevice, Record) {
+        let rec = Record::default();
+        let irq = EventFd::new(0).unwrap();
+        (SerialDevice::new(irq, Box::new(rec.clone())), rec)
+    }
+
+    fn send(s: &mut SerialDevice, bytes: &[u8]) {
+        for &b in bytes {
+            s.write(0, b); // THR
+        }
+    }
+
+    #[test]
+    fn output_goes_out_a_line_at_a_time() {
+        let (mut s, rec) = uart();
+        send(&mut s, b"HB 1");
+        assert!(rec.0.lock().unwrap().is_empty(), "a partial line was written byte by byte");
+        assert!(s.output_pending_since().is_some());
+        send(&mut s, b"\nHB 2\n");
+        assert_eq!(*rec.0.lock().unwrap(), vec![b"HB 1\n".to_vec(), b"HB 2\n".to_vec()]);
+        assert!(s.output_pending_since().is_none());
+    }
+
+    #[test]
+    fn a_partial_line_is_not_lost() {
+        let (mut s, rec) = uart();
+        send(&mut s, b"login: ");
+        s.flush_output();
+        assert_eq!(*rec.0.lock().unwrap(), vec![b"login: ".to_vec()]);
+        send(&mut s, b"tail without newline");
+        drop(s);
+        assert_eq!(rec.0.lock().unwrap().last().unwrap(), b"tail without newline");
+    }
+
+    #[test]
+    fn a_long_line_is_written_once_the_buffer_is_full() {
+        let (mut s, rec) = uart();
+        send(&mut s, &[b'x'; LINE_MAX + 10]);
+        let w = rec.0.lock().unwrap().clone();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].len(), LINE_MAX);
+    }
 }
