@@ -170,8 +170,10 @@ fn dirty_rate_measures_the_rate_the_guest_writes_at_with_bitmap_and_ring() {
     }
 }
 
-/// A guest writing flat out fills its 65536-entry dirty ring several times a second: every
-/// ring-full exit is collected by the vCPU thread and the guest runs on with errors=0.
+/// A guest writing flat out fills its 65536-entry dirty ring: every ring-full exit is collected
+/// by the vCPU thread and the guest runs on with errors=0. Under tracking a flat-out guest here
+/// newly dirties only 21–36 K pages/s, so the window is 4 s (a 1.5 s window once saw 43 593
+/// pages, no ring full).
 #[test]
 fn full_dirty_rings_are_collected_and_the_guest_runs_on_clean() {
     if !kvm_available("full_dirty_rings_are_collected_and_the_guest_runs_on_clean") {
@@ -193,13 +195,13 @@ fn full_dirty_rings_are_collected_and_the_guest_runs_on_clean() {
     assert!(vm.wait_reports(3, Duration::from_secs(60)), "{}", vm.stderr_text());
 
     let out = std::process::Command::new(FERRY)
-        .args(["dirty-rate", "--api-socket", sock.to_str().unwrap(), "--window-ms", "1500", "--json"])
+        .args(["dirty-rate", "--api-socket", sock.to_str().unwrap(), "--window-ms", "4000", "--json"])
         .output()
         .unwrap();
 
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["ring_full_exits"].as_u64().unwrap() > 0, "no ring-full exit in 1.5 s flat out: {v}");
+    assert!(v["ring_full_exits"].as_u64().unwrap() > 0, "no ring-full exit in 4 s flat out: {v}");
     let n = vm.reports().len();
     assert!(vm.wait_reports(n + 3, Duration::from_secs(20)), "guest stopped after ring-full exits");
     let last = vm.reports().last().cloned().unwrap();
