@@ -13,9 +13,10 @@
 //! on both sides and the REPORT lines around the migration (to stderr).
 //!
 //! Also printed, as the physical limit of the receiving side: the rate at which this host fills
-//! fresh memory (768 MiB of new memfd populated with MADV_POPULATE_WRITE, one thread), measured
-//! before each Ferry run. On this host (a microVM with free page reporting) it varies a lot from
-//! minute to minute, and it bounds both VMMs' destinations unless their memory is preallocated.
+//! fresh memory (768 MiB of new memfd filled with UFFDIO_COPY, one thread, beside a running
+//! guest), measured after every run of either VMM. On this host (a microVM with free page
+//! reporting, so fresh memory faults in the outer hypervisor) it varies a lot from minute to
+//! minute, and it bounds both VMMs' destinations unless their memory is preallocated.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -92,16 +93,34 @@ struct Run {
     floor_ms: f64,
     /// The HB gap across the switch-over (source's last, destination's first).
     switch_ms: f64,
-    /// Fresh-memory fill rate (GB/s) measured just before (Ferry runs only).
+    /// Fresh-memory fill rate (GB/s) beside the running destination guest, after the migration.
     fill_gbs: f64,
 }
 
-/// GB/s at which this host fills 768 MiB of fresh guest RAM (one thread).
+/// GB/s at which this host fills 768 MiB of fresh guest RAM the way Ferry's destination does
+/// (a new memfd, `UFFDIO_COPY` from a 2 MiB buffer, one thread), measured beside a running guest
+/// (the destination's, after the migration) so that it shares the host with a busy vCPU as the
+/// receiving side did. Measured after each Ferry and each QEMU run alike, so neither
+/// destination gets memory the measurement just freed.
 fn fill_rate() -> f64 {
-    let ram = ferry_vmm::memory::GuestRam::new(768 << 20).unwrap();
+    const SIZE: u64 = 768 << 20;
+    const CHUNK: usize = 2 << 20;
+    let ram = ferry_vmm::memory::GuestRam::new(SIZE).unwrap();
+    let mut uffd = ferry_vmm::uffd::Uffd::new().unwrap();
+    for r in ram.regions() {
+        uffd.register(r.host_addr, r.size).unwrap();
+    }
+    let buf = vec![0x5au8; CHUNK];
     let t = Instant::now();
-    ram.prefault().unwrap();
-    (768u64 << 20) as f64 / t.elapsed().as_secs_f64() / 1e9
+    for r in ram.regions() {
+        for off in (0..r.size).step_by(CHUNK) {
+            let len = (r.size - off).min(CHUNK as u64);
+            // SAFETY: `buf` holds CHUNK >= len bytes; the range lies in a region registered
+            // above, which nothing else uses.
+            unsafe { uffd.copy(r.host_addr + off, buf.as_ptr(), len) }.unwrap();
+        }
+    }
+    SIZE as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
 fn wait_filled(p: &Proc, ws_mib: u64) {
@@ -113,9 +132,6 @@ fn wait_filled(p: &Proc, ws_mib: u64) {
 }
 
 fn ferry_run(c: &Case, i: usize) -> Run {
-    // Before anything runs, and before the wait for a quiet host: freeing the filled memory may
-    // set off the host's page reporting, which the wait lets pass.
-    let fill_gbs = fill_rate();
     wait_quiet();
     let d = tmpdir(&format!("ferry-{i}"));
     let api = d.join("api.sock");
@@ -150,6 +166,7 @@ fn ferry_run(c: &Case, i: usize) -> Run {
         }
     }
     assert_eq!(dst.last_report_field("errors"), Some(0), "destination guest not clean");
+    let fill_gbs = fill_rate();
     Run {
         total_ms: s["total_ms"].as_f64().unwrap(),
         pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
@@ -201,6 +218,7 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
     let t1 = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(dst.last_report_field("errors"), Some(0), "QEMU destination guest not clean");
+    let fill_gbs = fill_rate();
     Run {
         total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
         pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
@@ -210,7 +228,7 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         floor_ms: max_hb_gap(&src, &src, t0 - Duration::from_millis(1200), t0 - Duration::from_millis(200)),
         switch_ms: switch_gap(&src, &dst),
-        fill_gbs: f64::NAN,
+        fill_gbs,
     }
 }
 
@@ -224,7 +242,7 @@ fn main() {
     let elf = elf.to_str().unwrap();
     println!("Live migration, Ferry vs QEMU 10 (same guest, same run), medians of {runs} runs; ratio = Ferry/QEMU");
     println!(
-        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} | {:>6} {:>6}",
+        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} | {:>6} {:>6} {:>6}",
         "case",
         "total F",
         "total Q",
@@ -249,7 +267,8 @@ fn main() {
         "floor F",
         "floor Q",
         "fill",
-        "F/fill"
+        "F/fill",
+        "Q/fill"
     );
     for c in CASES {
         if only.as_deref().is_some_and(|o| !c.name.contains(o)) {
@@ -270,9 +289,9 @@ fn main() {
         let (fd, qd) = (m(&f, |r| r.downtime_ms), m(&q, |r| r.downtime_ms));
         let (ff, qf) = (m(&f, |r| r.floor_ms), m(&q, |r| r.floor_ms));
         let (fs, qs) = (m(&f, |r| r.switch_ms), m(&q, |r| r.switch_ms));
-        let fill = m(&f, |r| r.fill_gbs);
+        let fill = median(f.iter().chain(&q).map(|r| r.fill_gbs).collect());
         println!(
-            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1} | {:>7.1} {:>7.1} | {:>6.2} {:>6.2}",
+            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1} | {:>7.1} {:>7.1} | {:>6.2} {:>6.2} {:>6.2}",
             c.name,
             ft,
             qt,
@@ -297,7 +316,8 @@ fn main() {
             ff,
             qf,
             fill,
-            fr / 1000.0 / fill
+            fr / 1000.0 / fill,
+            qr / 1000.0 / fill
         );
     }
     println!(
@@ -308,5 +328,6 @@ fn main() {
         "floor = largest HB gap the harness saw in the second before the migration started (no migration running);"
     );
     println!("switch = the HB gap across the switch-over alone (source's last HB to the destination's first);");
-    println!("fill = GB/s at which this host filled 768 MiB of fresh memory just before each Ferry run (median); F/fill = Ferry's MB/s over it");
+    println!("fill = GB/s at which this host filled 768 MiB of fresh memory with UFFDIO_COPY beside a running guest, after each run (median");
+    println!("of both VMMs' runs): the receiving side's physical limit unless memory is preallocated; F/fill, Q/fill = each VMM's MB/s over it");
 }
