@@ -384,9 +384,11 @@ impl Sender<'_> {
         // NORMAL pages' bytes, in entry order: each page is copied out of guest RAM once
         // (`GuestRam::copy_out`; a page the guest changes meanwhile is dirty again and resent),
         // and the zero check looks at that copy.
-        // The buffer keeps its size (zeroed once); `used` bytes of it hold this batch's pages.
+        // The buffer keeps its size (zeroed once); `used` bytes of it from `base`, the first
+        // page-aligned byte, hold this batch's pages (page_aligned_offset says why).
         let mut pages_buf = std::mem::take(&mut self.pages_buf);
-        pages_buf.resize(pages_buf.len().max(self.batch_pages * PAGE_SIZE), 0);
+        pages_buf.resize(pages_buf.len().max(self.batch_pages * PAGE_SIZE + PAGE_SIZE), 0);
+        let base = ferry_stream::page_aligned_offset(&pages_buf);
         let mut used = 0usize;
         let (mut normal, mut zero) = (0u64, 0u64);
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
@@ -397,7 +399,7 @@ impl Sender<'_> {
             let gfn = gpa / PAGE_SIZE as u64;
             let mut has_data = false;
             if in_data(page) {
-                let slot = &mut pages_buf[used..used + PAGE_SIZE];
+                let slot = &mut pages_buf[base + used..base + used + PAGE_SIZE];
                 ram.copy_out(gpa, slot).map_err(|source| MigrateError::Memory { gpa, source })?;
                 has_data = !is_zero(slot);
                 if has_data {
@@ -412,11 +414,11 @@ impl Sender<'_> {
                 zero += 1;
             }
             if entries.len() >= self.batch_pages {
-                self.flush_batch(&mut entries, &pages_buf[..used], iter_start, iter_bytes_start)?;
+                self.flush_batch(&mut entries, &pages_buf[base..base + used], iter_start, iter_bytes_start)?;
                 used = 0;
             }
         }
-        self.flush_batch(&mut entries, &pages_buf[..used], iter_start, iter_bytes_start)?;
+        self.flush_batch(&mut entries, &pages_buf[base..base + used], iter_start, iter_bytes_start)?;
         self.pages_buf = pages_buf;
         self.counts.normal += normal;
         self.counts.zero += zero;
