@@ -268,27 +268,31 @@ impl Out<'_> {
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
             (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
         });
-        // Runs of consecutive data pages are gathered and go out in one pwrite.
+        // Runs of consecutive data pages are gathered and go out in one pwrite. Each page is
+        // copied straight to its place in the run, which starts on a page boundary
+        // (ferry_stream::page_aligned_offset says why).
         let mut run = std::mem::take(&mut self.run);
-        run.clear();
+        run.resize(run.len().max((MAX_RUN_PAGES as usize + 1) * PAGE_SIZE), 0);
+        let base = ferry_stream::page_aligned_offset(&run);
+        let mut len = 0usize;
         let mut run_start = 0u64;
-        let mut page_buf = vec![0u8; PAGE_SIZE];
         for page in pages {
-            let data = in_data(page) && {
-                ram.copy_out(region.gpa + page * PAGE, &mut page_buf)?;
-                !is_zero(&page_buf)
-            };
-            let contiguous = !run.is_empty() && run_start + (run.len() / PAGE_SIZE) as u64 == page;
-            if !run.is_empty() && (!data || !contiguous || run.len() as u64 >= MAX_RUN_PAGES * PAGE) {
-                self.flush_run(ri, run_start, &run)?;
-                run.clear();
+            let contiguous = run_start + (len / PAGE_SIZE) as u64 == page;
+            if len > 0 && (!contiguous || len as u64 >= MAX_RUN_PAGES * PAGE) {
+                self.flush_run(ri, run_start, &run[base..base + len])?;
+                len = 0;
             }
+            let slot = &mut run[base + len..base + len + PAGE_SIZE];
+            let data = in_data(page) && {
+                ram.copy_out(region.gpa + page * PAGE, slot)?;
+                !is_zero(slot)
+            };
             if data {
-                self.maps[ri].set(page, Some(crc32c::crc32c(&page_buf)));
-                if run.is_empty() {
+                self.maps[ri].set(page, Some(crc32c::crc32c(slot)));
+                if len == 0 {
                     run_start = page;
                 }
-                run.extend_from_slice(&page_buf);
+                len += PAGE_SIZE;
             } else {
                 if self.maps[ri].is_present(page) {
                     // Written with data by an earlier pass: drop those bytes, so that a restore
@@ -298,8 +302,8 @@ impl Out<'_> {
                 self.maps[ri].set(page, None);
             }
         }
-        if !run.is_empty() {
-            self.flush_run(ri, run_start, &run)?;
+        if len > 0 {
+            self.flush_run(ri, run_start, &run[base..base + len])?;
         }
         self.run = run;
         Ok(())
