@@ -39,7 +39,7 @@ use ferry_vmm::vm_state::VmState;
 use serde::Serialize;
 
 use crate::destination::{restore_state, IncomingError};
-use crate::source::{data_ranges, is_zero, write_machine_state, MigrateError};
+use crate::source::{is_zero, write_machine_state, MigrateError};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Longest chain of incremental snapshots followed on restore.
@@ -254,16 +254,13 @@ impl Out<'_> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
         let count = bits.len() as u64 * 64;
-        let mut holes = (probe_holes && ram.memfd_backs(ri)).then(|| {
-            data_ranges(
-                ram.memfd_raw(),
-                region.file_offset + first * PAGE,
-                count.min(region.size / PAGE - first) * PAGE,
-            )
-        });
-        let mut in_data = |page: u64| {
-            let off = region.file_offset + page * PAGE;
-            holes.as_mut().is_none_or(|d| d.contains(off))
+        let data = match probe_holes && ram.memfd_backs(ri) {
+            true => Some(ram.data_pages(ri, first, count.min(region.size / PAGE - first))?),
+            false => None,
+        };
+        let in_data = |page: u64| {
+            let k = page - first;
+            data.as_ref().is_none_or(|d| d[(k / 64) as usize] & (1 << (k % 64)) != 0)
         };
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
             (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)

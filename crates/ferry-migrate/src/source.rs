@@ -224,51 +224,6 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
-/// Ranges of the memfd `[off, off+len)` that hold data (the rest are holes: zero pages that
-/// were never touched). Uses SEEK_DATA/SEEK_HOLE so holes are never read (reading would
-/// allocate them). Probe a whole region at once: each SEEK_HOLE walks the page cache up to the
-/// next hole, which may lie far beyond `off + len`. Probe only after the dirty bits of the range
-/// were cleared in KVM, so that a hole filled after the probe is dirty again.
-pub(crate) fn data_ranges(fd: i32, off: u64, len: u64) -> DataRanges {
-    let end = off + len;
-    let mut v = Vec::new();
-    let mut pos = off;
-    while pos < end {
-        // SAFETY: lseek on a valid memfd; no memory is touched.
-        let d = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if d < 0 || d as u64 >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        let h = if h < 0 { end } else { (h as u64).min(end) };
-        v.push((d as u64, h));
-        pos = h;
-    }
-    DataRanges { ranges: v, at: 0 }
-}
-
-/// The data ranges of a memfd, asked about offsets that mostly ascend.
-pub(crate) struct DataRanges {
-    ranges: Vec<(u64, u64)>,
-    /// The range the last lookup ended at.
-    at: usize,
-}
-
-impl DataRanges {
-    /// Whether the byte at memfd offset `off` lies in a data range.
-    pub(crate) fn contains(&mut self, off: u64) -> bool {
-        if self.at > 0 && self.ranges.get(self.at - 1).is_some_and(|&(_, b)| off < b) {
-            // Went back before the end of a range already passed: start over.
-            self.at = 0;
-        }
-        while self.ranges.get(self.at).is_some_and(|&(_, b)| off >= b) {
-            self.at += 1;
-        }
-        self.ranges.get(self.at).is_some_and(|&(a, b)| off >= a && off < b)
-    }
-}
-
 impl Sender<'_> {
     /// Waits until the destination has read everything written so far.
     fn drain(&mut self, cancel: &AtomicBool) -> Result<(), MigrateError> {
@@ -292,50 +247,34 @@ impl Sender<'_> {
         let (mut normal, mut zero) = (0, 0);
         for (ri, region) in ram.regions().iter().enumerate() {
             let npages = region.size / PAGE_SIZE as u64;
+            // The first pass probes each chunk for holes right after harvesting it: the
+            // harvest cleared the chunk's bits in KVM, so a hole the guest fills after the
+            // probe is dirty again (with KVM_DIRTY_LOG_INITIALLY_SET nothing is write-protected
+            // before its first clear).
             let probe = self.probe_holes && ram.memfd_backs(ri);
-            // Without a hole probe each chunk is harvested right before it is sent. With one
-            // (first pass), the whole region is harvested first and probed after: with
-            // KVM_DIRTY_LOG_INITIALLY_SET nothing is write-protected before its first clear,
-            // so a hole the guest filled between a probe and that clear would not be dirty
-            // again and would stay ZERO on the destination. After the clear it is.
-            let mut chunks: std::collections::VecDeque<(u64, Vec<u64>)> = Default::default();
-            let mut data = None;
-            if probe {
-                let mut first = 0;
-                while first < npages {
-                    let count = HARVEST_PAGES.min(npages - first);
-                    let harvested = if self.cancel.load(Ordering::SeqCst) {
-                        Err(MigrateError::Cancelled)
-                    } else {
-                        self.vm.dirty_harvest(self.consumer, ri, first, count).map_err(MigrateError::from)
-                    };
-                    match harvested {
-                        Ok(bits) => chunks.push_back((first, bits)),
-                        Err(e) => {
-                            self.give_back(ri, &chunks);
-                            return Err(e);
-                        }
-                    }
-                    first += count;
-                }
-                data = Some(data_ranges(ram.memfd_raw(), region.file_offset, region.size));
-            }
             let mut first = 0;
             while first < npages {
                 let count = HARVEST_PAGES.min(npages - first);
                 if self.cancel.load(Ordering::SeqCst) {
-                    self.give_back(ri, &chunks);
                     return Err(MigrateError::Cancelled);
                 }
-                let bits = match chunks.pop_front() {
-                    Some((_, bits)) => bits,
-                    None => self.vm.dirty_harvest(self.consumer, ri, first, count)?,
-                };
+                let bits = self.vm.dirty_harvest(self.consumer, ri, first, count)?;
                 if bits.iter().all(|&w| w == 0) {
                     first += count;
                     continue;
                 }
-                let res = self.send_chunk(ri, first, &bits, data.as_mut(), iter_start, iter_bytes_start);
+                let data = if probe {
+                    match ram.data_pages(ri, first, count) {
+                        Ok(d) => Some(d),
+                        Err(source) => {
+                            let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
+                            return Err(MigrateError::Memory { gpa: region.gpa + first * PAGE_SIZE as u64, source });
+                        }
+                    }
+                } else {
+                    None
+                };
+                let res = self.send_chunk(ri, first, &bits, data.as_deref(), iter_start, iter_bytes_start);
                 match res {
                     Ok((n, z)) => {
                         normal += n;
@@ -346,7 +285,6 @@ impl Sender<'_> {
                         // Nothing of this chunk (or of the harvested ones after it) is known
                         // to have arrived: the bits go back.
                         let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
-                        self.give_back(ri, &chunks);
                         return Err(e);
                     }
                 }
@@ -356,29 +294,23 @@ impl Sender<'_> {
         Ok((sent, normal, zero))
     }
 
-    /// Returns harvested, unsent chunks' bits to the consumer.
-    fn give_back(&self, ri: usize, chunks: &std::collections::VecDeque<(u64, Vec<u64>)>) {
-        for (first, bits) in chunks {
-            let _ = self.vm.dirty_give_back(self.consumer, ri, *first, bits);
-        }
-    }
-
-    /// Sends the pages set in `bits` (pages `first + i` of region `ri`); pages outside `data`
-    /// (if given) are holes of the memfd and go as ZERO without being read.
+    /// Sends the pages set in `bits` (pages `first + i` of region `ri`); pages not set in `data`
+    /// (if given; same indexing, `GuestRam::data_pages`) are holes of the memfd and go as ZERO
+    /// without being read.
     fn send_chunk(
         &mut self,
         ri: usize,
         first: u64,
         bits: &[u64],
-        mut data: Option<&mut DataRanges>,
+        data: Option<&[u64]>,
         iter_start: Instant,
         iter_bytes_start: u64,
     ) -> Result<(u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
-        let mut in_data = |page: u64| {
-            let off = region.file_offset + page * PAGE_SIZE as u64;
-            data.as_deref_mut().is_none_or(|d| d.contains(off))
+        let in_data = |page: u64| {
+            let k = page - first;
+            data.is_none_or(|d| d[(k / 64) as usize] & (1 << (k % 64)) != 0)
         };
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
         // NORMAL pages' bytes, in entry order: each page is copied out of guest RAM once
@@ -729,19 +661,5 @@ mod tests {
         p[4095] = 0;
         p[3] = 9;
         assert!(!is_zero(&p));
-    }
-
-    #[test]
-    fn data_ranges_answer_ascending_and_backward_lookups() {
-        let mut d = DataRanges { ranges: vec![(4096, 8192), (16384, 32768)], at: 0 };
-        let asc: Vec<bool> =
-            [0, 4096, 8191, 8192, 16384, 32767, 32768, 1 << 30].iter().map(|&o| d.contains(o)).collect();
-        assert_eq!(asc, [false, true, true, false, true, true, false, false]);
-        // Backwards after the end, then into the first range again.
-        assert!(d.contains(5000));
-        assert!(!d.contains(0));
-        assert!(d.contains(20000));
-        let mut empty = DataRanges { ranges: vec![], at: 0 };
-        assert!(!empty.contains(0));
     }
 }

@@ -17,6 +17,8 @@ pub const MMIO_HOLE_START: u64 = 3 << 30;
 pub const MMIO_HOLE_END: u64 = 4 << 30;
 /// Guest page size.
 pub const PAGE_SIZE: u64 = 4096;
+/// Pages `GuestRam::data_pages` asks `mincore` about per call (64 MiB, about 1 ms here).
+const PROBE_CHUNK_PAGES: usize = 16384;
 
 /// Errors of guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,12 @@ pub enum MemoryError {
     Prefault {
         gpa: u64,
         size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find which pages of guest RAM region {region} hold data")]
+    Probe {
+        region: usize,
         #[source]
         source: std::io::Error,
     },
@@ -188,6 +196,77 @@ impl GuestRam {
         self.memfd_backed.get(i).copied().unwrap_or(false)
     }
 
+    /// Which of the `count` pages of region `i` from page `first` may hold data: bit `k` of the
+    /// result (64 pages a word) is set unless page `first + k` is a hole of the memfd, a zero
+    /// page the guest never wrote, which can be sent or stored as zero without being read
+    /// (reading would allocate it). A region the memfd does not back has no holes.
+    ///
+    /// `mincore` tells which pages are in memory; a page it reports absent may still be swapped
+    /// out, so every absent run is confirmed with `SEEK_DATA` (a swapped page is data). Both
+    /// calls cost in proportion to the pages asked about and return between chunks, unlike
+    /// `SEEK_HOLE`, which walks the page cache to the end of the data run, however far: over
+    /// 768 MiB of data one such call took 9.5 ms in the kernel, and the guest stalled meanwhile.
+    /// Call it only after the range's dirty bits were cleared in KVM, so that a hole the guest
+    /// fills after the probe is dirty again.
+    pub fn data_pages(&self, i: usize, first: u64, count: u64) -> Result<Vec<u64>, MemoryError> {
+        let words = count.div_ceil(64) as usize;
+        let mut bits = vec![0u64; words];
+        let set = |bits: &mut [u64], k: u64| bits[(k / 64) as usize] |= 1 << (k % 64);
+        let r = *self
+            .regions
+            .get(i)
+            .ok_or(MemoryError::Probe { region: i, source: std::io::Error::other("no such region") })?;
+        if first.saturating_add(count) > r.size / PAGE_SIZE {
+            return Err(MemoryError::OutOfRange { gpa: r.gpa + first * PAGE_SIZE, len: count * PAGE_SIZE });
+        }
+        if !self.memfd_backs(i) {
+            (0..count).for_each(|k| set(&mut bits, k));
+            return Ok(bits);
+        }
+        // One mincore per 64 MiB at most, so that no single call holds the CPU for long.
+        let mut resident = vec![0u8; count as usize];
+        for (c, part) in resident.chunks_mut(PROBE_CHUNK_PAGES).enumerate() {
+            let at = r.host_addr + (first + (c * PROBE_CHUNK_PAGES) as u64) * PAGE_SIZE;
+            // SAFETY: [at, at + part.len() pages) lies inside region i's live mapping (the
+            // whole range was checked above) and `part` has one byte per page of it.
+            let rc =
+                unsafe { libc::mincore(at as *mut libc::c_void, part.len() * PAGE_SIZE as usize, part.as_mut_ptr()) };
+            if rc != 0 {
+                return Err(MemoryError::Probe { region: i, source: std::io::Error::last_os_error() });
+            }
+        }
+        let off = |k: u64| r.file_offset + (first + k) * PAGE_SIZE;
+        let mut k = 0;
+        while k < count {
+            if resident[k as usize] & 1 != 0 {
+                set(&mut bits, k);
+                k += 1;
+                continue;
+            }
+            // An absent run [k, end): holes up to the next data the memfd holds.
+            let end = (k..count).find(|&j| resident[j as usize] & 1 != 0).unwrap_or(count);
+            // SAFETY: lseek on the memfd this GuestRam owns; no memory is touched.
+            let d = unsafe { libc::lseek(self.memfd.as_raw_fd(), off(k) as libc::off_t, libc::SEEK_DATA) };
+            let next_data = if d < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENXIO) {
+                    return Err(MemoryError::Probe { region: i, source: e });
+                }
+                end // ENXIO: no data at or after off(k)
+            } else {
+                (((d as u64).saturating_sub(r.file_offset) / PAGE_SIZE).saturating_sub(first)).clamp(k, end)
+            };
+            if next_data == k {
+                // Absent from memory but data (swapped out): a page at a time from here.
+                set(&mut bits, k);
+                k += 1;
+            } else {
+                k = next_data;
+            }
+        }
+        Ok(bits)
+    }
+
     /// Maps `len` bytes of `file` at `offset` copy-on-write over region `i`, from the region's
     /// start: the guest then reads the file's pages (page cache, loaded on first touch) and its
     /// writes stay private. Only before KVM uses the memory. Afterwards the memfd no longer holds
@@ -281,5 +360,33 @@ impl GuestRam {
             }
         }
         Err(MemoryError::OutOfRange { gpa, len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages_of(bits: &[u64]) -> Vec<u64> {
+        (0..bits.len() as u64 * 64).filter(|&k| bits[(k / 64) as usize] & (1 << (k % 64)) != 0).collect()
+    }
+
+    #[test]
+    fn data_pages_reports_written_pages_and_skips_holes() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let r = ram.regions()[0];
+        for (page, byte) in [(0u64, 1u8), (5, 7), (63, 9), (64, 0), (200, 3), (1023, 4)] {
+            // A page written with zeros still holds data (the memfd allocated it).
+            ram.write(r.gpa + page * PAGE_SIZE, &[byte; 8]).unwrap();
+        }
+        // A page written through the memfd, not the mapping: in the page cache, not mapped.
+        // SAFETY: pwrite of 8 bytes from a live buffer into the memfd this test owns.
+        let n = unsafe { libc::pwrite(ram.memfd_raw(), [1u8; 8].as_ptr().cast(), 8, (700 * PAGE_SIZE) as i64) };
+        assert_eq!(n, 8);
+        assert_eq!(pages_of(&ram.data_pages(0, 0, 1024).unwrap()), vec![0, 5, 63, 64, 200, 700, 1023]);
+        // A sub-range: bit k is page first + k.
+        assert_eq!(pages_of(&ram.data_pages(0, 60, 10).unwrap()), vec![3, 4]);
+        assert_eq!(pages_of(&ram.data_pages(0, 201, 400).unwrap()), Vec::<u64>::new());
+        assert!(ram.data_pages(0, 1000, 100).is_err(), "a range past the region is refused");
     }
 }
