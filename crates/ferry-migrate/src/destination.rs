@@ -308,6 +308,9 @@ fn load(
                 if first_pass_left == 0 && !local {
                     drop(idle_copy.take());
                 }
+                if let Some(i) = idle_copy.as_mut() {
+                    i.watch();
+                }
                 // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.
                 let mut run: Option<(u64, u64, &[u8])> = None;
                 for (gfn, ty, data) in batch.iter() {

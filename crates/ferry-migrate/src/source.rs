@@ -200,6 +200,8 @@ impl Drop for PauseGuard<'_> {
 
 struct Sender<'a> {
     vm: &'a Vm,
+    /// The sender's idle-class guard during pre-copy (copy_priority.rs).
+    idle: Option<crate::copy_priority::IdleCopy>,
     /// Pages per PAGE_BATCH: large for the bulk pass, small afterwards so the destination's
     /// work behind the last byte it read stays short.
     batch_pages: usize,
@@ -367,6 +369,9 @@ impl Sender<'_> {
         if entries.is_empty() {
             return Ok(());
         }
+        if let Some(i) = self.idle.as_mut() {
+            i.watch();
+        }
         self.w.page_batch_packed(entries, pages).map_err(MigrateError::Send)?;
         entries.clear();
         if let Some(limit) = self.limit {
@@ -467,6 +472,7 @@ fn run<'s>(
     let consumer = registered.id();
     let mut s = Sender {
         vm,
+        idle: None,
         batch_pages: BATCH_PAGES,
         probe_holes: true,
         w,
@@ -502,10 +508,11 @@ fn run<'s>(
     let mut iteration = 0u32;
     let mut last_pending = u64::MAX;
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
-    // Pre-copy runs in the idle class where there is a spare CPU (copy_priority.rs); a later
-    // pass that gets less than half the first pass's bandwidth returns to normal priority.
+    // Pre-copy runs in the idle class where there is a spare CPU (copy_priority.rs); it returns
+    // to normal priority when starved in a pass, or when a later pass gets less than half the
+    // first pass's bandwidth.
     let disk_threads = vm.disks().iter().map(|d| d.image().spec().busy_threads()).sum();
-    let mut idle_copy = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count(), disk_threads));
+    s.idle = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count(), disk_threads));
     let mut first_bandwidth: f64 = 0.0;
     loop {
         iteration += 1;
@@ -564,9 +571,9 @@ fn run<'s>(
             bandwidth = bytes as f64 / secs;
             if iteration == 1 {
                 first_bandwidth = bandwidth;
-            } else if bandwidth < first_bandwidth / 2.0 && idle_copy.as_ref().is_some_and(|i| i.applied()) {
+            } else if bandwidth < first_bandwidth / 2.0 && s.idle.as_ref().is_some_and(|i| i.applied()) {
                 // Starved: other threads want the spare CPUs.
-                drop(idle_copy.take());
+                drop(s.idle.take());
             }
         }
         let stats = IterationStats {
@@ -587,7 +594,7 @@ fn run<'s>(
     }
 
     // Final pass with the vCPUs stopped (a throttle ends with them paused), at normal priority.
-    drop(idle_copy);
+    drop(s.idle.take());
     let t_pause = Instant::now();
     let mut guard = PauseGuard { vm, committed: false };
     match throttle.as_mut() {
