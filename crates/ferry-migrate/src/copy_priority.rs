@@ -29,6 +29,9 @@ pub struct IdleCopy {
     applied: bool,
     /// Start of the current watch window and the thread's run delay (ns) then.
     window: Option<(std::time::Instant, u64)>,
+    /// Not Send: `watch` and `Drop` act on the calling thread, which must be the one that
+    /// entered.
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 /// Length of a starvation watch window.
@@ -45,10 +48,14 @@ impl IdleCopy {
     pub fn enter(vcpus: u32, disk_threads: u32) -> Self {
         let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
         if cpus <= vcpus + disk_threads || !can_leave_idle() {
-            return IdleCopy { applied: false, window: None };
+            return IdleCopy { applied: false, window: None, _thread: std::marker::PhantomData };
         }
         let applied = set_policy(libc::SCHED_IDLE);
-        IdleCopy { applied, window: run_delay_ns().map(|d| (std::time::Instant::now(), d)) }
+        IdleCopy {
+            applied,
+            window: run_delay_ns().map(|d| (std::time::Instant::now(), d)),
+            _thread: std::marker::PhantomData,
+        }
     }
 
     /// Call often (every batch) from the thread that entered: once a watch window has passed,

@@ -284,8 +284,7 @@ impl Sender<'_> {
                         sent += n + z;
                     }
                     Err(e) => {
-                        // Nothing of this chunk (or of the harvested ones after it) is known
-                        // to have arrived: the bits go back.
+                        // Nothing of this chunk is known to have arrived: the bits go back.
                         let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
                         return Err(e);
                     }

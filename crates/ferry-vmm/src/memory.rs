@@ -237,32 +237,38 @@ impl GuestRam {
         }
         let off = |k: u64| r.file_offset + (first + k) * PAGE_SIZE;
         let mut k = 0;
+        // Set once SEEK_DATA said no data lies at or after some offset: the rest are holes.
+        let mut no_more_data = false;
         while k < count {
             if resident[k as usize] & 1 != 0 {
                 set(&mut bits, k);
                 k += 1;
                 continue;
             }
-            // An absent run [k, end): holes up to the next data the memfd holds.
+            // An absent run [k, end): holes except where the memfd still holds data (swapped
+            // out), found by SEEK_DATA from each point not yet known.
             let end = (k..count).find(|&j| resident[j as usize] & 1 != 0).unwrap_or(count);
-            // SAFETY: lseek on the memfd this GuestRam owns; no memory is touched.
-            let d = unsafe { libc::lseek(self.memfd.as_raw_fd(), off(k) as libc::off_t, libc::SEEK_DATA) };
-            let next_data = if d < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ENXIO) {
-                    return Err(MemoryError::Probe { region: i, source: e });
+            while k < end && !no_more_data {
+                // SAFETY: lseek on the memfd this GuestRam owns; no memory is touched.
+                let d = unsafe { libc::lseek(self.memfd.as_raw_fd(), off(k) as libc::off_t, libc::SEEK_DATA) };
+                if d < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::ENXIO) {
+                        return Err(MemoryError::Probe { region: i, source: e });
+                    }
+                    no_more_data = true;
+                    break;
                 }
-                end // ENXIO: no data at or after off(k)
-            } else {
-                (((d as u64).saturating_sub(r.file_offset) / PAGE_SIZE).saturating_sub(first)).clamp(k, end)
-            };
-            if next_data == k {
-                // Absent from memory but data (swapped out): a page at a time from here.
-                set(&mut bits, k);
-                k += 1;
-            } else {
-                k = next_data;
+                let next_data = ((d as u64).saturating_sub(r.file_offset) / PAGE_SIZE).saturating_sub(first);
+                if next_data == k {
+                    // Absent from memory but data (swapped out).
+                    set(&mut bits, k);
+                    k += 1;
+                } else {
+                    k = next_data.clamp(k, end);
+                }
             }
+            k = end;
         }
         Ok(bits)
     }
@@ -388,5 +394,33 @@ mod tests {
         assert_eq!(pages_of(&ram.data_pages(0, 60, 10).unwrap()), vec![3, 4]);
         assert_eq!(pages_of(&ram.data_pages(0, 201, 400).unwrap()), Vec::<u64>::new());
         assert!(ram.data_pages(0, 1000, 100).is_err(), "a range past the region is refused");
+    }
+
+    #[test]
+    fn data_pages_counts_swapped_out_pages_as_data() {
+        let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+        if swaps.lines().count() < 2 {
+            eprintln!("SKIPPED: no swap is active on this host, so no page can be swapped out to test with");
+            return;
+        }
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let r = ram.regions()[0];
+        for page in 0..512u64 {
+            ram.write(r.gpa + page * PAGE_SIZE, &[0xa5; 16]).unwrap();
+        }
+        // SAFETY: MADV_PAGEOUT over the first 2 MiB of this test's own mapping; it only asks
+        // the kernel to reclaim the pages (their contents stay).
+        let rc = unsafe { libc::madvise(r.host_addr as *mut libc::c_void, 2 << 20, libc::MADV_PAGEOUT) };
+        assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+        let mut resident = vec![0u8; 512];
+        // SAFETY: the same 2 MiB, one byte per page.
+        unsafe { libc::mincore(r.host_addr as *mut libc::c_void, 2 << 20, resident.as_mut_ptr()) };
+        let out = resident.iter().filter(|&&b| b & 1 == 0).count();
+        if out == 0 {
+            eprintln!("SKIPPED: MADV_PAGEOUT moved no page to swap here");
+            return;
+        }
+        eprintln!("{out} of 512 written pages are swapped out");
+        assert_eq!(pages_of(&ram.data_pages(0, 0, 1024).unwrap()), (0..512).collect::<Vec<_>>());
     }
 }
