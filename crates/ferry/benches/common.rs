@@ -279,3 +279,72 @@ pub fn ferry_migrate(api: &Path, dir: &Path, dst_extra: &[&str]) -> (Proc, Insta
     assert!(out.status.success(), "ferry migrate failed: {}", String::from_utf8_lossy(&out.stderr));
     (dst, t0, t1, serde_json::from_slice(&out.stdout).unwrap())
 }
+
+/// One real-time (SCHED_FIFO) thread pinned to each of this machine's CPUs, waking every
+/// millisecond and keeping the times it ran. Such a thread preempts everything else on its CPU,
+/// so a long gap between its wake-ups means that CPU ran nothing at all: the outer hypervisor
+/// had stopped it (this host is itself a VM), or the kernel ran with preemption off. A pause
+/// that matches such a gap is the host's, not the VMM's. Without the right to use SCHED_FIFO
+/// the threads run at normal priority and their gaps also count ordinary scheduling delay.
+pub struct CpuWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    times: Vec<Arc<Mutex<Vec<Instant>>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    pub realtime: bool,
+}
+
+impl CpuWatch {
+    pub fn start() -> CpuWatch {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rt = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut times = Vec::new();
+        let mut threads = Vec::new();
+        for cpu in 0..cpus {
+            let t = Arc::new(Mutex::new(Vec::with_capacity(1 << 16)));
+            let (stop, t2, rt) = (stop.clone(), t.clone(), rt.clone());
+            threads.push(std::thread::spawn(move || {
+                // SAFETY: cpu_set_t is plain data; the calls change only this thread's affinity
+                // and policy.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                    let p = libc::sched_param { sched_priority: 1 };
+                    if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) != 0 {
+                        rt.store(false, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    t2.lock().unwrap().push(Instant::now());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }));
+            times.push(t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let realtime = rt.load(std::sync::atomic::Ordering::SeqCst);
+        CpuWatch { stop, times, threads, realtime }
+    }
+
+    /// Largest gap (ms) between one CPU's wake-ups in `[from, to]`, over all CPUs.
+    pub fn max_gap(&self, from: Instant, to: Instant) -> f64 {
+        self.times
+            .iter()
+            .map(|t| {
+                let t = t.lock().unwrap();
+                let v: Vec<Instant> = t.iter().copied().filter(|x| *x >= from && *x <= to).collect();
+                v.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).fold(0.0, f64::max)
+            })
+            .fold(0.0, f64::max)
+    }
+}
+
+impl Drop for CpuWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

@@ -95,6 +95,9 @@ struct Run {
     switch_ms: f64,
     /// Fresh-memory fill rate (GB/s) beside the running destination guest, after the migration.
     fill_gbs: f64,
+    /// Largest time one of this machine's CPUs ran nothing at all during the migration window
+    /// (`CpuWatch`): the outer host's stalls.
+    cpu_stall_ms: f64,
 }
 
 /// GB/s at which this host fills 768 MiB of fresh guest RAM the way Ferry's destination does
@@ -138,9 +141,12 @@ fn ferry_run(c: &Case, i: usize) -> Run {
     let src =
         Proc::spawn(FERRY, &["run", "--memory", "1G", "--cmdline", c.cmdline, "--api-socket", api.to_str().unwrap()]);
     wait_filled(&src, c.ws_mib);
+    let watch = CpuWatch::start();
     let pre: &[&str] = if c.prealloc { &["--memory", "1G", "--prefault"] } else { &[] };
     let (dst, t0, t1, s) = ferry_migrate(&api, &d, pre);
     std::thread::sleep(Duration::from_secs(2));
+    let cpu_stall_ms = watch.max_gap(t0 - Duration::from_millis(200), t1 + Duration::from_secs(2));
+    drop(watch);
     if std::env::var_os("FERRY_BENCH_DEBUG").is_some() {
         eprintln!("DBG t1=t0+{} summary {}", (t1 - t0).as_millis(), s);
         for (tag, p) in [("src", &src), ("dst", &dst)] {
@@ -177,6 +183,7 @@ fn ferry_run(c: &Case, i: usize) -> Run {
         floor_ms: max_hb_gap(&src, &src, t0 - Duration::from_millis(1200), t0 - Duration::from_millis(200)),
         switch_ms: switch_gap(&src, &dst),
         fill_gbs,
+        cpu_stall_ms,
     }
 }
 
@@ -197,6 +204,7 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
     if c.prealloc {
         b.push("-mem-prealloc");
     }
+    let watch = CpuWatch::start();
     let dst = Proc::spawn("qemu-system-x86_64", &b);
     let mut qd_conn = Qmp::connect(&qd);
     let _ = qd_conn.cmd(r#"{"execute":"query-status"}"#);
@@ -217,6 +225,8 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
     };
     let t1 = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
+    let cpu_stall_ms = watch.max_gap(t0 - Duration::from_millis(200), t1 + Duration::from_secs(2));
+    drop(watch);
     assert_eq!(dst.last_report_field("errors"), Some(0), "QEMU destination guest not clean");
     let fill_gbs = fill_rate();
     Run {
@@ -229,6 +239,7 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
         floor_ms: max_hb_gap(&src, &src, t0 - Duration::from_millis(1200), t0 - Duration::from_millis(200)),
         switch_ms: switch_gap(&src, &dst),
         fill_gbs,
+        cpu_stall_ms,
     }
 }
 
@@ -242,7 +253,7 @@ fn main() {
     let elf = elf.to_str().unwrap();
     println!("Live migration, Ferry vs QEMU 10 (same guest, same run), medians of {runs} runs; ratio = Ferry/QEMU");
     println!(
-        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} | {:>6} {:>6} {:>6}",
+        "{:<28} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} | {:>7} {:>7} | {:>6} {:>6} {:>6} | {:>7} {:>7}",
         "case",
         "total F",
         "total Q",
@@ -268,7 +279,9 @@ fn main() {
         "floor Q",
         "fill",
         "F/fill",
-        "Q/fill"
+        "Q/fill",
+        "stall F",
+        "stall Q"
     );
     for c in CASES {
         if only.as_deref().is_some_and(|o| !c.name.contains(o)) {
@@ -290,8 +303,9 @@ fn main() {
         let (ff, qf) = (m(&f, |r| r.floor_ms), m(&q, |r| r.floor_ms));
         let (fs, qs) = (m(&f, |r| r.switch_ms), m(&q, |r| r.switch_ms));
         let fill = median(f.iter().chain(&q).map(|r| r.fill_gbs).collect());
+        let (fc, qc) = (m(&f, |r| r.cpu_stall_ms), m(&q, |r| r.cpu_stall_ms));
         println!(
-            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1} | {:>7.1} {:>7.1} | {:>6.2} {:>6.2} {:>6.2}",
+            "{:<28} | {:>9.0} {:>9.0} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.1} {:>8.1} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>8.1} {:>8.1} | {:>7.1} {:>7.1} | {:>6.2} {:>6.2} {:>6.2} | {:>7.1} {:>7.1}",
             c.name,
             ft,
             qt,
@@ -317,7 +331,9 @@ fn main() {
             qf,
             fill,
             fr / 1000.0 / fill,
-            qr / 1000.0 / fill
+            qr / 1000.0 / fill,
+            fc,
+            qc
         );
     }
     println!(
@@ -329,5 +345,7 @@ fn main() {
     );
     println!("switch = the HB gap across the switch-over alone (source's last HB to the destination's first);");
     println!("fill = GB/s at which this host filled 768 MiB of fresh memory with UFFDIO_COPY beside a running guest, after each run (median");
-    println!("of both VMMs' runs): the receiving side's physical limit unless memory is preallocated; F/fill, Q/fill = each VMM's MB/s over it");
+    println!("of both VMMs' runs): the receiving side's physical limit unless memory is preallocated; F/fill, Q/fill = each VMM's MB/s over it;");
+    println!("stall = largest time one of this machine's CPUs ran nothing at all in the migration window (a real-time thread pinned to each");
+    println!("CPU, waking every ms, did not run): the outer host stopping this machine; a pause that matches it is the host's, not the VMM's");
 }
