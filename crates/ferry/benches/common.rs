@@ -91,7 +91,14 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
 /// process frees a lot of memory (QEMU exiting does it; Ferry exiting was not seen to), all its
 /// CPUs stall for ~35 ms out of every 100 ms for a few seconds. Each run starts after that has
 /// passed, so no run pays for the one before it.
+///
+/// The reporting comes in rounds about 2 s apart (a 1.5 GiB free here: reports at +0, +2, +4
+/// and +6 s), and a quiet second can fall between two rounds; memory freed 1.3 s before a
+/// migration then stalled its guest for 35-37 ms in 3 of 3 runs (5-7 ms without). So it also
+/// waits, within the same 20 s, until the balloon's reporting queue has had no interrupt for
+/// 2.5 s (`reporting_vq` in /proc/interrupts, where there is one).
 pub fn wait_quiet() {
+    wait_reporting_done(Duration::from_secs(20));
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let start = Instant::now();
     let mut quiet = 0;
@@ -123,6 +130,30 @@ pub fn wait_quiet() {
             return;
         }
     }
+}
+
+/// Interrupts of the virtio balloon's free page reporting queue so far, if this host has one.
+fn page_reports() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/interrupts").ok()?;
+    let line = s.lines().find(|l| l.contains("reporting_vq"))?;
+    Some(line.split_whitespace().skip(1).map_while(|x| x.parse::<u64>().ok()).sum())
+}
+
+/// Waits (at most `max`) until no free page report came for 2.5 s.
+fn wait_reporting_done(max: Duration) {
+    let start = Instant::now();
+    let Some(mut last) = page_reports() else { return };
+    let mut since = Instant::now();
+    while start.elapsed() < max {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = page_reports().unwrap_or(last);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_millis(2500) {
+            return;
+        }
+    }
+    println!("(free page reporting still active after {max:?}; running anyway)");
 }
 
 /// Largest gap (ms) between heartbeats of both processes in `[from, to]`.
