@@ -159,7 +159,7 @@ mod tests {
             eprintln!("SKIPPED: this kernel keeps no schedstat (CONFIG_SCHED_INFO): the starvation watch is off here");
             return;
         };
-        // A thread pinned to this thread's CPU set competing for it: this thread must wait.
+        // Twice as many spinning threads as CPUs: this thread must wait for one.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let spinners: Vec<_> = (0..cpus * 2)

@@ -254,14 +254,13 @@ impl Out<'_> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
         let count = bits.len() as u64 * 64;
-        let data = match probe_holes && ram.memfd_backs(ri) {
-            true => Some(ram.data_pages(ri, first, count.min(region.size / PAGE - first))?),
-            false => None,
+        let data = if probe_holes && ram.memfd_backs(ri) {
+            Some(ram.data_pages(ri, first, count.min(region.size / PAGE - first))?)
+        } else {
+            None
         };
-        let in_data = |page: u64| {
-            let k = page - first;
-            data.as_ref().is_none_or(|d| d[(k / 64) as usize] & (1 << (k % 64)) != 0)
-        };
+        // A page past the probed range (none is) counts as data: read, never assumed zero.
+        let in_data = |page: u64| data.as_ref().is_none_or(|d| d.get(page - first) || page - first >= d.npages());
         let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
             (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
         });

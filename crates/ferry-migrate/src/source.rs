@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ferry_stream::{MachineConfig, PageType, StreamFlags, StreamHeader, StreamWriter, PAGE_SIZE};
 use ferry_vmm::devices::serial::{encode_state, SERIAL_SECTION_ID, SERIAL_STATE_VERSION};
 use ferry_vmm::devices::virtio_blk_state::{BLOCK_SECTION_ID, BLOCK_STATE_VERSION};
-use ferry_vmm::dirty_log::{ConsumerId, Initial};
+use ferry_vmm::dirty_log::{Bitmap, ConsumerId, Initial};
 use ferry_vmm::vcpu_state::{msrs_to_save, VcpuState, VCPU_STATE_VERSION};
 use ferry_vmm::vm_state::{VmState, VM_STATE_VERSION};
 use ferry_vmm::Vm;
@@ -276,7 +276,7 @@ impl Sender<'_> {
                 } else {
                     None
                 };
-                let res = self.send_chunk(ri, first, &bits, data.as_deref(), iter_start, iter_bytes_start);
+                let res = self.send_chunk(ri, first, &bits, data.as_ref(), iter_start, iter_bytes_start);
                 match res {
                     Ok((n, z)) => {
                         normal += n;
@@ -303,16 +303,14 @@ impl Sender<'_> {
         ri: usize,
         first: u64,
         bits: &[u64],
-        data: Option<&[u64]>,
+        data: Option<&Bitmap>,
         iter_start: Instant,
         iter_bytes_start: u64,
     ) -> Result<(u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
-        let in_data = |page: u64| {
-            let k = page - first;
-            data.is_none_or(|d| d[(k / 64) as usize] & (1 << (k % 64)) != 0)
-        };
+        // A page past the probed range (none is) counts as data: read, never assumed zero.
+        let in_data = |page: u64| data.is_none_or(|d| d.get(page - first) || page - first >= d.npages());
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
         // NORMAL pages' bytes, in entry order: each page is copied out of guest RAM once
         // (`GuestRam::copy_out`; a page the guest changes meanwhile is dirty again and resent),

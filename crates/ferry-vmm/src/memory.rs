@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
+use crate::dirty_log::Bitmap;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -196,8 +197,8 @@ impl GuestRam {
         self.memfd_backed.get(i).copied().unwrap_or(false)
     }
 
-    /// Which of the `count` pages of region `i` from page `first` may hold data: bit `k` of the
-    /// result (64 pages a word) is set unless page `first + k` is a hole of the memfd, a zero
+    /// Which of the `count` pages of region `i` from page `first` may hold data: page `k` of the
+    /// result is set unless page `first + k` is a hole of the memfd, a zero
     /// page the guest never wrote, which can be sent or stored as zero without being read
     /// (reading would allocate it). A region the memfd does not back has no holes.
     ///
@@ -208,10 +209,7 @@ impl GuestRam {
     /// 768 MiB of data one such call took 9.5 ms in the kernel, and the guest stalled meanwhile.
     /// Call it only after the range's dirty bits were cleared in KVM, so that a hole the guest
     /// fills after the probe is dirty again.
-    pub fn data_pages(&self, i: usize, first: u64, count: u64) -> Result<Vec<u64>, MemoryError> {
-        let words = count.div_ceil(64) as usize;
-        let mut bits = vec![0u64; words];
-        let set = |bits: &mut [u64], k: u64| bits[(k / 64) as usize] |= 1 << (k % 64);
+    pub fn data_pages(&self, i: usize, first: u64, count: u64) -> Result<Bitmap, MemoryError> {
         let r = *self
             .regions
             .get(i)
@@ -220,9 +218,9 @@ impl GuestRam {
             return Err(MemoryError::OutOfRange { gpa: r.gpa + first * PAGE_SIZE, len: count * PAGE_SIZE });
         }
         if !self.memfd_backs(i) {
-            (0..count).for_each(|k| set(&mut bits, k));
-            return Ok(bits);
+            return Ok(Bitmap::new(count, true));
         }
+        let mut bits = Bitmap::new(count, false);
         // One mincore per 64 MiB at most, so that no single call holds the CPU for long.
         let mut resident = vec![0u8; count as usize];
         for (c, part) in resident.chunks_mut(PROBE_CHUNK_PAGES).enumerate() {
@@ -241,7 +239,7 @@ impl GuestRam {
         let mut no_more_data = false;
         while k < count {
             if resident[k as usize] & 1 != 0 {
-                set(&mut bits, k);
+                bits.set(k);
                 k += 1;
                 continue;
             }
@@ -262,7 +260,7 @@ impl GuestRam {
                 let next_data = ((d as u64).saturating_sub(r.file_offset) / PAGE_SIZE).saturating_sub(first);
                 if next_data == k {
                     // Absent from memory but data (swapped out).
-                    set(&mut bits, k);
+                    bits.set(k);
                     k += 1;
                 } else {
                     k = next_data.clamp(k, end);
@@ -373,8 +371,8 @@ impl GuestRam {
 mod tests {
     use super::*;
 
-    fn pages_of(bits: &[u64]) -> Vec<u64> {
-        (0..bits.len() as u64 * 64).filter(|&k| bits[(k / 64) as usize] & (1 << (k % 64)) != 0).collect()
+    fn pages_of(bits: &Bitmap) -> Vec<u64> {
+        bits.iter_set().collect()
     }
 
     #[test]
