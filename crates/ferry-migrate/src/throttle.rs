@@ -4,8 +4,9 @@
 //! The throttle takes the vCPUs off the CPU for `percent`% of every period: each period it pauses
 //! them, sleeps, and resumes them. The guest then dirties proportionally less, the dirty set
 //! shrinks, and the final pause becomes short. The price is visible to the guest as pauses of at
-//! most `percent`% of [`PERIOD`] each, which is why the period is short, and why throttling is
-//! opt-in (`ferry migrate --auto-converge`).
+//! most `percent`% of [`PERIOD`] each, which is why the period is short. It is on by default
+//! and only ever applied to a dirty set that stopped shrinking; `ferry migrate
+//! --no-auto-converge` turns it off.
 //!
 //! The throttle runs on its own thread and is stopped (vCPUs left running) before the final pass
 //! and whenever the migration ends: a failed migration never leaves the guest throttled.
