@@ -153,8 +153,12 @@ mod tests {
         assert!(!starved(0.0, 0.0));
     }
 
+    /// The schedstat tests load the CPUs; they must not overlap.
+    static CPU_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn run_delay_is_read_and_grows_while_waiting_for_a_cpu() {
+        let _serial = CPU_LOAD.lock().unwrap_or_else(|e| e.into_inner());
         let Some(d0) = run_delay_ns() else {
             eprintln!("SKIPPED: this kernel keeps no schedstat (CONFIG_SCHED_INFO): the starvation watch is off here");
             return;
@@ -176,5 +180,53 @@ mod tests {
         spinners.into_iter().for_each(|h| h.join().unwrap());
         let d1 = run_delay_ns().unwrap();
         assert!(d1 > d0, "run delay did not grow with {} spinners on {cpus} CPUs", cpus * 2);
+    }
+
+    /// The watch itself, on an idle-class thread: with the CPUs free it stays (several windows
+    /// pass); behind one normal-priority spinner per CPU it gets almost no CPU, and must notice
+    /// within a few windows and return to normal priority.
+    #[test]
+    fn watch_leaves_the_idle_class_when_starved_and_only_then() {
+        let _serial = CPU_LOAD.lock().unwrap_or_else(|e| e.into_inner());
+        if run_delay_ns().is_none() {
+            eprintln!("SKIPPED: this kernel keeps no schedstat (CONFIG_SCHED_INFO): the starvation watch is off here");
+            return;
+        }
+        let mut idle = IdleCopy::enter(0, 0);
+        if !idle.applied() {
+            eprintln!("SKIPPED: this thread cannot enter and leave SCHED_IDLE here (one CPU, or no CAP_SYS_NICE)");
+            return;
+        }
+        // SAFETY: sched_getscheduler(0) only reads the calling thread's policy.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
+        let t = std::time::Instant::now();
+        while t.elapsed() < WATCH_WINDOW * 4 {
+            assert!(!idle.watch(), "left the idle class with nothing else running");
+        }
+        assert!(idle.applied());
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let spinners: Vec<_> = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    // A new thread inherits this one's idle class.
+                    assert!(set_policy(libc::SCHED_OTHER));
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {}
+                })
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        let mut left = false;
+        while !left && t.elapsed() < std::time::Duration::from_secs(3) {
+            left = idle.watch();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spinners.into_iter().for_each(|h| h.join().unwrap());
+        assert!(left, "still in the idle class after {:?} behind {cpus} spinners", t.elapsed());
+        assert!(!idle.applied());
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
     }
 }
