@@ -383,20 +383,21 @@ fn dirty_rate_polled_throughout_a_migration_loses_no_page(t: Tracking) {
 
 /// A guest that dirties faster than the link sends never converges by itself: here a flat-out
 /// guest (about 100 000 pages/s under dirty tracking on this host) over a link capped at
-/// 128 MiB/s (32 768 pages/s; uncapped, a local link now outruns it). Ferry throttles it
-/// (auto-converge, on by default) until the final pause is short, and nothing is lost. With
-/// --no-auto-converge it is never throttled.
+/// 128 MiB/s (32 768 pages/s; uncapped, a local link now outruns it). The cap paces pre-copy
+/// only; the final pass runs uncapped. Ferry throttles the guest (auto-converge, on by
+/// default) until the final pause is short, and nothing is lost. With --no-auto-converge the
+/// same migration is never throttled.
 fn flat_out_guest_converges_with_auto_converge_and_a_short_pause(t: Tracking) {
     let s = run_clean_migration(t, "ac", "mib=256 rate=0 report_ms=500", 256, false, &["--max-bandwidth", "128"]);
-    // Unthrottled, the final pass holds the whole working set (~256 MiB): give it a limit it
-    // can meet at any bandwidth this host reaches, so only the throttle is under test.
+    // Unthrottled, the dirty set stalls at the whole working set (~256 MiB, estimated at the
+    // capped rate to take ~2 s): give it a limit it meets, so it switches over once stalled.
     let off = run_clean_migration(
         t,
         "noac",
         "mib=256 rate=0 report_ms=500",
         256,
         false,
-        &["--no-auto-converge", "--downtime-ms", "2000"],
+        &["--no-auto-converge", "--max-bandwidth", "128", "--downtime-ms", "4000"],
     );
 
     assert!(s["max_throttle_percent"].as_u64().unwrap() > 0, "the guest was never throttled: {s}");
