@@ -34,8 +34,6 @@ const TARGET_DOWNTIME_MS: f64 = 1.0;
 const STALL_RATIO: f64 = 0.7;
 /// Pages per batch after the first pass.
 const LATE_BATCH_PAGES: usize = 64;
-/// Longest wait for the destination to read what was sent.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pages harvested (and cleared in KVM) at a time.
 const HARVEST_PAGES: u64 = 16384;
 
@@ -66,6 +64,8 @@ pub enum MigrateError {
     NotConverged { iterations: u32, pending_mib: f64, estimate_ms: f64, bandwidth_mib_s: f64, limit_ms: u64 },
     #[error("migration cancelled")]
     Cancelled,
+    #[error("the destination took no data for {secs:.1} s ({unread} bytes sent and still unread; --stall-timeout-ms)")]
+    Stalled { secs: f64, unread: u64 },
     #[error("reading guest memory at {gpa:#x} failed")]
     Memory {
         gpa: u64,
@@ -85,6 +85,68 @@ pub struct MigrateParams {
     pub force_switchover: bool,
     /// Throttle the vCPUs when the dirty set stops shrinking (see [`crate::throttle`]).
     pub auto_converge: bool,
+    /// Fail the migration when the destination takes no stream data for this long (it stopped
+    /// reading: hung, stopped, or a dead link that does not reset).
+    pub stall_timeout: Duration,
+}
+
+/// Default for [`MigrateParams::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a blocked send wakes to check for a cancel and the stall timeout.
+const SEND_POLL: Duration = Duration::from_millis(100);
+
+/// A connection as the migration uses it: a send the destination does not take in, or an answer
+/// it does not give, is retried every [`SEND_POLL`] until it moves, the migration is cancelled,
+/// or nothing moved for `stall` (then a `TimedOut` error naming the wait). Without this a
+/// destination that stops reading would block the sender for good, cancel included, and in the
+/// final pass with the guest paused.
+struct StallWatch<'a, C> {
+    conn: C,
+    cancel: &'a AtomicBool,
+    stall: Duration,
+}
+
+impl<C> StallWatch<'_, C> {
+    /// Runs `op` (one send or receive on a socket with a SEND_POLL timeout) until it completes
+    /// or fails otherwise, the migration is cancelled, or `stall` passes; `what` names the wait.
+    fn retry<T>(&mut self, what: &str, mut op: impl FnMut(&mut C) -> std::io::Result<T>) -> std::io::Result<T> {
+        use std::io::ErrorKind;
+        let start = Instant::now();
+        loop {
+            match op(&mut self.conn) {
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if self.cancel.load(Ordering::SeqCst) {
+                        return Err(std::io::Error::other("migration cancelled"));
+                    }
+                    if start.elapsed() >= self.stall {
+                        return Err(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            format!("the destination {what} for {:.1} s", self.stall.as_secs_f64()),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<C: std::io::Read> std::io::Read for StallWatch<'_, C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.retry("sent no answer", |c| c.read(buf))
+    }
+}
+
+impl<C: std::io::Write> std::io::Write for StallWatch<'_, C> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.retry("took no data", |c| c.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 /// One pre-copy iteration.
@@ -208,7 +270,7 @@ struct Sender<'a> {
     /// Look for memfd holes (never-written pages) before reading pages. Only the first pass
     /// needs it: afterwards every dirty bit comes from a write, so the page is not a hole.
     probe_holes: bool,
-    w: StreamWriter<BufWriter<Conn>>,
+    w: StreamWriter<BufWriter<StallWatch<'a, Conn>>>,
     /// Page bytes of the batch being built (reused).
     pages_buf: Vec<u8>,
     consumer: ConsumerId,
@@ -227,13 +289,20 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
 }
 
 impl Sender<'_> {
-    /// Waits until the destination has read everything written so far.
+    /// Waits until the destination has read everything written so far; fails if it reads
+    /// nothing for the stall timeout.
     fn drain(&mut self, cancel: &AtomicBool) -> Result<(), MigrateError> {
-        let end = Instant::now() + DRAIN_TIMEOUT;
+        let stall = self.w.get_mut().get_ref().stall;
+        let (mut last, mut since) = (u64::MAX, Instant::now());
         loop {
-            let left = self.w.get_mut().get_ref().unread_bytes().map_err(TransportError::Setup)?;
-            if left == 0 || Instant::now() > end {
+            let left = self.w.get_mut().get_ref().conn.unread_bytes().map_err(TransportError::Setup)?;
+            if left == 0 {
                 return Ok(());
+            }
+            if left < last {
+                (last, since) = (left, Instant::now());
+            } else if since.elapsed() >= stall {
+                return Err(MigrateError::Stalled { secs: stall.as_secs_f64(), unread: left });
             }
             if cancel.load(Ordering::SeqCst) {
                 return Err(MigrateError::Cancelled);
@@ -426,7 +495,13 @@ pub fn migrate(
     let conn = Conn::connect(&params.to)?;
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
-    let r = std::thread::scope(|scope| run(vm, params, cancel, progress, conn, t_start, &mut reply, scope));
+    let mut r = std::thread::scope(|scope| run(vm, params, cancel, progress, conn, t_start, &mut reply, scope));
+    // A cancel that ended a blocked send or answer wait surfaces as an I/O error: it is the
+    // cancel.
+    let io_failure = matches!(r, Err(MigrateError::Send(_)) | Err(MigrateError::Handover(ProtocolError::Io(_))));
+    if io_failure && cancel.load(Ordering::SeqCst) {
+        r = Err(MigrateError::Cancelled);
+    }
     if r.is_err() {
         // A refusal from the destination explains a failed send better than "broken pipe": give
         // it a moment to arrive. Then tell the destination this attempt is over; it discards
@@ -464,6 +539,10 @@ fn run<'s>(
     scope: &'s std::thread::Scope<'s, '_>,
 ) -> Result<MigrationSummary, MigrateError> {
     let header = StreamHeader::new(StreamFlags::empty());
+    // Sends wake every SEND_POLL while blocked (StallWatch). The reply connection shares the
+    // socket, so it shares the timeout too; it is cleared before COMMIT.
+    conn.set_write_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
+    let conn = StallWatch { conn, cancel, stall: params.stall_timeout };
     let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
     let registered = vm.dirty_consumer("migration", Initial::AllDirty)?;
     let consumer = registered.id();
@@ -621,8 +700,10 @@ fn run<'s>(
     bd.state_ms = ms(t.elapsed());
 
     let t = Instant::now();
-    reply.set_read_timeout(Some(Duration::from_secs(60))).map_err(TransportError::Setup)?;
-    let ack = protocol::read_answer(reply)?;
+    // The tail of the stream in socket buffers, then the destination's load: an answer that
+    // does not come within the stall timeout fails the migration (the guest resumes here).
+    reply.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
+    let ack = protocol::read_answer(&mut StallWatch { conn: &mut *reply, cancel, stall: params.stall_timeout })?;
     bd.ack_wait_ms = ms(t.elapsed());
     bd.dest_load_ms = ack.load_us as f64 / 1000.0;
     bd.dest_restore_ms = ack.restore_us as f64 / 1000.0;
@@ -635,6 +716,8 @@ fn run<'s>(
     // before its vCPUs run); otherwise right after COMMIT, once our requests finished.
     summary.disk_lock_released_before_commit = vm.disks_try_release();
     let t = Instant::now();
+    // COMMIT is a few bytes into a drained socket: a plain blocking send.
+    reply.set_write_timeout(None).map_err(TransportError::Setup)?;
     protocol::send_commit(reply).map_err(ProtocolError::Io)?;
     bd.commit_ms = ms(t.elapsed());
     guard.committed = true;

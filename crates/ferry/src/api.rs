@@ -135,6 +135,11 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
             max_iterations: req.get("max_iterations").and_then(Value::as_u64).unwrap_or(30) as u32,
             force_switchover: req.get("force_switchover").and_then(Value::as_bool).unwrap_or(false),
             auto_converge: req.get("auto_converge").and_then(Value::as_bool).unwrap_or(true),
+            stall_timeout: match req.get("stall_timeout_ms").and_then(Value::as_u64) {
+                Some(0) => bail!("stall_timeout_ms must be at least 1"),
+                Some(ms) => Duration::from_millis(ms),
+                None => ferry_migrate::source::DEFAULT_STALL_TIMEOUT,
+            },
         };
         let mut progress = |p: &Progress| {
             if let Ok(v) = serde_json::to_value(p) {

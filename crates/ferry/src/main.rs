@@ -117,6 +117,10 @@ struct MigrateArgs {
     /// throttles them step by step, 50% up to 95% of each 5 ms, so the final pause stays short).
     #[arg(long)]
     no_auto_converge: bool,
+    /// Fail the migration (the source keeps running) when the destination takes no data for
+    /// this many ms: it stopped reading (hung, stopped, or a link that died without a reset).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout_ms: u64,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -528,6 +532,7 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
         "max_iterations": a.max_iterations,
         "force_switchover": a.force_switchover,
         "auto_converge": !a.no_auto_converge,
+        "stall_timeout_ms": a.stall_timeout_ms,
     });
     if let Some(b) = a.max_bandwidth {
         req["max_bandwidth_mib_s"] = b.into();

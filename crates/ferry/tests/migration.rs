@@ -307,6 +307,74 @@ fn faulty_migration(t: Tracking, name: &str, fault: Fault, expect: &str) {
     assert_retry_succeeds(&src, 256 * 256);
 }
 
+/// A destination that stops reading but keeps its connection (hung, stopped, or a link that
+/// died without a reset), at `record`: the migration fails with `expect` once the stall timeout
+/// passes, the source guest runs on, and a retry works.
+fn stalled_destination(t: Tracking, name: &str, record: u32, from_index: u64, expect: &str) {
+    let mut src = source(t, name, "mib=256 rate=50 report_ms=500");
+    let dst_sock = src.dir.join("dst.sock");
+    let _dst = destination(&format!("unix:{}", dst_sock.display()), t);
+    let hold_ms = 60_000;
+    let proxy =
+        Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::StallAtRecord { record, from_index, hold_ms });
+
+    let t0 = std::time::Instant::now();
+    let o = migrate(&src.api, &proxy.uri, &["--stall-timeout-ms", "1500"]);
+    let took = t0.elapsed();
+
+    assert_ne!(o.code, 0, "migration to a stalled destination succeeded");
+    assert!(o.stderr.contains(expect), "error should mention {expect:?}: {}", o.stderr);
+    assert!(took < Duration::from_millis(hold_ms / 2), "the migration waited for the stall to end ({took:?})");
+    assert_source_running_clean(&mut src);
+    assert_retry_succeeds(&src, 256 * 256);
+}
+
+fn destination_that_stops_reading_mid_iteration_fails_after_the_stall_timeout_and_a_retry_works(t: Tracking) {
+    stalled_destination(t, "stall", ferry_stream::rtype::PAGE_BATCH, 40, "the destination took no data for 1.5 s");
+}
+
+/// The same in a later iteration (small batches): the sender may block in a send or wait at the
+/// iteration's end for the destination to read what was sent; both are bounded.
+fn destination_that_stops_reading_in_a_later_iteration_fails_after_the_stall_timeout(t: Tracking) {
+    // The first pass is 256 batches of 1024 pages after MACHINE_CONFIG: 300 is in a later pass.
+    stalled_destination(t, "stall2", ferry_stream::rtype::PAGE_BATCH, 300, "the destination took no data for 1.5 s");
+}
+
+/// A cancel while the sender is blocked on a destination that stopped reading takes effect at
+/// once, not at the (default, 10 s) stall timeout.
+fn migration_blocked_on_a_stalled_destination_can_be_cancelled(t: Tracking) {
+    let mut src = source(t, "stallcancel", "mib=256 rate=50 report_ms=500");
+    let dst_sock = src.dir.join("dst.sock");
+    let _dst = destination(&format!("unix:{}", dst_sock.display()), t);
+    let fault = Fault::StallAtRecord { record: ferry_stream::rtype::PAGE_BATCH, from_index: 40, hold_ms: 60_000 };
+    let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, fault);
+    let api_path = src.api.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let t = Instant::now();
+        let ok =
+            Command::new(FERRY).args(["migrate-cancel", "--api-socket", api_path.to_str().unwrap()]).status().unwrap();
+        (ok, t)
+    });
+
+    let o = migrate(&src.api, &proxy.uri, &[]);
+    let (cancel_status, cancelled_at) = canceller.join().unwrap();
+    let after_cancel = cancelled_at.elapsed();
+
+    assert!(cancel_status.success());
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("migration cancelled"), "{}", o.stderr);
+    assert!(after_cancel < Duration::from_secs(5), "the cancel took {after_cancel:?} to end the migration");
+    assert_source_running_clean(&mut src);
+    assert_retry_succeeds(&src, 256 * 256);
+}
+
+/// The final pass fits in socket buffers, so the source waits on the answer instead, with its
+/// guest paused: that wait is bounded the same way.
+fn destination_that_stops_reading_in_the_final_pass_resumes_the_source_and_a_retry_works(t: Tracking) {
+    stalled_destination(t, "stallfin", ferry_stream::rtype::VM_STATE, 0, "the destination sent no answer for 1.5 s");
+}
+
 fn connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works(t: Tracking) {
     faulty_migration(t, "cut", Fault::CutAtRecord(4), "migration failed");
 }
@@ -418,6 +486,10 @@ with_both_trackings!(
     capped_link_that_cannot_converge_fails_clearly_and_the_source_runs_on,
     destination_killed_mid_iteration_leaves_the_source_running_and_a_retry_works,
     connection_cut_during_the_final_pass_resumes_the_source_and_a_retry_works,
+    destination_that_stops_reading_mid_iteration_fails_after_the_stall_timeout_and_a_retry_works,
+    destination_that_stops_reading_in_the_final_pass_resumes_the_source_and_a_retry_works,
+    migration_blocked_on_a_stalled_destination_can_be_cancelled,
+    destination_that_stops_reading_in_a_later_iteration_fails_after_the_stall_timeout,
     truncated_stream_is_refused_by_the_destination_and_a_retry_works,
     byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works,
     cancelled_migration_leaves_the_source_running_and_the_destination_discards,

@@ -23,6 +23,9 @@ pub enum Fault {
     /// When a record of this type starts, wait `after_ms`, kill process `pid` (SIGKILL) and
     /// cut: a destination that stalls at that point of the stream, then dies.
     KillAtRecord { record: u32, pid: u32, after_ms: u64 },
+    /// When a record of this type starts at record number `from_index` or later, stop reading
+    /// (both ends stay connected: a destination that hung) for `hold_ms`, then cut.
+    StallAtRecord { record: u32, from_index: u64, hold_ms: u64 },
 }
 
 pub struct Proxy {
@@ -87,6 +90,12 @@ impl Proxy {
                         std::thread::sleep(std::time::Duration::from_millis(after_ms));
                         // SAFETY: (test) SIGKILL to a child process of the test, by pid.
                         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        break;
+                    }
+                }
+                if let Fault::StallAtRecord { record, from_index, hold_ms } = fault {
+                    if t == record && index >= from_index {
+                        std::thread::sleep(std::time::Duration::from_millis(hold_ms));
                         break;
                     }
                 }
