@@ -26,10 +26,15 @@ pub enum Fault {
     /// When a record of this type starts at record number `from_index` or later, stop reading
     /// (both ends stay connected: a destination that hung) for `hold_ms`, then cut.
     StallAtRecord { record: u32, from_index: u64, hold_ms: u64 },
+    /// Forward the whole stream, but hold the destination's answer back for `hold_ms` (a
+    /// destination that read everything and then hung).
+    SwallowAnswer { hold_ms: u64 },
 }
 
 pub struct Proxy {
     pub uri: String,
+    /// When a StallAtRecord or SwallowAnswer fault began holding data back.
+    pub stalled_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -41,6 +46,9 @@ impl Proxy {
     pub fn start(listen: PathBuf, target: PathBuf, fault: Fault) -> Proxy {
         let l = UnixListener::bind(&listen).expect("bind proxy");
         let uri = format!("unix:{}", listen.display());
+        let stalled_at = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let stalled = stalled_at.clone();
+        let mark = move || *stalled.lock().unwrap() = Some(std::time::Instant::now());
         let thread = std::thread::spawn(move || {
             let Ok((mut src, _)) = l.accept() else { return };
             let Ok(mut dst) = UnixStream::connect(&target) else { return };
@@ -48,7 +56,17 @@ impl Proxy {
             {
                 let mut s2 = src.try_clone().unwrap();
                 let mut d2 = dst.try_clone().unwrap();
+                let mark = mark.clone();
                 std::thread::spawn(move || {
+                    if let Fault::SwallowAnswer { hold_ms } = fault {
+                        let mut first = [0u8; 1];
+                        if d2.read_exact(&mut first).is_ok() {
+                            mark();
+                            std::thread::sleep(std::time::Duration::from_millis(hold_ms));
+                        }
+                        let _ = s2.shutdown(Shutdown::Both);
+                        return;
+                    }
                     let _ = std::io::copy(&mut d2, &mut s2);
                     let _ = s2.shutdown(Shutdown::Write);
                 });
@@ -95,6 +113,7 @@ impl Proxy {
                 }
                 if let Fault::StallAtRecord { record, from_index, hold_ms } = fault {
                     if t == record && index >= from_index {
+                        mark();
                         std::thread::sleep(std::time::Duration::from_millis(hold_ms));
                         break;
                     }
@@ -127,7 +146,7 @@ impl Proxy {
             let _ = dst.shutdown(Shutdown::Write);
             let _ = src.shutdown(Shutdown::Read);
         });
-        Proxy { uri, thread: Some(thread) }
+        Proxy { uri, stalled_at, thread: Some(thread) }
     }
 }
 
