@@ -159,7 +159,11 @@ fn wait_read(conn: &Conn, stall: Duration, cancel: &AtomicBool) -> Result<(), Mi
     }
 }
 
-impl<C> StallWatch<'_, C> {
+impl<'a, C> StallWatch<'a, C> {
+    fn new(conn: C, cancel: &'a AtomicBool, stall: Duration) -> Self {
+        StallWatch { conn, cancel, stall, failed: false }
+    }
+
     /// Runs `op` (one send or receive on a socket with a SEND_POLL timeout) until it completes
     /// or fails otherwise, the migration is cancelled, or `stall` passes; `what` names the wait.
     fn retry<T>(&mut self, what: &str, mut op: impl FnMut(&mut C) -> std::io::Result<T>) -> std::io::Result<T> {
@@ -367,9 +371,9 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
 
 impl Sender<'_> {
     /// Waits until the destination has read everything written so far (see [`wait_read`]).
-    fn drain(&mut self, cancel: &AtomicBool) -> Result<(), MigrateError> {
+    fn drain(&mut self) -> Result<(), MigrateError> {
         let sw = self.w.get_mut().get_ref();
-        wait_read(&sw.conn, sw.stall, cancel)
+        wait_read(&sw.conn, sw.stall, sw.cancel)
     }
 
     /// Harvests and sends every page the consumer has pending. Returns (pages sent, bytes).
@@ -602,7 +606,7 @@ fn run<'s>(
     // Sends wake every SEND_POLL while blocked (StallWatch). The reply connection shares the
     // socket, so it shares the timeout too; it is cleared before COMMIT.
     conn.set_write_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
-    let conn = StallWatch { conn, cancel, stall: params.stall_timeout, failed: false };
+    let conn = StallWatch::new(conn, cancel, params.stall_timeout);
     let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
     let registered = vm.dirty_consumer("migration", Initial::AllDirty)?;
     let consumer = registered.id();
@@ -703,7 +707,7 @@ fn run<'s>(
         s.w.flush().map_err(MigrateError::Send)?;
         // Let the destination take in what was sent before measuring and deciding: the pause
         // must not include the tail of an earlier iteration sitting in socket buffers.
-        s.drain(cancel)?;
+        s.drain()?;
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let bytes = s.w.bytes_written() - b0;
         // Tiny iterations measure latency, not bandwidth: keep the previous figure then.
@@ -767,14 +771,9 @@ fn run<'s>(
     // The tail of the stream in socket buffers (it must keep moving), then the destination's
     // load: an answer that does not come within the stall timeout after the destination read
     // END fails the migration (the guest resumes here).
-    s.drain(cancel)?;
+    s.drain()?;
     reply.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
-    let ack = protocol::read_answer(&mut StallWatch {
-        conn: &mut *reply,
-        cancel,
-        stall: params.stall_timeout,
-        failed: false,
-    })?;
+    let ack = protocol::read_answer(&mut StallWatch::new(&mut *reply, cancel, params.stall_timeout))?;
     bd.ack_wait_ms = ms(t.elapsed());
     bd.dest_load_ms = ack.load_us as f64 / 1000.0;
     bd.dest_restore_ms = ack.restore_us as f64 / 1000.0;
@@ -855,7 +854,7 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         a.set_write_timeout(Some(Duration::from_millis(20))).unwrap();
         let cancel = AtomicBool::new(true);
-        let mut w = StallWatch { conn: Conn::Unix(a), cancel: &cancel, stall: Duration::from_secs(60), failed: false };
+        let mut w = StallWatch::new(Conn::Unix(a), &cancel, Duration::from_secs(60));
         // Fill the socket until a send would block: the cancel ends it.
         let chunk = [0u8; 65536];
         let e = loop {
