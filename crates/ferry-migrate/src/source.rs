@@ -293,31 +293,11 @@ pub struct MigrationSummary {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Progress {
-    Connected {
-        to: String,
-    },
+    Connected { to: String },
     Iteration(IterationStats),
-    Switchover {
-        pending_pages: u64,
-        estimated_downtime_ms: f64,
-    },
-    Throttle {
-        percent: u32,
-    },
-    /// Auto-converge was asked for but is off for this migration; `reason` says why.
-    NoAutoConverge {
-        reason: String,
-    },
+    Switchover { pending_pages: u64, estimated_downtime_ms: f64 },
+    Throttle { percent: u32 },
 }
-
-/// Why auto-converge is off with the dirty ring: measured on this project's host (KVM-PVM), a
-/// vCPU throttled at 95 % (paused and resumed every 5 ms) while its writes were tracked by the
-/// dirty ring lost writes (destination pages one or two generations old) in 3 of 8 runs, with
-/// both the current and the previous release; the bitmap tracking in 0 of 8, and the ring
-/// without throttling in 0 of 6. Until the cause is found, a ring-tracked migration does not
-/// throttle: one that cannot converge fails clearly instead of losing writes.
-const RING_NO_THROTTLE: &str =
-    "auto-converge is off with --dirty-tracking ring (throttled vCPUs lost dirty-ring writes on this host; use bitmap tracking to throttle)";
 
 /// Resumes the disks (completing what they held) and then the vCPUs on drop unless committed:
 /// the source keeps running after any failure.
@@ -647,11 +627,7 @@ fn run<'s>(
     let mut last_iter_secs: f64 = 0.0;
     let mut iteration = 0u32;
     let mut last_pending = u64::MAX;
-    let ring = matches!(vm.dirty_tracking(), ferry_vmm::vm::DirtyTracking::Ring { .. });
-    if params.auto_converge && ring {
-        progress(&Progress::NoAutoConverge { reason: RING_NO_THROTTLE.to_string() });
-    }
-    let mut throttle = (params.auto_converge && !ring).then(|| crate::throttle::start(scope, vm));
+    let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
     // Pre-copy runs in the idle class where there is a spare CPU (copy_priority.rs); it returns
     // to normal priority when starved in a pass, or when a later pass gets less than half the
     // first pass's bandwidth.

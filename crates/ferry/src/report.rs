@@ -31,7 +31,6 @@ pub fn progress_line(ev: &Value) -> String {
             f(ev, "estimated_downtime_ms")
         ),
         "throttle" => format!("dirty set stopped shrinking: throttling the vCPUs to {}%", u(ev, "percent")),
-        "no-auto-converge" => ev["reason"].as_str().unwrap_or("auto-converge is off").to_string(),
         _ => ev.to_string(),
     }
 }
