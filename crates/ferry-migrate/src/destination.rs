@@ -202,18 +202,54 @@ pub enum IncomingRam {
     Prefaulted(GuestRam),
 }
 
+/// The stream connection with its silence bounded: a read that gets no byte for the stall
+/// timeout fails with an error that says so (the source hung, was stopped, or the link died
+/// without a reset), instead of waiting forever with nothing started.
+struct QuietSource {
+    conn: Conn,
+    stall: Duration,
+}
+
+impl QuietSource {
+    fn new(conn: Conn, stall: Duration) -> std::io::Result<Self> {
+        conn.set_read_timeout(Some(stall))?;
+        Ok(QuietSource { conn, stall })
+    }
+}
+
+impl std::io::Read for QuietSource {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.conn.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the source sent no data for {:.1} s", self.stall.as_secs_f64()),
+                    ));
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
 /// Receives a machine on `conn` into `ram`. Returns the running machine once the source
-/// committed.
+/// committed. A source that sends nothing for `stall` (mid-stream, or between the ACK and its
+/// COMMIT) fails the load.
 pub fn receive(
     conn: Conn,
     ram: IncomingRam,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
     disks: Vec<DiskImage>,
+    stall: Duration,
 ) -> Result<(Vm, IncomingStats), IncomingError> {
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
+    // The clones share the socket, so the commit wait has the same bound.
+    let conn = QuietSource::new(conn, stall).map_err(IncomingError::Reply)?;
     match load(conn, ram, serial_out, dirty_tracking, disks, t_start) {
         Ok(((machine, serial, fds), disks, stats)) => {
             // vCPU threads start paused; COMMIT resumes them. Their start counts as load time.
@@ -237,8 +273,7 @@ pub fn receive(
                 },
             )
             .map_err(IncomingError::Reply)?;
-            let mut c = commit_conn;
-            c.set_read_timeout(Some(Duration::from_secs(60))).map_err(IncomingError::Reply)?;
+            let mut c = QuietSource { conn: commit_conn, stall };
             protocol::read_commit(&mut c).map_err(IncomingError::Commit)?;
             // The disks take their image locks (once the source released them) and re-execute
             // the requests that were in flight at the stop, in order, before anything new.
@@ -272,7 +307,7 @@ pub(crate) type Parts = (ferry_vmm::vm::MachineParts, SerialDevice, Vec<kvm_ioct
 
 #[allow(clippy::type_complexity)]
 fn load(
-    conn: Conn,
+    conn: QuietSource,
     ram: IncomingRam,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
@@ -288,7 +323,7 @@ fn load(
     // buffer (BufReader passes reads larger than its buffer through) instead of being copied
     // twice; small records still come many per read.
     // Whether the source (and so its running guest) shares this host's CPUs.
-    let local = conn.is_local();
+    let local = conn.conn.is_local();
     let mut r = StreamReader::new(BufReader::with_capacity(64 << 10, conn))?;
     let mut pending: Option<Pending> = None;
     let mut stats = IncomingStats::default();

@@ -199,6 +199,11 @@ struct RunArgs {
     /// page allocation later. Takes the whole RAM size in host memory at once.
     #[arg(long)]
     prefault: bool,
+    /// With --incoming: fail (nothing is started) when the source sends no data for this many
+    /// ms once the stream has begun: it hung, was stopped, or its link died without a reset.
+    /// Default 10000.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -272,6 +277,9 @@ fn run(a: RunArgs) -> Result<i32> {
     if a.paused && a.restore.is_none() {
         bail!("--paused applies to --restore only");
     }
+    if a.stall_timeout_ms.is_some() && a.incoming.is_none() {
+        bail!("--stall-timeout-ms applies to --incoming only (for a source, give it to `ferry migrate`)");
+    }
     let vm = match (&a.incoming, &a.restore) {
         (Some(_), Some(_)) => bail!("--incoming and --restore exclude each other: a guest comes from one place"),
         (Some(uri), None) => incoming(&a, uri)?,
@@ -342,8 +350,9 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     eprintln!("ferry: waiting for an incoming migration on {uri}");
     let conn = listener.accept(&uri)?;
     drop(listener);
+    let stall = std::time::Duration::from_millis(a.stall_timeout_ms.unwrap_or(10_000));
     let (vm, stats) =
-        ferry_migrate::destination::receive(conn, ram, serial_sink(&a.serial)?, a.dirty_tracking()?, disks)
+        ferry_migrate::destination::receive(conn, ram, serial_sink(&a.serial)?, a.dirty_tracking()?, disks, stall)
             .context("incoming migration failed; nothing was started")?;
     if stats.disk_replayed > 0 {
         eprintln!("ferry: re-executing {} disk request(s) that were in flight at the stop", stats.disk_replayed);

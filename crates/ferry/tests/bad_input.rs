@@ -153,3 +153,15 @@ fn prefault_on_an_incoming_migration_without_memory_size_is_refused() {
     assert!(err.contains("--prefault with --incoming needs --memory"), "{err}");
     assert!(!std::path::Path::new("/tmp/ferry-never-used.sock").exists(), "nothing may listen");
 }
+
+#[test]
+fn a_destination_stall_timeout_without_incoming_or_of_zero_is_refused() {
+    let (code, err) = run_ferry(&["run", "--stall-timeout-ms", "500"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--stall-timeout-ms applies to --incoming only"), "{err}");
+
+    let (code, err) = run_ferry(&["run", "--incoming", "unix:/tmp/ferry-never-used-2.sock", "--stall-timeout-ms", "0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--stall-timeout-ms"), "{err}");
+    assert!(!std::path::Path::new("/tmp/ferry-never-used-2.sock").exists(), "nothing may listen");
+}

@@ -362,6 +362,49 @@ fn destination_that_never_answers_resumes_the_source_and_a_retry_works(t: Tracki
     );
 }
 
+/// A source that stops sending mid-stream (hung, stopped, or a link that died without a reset)
+/// does not keep the destination waiting: after its own `--stall-timeout-ms` the destination
+/// fails, naming the silence, with nothing started. The source here waits longer (3 s) so that
+/// the destination's bound, not the source's failure, is what ends it; the source then fails by
+/// its own bound and runs on clean.
+#[test]
+fn destination_fails_after_its_stall_timeout_when_the_source_stops_sending() {
+    if !kvm_available("destination_fails_after_its_stall_timeout_when_the_source_stops_sending") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("bitmap", "quietsrc", "mib=256 rate=50 report_ms=500");
+    let dst_sock = src.dir.join("dst.sock");
+    let dst_uri = format!("unix:{}", dst_sock.display());
+    let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--stall-timeout-ms", "1500"]);
+    // Waits for the path, not a connection: the destination takes the first one as the stream.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !dst_sock.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fault = Fault::StallAtRecord { record: ferry_stream::rtype::PAGE_BATCH, from_index: 40, hold_ms: 60_000 };
+    let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, fault);
+    let (api_path, uri) = (src.api.clone(), proxy.uri.clone());
+    let mig = std::thread::spawn(move || migrate(&api_path, &uri, &["--stall-timeout-ms", "3000"]));
+
+    let code = dst.wait_exit(Duration::from_secs(20));
+    let dst_ended = Instant::now();
+    let o = mig.join().unwrap();
+
+    assert!(code.is_some_and(|c| c != 0), "the destination did not fail: {code:?}");
+    let err = dst.stderr_text();
+    assert!(err.contains("the source sent no data for 1.5 s"), "{err}");
+    assert!(err.contains("nothing was started"), "{err}");
+    assert!(dst.reports().is_empty(), "the destination ran a guest");
+    let stalled_at =
+        proxy.stalled_at.lock().unwrap().expect("the proxy never stalled: the fault point was not reached");
+    let waited = dst_ended - stalled_at;
+    assert!(waited >= Duration::from_millis(1400), "the destination gave up {waited:?} after the stall began");
+    assert!(waited < Duration::from_millis(2900), "the destination failed {waited:?} after the stall began");
+    assert_ne!(o.code, 0, "the migration succeeded without a destination");
+    assert_source_running_clean(&mut src);
+}
+
 /// A cancel while the sender is blocked on a destination that stopped reading takes effect at
 /// once, not at the (default, 10 s) stall timeout.
 fn migration_blocked_on_a_stalled_destination_can_be_cancelled(t: Tracking) {
@@ -386,6 +429,9 @@ fn migration_blocked_on_a_stalled_destination_can_be_cancelled(t: Tracking) {
     assert!(cancel_status.success());
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("migration cancelled"), "{}", o.stderr);
+    // The cancel must have found the sender blocked on the stall, not still sending.
+    let stalled_at = proxy.stalled_at.lock().unwrap().expect("the proxy never stalled before the cancel");
+    assert!(stalled_at < cancelled_at, "the stall began {:?} after the cancel", stalled_at - cancelled_at);
     assert!(after_cancel < Duration::from_secs(5), "the cancel took {after_cancel:?} to end the migration");
     assert_source_running_clean(&mut src);
     assert_retry_succeeds(&src, 256 * 256);
