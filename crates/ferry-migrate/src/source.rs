@@ -537,7 +537,8 @@ pub fn migrate(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationSummary, MigrateError> {
     let t_start = Instant::now();
-    let conn = Conn::connect(&params.to)?;
+    // Bounded like every other wait on the destination (a cancel is seen once it ends).
+    let conn = Conn::connect(&params.to, params.stall_timeout)?;
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
     let mut r = std::thread::scope(|scope| run(vm, params, cancel, progress, conn, t_start, &mut reply, scope));

@@ -97,13 +97,35 @@ fn set_buffers(fd: i32, size: libc::c_int) {
     }
 }
 
+/// Tries each address `host:port` resolves to, each for at most `timeout`.
+fn connect_tcp(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{a} did not answer within {:.1} s", timeout.as_secs_f64()),
+                ));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("'{addr}' resolves to no address"))))
+}
+
 impl Conn {
-    pub fn connect(uri: &Uri) -> Result<Conn, TransportError> {
+    /// Connects to `uri`. A TCP peer that does not answer (a host that drops the SYNs, a full
+    /// accept queue) fails after `timeout` per address instead of the kernel's SYN retries
+    /// (about two minutes).
+    pub fn connect(uri: &Uri, timeout: Duration) -> Result<Conn, TransportError> {
         let err = |source| TransportError::Connect { uri: uri.to_string(), source };
         let c = match uri {
             Uri::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(err)?),
             Uri::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(err)?;
+                let s = connect_tcp(a, timeout).map_err(err)?;
                 s.set_nodelay(true).map_err(TransportError::Setup)?;
                 Conn::Tcp(s)
             }
@@ -249,6 +271,30 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that never answers the SYN (here: a listener whose accept queue is full, so the
+    /// kernel drops further SYNs) fails the connect after the timeout, naming it, instead of
+    /// after the kernel's SYN retries.
+    #[test]
+    fn a_tcp_peer_that_never_answers_fails_the_connect_after_the_timeout() {
+        use std::os::fd::AsRawFd;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: re-listens on a valid listening socket with a backlog of 0 (Linux allows
+        // changing the backlog this way).
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let addr = l.local_addr().unwrap().to_string();
+        let _queued = TcpStream::connect(&addr).unwrap();
+        let uri = Uri::Tcp(addr.clone());
+
+        let t = std::time::Instant::now();
+        let e = Conn::connect(&uri, Duration::from_millis(300)).err().unwrap();
+        let took = t.elapsed();
+
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(chain.contains(&format!("cannot connect to tcp:{addr}")), "{chain}");
+        assert!(chain.contains("did not answer within 0.3 s"), "{chain}");
+        assert!(took < Duration::from_secs(3), "the connect took {took:?}");
+    }
 
     #[test]
     fn unix_and_tcp_uris_parse() {
