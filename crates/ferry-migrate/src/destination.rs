@@ -235,8 +235,8 @@ impl std::io::Read for QuietSource {
 }
 
 /// Receives a machine on `conn` into `ram`. Returns the running machine once the source
-/// committed. A source that sends nothing for `stall` (mid-stream, or between the ACK and its
-/// COMMIT) fails the load.
+/// committed. A source that sends nothing for `stall` before the stream's END fails the load;
+/// the wait for COMMIT after the ACK has no bound (see there).
 pub fn receive(
     conn: Conn,
     ram: IncomingRam,
@@ -248,7 +248,7 @@ pub fn receive(
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
-    // The clones share the socket, so the commit wait has the same bound.
+    // SO_RCVTIMEO is the socket's: the commit wait below clears it again.
     let conn = QuietSource::new(conn, stall).map_err(IncomingError::Reply)?;
     match load(conn, ram, serial_out, dirty_tracking, disks, t_start) {
         Ok(((machine, serial, fds), disks, stats)) => {
@@ -273,7 +273,12 @@ pub fn receive(
                 },
             )
             .map_err(IncomingError::Reply)?;
-            let mut c = QuietSource { conn: commit_conn, stall };
+            // Once acknowledged, the handover is the source's decision: it sends COMMIT, or
+            // closes the connection (on failure, or by dying). This wait has no bound, as a
+            // timeout here could discard a guest the source has already let go of (its COMMIT
+            // still in flight on a slow or retransmitting link).
+            let mut c = commit_conn;
+            c.set_read_timeout(None).map_err(IncomingError::Reply)?;
             protocol::read_commit(&mut c).map_err(IncomingError::Commit)?;
             // The disks take their image locks (once the source released them) and re-execute
             // the requests that were in flight at the stop, in order, before anything new.

@@ -485,7 +485,7 @@ impl Sender<'_> {
         }
         self.w.page_batch_packed(entries, pages).map_err(MigrateError::Send)?;
         entries.clear();
-        if let Some(limit) = self.limit {
+        if let Some(limit) = self.limit.filter(|&l| l > 0) {
             // Keep the iteration's average rate at the limit.
             let bytes = self.w.bytes_written() - iter_bytes_start;
             let due = Duration::from_secs_f64(bytes as f64 / limit as f64);

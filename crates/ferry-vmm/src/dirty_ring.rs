@@ -27,8 +27,10 @@
 //! run, each of the two resets the kick handler ran during left pages KVM never logged again,
 //! and those were the destination's stale pages. A blocked signal is only queued, so the reset
 //! runs to its end; the kick is delivered when the mask is restored (`immediate_exit` is already
-//! set, so none is lost). `SIGSTOP` and `SIGKILL` cannot be blocked: stopping Ferry with
-//! `SIGSTOP` while it resets can still lose pages on such a kernel.
+//! set, so none is lost). Some things still make a signal pending during a reset: `SIGSTOP`,
+//! `SIGKILL` and other job-control or ptrace stops, the cgroup freezer, and glibc's internal
+//! cancel/set*id signals (never blocked by its `pthread_sigmask`; Ferry does not use either).
+//! Stopping or freezing Ferry while it resets can still lose pages on such a kernel.
 //!
 //! This host's KVM (PVM) overflows small rings when emulated ring-0 code writes (it runs up to
 //! 1024 instructions before checking the ring): use a large ring (the default is 65536 entries).

@@ -131,7 +131,11 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
         let params = MigrateParams {
             to: Uri::parse(to)?,
             downtime_limit: Duration::from_millis(req.get("downtime_ms").and_then(Value::as_u64).unwrap_or(300)),
-            max_bandwidth: req.get("max_bandwidth_mib_s").and_then(Value::as_u64).map(|m| m << 20),
+            max_bandwidth: match req.get("max_bandwidth_mib_s").and_then(Value::as_u64) {
+                Some(0) => bail!("max_bandwidth_mib_s must be at least 1"),
+                Some(m) => Some(m.checked_mul(1 << 20).ok_or_else(|| anyhow!("max_bandwidth_mib_s {m} is too large"))?),
+                None => None,
+            },
             max_iterations: req.get("max_iterations").and_then(Value::as_u64).unwrap_or(30) as u32,
             force_switchover: req.get("force_switchover").and_then(Value::as_bool).unwrap_or(false),
             auto_converge: req.get("auto_converge").and_then(Value::as_bool).unwrap_or(true),

@@ -105,7 +105,7 @@ struct MigrateArgs {
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
     /// Bandwidth cap in MiB/s (default: none).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 40)))]
     max_bandwidth: Option<u64>,
     /// Give up (or, with --force-switchover, stop the guest anyway) after this many iterations.
     #[arg(long, default_value_t = 30)]
@@ -200,8 +200,8 @@ struct RunArgs {
     #[arg(long)]
     prefault: bool,
     /// With --incoming: fail (nothing is started) when the source sends no data for this many
-    /// ms once the stream has begun: it hung, was stopped, or its link died without a reset.
-    /// Default 10000.
+    /// ms once its connection is accepted: it hung, was stopped, or its link died without a
+    /// reset. Default 10000.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_ms: Option<u64>,
 }

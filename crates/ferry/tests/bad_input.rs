@@ -165,3 +165,18 @@ fn a_destination_stall_timeout_without_incoming_or_of_zero_is_refused() {
     assert!(err.contains("--stall-timeout-ms"), "{err}");
     assert!(!std::path::Path::new("/tmp/ferry-never-used-2.sock").exists(), "nothing may listen");
 }
+
+#[test]
+fn a_zero_bandwidth_cap_is_refused() {
+    let (code, err) = run_ferry(&[
+        "migrate",
+        "--api-socket",
+        "/tmp/ferry-no-such.sock",
+        "--to",
+        "unix:/tmp/x",
+        "--max-bandwidth",
+        "0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--max-bandwidth"), "{err}");
+}

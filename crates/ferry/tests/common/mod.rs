@@ -168,11 +168,18 @@ impl Proc {
 
     /// Waits for the process to end; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        self.wait_exit_seen(timeout).and_then(|(code, _)| code)
+    }
+
+    /// As [`Proc::wait_exit`], with the moment the exit was seen (within 20 ms of it).
+    pub fn wait_exit_seen(&mut self, timeout: Duration) -> Option<(Option<i32>, Instant)> {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(s)) = self.child.try_wait() {
+                let at = Instant::now();
+                // Let the output readers take the last lines.
                 std::thread::sleep(Duration::from_millis(100));
-                return s.code();
+                return Some((s.code(), at));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
