@@ -240,31 +240,21 @@ impl DirtyRings {
         }
         // After a ring-full exit the reset is due even if this collect found nothing new (a
         // concurrent collect harvested the entries): the vCPU only runs again once KVM has
-        // reset them. The ioctl returns how many entries it reset; it is repeated until there
-        // are none left (KVM may stop a reset early), and retried when a signal (our vCPU kick)
-        // interrupts it.
+        // reset them.
         if total > 0 || *reset_owed || force {
-            // Owed until the loop below completes (an error on the way keeps it owed).
+            // Owed until the reset completes (an error on the way keeps it owed).
             *reset_owed = true;
-            let _blocked = SignalsBlocked::new().map_err(DirtyLogError::Ring)?;
-            let mut rounds = 0;
-            loop {
+            reset_until_done(|| {
                 // SAFETY: a VM-fd ioctl without arguments; vm_fd outlives the rings (Vm owns
                 // both).
                 let r = unsafe { ioctl(&RawFd(vm_fd), KVM_RESET_DIRTY_RINGS()) };
                 if r < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::EINTR) && rounds < MAX_RESET_ROUNDS {
-                        rounds += 1;
-                        continue;
-                    }
-                    return Err(DirtyLogError::Ring(e));
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(r)
                 }
-                rounds += 1;
-                if r == 0 || rounds >= MAX_RESET_ROUNDS {
-                    break;
-                }
-            }
+            })
+            .map_err(DirtyLogError::Ring)?;
             *reset_owed = false;
         }
         Ok(total)
@@ -288,6 +278,27 @@ impl DirtyRings {
         match self.state.lock() {
             Ok(st) => RingStats { per_vcpu: st.per_vcpu.clone(), full_exits: st.full_exits },
             Err(_) => RingStats::default(),
+        }
+    }
+}
+
+/// Runs `reset` (one `KVM_RESET_DIRTY_RINGS`, returning how many entries it reset) with every
+/// signal blocked (see the module doc: a signal during the reset can leave pages unprotected),
+/// until it resets nothing more (KVM may stop a reset early). `EINTR` (from a signal that
+/// cannot be blocked) is retried.
+fn reset_until_done(mut reset: impl FnMut() -> std::io::Result<i32>) -> std::io::Result<()> {
+    let _blocked = SignalsBlocked::new()?;
+    let mut rounds = 0;
+    loop {
+        match reset() {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) && rounds < MAX_RESET_ROUNDS => rounds += 1,
+            Err(e) => return Err(e),
+            Ok(r) => {
+                rounds += 1;
+                if r == 0 || rounds >= MAX_RESET_ROUNDS {
+                    return Ok(());
+                }
+            }
         }
     }
 }
@@ -369,6 +380,29 @@ mod tests {
         unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur) };
         // SAFETY: `cur` is an initialised set.
         unsafe { libc::sigismember(&cur, sig) == 1 }
+    }
+
+    /// Every KVM_RESET_DIRTY_RINGS call runs with the vCPU kick (and SIGINT) blocked, is
+    /// repeated until it resets nothing, retries EINTR, and the thread's mask comes back after.
+    #[test]
+    fn every_reset_call_runs_with_signals_blocked_until_nothing_is_left() {
+        let kick = crate::vcpu::kick_signal();
+        assert!(!blocked(kick));
+        let mut calls = Vec::new();
+        let answers = [Ok(40), Err(std::io::Error::from_raw_os_error(libc::EINTR)), Ok(3), Ok(0), Ok(9)];
+        let mut it = answers.into_iter();
+
+        reset_until_done(|| {
+            calls.push(blocked(kick) && blocked(libc::SIGINT));
+            it.next().unwrap_or(Ok(0))
+        })
+        .unwrap();
+
+        assert_eq!(calls, vec![true; 4], "calls (true: signals were blocked) until the first 0");
+        assert!(!blocked(kick), "the thread's mask did not come back");
+        let e = reset_until_done(|| Err(std::io::Error::from_raw_os_error(libc::EBADF))).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF));
+        assert!(!blocked(kick), "the mask did not come back after an error");
     }
 
     /// The reset runs with signals blocked: a signal sent to the thread meanwhile (a vCPU kick)
