@@ -68,14 +68,20 @@ fn source_with(t: Tracking, name: &str, cmdline: &str, extra: &[&str]) -> Source
 fn destination(uri: &str, t: Tracking) -> Proc {
     let d = Proc::spawn(&["run", "--incoming", uri, "--dirty-tracking", t]);
     if let Some(p) = uri.strip_prefix("unix:") {
-        let end = Instant::now() + Duration::from_secs(10);
-        while !Path::new(p).exists() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_path(Path::new(p));
     } else {
         std::thread::sleep(Duration::from_millis(300));
     }
     d
+}
+
+/// Waits (up to 10 s) for a destination's socket path: not by connecting, as a destination
+/// takes the first connection as the stream.
+fn wait_for_path(p: &Path) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !p.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 struct Outcome {
@@ -377,11 +383,7 @@ fn destination_fails_after_its_stall_timeout_when_the_source_stops_sending() {
     let dst_sock = src.dir.join("dst.sock");
     let dst_uri = format!("unix:{}", dst_sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--stall-timeout-ms", "1500"]);
-    // Waits for the path, not a connection: the destination takes the first one as the stream.
-    let end = Instant::now() + Duration::from_secs(10);
-    while !dst_sock.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_path(&dst_sock);
     let fault = Fault::StallAtRecord { record: ferry_stream::rtype::PAGE_BATCH, from_index: 40, hold_ms: 60_000 };
     let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, fault);
     let (api_path, uri) = (src.api.clone(), proxy.uri.clone());
@@ -403,6 +405,29 @@ fn destination_fails_after_its_stall_timeout_when_the_source_stops_sending() {
     assert!(waited < Duration::from_millis(2900), "the destination failed {waited:?} after the stall began");
     assert_ne!(o.code, 0, "the migration succeeded without a destination");
     assert_source_running_clean(&mut src);
+}
+
+/// Once the destination has acknowledged, only the source decides: a COMMIT that arrives later
+/// than the destination's stall timeout (held 2.5 s against its 1 s) must still start the guest
+/// there, not be given up on (the source has already let its guest go).
+#[test]
+fn a_commit_slower_than_the_destinations_stall_timeout_still_hands_over() {
+    if !kvm_available("a_commit_slower_than_the_destinations_stall_timeout_still_hands_over") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let src = source("bitmap", "slowcommit", "mib=256 rate=50 report_ms=500");
+    let dst_sock = src.dir.join("dst.sock");
+    let dst_uri = format!("unix:{}", dst_sock.display());
+    let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--stall-timeout-ms", "1000"]);
+    wait_for_path(&dst_sock);
+    let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::DelayCommit { hold_ms: 2500 });
+
+    let o = migrate(&src.api, &proxy.uri, &[]);
+
+    assert_eq!(o.code, 0, "migration failed: {}", o.stderr);
+    assert!(proxy.stalled_at.lock().unwrap().is_some(), "the proxy never held a COMMIT back");
+    assert_destination_clean(&src, &mut dst, 256 * 256);
 }
 
 /// A cancel while the sender is blocked on a destination that stopped reading takes effect at

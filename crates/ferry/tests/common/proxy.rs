@@ -29,11 +29,14 @@ pub enum Fault {
     /// Forward the whole stream, but hold the destination's answer back for `hold_ms` (a
     /// destination that read everything and then hung).
     SwallowAnswer { hold_ms: u64 },
+    /// Forward the stream, but hold the source's COMMIT (the 8 bytes after END) back for
+    /// `hold_ms`, then forward it (a slow or retransmitting link at the handover).
+    DelayCommit { hold_ms: u64 },
 }
 
 pub struct Proxy {
     pub uri: String,
-    /// When a StallAtRecord or SwallowAnswer fault began holding data back.
+    /// When a StallAtRecord, SwallowAnswer or DelayCommit fault began holding data back.
     pub stalled_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -135,6 +138,14 @@ impl Proxy {
                 index += 1;
                 if t == 7 {
                     // END: the rest (COMMIT) is raw.
+                    if let Fault::DelayCommit { hold_ms } = fault {
+                        let mut commit = [0u8; 8];
+                        if read_exact_or_eof(&mut src, &mut commit) {
+                            mark();
+                            std::thread::sleep(std::time::Duration::from_millis(hold_ms));
+                            let _ = dst.write_all(&commit);
+                        }
+                    }
                     let _ = std::io::copy(&mut src, &mut dst);
                     let _ = dst.shutdown(Shutdown::Write);
                     return;
