@@ -11,6 +11,7 @@
 //! is unregistered (other consumers keep their bits).
 
 use std::io::BufWriter;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -80,7 +81,7 @@ pub struct MigrateParams {
     pub to: Uri,
     pub downtime_limit: Duration,
     /// Bytes per second; `None` = as fast as the link goes.
-    pub max_bandwidth: Option<u64>,
+    pub max_bandwidth: Option<NonZeroU64>,
     pub max_iterations: u32,
     pub force_switchover: bool,
     /// Throttle the vCPUs when the dirty set stops shrinking (see [`crate::throttle`]).
@@ -336,7 +337,7 @@ struct Sender<'a> {
     pages_buf: Vec<u8>,
     consumer: ConsumerId,
     counts: PageCounts,
-    limit: Option<u64>,
+    limit: Option<NonZeroU64>,
     cancel: &'a AtomicBool,
 }
 
@@ -485,10 +486,10 @@ impl Sender<'_> {
         }
         self.w.page_batch_packed(entries, pages).map_err(MigrateError::Send)?;
         entries.clear();
-        if let Some(limit) = self.limit.filter(|&l| l > 0) {
+        if let Some(limit) = self.limit {
             // Keep the iteration's average rate at the limit.
             let bytes = self.w.bytes_written() - iter_bytes_start;
-            let due = Duration::from_secs_f64(bytes as f64 / limit as f64);
+            let due = Duration::from_secs_f64(bytes as f64 / limit.get() as f64);
             let elapsed = iter_start.elapsed();
             if due > elapsed {
                 std::thread::sleep(due - elapsed);

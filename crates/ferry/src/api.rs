@@ -7,6 +7,7 @@
 //! docs/api.md.
 
 use std::io::{BufRead, BufReader, Write};
+use std::num::NonZeroU64;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,23 +129,7 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
         if ctx.paused.load(Ordering::SeqCst) {
             bail!("the VM is paused by the API; resume it before migrating");
         }
-        let params = MigrateParams {
-            to: Uri::parse(to)?,
-            downtime_limit: Duration::from_millis(req.get("downtime_ms").and_then(Value::as_u64).unwrap_or(300)),
-            max_bandwidth: match req.get("max_bandwidth_mib_s").and_then(Value::as_u64) {
-                Some(0) => bail!("max_bandwidth_mib_s must be at least 1"),
-                Some(m) => Some(m.checked_mul(1 << 20).ok_or_else(|| anyhow!("max_bandwidth_mib_s {m} is too large"))?),
-                None => None,
-            },
-            max_iterations: req.get("max_iterations").and_then(Value::as_u64).unwrap_or(30) as u32,
-            force_switchover: req.get("force_switchover").and_then(Value::as_bool).unwrap_or(false),
-            auto_converge: req.get("auto_converge").and_then(Value::as_bool).unwrap_or(true),
-            stall_timeout: match req.get("stall_timeout_ms").and_then(Value::as_u64) {
-                Some(0) => bail!("stall_timeout_ms must be at least 1"),
-                Some(ms) => Duration::from_millis(ms),
-                None => ferry_migrate::source::DEFAULT_STALL_TIMEOUT,
-            },
-        };
+        let params = migrate_params(req, to)?;
         let mut progress = |p: &Progress| {
             if let Ok(v) = serde_json::to_value(p) {
                 let _ = writeln!(out, "{v}");
@@ -163,6 +148,60 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
             v
         }
         Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+    }
+}
+
+/// Largest bandwidth cap, MiB/s (the CLI's `--max-bandwidth` range ends there too).
+pub const MAX_BANDWIDTH_MIB_S: u64 = 1 << 40;
+
+/// The migration parameters a `migrate` request asks for; a field of the wrong type or out of
+/// range is refused, never replaced by its default.
+fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
+    Ok(MigrateParams {
+        to: Uri::parse(to)?,
+        downtime_limit: Duration::from_millis(opt_u64(req, "downtime_ms")?.unwrap_or(300)),
+        max_bandwidth: match opt_u64(req, "max_bandwidth_mib_s")? {
+            // The CLI's range: 1 MiB/s to 2^40 MiB/s (2^60 bytes/s, far beyond any link).
+            Some(m @ 1..=MAX_BANDWIDTH_MIB_S) => NonZeroU64::new(m << 20),
+            Some(m) => bail!("max_bandwidth_mib_s must be 1 to {MAX_BANDWIDTH_MIB_S}, not {m}"),
+            None => None,
+        },
+        max_iterations: match opt_u64(req, "max_iterations")? {
+            Some(n) => u32::try_from(n).map_err(|_| anyhow!("max_iterations must be at most {}, not {n}", u32::MAX))?,
+            None => 30,
+        },
+        force_switchover: opt_bool(req, "force_switchover")?.unwrap_or(false),
+        auto_converge: opt_bool(req, "auto_converge")?.unwrap_or(true),
+        stall_timeout: match opt_u64(req, "stall_timeout_ms")? {
+            Some(0) => bail!("stall_timeout_ms must be at least 1"),
+            Some(ms) => Duration::from_millis(ms),
+            None => ferry_migrate::source::DEFAULT_STALL_TIMEOUT,
+        },
+    })
+}
+
+/// An optional numeric field: absent is `None`; present with any other type is an error
+/// (never silently the default).
+fn opt_u64(req: &Value, name: &str) -> Result<Option<u64>> {
+    match req.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| anyhow!("\"{name}\" must be a non-negative integer, not {v}")),
+    }
+}
+
+/// An optional boolean field, like [`opt_u64`].
+fn opt_bool(req: &Value, name: &str) -> Result<Option<bool>> {
+    match req.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| anyhow!("\"{name}\" must be true or false, not {v}")),
+    }
+}
+
+/// An optional string field, like [`opt_u64`].
+fn opt_str<'a>(req: &'a Value, name: &str) -> Result<Option<&'a str>> {
+    match req.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_str().map(Some).ok_or_else(|| anyhow!("\"{name}\" must be a string, not {v}")),
     }
 }
 
@@ -210,9 +249,9 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("snapshot needs \"to\""))?;
             let params = ferry_migrate::snapshot::SnapshotParams {
                 path: PathBuf::from(to),
-                live: req.get("live").and_then(Value::as_bool).unwrap_or(false),
-                stop: req.get("stop").and_then(Value::as_bool).unwrap_or(false),
-                incremental_from: req.get("incremental_from").and_then(Value::as_str).map(PathBuf::from),
+                live: opt_bool(req, "live")?.unwrap_or(false),
+                stop: opt_bool(req, "stop")?.unwrap_or(false),
+                incremental_from: opt_str(req, "incremental_from")?.map(PathBuf::from),
             };
             let mut tracker = ctx
                 .snapshots
@@ -227,7 +266,7 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             Ok(json!({ "summary": summary }))
         }
         "dirty-rate" => {
-            let ms = req.get("window_ms").and_then(Value::as_u64).unwrap_or(1000);
+            let ms = opt_u64(req, "window_ms")?.unwrap_or(1000);
             if !(10..=60_000).contains(&ms) {
                 bail!("dirty-rate window of {ms} ms: use 10 to 60000 ms");
             }
@@ -316,4 +355,73 @@ pub fn call(socket: &Path, req: &Value) -> Result<Value> {
         bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or("request failed"));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn params(req: Value) -> Result<MigrateParams> {
+        migrate_params(&req, "unix:/tmp/x")
+    }
+
+    #[test]
+    fn migrate_request_defaults_apply_only_to_absent_fields() {
+        let p = params(json!({})).unwrap();
+        assert_eq!(p.downtime_limit, Duration::from_millis(300));
+        assert_eq!(p.max_bandwidth, None);
+        assert_eq!(p.max_iterations, 30);
+        assert!(!p.force_switchover && p.auto_converge);
+        assert_eq!(p.stall_timeout, ferry_migrate::source::DEFAULT_STALL_TIMEOUT);
+        let p = params(json!({"downtime_ms": 20, "max_bandwidth_mib_s": 32, "max_iterations": 0,
+            "force_switchover": true, "auto_converge": false, "stall_timeout_ms": 1500}))
+        .unwrap();
+        assert_eq!(p.downtime_limit, Duration::from_millis(20));
+        assert_eq!(p.max_bandwidth.map(NonZeroU64::get), Some(32 << 20));
+        assert_eq!(p.max_iterations, 0);
+        assert!(p.force_switchover && !p.auto_converge);
+        assert_eq!(p.stall_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn migrate_request_fields_of_the_wrong_type_or_out_of_range_are_refused_by_name() {
+        let cases = [
+            (json!({"max_iterations": "5"}), "max_iterations"),
+            (json!({"max_iterations": -1}), "max_iterations"),
+            (json!({"max_iterations": 1u64 << 32}), "max_iterations"),
+            (json!({"downtime_ms": 1.5}), "downtime_ms"),
+            (json!({"force_switchover": "yes"}), "force_switchover"),
+            (json!({"auto_converge": 1}), "auto_converge"),
+            (json!({"max_bandwidth_mib_s": 0}), "max_bandwidth_mib_s"),
+            (json!({"max_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S + 1}), "max_bandwidth_mib_s"),
+            (json!({"stall_timeout_ms": 0}), "stall_timeout_ms"),
+        ];
+        for (req, field) in cases {
+            let e = match params(req.clone()) {
+                Ok(_) => panic!("{req} was accepted"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(e.contains(field), "{req}: {e}");
+        }
+        assert!(params(json!({"max_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S})).is_ok());
+    }
+
+    #[test]
+    fn optional_fields_are_absent_when_missing_or_null_and_refused_when_mistyped() {
+        let req = json!({"n": 7, "b": true, "s": "x", "null": null, "wrong": [1]});
+        assert_eq!(opt_u64(&req, "n").unwrap(), Some(7));
+        assert_eq!(opt_bool(&req, "b").unwrap(), Some(true));
+        assert_eq!(opt_str(&req, "s").unwrap(), Some("x"));
+        assert_eq!(opt_u64(&req, "missing").unwrap(), None);
+        assert_eq!(opt_str(&req, "null").unwrap(), None);
+        for e in [
+            opt_u64(&req, "wrong").map(|_| ()),
+            opt_bool(&req, "wrong").map(|_| ()),
+            opt_str(&req, "wrong").map(|_| ()),
+        ] {
+            let e = format!("{:#}", e.unwrap_err());
+            assert!(e.contains("\"wrong\"") && e.contains("[1]"), "{e}");
+        }
+    }
 }

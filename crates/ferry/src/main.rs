@@ -105,7 +105,7 @@ struct MigrateArgs {
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
     /// Bandwidth cap in MiB/s (default: none).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 40)))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=api::MAX_BANDWIDTH_MIB_S))]
     max_bandwidth: Option<u64>,
     /// Give up (or, with --force-switchover, stop the guest anyway) after this many iterations.
     #[arg(long, default_value_t = 30)]
