@@ -116,14 +116,92 @@ fn connect_tcp(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("'{addr}' resolves to no address"))))
 }
 
+/// Connects to the UNIX socket at `path`, waiting at most `timeout` while its listener's accept
+/// queue is full (a destination that stopped accepting: hung, or stopped). `UnixStream::connect`
+/// would wait there forever. Linux bounds that wait by the socket's send timeout
+/// (`unix_stream_connect` waits `sk_sndtimeo`, then fails with `EAGAIN`), so the socket is
+/// made by hand to set it before the connect; it is cleared again afterwards (the migration
+/// sets its own write timeouts).
+fn connect_unix(path: &std::path::Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a UNIX socket path must be under {} bytes without NUL", addr.sun_path.len()),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: socket() takes plain flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let set_send_timeout = |t: Duration| -> std::io::Result<()> {
+        let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+        // SAFETY: SO_SNDTIMEO on our socket with a timeval that outlives the call.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // A zero timeval means "no timeout": keep at least 1 µs.
+    set_send_timeout(timeout.max(Duration::from_micros(1)))?;
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    loop {
+        // SAFETY: connect() on our socket with a sockaddr_un of `len` valid bytes.
+        let r = unsafe { libc::connect(sock.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // A signal (not a timeout): wait again. The kernel restarts the whole wait, so a
+            // signal storm could stretch it; nothing in Ferry signals this thread.
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: the listener accepted no connection within {:.1} s (its queue is full)",
+                        path.display(),
+                        timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            _ => return Err(e),
+        }
+    }
+    set_send_timeout(Duration::ZERO)?;
+    Ok(UnixStream::from(sock))
+}
+
 impl Conn {
     /// Connects to `uri`. A TCP peer that does not answer (a host that drops the SYNs, a full
     /// accept queue) fails after `timeout` per address instead of the kernel's SYN retries
-    /// (about two minutes).
+    /// (about two minutes); a UNIX listener whose accept queue stays full fails after
+    /// `timeout` too.
     pub fn connect(uri: &Uri, timeout: Duration) -> Result<Conn, TransportError> {
         let err = |source| TransportError::Connect { uri: uri.to_string(), source };
         let c = match uri {
-            Uri::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(err)?),
+            Uri::Unix(p) => Conn::Unix(connect_unix(p, timeout).map_err(err)?),
             Uri::Tcp(a) => {
                 let s = connect_tcp(a, timeout).map_err(err)?;
                 s.set_nodelay(true).map_err(TransportError::Setup)?;
@@ -294,6 +372,78 @@ mod tests {
         assert!(chain.contains(&format!("cannot connect to tcp:{addr}")), "{chain}");
         assert!(chain.contains("did not answer within 0.3 s"), "{chain}");
         assert!(took < Duration::from_secs(3), "the connect took {took:?}");
+    }
+
+    /// A UNIX listener that stopped accepting (its queue full) fails the connect after the
+    /// timeout, naming it, where `UnixStream::connect` would wait forever; a listener that
+    /// accepts still connects, and the stream it gives works both ways.
+    #[test]
+    fn a_unix_listener_that_never_accepts_fails_the_connect_after_the_timeout() {
+        // On a thread, so that a connect that never returns fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            unix_listener_that_never_accepts();
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("a UNIX connect was still blocked after 20 s"),
+            Err(e) => panic!("the test thread failed: {e}"),
+        }
+    }
+
+    fn unix_listener_that_never_accepts() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("ferry-unix-connect-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("full.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        // SAFETY: re-listens on a valid listening socket with a backlog of 0.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let uri = Uri::Unix(path.clone());
+        // Backlog 0 queues one connection; fill the queue (each connect is bounded itself).
+        let mut queued = Vec::new();
+        let e = loop {
+            match Conn::connect(&uri, Duration::from_millis(300)) {
+                Ok(c) => queued.push(c),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 8, "the queue never filled");
+        };
+        let t = std::time::Instant::now();
+        let e2 = Conn::connect(&uri, Duration::from_millis(300)).err().unwrap();
+        let took = t.elapsed();
+        for e in [&e, &e2] {
+            let chain = format!("{e}: {}", std::error::Error::source(e).unwrap());
+            assert!(chain.contains(&format!("cannot connect to unix:{}", path.display())), "{chain}");
+            assert!(chain.contains("accepted no connection within 0.3 s"), "{chain}");
+        }
+        assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3), "the connect took {took:?}");
+
+        // Once the listener accepts again, connecting works and the stream is usable.
+        drop(queued);
+        let path2 = dir.join("open.sock");
+        let _ = std::fs::remove_file(&path2);
+        let l2 = UnixListener::bind(&path2).unwrap();
+        let mut c = Conn::connect(&Uri::Unix(path2.clone()), Duration::from_millis(300)).unwrap();
+        let (mut a, _) = l2.accept().unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        a.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        a.write_all(b"pong").unwrap();
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_unix_path_too_long_for_a_socket_is_refused_naming_the_limit() {
+        let uri = Uri::Unix(PathBuf::from(format!("/tmp/{}", "x".repeat(200))));
+        let e = Conn::connect(&uri, Duration::from_millis(300)).err().unwrap();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(chain.contains("must be under 108 bytes"), "{chain}");
     }
 
     #[test]
