@@ -128,10 +128,10 @@ fn connect_unix(path: &std::path::Path, timeout: Duration) -> std::io::Result<Un
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("a UNIX socket path must be under {} bytes without NUL", addr.sun_path.len()),
+            format!("a UNIX socket path must be 1 to {} bytes without NUL", addr.sun_path.len() - 1),
         ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -146,7 +146,10 @@ fn connect_unix(path: &std::path::Path, timeout: Duration) -> std::io::Result<Un
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let set_send_timeout = |t: Duration| -> std::io::Result<()> {
-        let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+        let tv = libc::timeval {
+            tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_usec: t.subsec_micros() as libc::suseconds_t,
+        };
         // SAFETY: SO_SNDTIMEO on our socket with a timeval that outlives the call.
         let r = unsafe {
             libc::setsockopt(
@@ -162,10 +165,21 @@ fn connect_unix(path: &std::path::Path, timeout: Duration) -> std::io::Result<Un
         }
         Ok(())
     };
-    // A zero timeval means "no timeout": keep at least 1 µs.
-    set_send_timeout(timeout.max(Duration::from_micros(1)))?;
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1) as libc::socklen_t;
+    let timed_out = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the listener accepted no connection within {:.1} s (its queue is full)", timeout.as_secs_f64()),
+        )
+    };
+    let deadline = std::time::Instant::now() + timeout;
     loop {
+        // Each try waits at most the time left (a zero timeval would mean no bound: 1 µs at least).
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        set_send_timeout(left.max(Duration::from_micros(1)))?;
         // SAFETY: connect() on our socket with a sockaddr_un of `len` valid bytes.
         let r = unsafe { libc::connect(sock.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
         if r == 0 {
@@ -173,19 +187,10 @@ fn connect_unix(path: &std::path::Path, timeout: Duration) -> std::io::Result<Un
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
-            // A signal (not a timeout): wait again. The kernel restarts the whole wait, so a
-            // signal storm could stretch it; nothing in Ferry signals this thread.
+            // A signal ended the wait (with a send timeout set, even a SIGSTOP/SIGCONT does;
+            // signal(7)). The socket is still unconnected: try again for the time left.
             Some(libc::EINTR) => {}
-            Some(libc::EAGAIN) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "{}: the listener accepted no connection within {:.1} s (its queue is full)",
-                        path.display(),
-                        timeout.as_secs_f64()
-                    ),
-                ));
-            }
+            Some(libc::EAGAIN) => return Err(timed_out()),
             _ => return Err(e),
         }
     }
@@ -381,20 +386,33 @@ mod tests {
     fn a_unix_listener_that_never_accepts_fails_the_connect_after_the_timeout() {
         // On a thread, so that a connect that never returns fails the test instead of hanging it.
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let t = std::thread::spawn(move || {
             unix_listener_that_never_accepts();
             let _ = tx.send(());
         });
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(()) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("a UNIX connect was still blocked after 20 s"),
-            Err(e) => panic!("the test thread failed: {e}"),
+            // Done, or the thread panicked: join passes its panic on.
+            _ => {
+                if let Err(p) = t.join() {
+                    std::panic::resume_unwind(p);
+                }
+            }
+        }
+    }
+
+    /// A test directory removed when the test ends, failed or not.
+    struct TempDir(PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
     fn unix_listener_that_never_accepts() {
         use std::os::fd::AsRawFd;
-        let dir = std::env::temp_dir().join(format!("ferry-unix-connect-{}", std::process::id()));
+        let tmp = TempDir(PathBuf::from(format!("/tmp/ferry-unix-connect-{}", std::process::id())));
+        let dir = tmp.0.clone();
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("full.sock");
         let _ = std::fs::remove_file(&path);
@@ -415,19 +433,28 @@ mod tests {
         let e2 = Conn::connect(&uri, Duration::from_millis(300)).err().unwrap();
         let took = t.elapsed();
         for e in [&e, &e2] {
-            let chain = format!("{e}: {}", std::error::Error::source(e).unwrap());
+            let source = std::error::Error::source(e).unwrap();
+            let chain = format!("{e}: {source}");
             assert!(chain.contains(&format!("cannot connect to unix:{}", path.display())), "{chain}");
             assert!(chain.contains("accepted no connection within 0.3 s"), "{chain}");
+            let io = source.downcast_ref::<std::io::Error>().unwrap();
+            assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{chain}");
         }
         assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3), "the connect took {took:?}");
 
-        // Once the listener accepts again, connecting works and the stream is usable.
-        drop(queued);
-        let path2 = dir.join("open.sock");
-        let _ = std::fs::remove_file(&path2);
-        let l2 = UnixListener::bind(&path2).unwrap();
-        let mut c = Conn::connect(&Uri::Unix(path2.clone()), Duration::from_millis(300)).unwrap();
-        let (mut a, _) = l2.accept().unwrap();
+        // Once the listener takes a connection off its queue, the next connect gets in, and the
+        // stream it gives works both ways with no send timeout left on it.
+        let _first = l.accept().unwrap();
+        let mut c = Conn::connect(&uri, Duration::from_millis(300)).unwrap();
+        match &c {
+            Conn::Unix(s) => assert_eq!(s.write_timeout().unwrap(), None),
+            Conn::Tcp(_) => panic!("a UNIX URI gave a TCP connection"),
+        }
+        // The other queued connections first, then ours (the queue is FIFO).
+        for _ in 1..queued.len() {
+            l.accept().unwrap();
+        }
+        let (mut a, _) = l.accept().unwrap();
         c.write_all(b"ping").unwrap();
         let mut buf = [0u8; 4];
         a.read_exact(&mut buf).unwrap();
@@ -435,7 +462,6 @@ mod tests {
         a.write_all(b"pong").unwrap();
         c.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"pong");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -443,7 +469,7 @@ mod tests {
         let uri = Uri::Unix(PathBuf::from(format!("/tmp/{}", "x".repeat(200))));
         let e = Conn::connect(&uri, Duration::from_millis(300)).err().unwrap();
         let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
-        assert!(chain.contains("must be under 108 bytes"), "{chain}");
+        assert!(chain.contains("must be 1 to 107 bytes"), "{chain}");
     }
 
     #[test]

@@ -80,7 +80,10 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let (reply, quit) = match serde_json::from_str::<Value>(&line) {
+        let req = serde_json::from_str::<Value>(&line)
+            .map_err(|e| format!("request is not JSON: {e}"))
+            .and_then(|req| check_fields(&req).map(|()| req).map_err(|e| format!("{e:#}")));
+        let (reply, quit) = match req {
             Ok(req) if req["cmd"] == "migrate" => {
                 let reply = migrate(&req, ctx, &mut out);
                 let done = reply["ok"] == json!(true);
@@ -97,7 +100,7 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
                 }
                 Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
             },
-            Err(e) => (json!({"ok": false, "error": format!("request is not JSON: {e}")}), false),
+            Err(e) => (json!({"ok": false, "error": e}), false),
         };
         writeln!(out, "{reply}")?;
         if quit {
@@ -151,29 +154,76 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
     }
 }
 
+/// The fields each command takes besides `cmd`.
+const FIELDS: &[(&str, &[&str])] = &[
+    ("status", &[]),
+    ("pause", &[]),
+    ("resume", &[]),
+    ("quit", &[]),
+    ("migrate-cancel", &[]),
+    (
+        "migrate",
+        &[
+            "to",
+            "downtime_ms",
+            "max_bandwidth_mib_s",
+            "max_iterations",
+            "force_switchover",
+            "auto_converge",
+            "stall_timeout_ms",
+        ],
+    ),
+    ("snapshot", &["to", "live", "stop", "incremental_from"]),
+    ("dirty-rate", &["window_ms"]),
+    ("memory-read", &["gpa", "len"]),
+    ("memory-write", &["gpa", "hex"]),
+];
+
+/// Refuses a request that is not an object, or that has a field its command does not take (a
+/// misspelt option, say `"max_bandwidth"` for `"max_bandwidth_mib_s"`, would otherwise be
+/// ignored and the command run with the default). An unknown or missing `cmd` is left to the
+/// dispatch, which names it.
+fn check_fields(req: &Value) -> Result<()> {
+    let Some(obj) = req.as_object() else { bail!("a request must be a JSON object, not {req}") };
+    let Some(cmd) = obj.get("cmd").and_then(Value::as_str) else { return Ok(()) };
+    let Some((_, allowed)) = FIELDS.iter().find(|(c, _)| *c == cmd) else { return Ok(()) };
+    match obj.keys().find(|k| *k != "cmd" && !allowed.contains(&k.as_str())) {
+        Some(k) if allowed.is_empty() => bail!("unknown field \"{k}\" for {cmd} (it takes none)"),
+        Some(k) => bail!("unknown field \"{k}\" for {cmd} (it takes: {})", allowed.join(", ")),
+        None => Ok(()),
+    }
+}
+
 /// Largest bandwidth cap, MiB/s (the CLI's `--max-bandwidth` range ends there too).
 pub const MAX_BANDWIDTH_MIB_S: u64 = 1 << 40;
 
 /// The migration parameters a `migrate` request asks for; a field of the wrong type or out of
 /// range is refused, never replaced by its default.
 fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
+    let force_switchover = opt_bool(req, "force_switchover")?.unwrap_or(false);
     Ok(MigrateParams {
         to: Uri::parse(to)?,
         downtime_limit: Duration::from_millis(opt_u64(req, "downtime_ms")?.unwrap_or(300)),
         max_bandwidth: match opt_u64(req, "max_bandwidth_mib_s")? {
             // The CLI's range: 1 MiB/s to 2^40 MiB/s (2^60 bytes/s, far beyond any link).
             Some(m @ 1..=MAX_BANDWIDTH_MIB_S) => NonZeroU64::new(m << 20),
-            Some(m) => bail!("max_bandwidth_mib_s must be 1 to {MAX_BANDWIDTH_MIB_S}, not {m}"),
+            Some(m) => bail!("\"max_bandwidth_mib_s\" must be 1 to {MAX_BANDWIDTH_MIB_S}, not {m}"),
             None => None,
         },
-        max_iterations: match opt_u64(req, "max_iterations")? {
-            Some(n) => u32::try_from(n).map_err(|_| anyhow!("max_iterations must be at most {}, not {n}", u32::MAX))?,
-            None => 30,
+        max_iterations: match (opt_u64(req, "max_iterations")?, force_switchover) {
+            // No pass before the switch-over can converge: without force it could only fail.
+            (Some(0), false) => {
+                bail!("\"max_iterations\": 0 switches over right after the first pass: it needs \"force_switchover\"")
+            }
+            (Some(n), _) => {
+                u32::try_from(n).map_err(|_| anyhow!("\"max_iterations\" must be at most {}, not {n}", u32::MAX))?
+            }
+            (None, _) => 30,
         },
-        force_switchover: opt_bool(req, "force_switchover")?.unwrap_or(false),
+        force_switchover,
         auto_converge: opt_bool(req, "auto_converge")?.unwrap_or(true),
         stall_timeout: match opt_u64(req, "stall_timeout_ms")? {
-            Some(0) => bail!("stall_timeout_ms must be at least 1"),
+            Some(0) => bail!("\"stall_timeout_ms\" must be at least 1"),
             Some(ms) => Duration::from_millis(ms),
             None => ferry_migrate::source::DEFAULT_STALL_TIMEOUT,
         },
@@ -396,6 +446,7 @@ mod tests {
             (json!({"max_bandwidth_mib_s": 0}), "max_bandwidth_mib_s"),
             (json!({"max_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S + 1}), "max_bandwidth_mib_s"),
             (json!({"stall_timeout_ms": 0}), "stall_timeout_ms"),
+            (json!({"max_iterations": 0}), "force_switchover"),
         ];
         for (req, field) in cases {
             let e = match params(req.clone()) {
@@ -405,6 +456,26 @@ mod tests {
             assert!(e.contains(field), "{req}: {e}");
         }
         assert!(params(json!({"max_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S})).is_ok());
+    }
+
+    #[test]
+    fn a_field_the_command_does_not_take_is_refused_by_name() {
+        let e = check_fields(&json!({"cmd": "migrate", "to": "unix:/x", "max_bandwidth": 100})).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("unknown field \"max_bandwidth\" for migrate") && e.contains("max_bandwidth_mib_s"), "{e}");
+        let e = format!("{:#}", check_fields(&json!({"cmd": "pause", "now": true})).unwrap_err());
+        assert!(e.contains("unknown field \"now\" for pause (it takes none)"), "{e}");
+        assert!(format!("{:#}", check_fields(&json!([1])).unwrap_err()).contains("JSON object"));
+        // Every field a command reads is allowed; an unknown command is left to the dispatch.
+        check_fields(&json!({"cmd": "migrate", "to": "unix:/x", "downtime_ms": 1, "max_bandwidth_mib_s": 1,
+            "max_iterations": 1, "force_switchover": true, "auto_converge": false, "stall_timeout_ms": 1}))
+        .unwrap();
+        check_fields(&json!({"cmd": "snapshot", "to": "/x", "live": true, "stop": false, "incremental_from": "/y"}))
+            .unwrap();
+        check_fields(&json!({"cmd": "dirty-rate", "window_ms": 100})).unwrap();
+        check_fields(&json!({"cmd": "memory-read", "gpa": 0, "len": 1})).unwrap();
+        check_fields(&json!({"cmd": "memory-write", "gpa": 0, "hex": "00"})).unwrap();
+        check_fields(&json!({"cmd": "no-such", "x": 1})).unwrap();
     }
 
     #[test]

@@ -531,6 +531,9 @@ extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 
 fn migrate(a: MigrateArgs) -> Result<i32> {
     ferry_migrate::transport::Uri::parse(&a.to)?;
+    if a.max_iterations == 0 && !a.force_switchover {
+        bail!("--max-iterations 0 switches over right after the first pass: it needs --force-switchover");
+    }
     // Ctrl-C cancels the migration (the source keeps running) instead of killing this client.
     vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint)
         .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;

@@ -180,3 +180,18 @@ fn a_zero_bandwidth_cap_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("--max-bandwidth"), "{err}");
 }
+
+#[test]
+fn zero_iterations_without_forced_switchover_is_refused() {
+    let (code, err) = run_ferry(&[
+        "migrate",
+        "--api-socket",
+        "/tmp/ferry-no-such.sock",
+        "--to",
+        "unix:/tmp/x",
+        "--max-iterations",
+        "0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--max-iterations 0") && err.contains("--force-switchover"), "{err}");
+}
