@@ -166,32 +166,24 @@ fn a_destination_stall_timeout_without_incoming_or_of_zero_is_refused() {
     assert!(!std::path::Path::new("/tmp/ferry-never-used-2.sock").exists(), "nothing may listen");
 }
 
+/// `ferry migrate` with `extra` options, to a source that does not exist: a refusal of the
+/// options must come before any attempt to reach it.
+fn migrate_with(extra: &[&str]) -> (i32, String) {
+    let mut args = vec!["migrate", "--api-socket", "/tmp/ferry-no-such.sock", "--to", "unix:/tmp/x"];
+    args.extend_from_slice(extra);
+    run_ferry(&args)
+}
+
 #[test]
 fn a_zero_bandwidth_cap_is_refused() {
-    let (code, err) = run_ferry(&[
-        "migrate",
-        "--api-socket",
-        "/tmp/ferry-no-such.sock",
-        "--to",
-        "unix:/tmp/x",
-        "--max-bandwidth",
-        "0",
-    ]);
+    let (code, err) = migrate_with(&["--max-bandwidth", "0"]);
     assert_ne!(code, 0);
     assert!(err.contains("--max-bandwidth"), "{err}");
 }
 
 #[test]
 fn zero_iterations_without_forced_switchover_is_refused() {
-    let (code, err) = run_ferry(&[
-        "migrate",
-        "--api-socket",
-        "/tmp/ferry-no-such.sock",
-        "--to",
-        "unix:/tmp/x",
-        "--max-iterations",
-        "0",
-    ]);
+    let (code, err) = migrate_with(&["--max-iterations", "0"]);
     assert_ne!(code, 0);
     assert!(err.contains("--max-iterations 0") && err.contains("--force-switchover"), "{err}");
 }
