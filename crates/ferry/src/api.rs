@@ -230,29 +230,25 @@ fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
     })
 }
 
-/// An optional numeric field: absent is `None`; present with any other type is an error
-/// (never silently the default).
+/// An optional field, read by `get`: absent or `null` is `None`; present with any other type
+/// is an error naming the field and what it must be (never silently the default).
+fn opt<'a, T>(req: &'a Value, name: &str, get: fn(&'a Value) -> Option<T>, what: &str) -> Result<Option<T>> {
+    match req.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => get(v).map(Some).ok_or_else(|| anyhow!("\"{name}\" must be {what}, not {v}")),
+    }
+}
+
 fn opt_u64(req: &Value, name: &str) -> Result<Option<u64>> {
-    match req.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| anyhow!("\"{name}\" must be a non-negative integer, not {v}")),
-    }
+    opt(req, name, Value::as_u64, "a non-negative integer")
 }
 
-/// An optional boolean field, like [`opt_u64`].
 fn opt_bool(req: &Value, name: &str) -> Result<Option<bool>> {
-    match req.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| anyhow!("\"{name}\" must be true or false, not {v}")),
-    }
+    opt(req, name, Value::as_bool, "true or false")
 }
 
-/// An optional string field, like [`opt_u64`].
 fn opt_str<'a>(req: &'a Value, name: &str) -> Result<Option<&'a str>> {
-    match req.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| anyhow!("\"{name}\" must be a string, not {v}")),
-    }
+    opt(req, name, Value::as_str, "a string")
 }
 
 fn field_u64(req: &Value, name: &str) -> Result<u64> {
