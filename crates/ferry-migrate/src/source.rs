@@ -228,6 +228,10 @@ pub struct IterationStats {
     pub dirty_rate_pages_s: f64,
     /// Estimated pause if the switch-over had happened at the start of this iteration.
     pub estimated_downtime_ms: f64,
+    /// vCPU throttle in force during this iteration (auto-converge), in percent.
+    pub throttle_percent: u32,
+    /// Share of this iteration the throttle really held the vCPUs paused, in percent.
+    pub throttled_percent: f64,
 }
 
 /// Where the pause went.
@@ -655,7 +659,9 @@ fn run<'s>(
             break;
         }
         if iteration > 1 && stalled {
-            if let Some(pct) = throttle.as_ref().and_then(|t| t.step_up()) {
+            let dirty_pages_s = if last_iter_secs > 0.0 { pending as f64 / last_iter_secs } else { 0.0 };
+            let send_pages_s = bandwidth / PAGE_SIZE as f64;
+            if let Some(pct) = throttle.as_ref().and_then(|t| t.step_up(dirty_pages_s, send_pages_s)) {
                 summary.max_throttle_percent = pct;
                 progress(&Progress::Throttle { percent: pct });
             }
@@ -675,6 +681,7 @@ fn run<'s>(
         }
         let t0 = Instant::now();
         let b0 = s.w.bytes_written();
+        let off0 = throttle.as_ref().map(|t| t.off_total());
         let (sent, normal, zero) = s.send_pending(t0, b0)?;
         // What the next iteration's dirty set is judged against: the pages this one really had
         // to send. Zero pages cost almost nothing, so the first pass (every page) counts by its
@@ -709,6 +716,11 @@ fn run<'s>(
             bandwidth_mib_s: bytes as f64 / secs / (1 << 20) as f64,
             dirty_rate_pages_s: if last_iter_secs > 0.0 { pending as f64 / last_iter_secs } else { 0.0 },
             estimated_downtime_ms: if estimate_ms.is_finite() { estimate_ms } else { 0.0 },
+            throttle_percent: throttle.as_ref().map_or(0, |t| t.percent()),
+            throttled_percent: match (&throttle, off0) {
+                (Some(t), Some(o)) => (t.off_total().saturating_sub(o).as_secs_f64() / secs * 100.0).min(100.0),
+                _ => 0.0,
+            },
         };
         last_iter_secs = secs;
         progress(&Progress::Iteration(stats.clone()));

@@ -114,7 +114,7 @@ struct MigrateArgs {
     #[arg(long)]
     force_switchover: bool,
     /// Do not throttle the guest's vCPUs when its dirty set stops shrinking (by default Ferry
-    /// throttles them step by step, 50% up to 95% of each 5 ms, so the final pause stays short).
+    /// throttles them step by step, 50% and up to 99% of the time, so the final pause stays short).
     #[arg(long)]
     no_auto_converge: bool,
     /// Fail the migration (the source keeps running) when the destination takes no data for

@@ -15,7 +15,7 @@ pub fn progress_line(ev: &Value) -> String {
     match ev["event"].as_str().unwrap_or("") {
         "connected" => format!("connected to {}", ev["to"].as_str().unwrap_or("?")),
         "iteration" => format!(
-            "iteration {}: {} pages dirty, sent {} ({} normal, {} zero), {:.1} MiB in {:.0} ms, {:.0} MiB/s",
+            "iteration {}: {} pages dirty, sent {} ({} normal, {} zero), {:.1} MiB in {:.0} ms, {:.0} MiB/s{}",
             u(ev, "iteration"),
             u(ev, "pages_dirtied"),
             u(ev, "pages_sent"),
@@ -23,7 +23,8 @@ pub fn progress_line(ev: &Value) -> String {
             u(ev, "zero_pages"),
             u(ev, "bytes") as f64 / (1 << 20) as f64,
             f(ev, "duration_ms"),
-            f(ev, "bandwidth_mib_s")
+            f(ev, "bandwidth_mib_s"),
+            throttle_text(ev)
         ),
         "switchover" => format!(
             "switching over: {} pages left, estimated pause {:.1} ms",
@@ -32,6 +33,14 @@ pub fn progress_line(ev: &Value) -> String {
         ),
         "throttle" => format!("dirty set stopped shrinking: throttling the vCPUs to {}%", u(ev, "percent")),
         _ => ev.to_string(),
+    }
+}
+
+/// ", vCPUs throttled to P% (held off Q%)" for an iteration that ran throttled, else nothing.
+fn throttle_text(it: &Value) -> String {
+    match u(it, "throttle_percent") {
+        0 => String::new(),
+        p => format!(", vCPUs throttled to {p}% (held off {:.0}%)", f(it, "throttled_percent")),
     }
 }
 
@@ -63,16 +72,18 @@ pub fn summary_text(s: &Value) -> String {
             if s["disk_lock_released_before_commit"] == Value::Bool(true) { "before COMMIT" } else { "after COMMIT" }
         );
     }
-    o += "  iteration   dirty pages    sent pages        MiB      ms     MiB/s\n";
+    o += "  iteration   dirty pages    sent pages        MiB      ms     MiB/s  throttle  held off\n";
     for it in s["iterations"].as_array().into_iter().flatten() {
         o += &format!(
-            "  {:>9} {:>13} {:>13} {:>10.1} {:>7.0} {:>9.0}\n",
+            "  {:>9} {:>13} {:>13} {:>10.1} {:>7.0} {:>9.0} {:>8}% {:>8.0}%\n",
             u(it, "iteration"),
             u(it, "pages_dirtied"),
             u(it, "pages_sent"),
             u(it, "bytes") as f64 / (1 << 20) as f64,
             f(it, "duration_ms"),
-            f(it, "bandwidth_mib_s")
+            f(it, "bandwidth_mib_s"),
+            u(it, "throttle_percent"),
+            f(it, "throttled_percent")
         );
     }
     o += "  downtime breakdown:\n";
