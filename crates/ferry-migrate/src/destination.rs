@@ -4,70 +4,39 @@
 //! Nothing runs before COMMIT: on any error the destination answers NACK (when it still can),
 //! drops everything it built and the caller exits with the error.
 
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::time::{Duration, Instant};
 
-use ferry_stream::{PageType, Record, StreamReader, PAGE_SIZE};
+use ferry_stream::{CpuModel, MachineConfig, PageBatch, PageType, RamMap, SnapshotInfo, StreamReader, PAGE_SIZE};
 use ferry_vmm::devices::disk_image::DiskImage;
-use ferry_vmm::devices::serial::{decode_state, SerialDevice, SerialSink, SERIAL_SECTION_ID};
+use ferry_vmm::devices::serial::SerialSink;
 use ferry_vmm::devices::virtio_blk::StartMode;
-use ferry_vmm::devices::virtio_blk_state::{BlockState, BLOCK_SECTION_ID, BLOCK_STATE_VERSION};
 use ferry_vmm::dirty_log::Bitmap;
 use ferry_vmm::memory::GuestRam;
 use ferry_vmm::uffd::{CopyOutcome, Uffd};
-use ferry_vmm::vcpu_state::VcpuState;
-use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, DiskSetup, Vm};
-use ferry_vmm::vm_state::VmState;
+use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, Vm};
 
-use crate::protocol::{self, Ack, ProtocolError};
-use crate::transport::Conn;
+use crate::protocol::{self, Ack, Opening, ProtocolError};
+use crate::records::{load_records, LoadError, LoadOptions, RecordSink, StreamKind};
+use crate::transport::{Conn, StallWatch, SEND_POLL};
 
 /// Errors of an incoming migration.
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
-    #[error("reading the migration stream failed")]
-    Stream(#[from] ferry_stream::StreamError),
-    #[error("the stream has no MACHINE_CONFIG record before its first {0}")]
-    NoConfig(&'static str),
-    #[error("the stream describes {stream} bytes of guest memory but this destination was started with {local}")]
-    MemoryMismatch { stream: u64, local: u64 },
-    #[error("the stream has a second MACHINE_CONFIG record; a migration stream describes one machine")]
-    DuplicateConfig,
-    #[error("the stream's RAM layout {0:?} is not the one Ferry uses for that size")]
-    Layout(Vec<(u64, u64)>),
-    #[error("the stream describes {0} vCPUs; Ferry supports 1 to 8")]
-    VcpuCount(u32),
+    #[error("the handshake with the source failed")]
+    Handshake(#[source] ProtocolError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("page frame {0:#x} is outside guest RAM")]
     PageOutside(u64),
     #[error("page frame {0:#x} is BROKEN (poisoned on the source); this Ferry cannot represent broken pages yet")]
     Broken(u64),
-    #[error("the stream ended without state for vCPU {0}")]
-    MissingVcpu(u32),
-    #[error("the stream ended without VM-wide state")]
-    MissingVmState,
-    #[error("the stream carries state for vCPU {0}, which the machine does not have")]
-    ExtraVcpu(u32),
-    #[error("device section '{id}' version {version} is not known to this Ferry")]
-    UnknownDevice { id: String, version: u32 },
     #[error("record {0} is not valid in a migration stream")]
     Unexpected(&'static str),
     #[error("cannot rebuild the machine")]
     Vm(#[from] ferry_vmm::vm::VmError),
     #[error("guest memory")]
     Memory(#[from] ferry_vmm::memory::MemoryError),
-    #[error("vCPU {0} state is invalid")]
-    VcpuState(u32, #[source] ferry_vmm::vcpu_state::VcpuStateError),
-    #[error("VM-wide state is invalid")]
-    VmState(#[source] ferry_vmm::vm_state::VmStateError),
-    #[error("serial state is invalid")]
-    Serial(#[source] ferry_vmm::devices::serial::SerialStateError),
-    #[error("state of disk {0} is invalid")]
-    DiskState(u32, #[source] ferry_vmm::devices::virtio_blk_state::BlockStateError),
-    #[error(
-        "the source machine has {source_disks} disk(s) but this destination was started with {local} \
-         (give the same --disk images, in the same order)"
-    )]
-    DiskCount { source_disks: usize, local: usize },
     #[error("filling guest memory failed")]
     Uffd(#[source] ferry_vmm::uffd::UffdError),
     #[error("the source did not commit the handover")]
@@ -95,6 +64,8 @@ struct Pending {
     /// The machine is built as soon as the configuration arrives, so that the switch-over only
     /// has to put state into it.
     machine: ferry_vmm::vm::MachineParts,
+    vcpus: u32,
+    /// Created once the CPU model is known.
     fds: Vec<kvm_ioctls::VcpuFd>,
     /// Pages written during this load (a ZERO page there must be cleared again).
     written: Vec<Bitmap>,
@@ -202,60 +173,56 @@ pub enum IncomingRam {
     Prefaulted(GuestRam),
 }
 
-/// The stream connection with its silence bounded: a read that gets no byte for the stall
-/// timeout fails with an error that says so (the source hung, was stopped, or the link died
-/// without a reset), instead of waiting forever with nothing started.
-struct QuietSource {
-    conn: Conn,
-    stall: Duration,
+/// What the destination is given besides the connection.
+pub struct IncomingParams {
+    pub ram: IncomingRam,
+    pub serial_out: SerialSink,
+    pub dirty_tracking: DirtyTracking,
+    /// The destination's own images, opened, locked at the handover.
+    pub disks: Vec<DiskImage>,
+    /// A source that sends nothing for this long before END fails the load.
+    pub stall: Duration,
+    /// What the load checks besides the stream (`--memory` is in `ram`).
+    pub load: LoadOptions,
 }
 
-impl QuietSource {
-    fn new(conn: Conn, stall: Duration) -> std::io::Result<Self> {
-        conn.set_read_timeout(Some(stall))?;
-        Ok(QuietSource { conn, stall })
-    }
-}
-
-impl std::io::Read for QuietSource {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            match self.conn.read(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("the source sent no data for {:.1} s", self.stall.as_secs_f64()),
-                    ));
-                }
-                r => return r,
-            }
-        }
-    }
-}
-
-/// Receives a machine on `conn` into `ram`. Returns the running machine once the source
-/// committed. A source that sends nothing for `stall` before the stream's END fails the load;
-/// the wait for COMMIT after the ACK has no bound (see there).
-pub fn receive(
-    conn: Conn,
-    ram: IncomingRam,
-    serial_out: SerialSink,
-    dirty_tracking: DirtyTracking,
-    disks: Vec<DiskImage>,
-    stall: Duration,
-) -> Result<(Vm, IncomingStats), IncomingError> {
+/// Receives a machine on `conn`. Returns the running machine once the source committed. A
+/// source that sends nothing for `stall` before the stream's END fails the load; the wait for
+/// COMMIT after the ACK has no bound (see there).
+pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats), IncomingError> {
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
     // SO_RCVTIMEO is the socket's: the commit wait below clears it again.
-    let conn = QuietSource::new(conn, stall).map_err(IncomingError::Reply)?;
-    match load(conn, ram, serial_out, dirty_tracking, disks, t_start) {
-        Ok(((machine, serial, fds), disks, stats)) => {
-            // vCPU threads start paused; COMMIT resumes them. Their start counts as load time.
+    conn.set_read_timeout(Some(SEND_POLL)).map_err(IncomingError::Reply)?;
+    conn.set_write_timeout(Some(SEND_POLL)).map_err(IncomingError::Reply)?;
+    let local = conn.is_local();
+    let mut watched = StallWatch::from_source(conn, params.stall);
+    // The handshake: a source with it is answered (or refused, naming both format ranges);
+    // one from before it starts with its stream header, read as it stands.
+    let opening = match protocol::destination_handshake(&mut watched) {
+        Ok(Opening::Hello(_)) => Vec::new(),
+        Ok(Opening::Stream(head)) => head.to_vec(),
+        Err(e) => return Err(IncomingError::Handshake(e)),
+    };
+    let stream = std::io::Cursor::new(opening).chain(watched);
+    let IncomingParams { ram, serial_out, dirty_tracking, disks, load: opts, .. } = params;
+    match load(stream, local, ram, dirty_tracking, &disks, opts) {
+        Ok((pending, loaded, stats)) => {
+            // The machine is built from its state; vCPU threads start paused, COMMIT resumes
+            // them. This counts as load time.
             let t = Instant::now();
-            let replay: u64 = disks.iter().map(|d| d.state.as_ref().map_or(0, |s| s.in_flight.len() as u64)).sum();
-            let vm = match Vm::start(machine, serial, disks, fds, true) {
+            let replay: u64 = loaded.state.disks.iter().map(|d| d.in_flight.len() as u64).sum();
+            let vm = match Vm::restore(
+                pending.machine,
+                pending.fds,
+                loaded.cpu,
+                &loaded.state,
+                serial_out,
+                disks,
+                StartMode::AwaitHandover,
+                true,
+            ) {
                 Ok(vm) => vm,
                 Err(e) => {
                     let e = IncomingError::Start(e);
@@ -263,7 +230,9 @@ pub fn receive(
                     return Err(e);
                 }
             };
-            let stats = IncomingStats { load: stats.load + t.elapsed(), disk_replayed: replay, ..stats };
+            let restore = t.elapsed();
+            let stats = IncomingStats { load: stats.load + restore, restore, disk_replayed: replay, ..stats };
+            reply.set_write_timeout(None).map_err(IncomingError::Reply)?;
             protocol::send_ack(
                 &mut reply,
                 Ack {
@@ -287,6 +256,7 @@ pub fn receive(
             Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }))
         }
         Err(e) => {
+            let _ = reply.set_write_timeout(None);
             let _ = protocol::send_nack(&mut reply, &format!("{}", ErrorChain(&e)));
             Err(e)
         }
@@ -308,214 +278,165 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-pub(crate) type Parts = (ferry_vmm::vm::MachineParts, SerialDevice, Vec<kvm_ioctls::VcpuFd>);
-
-#[allow(clippy::type_complexity)]
-fn load(
-    conn: QuietSource,
-    ram: IncomingRam,
-    serial_out: SerialSink,
+/// The migration stream's own records: guest RAM comes in page batches, written as they
+/// arrive into a machine built when the configuration arrived.
+struct MigrationSink<'a> {
+    ram: Option<IncomingRam>,
     dirty_tracking: DirtyTracking,
-    disks: Vec<DiskImage>,
-    t_start: Instant,
-) -> Result<(Parts, Vec<DiskSetup>, IncomingStats), IncomingError> {
-    let mut disk_states: Vec<Option<BlockState>> = disks.iter().map(|_| None).collect();
-    let mut idle_copy: Option<crate::copy_priority::IdleCopy> = None;
-    // Page entries still to come before the first pass (every page once) is complete.
-    let mut first_pass_left = u64::MAX;
-    let mut source_disks = 0usize;
+    disks: &'a [DiskImage],
+    /// Whether the source (and so its running guest) shares this host's CPUs.
+    local: bool,
+    pending: Option<Pending>,
+    idle_copy: Option<crate::copy_priority::IdleCopy>,
+    /// Page entries still to come before the first pass (every page once) is complete.
+    first_pass_left: u64,
+    stats: IncomingStats,
+}
+
+impl RecordSink for MigrationSink<'_> {
+    type Error = IncomingError;
+
+    fn machine_config(&mut self, c: &MachineConfig) -> Result<(), IncomingError> {
+        let (ram, uffd) = match self.ram.take() {
+            // Every page exists: plain copies, no userfaultfd.
+            Some(IncomingRam::Prefaulted(ram)) => (ram, None),
+            Some(IncomingRam::Fresh(_)) | None => {
+                let ram = GuestRam::new(c.memory_bytes)?;
+                let uffd = Uffd::new().ok().and_then(|mut u| {
+                    ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
+                });
+                (ram, uffd)
+            }
+        };
+        let written = ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
+        // The source's guest runs while pre-copy arrives: stay off its CPU until every page has
+        // come once, or until the final pass if the guest runs on this host.
+        let disk_threads = self.disks.iter().map(|d| d.spec().busy_threads()).sum();
+        drop(self.idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus, disk_threads)));
+        self.first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
+        let machine = create_machine(ram, self.dirty_tracking)?;
+        self.pending = Some(Pending { machine, vcpus: c.vcpus, fds: Vec::new(), written, uffd });
+        Ok(())
+    }
+
+    fn cpu_model(&mut self, m: &CpuModel) -> Result<(), IncomingError> {
+        let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("CPU_MODEL before MACHINE_CONFIG"))?;
+        p.fds = (0..p.vcpus).map(|id| create_vcpu(&p.machine, id, p.vcpus, m)).collect::<Result<Vec<_>, _>>()?;
+        Ok(())
+    }
+
+    fn page_batch(&mut self, batch: PageBatch<'_>) -> Result<(), IncomingError> {
+        let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("PAGE_BATCH before MACHINE_CONFIG"))?;
+        self.first_pass_left = self.first_pass_left.saturating_sub(batch.len() as u64);
+        if self.first_pass_left == 0 && !self.local {
+            drop(self.idle_copy.take());
+        }
+        if let Some(i) = self.idle_copy.as_mut() {
+            i.watch();
+        }
+        let stats = &mut self.stats;
+        // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.
+        let mut run: Option<(u64, u64, &[u8])> = None;
+        for (gfn, ty, data) in batch.iter() {
+            if let (PageType::Normal, Some(d)) = (ty, data) {
+                stats.normal_pages += 1;
+                match &mut run {
+                    Some((start, n, buf)) if *start + *n == gfn && buf.as_ptr_range().end == d.as_ptr() => {
+                        *n += 1;
+                        // SAFETY: both slices come from the same record buffer and are
+                        // adjacent (checked above), so the joined range is one slice.
+                        *buf = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len() + d.len()) };
+                        continue;
+                    }
+                    _ => {
+                        if let Some((start, n, buf)) = run.take() {
+                            p.write_run(start, n, buf)?;
+                        }
+                        run = Some((gfn, 1, d));
+                        continue;
+                    }
+                }
+            }
+            if let Some((start, n, buf)) = run.take() {
+                p.write_run(start, n, buf)?;
+            }
+            match ty {
+                PageType::Zero | PageType::Discarded => {
+                    let (host, ri, page) = p.page(gfn)?;
+                    if p.written[ri].get(page) {
+                        // SAFETY: the page exists (written earlier in this load) and no
+                        // vCPU runs yet.
+                        unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
+                    }
+                    stats.zero_pages += 1;
+                }
+                PageType::Broken => return Err(IncomingError::Broken(gfn)),
+                PageType::Normal => return Err(IncomingError::Unexpected("NORMAL page without data")),
+            }
+        }
+        if let Some((start, n, buf)) = run.take() {
+            p.write_run(start, n, buf)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_info(&mut self, _: SnapshotInfo) -> Result<(), IncomingError> {
+        Err(IncomingError::Unexpected("SNAPSHOT_INFO"))
+    }
+
+    fn ram_map(&mut self, _: RamMap) -> Result<(), IncomingError> {
+        Err(IncomingError::Unexpected("RAM_MAP"))
+    }
+
+    // The source paused its guest: the final pass is the pause, at full priority.
+    fn final_pass(&mut self) {
+        drop(self.idle_copy.take());
+    }
+
+    fn state_begins(&mut self) {
+        drop(self.idle_copy.take());
+    }
+}
+
+/// Reads the stream into a new machine's RAM; returns the machine's parts and its state.
+fn load(
+    stream: impl Read,
+    local: bool,
+    ram: IncomingRam,
+    dirty_tracking: DirtyTracking,
+    disks: &[DiskImage],
+    mut opts: LoadOptions,
+) -> Result<(Pending, crate::records::Loaded, IncomingStats), IncomingError> {
+    if let IncomingRam::Fresh(Some(m)) = &ram {
+        opts.memory = Some(*m);
+    }
+    if let IncomingRam::Prefaulted(r) = &ram {
+        opts.memory = Some(r.size());
+    }
     // A small buffer: a page batch's body is then mostly read straight into the reader's record
     // buffer (BufReader passes reads larger than its buffer through) instead of being copied
     // twice; small records still come many per read.
-    // Whether the source (and so its running guest) shares this host's CPUs.
-    let local = conn.conn.is_local();
-    let mut r = StreamReader::new(BufReader::with_capacity(64 << 10, conn))?;
-    let mut pending: Option<Pending> = None;
-    let mut stats = IncomingStats::default();
-    let mut vm_state: Option<VmState> = None;
-    let mut vcpu_states: Vec<Option<VcpuState>> = Vec::new();
-    let mut serial_state = None;
-    let (memory, mut prefaulted) = match ram {
-        IncomingRam::Fresh(m) => (m, None),
-        IncomingRam::Prefaulted(r) => (Some(r.size()), Some(r)),
+    let mut r = StreamReader::new(BufReader::with_capacity(64 << 10, stream)).map_err(LoadError::Stream)?;
+    let mut sink = MigrationSink {
+        ram: Some(ram),
+        dirty_tracking,
+        disks,
+        local,
+        pending: None,
+        idle_copy: None,
+        first_pass_left: u64::MAX,
+        stats: IncomingStats::default(),
     };
-    loop {
-        match r.next_record()? {
-            Record::MachineConfig(c) => {
-                if let Some(m) = memory {
-                    if m != c.memory_bytes {
-                        return Err(IncomingError::MemoryMismatch { stream: c.memory_bytes, local: m });
-                    }
-                }
-                if c.vcpus == 0 || c.vcpus > ferry_vmm::vm::MAX_VCPUS {
-                    return Err(IncomingError::VcpuCount(c.vcpus));
-                }
-                if ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
-                    return Err(IncomingError::Layout(c.regions.clone()));
-                }
-                if pending.is_some() {
-                    return Err(IncomingError::DuplicateConfig);
-                }
-                let (ram, uffd) = match prefaulted.take() {
-                    // Every page exists: plain copies, no userfaultfd.
-                    Some(ram) => (ram, None),
-                    None => {
-                        let ram = GuestRam::new(c.memory_bytes)?;
-                        let uffd = Uffd::new().ok().and_then(|mut u| {
-                            ram.regions().iter().try_for_each(|r| u.register(r.host_addr, r.size)).ok().map(|_| u)
-                        });
-                        (ram, uffd)
-                    }
-                };
-                let written = ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
-                vcpu_states = (0..c.vcpus).map(|_| None).collect();
-                // The source's guest runs while pre-copy arrives: stay off its CPU until every
-                // page has come once, or until the final pass if the guest runs on this host.
-                let disk_threads = disks.iter().map(|d| d.spec().busy_threads()).sum();
-                drop(idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus, disk_threads)));
-                first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
-                let machine = create_machine(ram, dirty_tracking)?;
-                let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
-                pending = Some(Pending { machine, fds, written, uffd });
-            }
-            Record::PageBatch(batch) => {
-                let p = pending.as_mut().ok_or(IncomingError::NoConfig("PAGE_BATCH"))?;
-                first_pass_left = first_pass_left.saturating_sub(batch.len() as u64);
-                if first_pass_left == 0 && !local {
-                    drop(idle_copy.take());
-                }
-                if let Some(i) = idle_copy.as_mut() {
-                    i.watch();
-                }
-                // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.
-                let mut run: Option<(u64, u64, &[u8])> = None;
-                for (gfn, ty, data) in batch.iter() {
-                    if let (PageType::Normal, Some(d)) = (ty, data) {
-                        stats.normal_pages += 1;
-                        match &mut run {
-                            Some((start, n, buf)) if *start + *n == gfn && buf.as_ptr_range().end == d.as_ptr() => {
-                                *n += 1;
-                                // SAFETY: both slices come from the same record buffer and are
-                                // adjacent (checked above), so the joined range is one slice.
-                                *buf = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len() + d.len()) };
-                                continue;
-                            }
-                            _ => {
-                                if let Some((start, n, buf)) = run.take() {
-                                    p.write_run(start, n, buf)?;
-                                }
-                                run = Some((gfn, 1, d));
-                                continue;
-                            }
-                        }
-                    }
-                    if let Some((start, n, buf)) = run.take() {
-                        p.write_run(start, n, buf)?;
-                    }
-                    match ty {
-                        PageType::Zero | PageType::Discarded => {
-                            let (host, ri, page) = p.page(gfn)?;
-                            if p.written[ri].get(page) {
-                                // SAFETY: the page exists (written earlier in this load) and no
-                                // vCPU runs yet.
-                                unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
-                            }
-                            stats.zero_pages += 1;
-                        }
-                        PageType::Broken => return Err(IncomingError::Broken(gfn)),
-                        PageType::Normal => return Err(IncomingError::Unexpected("NORMAL page without data")),
-                    }
-                }
-                if let Some((start, n, buf)) = run.take() {
-                    p.write_run(start, n, buf)?;
-                }
-            }
-            Record::VmState { data, .. } => {
-                // The final pass has begun (the source paused its guest): full priority.
-                drop(idle_copy.take());
-                vm_state = Some(VmState::decode(data).map_err(IncomingError::VmState)?);
-            }
-            Record::VcpuState { id, data, .. } => {
-                let slot = vcpu_states.get_mut(id as usize).ok_or(IncomingError::ExtraVcpu(id))?;
-                *slot = Some(VcpuState::decode(data).map_err(|e| IncomingError::VcpuState(id, e))?);
-            }
-            Record::DeviceState { id, instance, version, data } if id == BLOCK_SECTION_ID => {
-                if version != BLOCK_STATE_VERSION {
-                    return Err(IncomingError::UnknownDevice { id, version });
-                }
-                source_disks = source_disks.max(instance as usize + 1);
-                let st = BlockState::decode(data).map_err(|e| IncomingError::DiskState(instance, e))?;
-                match disk_states.get_mut(instance as usize) {
-                    Some(slot) => *slot = Some(st),
-                    None => return Err(IncomingError::DiskCount { source_disks, local: disks.len() }),
-                }
-            }
-            Record::DeviceState { id, version, data, .. } => {
-                if id != SERIAL_SECTION_ID || version != ferry_vmm::devices::serial::SERIAL_STATE_VERSION {
-                    return Err(IncomingError::UnknownDevice { id, version });
-                }
-                serial_state = Some(decode_state(data).map_err(IncomingError::Serial)?);
-            }
-            // The source paused its guest: the final pass is the pause, at full priority.
-            Record::FinalPass => drop(idle_copy.take()),
-            Record::Checkpoint(_) => return Err(IncomingError::Unexpected("CHECKPOINT")),
-            Record::SnapshotInfo(_) | Record::RamMap(_) => return Err(IncomingError::Unexpected("snapshot file")),
-            Record::SkippedOptional { .. } => {}
-            Record::End => break,
-        }
-    }
-    stats.bytes = r.bytes_read();
+    let loaded = load_records(&mut r, StreamKind::Migration, &opts, &mut sink)?;
     let t_end = Instant::now();
-    let p = pending.ok_or(IncomingError::NoConfig("END"))?;
-    if vcpu_states.iter().any(Option::is_none) {
-        let id = vcpu_states.iter().position(Option::is_none).unwrap_or(0) as u32;
-        return Err(IncomingError::MissingVcpu(id));
-    }
-    let vm_state = vm_state.ok_or(IncomingError::MissingVmState)?;
-    if disk_states.iter().any(Option::is_none) {
-        return Err(IncomingError::DiskCount { source_disks, local: disks.len() });
-    }
-    let disks: Vec<DiskSetup> = disks
-        .into_iter()
-        .zip(disk_states)
-        .map(|(image, state)| DiskSetup { image, state, mode: StartMode::AwaitHandover })
-        .collect();
-    let t_restore = Instant::now();
-    let mut p = p;
+    let mut stats = sink.stats;
+    stats.bytes = loaded.bytes;
+    let mut p = sink.pending.ok_or(LoadError::NoConfig("END"))?;
     if let Some(mut u) = p.uffd.take() {
         u.unregister_all().map_err(IncomingError::Uffd)?;
     }
-    let parts = restore_state(p.machine, p.fds, &vm_state, &vcpu_states, serial_state, serial_out)?;
-    stats.restore = t_restore.elapsed();
     stats.load = t_end.elapsed();
-    let _ = t_start;
-    Ok((parts, disks, stats))
-}
-
-/// Puts saved state into a built machine (RAM already filled): VM-wide state, every vCPU, the
-/// serial device. Shared by the migration destination and snapshot restore.
-pub(crate) fn restore_state(
-    machine: ferry_vmm::vm::MachineParts,
-    fds: Vec<kvm_ioctls::VcpuFd>,
-    vm_state: &VmState,
-    vcpu_states: &[Option<VcpuState>],
-    serial_state: Option<ferry_vmm::devices::serial::SerialState>,
-    serial_out: SerialSink,
-) -> Result<Parts, IncomingError> {
-    if fds.len() != vcpu_states.len() {
-        return Err(IncomingError::MissingVcpu(fds.len().min(vcpu_states.len()) as u32));
-    }
-    vm_state.restore(&machine.vm_fd).map_err(IncomingError::VmState)?;
-    for (id, (st, fd)) in vcpu_states.iter().zip(&fds).enumerate() {
-        let st = st.as_ref().ok_or(IncomingError::MissingVcpu(id as u32))?;
-        st.restore(fd).map_err(|e| IncomingError::VcpuState(id as u32, e))?;
-    }
-    let irq = machine.serial_irq.try_clone().map_err(|e| IncomingError::Vm(ferry_vmm::vm::VmError::EventFd(e)))?;
-    let serial = match serial_state {
-        Some(s) => SerialDevice::from_state(&s, irq, serial_out).map_err(IncomingError::Serial)?,
-        None => SerialDevice::new(irq, serial_out),
-    };
-    Ok((machine, serial, fds))
+    Ok((p, loaded, stats))
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! ```text
 //!  source                                   destination (ferry run --incoming URI)
 //!  connect ───────────────────────────────▶ accept
-//!  stream: header, MACHINE_CONFIG,
+//!  HELLO (format versions, features) ─────▶
+//!                         ◀──────────────────── HELLO | NACK (no common format)
+//!  stream: header, MACHINE_CONFIG, CPU_MODEL ─▶ check the CPU before anything is loaded
 //!          PAGE_BATCH… (iteration 1..n, guest running)
 //!  pause vCPUs
 //!          PAGE_BATCH… (final pass), VM_STATE,
@@ -20,6 +22,7 @@
 pub mod copy_priority;
 pub mod destination;
 pub mod protocol;
+pub mod records;
 pub mod snapshot;
 pub mod source;
 pub mod throttle;

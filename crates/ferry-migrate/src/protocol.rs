@@ -1,4 +1,13 @@
-//! The return path and the commit message.
+//! The handshake, the return path and the commit message.
+//!
+//! A migration connection opens with a handshake (format version 2 on): the source sends HELLO
+//! (32 bytes: magic `FERRYHLO`, min_format u32, max_format u32, features u64, Ferry version
+//! u16×3, reserved u16), the destination answers with its own HELLO, or with a NACK frame when
+//! no stream format is readable by both (naming both ranges). Only then does the stream start.
+//! A source from before the handshake starts with the stream header (`FERRYMIG`); the
+//! destination takes that as a stream of that source's version, so older sources still
+//! migrate here. An older destination reads HELLO as a bad stream magic and NACKs; the source
+//! says so.
 //!
 //! After END the destination answers on the same connection with one frame
 //! `type u32 | length u32 | body`: ACK (body: load_us u64, restore_us u64, and disk_replay u64
@@ -7,6 +16,8 @@
 //! `FERRYCMT`; only then does the destination resume the guest. Little-endian throughout.
 
 use std::io::{Read, Write};
+
+use ferry_stream::{FORMAT_VERSION, MIN_FORMAT_VERSION};
 
 pub const FRAME_ACK: u32 = 1;
 pub const FRAME_NACK: u32 = 2;
@@ -28,6 +39,169 @@ pub enum ProtocolError {
     TooLong(u32),
     #[error("expected the commit message, got {0:?}")]
     BadCommit([u8; 8]),
+    #[error(
+        "no stream format both sides read: the source writes format versions {source_min} to {source_max}, the \
+         destination reads {dest_min} to {dest_max}"
+    )]
+    Incompatible { source_min: u32, source_max: u32, dest_min: u32, dest_max: u32 },
+    #[error(
+        "the destination does not speak Ferry's handshake (a Ferry older than format version 2?); it answered: {0}"
+    )]
+    NoHandshake(String),
+    #[error("the peer's handshake has non-zero reserved bytes")]
+    HelloReserved,
+}
+
+/// Magic of a HELLO.
+pub const HELLO_MAGIC: &[u8; 8] = b"FERRYHLO";
+/// Size of a HELLO.
+pub const HELLO_LEN: usize = 32;
+
+/// What a side serves, in a HELLO's feature bits.
+pub mod features {
+    /// CPU_MODEL records: the destination checks the guest's CPU before loading.
+    pub const CPU_MODEL: u64 = 1 << 0;
+    /// The optional FINAL_PASS record.
+    pub const FINAL_PASS: u64 = 1 << 1;
+    /// Disk requests in flight replayed by the destination (the ACK reports how many).
+    pub const DISK_REPLAY: u64 = 1 << 2;
+    /// Everything this Ferry serves.
+    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY;
+}
+
+/// One side's HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub min_format: u32,
+    pub max_format: u32,
+    pub features: u64,
+    pub ferry_version: (u16, u16, u16),
+}
+
+impl Hello {
+    /// This Ferry's HELLO.
+    pub fn ours() -> Hello {
+        let h = ferry_stream::StreamHeader::new(ferry_stream::StreamFlags::empty());
+        Hello {
+            min_format: MIN_FORMAT_VERSION,
+            max_format: FORMAT_VERSION,
+            features: features::ALL,
+            ferry_version: h.writer_version,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[..8].copy_from_slice(HELLO_MAGIC);
+        b[8..12].copy_from_slice(&self.min_format.to_le_bytes());
+        b[12..16].copy_from_slice(&self.max_format.to_le_bytes());
+        b[16..24].copy_from_slice(&self.features.to_le_bytes());
+        b[24..26].copy_from_slice(&self.ferry_version.0.to_le_bytes());
+        b[26..28].copy_from_slice(&self.ferry_version.1.to_le_bytes());
+        b[28..30].copy_from_slice(&self.ferry_version.2.to_le_bytes());
+        b
+    }
+
+    /// Decodes the 24 bytes after the magic.
+    pub fn decode_after_magic(b: &[u8; HELLO_LEN - 8]) -> Result<Hello, ProtocolError> {
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        if u16_at(22) != 0 {
+            return Err(ProtocolError::HelloReserved);
+        }
+        let mut f = [0u8; 8];
+        f.copy_from_slice(&b[8..16]);
+        Ok(Hello {
+            min_format: u32_at(0),
+            max_format: u32_at(4),
+            features: u64::from_le_bytes(f),
+            ferry_version: (u16_at(16), u16_at(18), u16_at(20)),
+        })
+    }
+}
+
+/// The format version a source writing `ours.max_format` can use with a destination that
+/// answered `theirs` (a source writes only its own current version).
+pub fn agree_as_source(ours: &Hello, theirs: &Hello) -> Result<u32, ProtocolError> {
+    if (theirs.min_format..=theirs.max_format).contains(&ours.max_format) {
+        Ok(ours.max_format)
+    } else {
+        Err(ProtocolError::Incompatible {
+            source_min: ours.max_format,
+            source_max: ours.max_format,
+            dest_min: theirs.min_format,
+            dest_max: theirs.max_format,
+        })
+    }
+}
+
+/// Whether a destination of `ours` reads a stream from a source that offers `theirs`.
+pub fn agree_as_destination(ours: &Hello, theirs: &Hello) -> Result<(), ProtocolError> {
+    let lo = ours.min_format.max(theirs.min_format);
+    let hi = ours.max_format.min(theirs.max_format);
+    if lo > hi || !(ours.min_format..=ours.max_format).contains(&theirs.max_format) {
+        return Err(ProtocolError::Incompatible {
+            source_min: theirs.min_format,
+            source_max: theirs.max_format,
+            dest_min: ours.min_format,
+            dest_max: ours.max_format,
+        });
+    }
+    Ok(())
+}
+
+/// Source: sends our HELLO and reads the destination's answer.
+pub fn source_handshake(c: &mut (impl Read + Write)) -> Result<Hello, ProtocolError> {
+    let ours = Hello::ours();
+    c.write_all(&ours.encode())?;
+    c.flush()?;
+    let mut head = [0u8; 8];
+    c.read_exact(&mut head)?;
+    if &head == HELLO_MAGIC {
+        let mut rest = [0u8; HELLO_LEN - 8];
+        c.read_exact(&mut rest)?;
+        let theirs = Hello::decode_after_magic(&rest)?;
+        agree_as_source(&ours, &theirs)?;
+        return Ok(theirs);
+    }
+    // Not a HELLO: a refusal frame (from a destination that does speak the handshake, or from
+    // one that took our HELLO for a bad stream header).
+    match read_answer(&mut head.as_slice().chain(c)) {
+        Err(ProtocolError::Refused(m)) if m.contains("FERRYHLO") || m.contains("not a Ferry stream") => {
+            Err(ProtocolError::NoHandshake(m))
+        }
+        Err(e) => Err(e),
+        Ok(_) => Err(ProtocolError::BadFrame(FRAME_ACK)),
+    }
+}
+
+/// What a destination found at the start of a connection.
+pub enum Opening {
+    /// A source with the handshake, answered: the stream follows.
+    Hello(Hello),
+    /// A source from before the handshake: these 8 bytes are the start of its stream header.
+    Stream([u8; 8]),
+}
+
+/// Destination: reads the source's HELLO and answers it (NACK naming both ranges when no
+/// format fits), or recognises a stream from a source without the handshake.
+pub fn destination_handshake(c: &mut (impl Read + Write)) -> Result<Opening, ProtocolError> {
+    let mut head = [0u8; 8];
+    c.read_exact(&mut head)?;
+    if &head != HELLO_MAGIC {
+        return Ok(Opening::Stream(head));
+    }
+    let mut rest = [0u8; HELLO_LEN - 8];
+    c.read_exact(&mut rest)?;
+    let theirs = Hello::decode_after_magic(&rest)?;
+    let ours = Hello::ours();
+    if let Err(e) = agree_as_destination(&ours, &theirs) {
+        let _ = send_nack(c, &e.to_string());
+        return Err(e);
+    }
+    c.write_all(&ours.encode())?;
+    c.flush()?;
+    Ok(Opening::Hello(theirs))
 }
 
 /// What the destination reports with its ACK.
@@ -109,6 +283,49 @@ pub fn read_commit(r: &mut impl Read) -> Result<(), ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hello(min: u32, max: u32) -> Hello {
+        Hello { min_format: min, max_format: max, features: features::ALL, ferry_version: (0, 1, 0) }
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        let h = hello(1, 2);
+        let b = h.encode();
+        assert_eq!(&b[..8], HELLO_MAGIC);
+        assert_eq!(Hello::decode_after_magic(b[8..].try_into().unwrap()).unwrap(), h);
+    }
+
+    #[test]
+    fn a_destination_that_reads_only_newer_formats_is_refused_naming_both_ranges() {
+        let e = agree_as_source(&hello(1, 2), &hello(7, 9)).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "no stream format both sides read: the source writes format versions 2 to 2, the destination reads 7 to 9"
+        );
+    }
+
+    #[test]
+    fn a_destination_refuses_a_source_that_writes_a_format_it_does_not_read() {
+        assert!(agree_as_destination(&hello(1, 2), &hello(1, 2)).is_ok());
+        // An older source (writes 1) to this destination (reads 1 to 2): fine.
+        assert!(agree_as_destination(&hello(1, 2), &hello(1, 1)).is_ok());
+        let e = agree_as_destination(&hello(1, 2), &hello(3, 3)).unwrap_err().to_string();
+        assert!(e.contains("source writes format versions 3 to 3") && e.contains("destination reads 1 to 2"), "{e}");
+    }
+
+    #[test]
+    fn the_handshake_over_a_socket_pair_agrees_and_an_old_stream_is_recognised() {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || destination_handshake(&mut b).map(|o| matches!(o, Opening::Hello(_))));
+        let theirs = source_handshake(&mut a).unwrap();
+        assert_eq!(theirs.max_format, FORMAT_VERSION);
+        assert!(t.join().unwrap().unwrap());
+
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.write_all(b"FERRYMIG").unwrap();
+        assert!(matches!(destination_handshake(&mut b).unwrap(), Opening::Stream(h) if &h == b"FERRYMIG"));
+    }
 
     #[test]
     fn ack_round_trips() {

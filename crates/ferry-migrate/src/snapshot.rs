@@ -27,19 +27,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_stream::{
-    MachineConfig, RamMap, Record, SnapshotInfo, SnapshotKind, StreamError, StreamFlags, StreamHeader, StreamReader,
-    StreamWriter, PAGE_SIZE, SNAPSHOT_ID_LEN,
+    CpuModel, MachineConfig, PageBatch, RamMap, SnapshotInfo, SnapshotKind, StreamError, StreamFlags, StreamHeader,
+    StreamReader, StreamWriter, PAGE_SIZE, SNAPSHOT_ID_LEN,
 };
-use ferry_vmm::devices::serial::{decode_state, SerialSink, SERIAL_SECTION_ID, SERIAL_STATE_VERSION};
+use ferry_vmm::devices::serial::SerialSink;
+use ferry_vmm::devices::virtio_blk::StartMode;
 use ferry_vmm::dirty_log::{ConsumerId, Initial};
+use ferry_vmm::machine_state::MachineState;
 use ferry_vmm::memory::GuestRam;
-use ferry_vmm::vcpu_state::{msrs_to_save, VcpuState};
 use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, Vm};
-use ferry_vmm::vm_state::VmState;
 use serde::Serialize;
 
-use crate::destination::{restore_state, IncomingError};
-use crate::source::{is_zero, write_machine_state, MigrateError};
+use crate::records::{load_records, write_sections, LoadError, LoadOptions, RecordSink, StreamKind};
+use crate::source::is_zero;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Longest chain of incremental snapshots followed on restore.
@@ -71,6 +71,12 @@ pub enum SnapshotError {
         path: PathBuf,
         #[source]
         source: StreamError,
+    },
+    #[error("snapshot file {path} cannot be loaded")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: LoadError,
     },
     #[error("{path} is a migration stream, not a snapshot file (no SNAPSHOT flag)")]
     NotSnapshot { path: PathBuf },
@@ -107,10 +113,8 @@ pub enum SnapshotError {
     Cancelled,
     #[error("snapshot metadata of {0} bytes does not fit the {1} bytes reserved for it")]
     MetadataTooLarge(u64, u64),
-    #[error("saving the machine failed")]
-    Save(#[source] MigrateError),
     #[error("rebuilding the machine failed")]
-    Restore(#[source] IncomingError),
+    Restore(#[source] ferry_vmm::vm::VmError),
     #[error("the machine")]
     Vm(#[from] ferry_vmm::vm::VmError),
     #[error("guest memory")]
@@ -480,7 +484,6 @@ fn write_file(
     file.set_len(end).map_err(|source| SnapshotError::Write { path: tmp.to_path_buf(), source })?;
     let maps = vm.ram().regions().iter().map(|r| RegionMap::new(r.size / PAGE)).collect();
     let mut out = Out { vm, file, path: tmp.to_path_buf(), data_offsets, maps, bytes: 0, run: Vec::new() };
-    let msr_list = msrs_to_save(vm.kvm()).map_err(|e| SnapshotError::Save(MigrateError::VcpuState(0, e)))?;
     let mut passes = 0;
 
     // Live: pre-copy into the file while the guest runs.
@@ -584,6 +587,7 @@ fn write_file(
         regions: ram.regions().iter().map(|r| (r.gpa, r.size)).collect(),
     })
     .map_err(werr)?;
+    w.cpu_model(vm.cpu_model()).map_err(werr)?;
     w.snapshot_info(&info).map_err(werr)?;
     let mut data_pages = 0;
     let mut zero_pages = 0;
@@ -596,7 +600,7 @@ fn write_file(
         parent_pages += m.npages - d - z;
         w.ram_map(&m).map_err(werr)?;
     }
-    write_machine_state(vm, &mut w, &msr_list).map_err(SnapshotError::Save)?;
+    write_sections(&mut w, &vm.save_state()?.sections()).map_err(werr)?;
     w.end().map_err(werr)?;
     let pause_ms = paused.since.elapsed().as_secs_f64() * 1000.0;
     // The guest runs on while the file is finished; with --stop it stays paused, but is resumed
@@ -662,17 +666,50 @@ fn write_file(
 pub struct SnapshotMeta {
     pub path: PathBuf,
     pub config: MachineConfig,
+    pub cpu: CpuModel,
     pub info: SnapshotInfo,
     pub maps: Vec<RamMap>,
-    pub vm_state: Vec<u8>,
-    pub vcpus: Vec<Option<Vec<u8>>>,
-    pub serial: Option<Vec<u8>>,
+    pub state: MachineState,
     /// crc32c of the metadata bytes (header to the end of END).
     pub meta_crc: u32,
 }
 
+/// A snapshot file's own records: its SNAPSHOT_INFO and RAM_MAPs.
+#[derive(Default)]
+struct SnapshotSink {
+    info: Option<SnapshotInfo>,
+    maps: Vec<RamMap>,
+}
+
+impl RecordSink for SnapshotSink {
+    type Error = LoadError;
+    fn machine_config(&mut self, _: &MachineConfig) -> Result<(), LoadError> {
+        Ok(())
+    }
+    fn cpu_model(&mut self, _: &CpuModel) -> Result<(), LoadError> {
+        Ok(())
+    }
+    fn page_batch(&mut self, _: PageBatch<'_>) -> Result<(), LoadError> {
+        Err(LoadError::Unexpected("PAGE_BATCH", "snapshot file"))
+    }
+    fn snapshot_info(&mut self, i: SnapshotInfo) -> Result<(), LoadError> {
+        self.info = Some(i);
+        Ok(())
+    }
+    fn ram_map(&mut self, m: RamMap) -> Result<(), LoadError> {
+        self.maps.push(m);
+        Ok(())
+    }
+    fn final_pass(&mut self) {}
+    fn state_begins(&mut self) {}
+}
+
 /// Reads and checks a snapshot file's metadata (not its page data).
 pub fn read_meta(path: &Path) -> Result<SnapshotMeta, SnapshotError> {
+    read_meta_with(path, &LoadOptions::default())
+}
+
+fn read_meta_with(path: &Path, opts: &LoadOptions) -> Result<SnapshotMeta, SnapshotError> {
     let f = File::open(path).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
     let serr = |e: StreamError| SnapshotError::Stream { path: path.to_path_buf(), source: e };
     let incomplete = |what: &str| SnapshotError::Incomplete { path: path.to_path_buf(), what: what.into() };
@@ -680,37 +717,15 @@ pub fn read_meta(path: &Path) -> Result<SnapshotMeta, SnapshotError> {
     if !r.header().flags.contains(StreamFlags::SNAPSHOT) {
         return Err(SnapshotError::NotSnapshot { path: path.to_path_buf() });
     }
-    let (mut config, mut info, mut maps, mut vm_state, mut vcpus, mut serial) =
-        (None, None, Vec::new(), None, Vec::new(), None);
-    loop {
-        match r.next_record().map_err(serr)? {
-            Record::MachineConfig(c) => {
-                vcpus = vec![None; c.vcpus.min(ferry_vmm::vm::MAX_VCPUS) as usize];
-                config = Some(c);
-            }
-            Record::SnapshotInfo(i) => info = Some(i),
-            Record::RamMap(m) => maps.push(m),
-            Record::VmState { data, .. } => vm_state = Some(data.to_vec()),
-            Record::VcpuState { id, data, .. } => {
-                let slot = vcpus.get_mut(id as usize).ok_or_else(|| incomplete("vCPU state for a vCPU it lacks"))?;
-                *slot = Some(data.to_vec());
-            }
-            Record::DeviceState { id, version, data, .. } => {
-                if id != SERIAL_SECTION_ID || version != SERIAL_STATE_VERSION {
-                    return Err(SnapshotError::Restore(IncomingError::UnknownDevice { id, version }));
-                }
-                serial = Some(data.to_vec());
-            }
-            Record::PageBatch(_) | Record::Checkpoint(_) => return Err(incomplete("a record snapshots do not carry")),
-            // Optional, and meaningless here.
-            Record::FinalPass | Record::SkippedOptional { .. } => {}
-            Record::End => break,
-        }
-    }
-    let meta_len = r.bytes_read();
-    let config = config.ok_or_else(|| incomplete("no MACHINE_CONFIG"))?;
-    let info = info.ok_or_else(|| incomplete("no SNAPSHOT_INFO"))?;
-    let vm_state = vm_state.ok_or_else(|| incomplete("no VM_STATE"))?;
+    let mut sink = SnapshotSink::default();
+    let loaded = load_records(&mut r, StreamKind::Snapshot, opts, &mut sink).map_err(|source| match source {
+        LoadError::Stream(e) => serr(e),
+        source => SnapshotError::Load { path: path.to_path_buf(), source },
+    })?;
+    let meta_len = loaded.bytes;
+    let config = loaded.config;
+    let info = sink.info.ok_or_else(|| incomplete("no SNAPSHOT_INFO"))?;
+    let maps = sink.maps;
     if maps.len() != config.regions.len()
         || maps.iter().zip(&config.regions).enumerate().any(|(i, (m, r))| {
             m.region as usize != i || m.gpa != r.0 || m.npages * PAGE != r.1 || m.data_offset < meta_len
@@ -728,18 +743,21 @@ pub fn read_meta(path: &Path) -> Result<SnapshotMeta, SnapshotError> {
     Ok(SnapshotMeta {
         path: path.to_path_buf(),
         config,
+        cpu: loaded.cpu,
         info,
         maps,
-        vm_state,
-        vcpus,
-        serial,
+        state: loaded.state,
         meta_crc: crc32c::crc32c(&meta),
     })
 }
 
 /// The snapshot and its ancestors, newest first, each checked against its child.
 pub fn chain(path: &Path) -> Result<Vec<SnapshotMeta>, SnapshotError> {
-    let mut v = vec![read_meta(path)?];
+    chain_with(path, &LoadOptions::default())
+}
+
+fn chain_with(path: &Path, opts: &LoadOptions) -> Result<Vec<SnapshotMeta>, SnapshotError> {
+    let mut v = vec![read_meta_with(path, opts)?];
     loop {
         let child = v.last().ok_or_else(|| SnapshotError::ChainTooLong(path.to_path_buf()))?;
         if child.info.kind == SnapshotKind::Full {
@@ -754,7 +772,7 @@ pub fn chain(path: &Path) -> Result<Vec<SnapshotMeta>, SnapshotError> {
         if let Err(source) = std::fs::metadata(&p) {
             return Err(SnapshotError::MissingParent { parent: p, child: child.path.clone(), source });
         }
-        let parent = read_meta(&p)?;
+        let parent = read_meta_with(&p, opts)?;
         let wrong = |what: String| SnapshotError::WrongParent { parent: p.clone(), child: child.path.clone(), what };
         if parent.info.id != child.info.parent_id {
             return Err(wrong(format!(
@@ -806,9 +824,10 @@ pub fn restore(
     dirty_tracking: DirtyTracking,
     paused: bool,
     mode: RestoreMode,
+    load: &LoadOptions,
 ) -> Result<(Vm, RestoreStats), SnapshotError> {
     let t0 = Instant::now();
-    let chain = chain(path)?;
+    let chain = chain_with(path, load)?;
     let top = &chain[0];
     if let Some(m) = memory {
         if m != top.config.memory_bytes {
@@ -907,27 +926,10 @@ pub fn restore(
             read_run(&ram, ri, &chain, &files, r, &pending_crcs, &mut stats)?;
         }
     }
-    let vm_state = VmState::decode(&top.vm_state).map_err(|e| SnapshotError::Restore(IncomingError::VmState(e)))?;
-    let vcpu_states = top
-        .vcpus
-        .iter()
-        .enumerate()
-        .map(|(id, b)| match b {
-            Some(b) => VcpuState::decode(b)
-                .map(Some)
-                .map_err(|e| SnapshotError::Restore(IncomingError::VcpuState(id as u32, e))),
-            None => Err(SnapshotError::Restore(IncomingError::MissingVcpu(id as u32))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let serial = match &top.serial {
-        Some(b) => Some(decode_state(b).map_err(|e| SnapshotError::Restore(IncomingError::Serial(e)))?),
-        None => None,
-    };
     let machine = create_machine(ram, dirty_tracking)?;
-    let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus)).collect::<Result<Vec<_>, _>>()?;
-    let (machine, serial, fds) =
-        restore_state(machine, fds, &vm_state, &vcpu_states, serial, serial_out).map_err(SnapshotError::Restore)?;
-    let vm = Vm::start(machine, serial, Vec::new(), fds, paused)?;
+    let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus, &top.cpu)).collect::<Result<Vec<_>, _>>()?;
+    let vm = Vm::restore(machine, fds, top.cpu.clone(), &top.state, serial_out, Vec::new(), StartMode::Running, paused)
+        .map_err(SnapshotError::Restore)?;
     stats.total = t0.elapsed();
     Ok((vm, stats))
 }

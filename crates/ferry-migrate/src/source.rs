@@ -16,16 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_stream::{MachineConfig, PageType, StreamFlags, StreamHeader, StreamWriter, PAGE_SIZE};
-use ferry_vmm::devices::serial::{encode_state, SERIAL_SECTION_ID, SERIAL_STATE_VERSION};
-use ferry_vmm::devices::virtio_blk_state::{BLOCK_SECTION_ID, BLOCK_STATE_VERSION};
 use ferry_vmm::dirty_log::{Bitmap, ConsumerId, Initial};
-use ferry_vmm::vcpu_state::{msrs_to_save, VcpuState, VCPU_STATE_VERSION};
-use ferry_vmm::vm_state::{VmState, VM_STATE_VERSION};
 use ferry_vmm::Vm;
 use serde::Serialize;
 
 use crate::protocol::{self, ProtocolError};
-use crate::transport::{Conn, TransportError, Uri};
+use crate::transport::{cancelled_io, Conn, StallWatch, TransportError, Uri, SEND_POLL};
 
 /// Pages per PAGE_BATCH record.
 const BATCH_PAGES: usize = 512;
@@ -47,16 +43,10 @@ pub enum MigrateError {
     Send(#[source] ferry_stream::StreamError),
     #[error("the destination did not complete the handover")]
     Handover(#[from] ProtocolError),
+    #[error("the handshake with the destination failed")]
+    Handshake(#[source] ProtocolError),
     #[error("the machine")]
     Vm(#[from] ferry_vmm::vm::VmError),
-    #[error("cannot save the state of vCPU {0}")]
-    VcpuState(u32, #[source] ferry_vmm::vcpu_state::VcpuStateError),
-    #[error("cannot save the VM-wide state")]
-    VmState(#[source] ferry_vmm::vm_state::VmStateError),
-    #[error("cannot save the state of disk {0}")]
-    DiskState(usize, #[source] ferry_vmm::devices::virtio_blk::BlockError),
-    #[error("vCPU {0} is not available for state save")]
-    VcpuLock(u32, #[source] ferry_vmm::vcpu::VcpuError),
     #[error(
         "migration did not converge after {iterations} iterations: {pending_mib:.1} MiB still dirty would take \
          {estimate_ms:.0} ms at {bandwidth_mib_s:.1} MiB/s, over the {limit_ms} ms downtime limit \
@@ -94,50 +84,6 @@ pub struct MigrateParams {
 /// Default for [`MigrateParams::stall_timeout`].
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often a blocked send wakes to check for a cancel and the stall timeout.
-const SEND_POLL: Duration = Duration::from_millis(100);
-
-/// A connection as the migration uses it: a send the destination does not take in, or an answer
-/// it does not give, is retried every [`SEND_POLL`] until it moves, the migration is cancelled,
-/// or nothing moved for `stall` (then a `TimedOut` error naming the wait). Without this a
-/// destination that stops reading would block the sender for good, cancel included, and in the
-/// final pass with the guest paused.
-struct StallWatch<'a, C> {
-    conn: C,
-    cancel: &'a AtomicBool,
-    stall: Duration,
-    /// A wait already failed: every later call fails at once (a dropped BufWriter's last
-    /// flush must not wait out another stall).
-    failed: bool,
-}
-
-/// The payload of the I/O error a cancel ends a blocked wait with (told apart from real
-/// failures by [`cancelled_io`]).
-#[derive(Debug)]
-struct CancelledIo;
-
-impl std::fmt::Display for CancelledIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("migration cancelled")
-    }
-}
-
-impl std::error::Error for CancelledIo {}
-
-/// Whether `e`'s chain holds the I/O error a cancel ended a wait with.
-fn cancelled_io(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.is::<CancelledIo>()) {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
-}
-
 /// Waits until the destination has read everything sent on `conn`; fails with
 /// [`MigrateError::Stalled`] when the count of bytes it has not taken stops falling for
 /// `stall`, or with [`MigrateError::Cancelled`].
@@ -157,57 +103,6 @@ fn wait_read(conn: &Conn, stall: Duration, cancel: &AtomicBool) -> Result<(), Mi
             return Err(MigrateError::Stalled { secs: stall.as_secs_f64(), unread: left });
         }
         std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-impl<'a, C> StallWatch<'a, C> {
-    fn new(conn: C, cancel: &'a AtomicBool, stall: Duration) -> Self {
-        StallWatch { conn, cancel, stall, failed: false }
-    }
-
-    /// Runs `op` (one send or receive on a socket with a SEND_POLL timeout) until it completes
-    /// or fails otherwise, the migration is cancelled, or `stall` passes; `what` names the wait.
-    fn retry<T>(&mut self, what: &str, mut op: impl FnMut(&mut C) -> std::io::Result<T>) -> std::io::Result<T> {
-        use std::io::ErrorKind;
-        if self.failed {
-            return Err(std::io::Error::new(ErrorKind::BrokenPipe, "an earlier send or wait failed"));
-        }
-        let start = Instant::now();
-        loop {
-            match op(&mut self.conn) {
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    if self.cancel.load(Ordering::SeqCst) {
-                        self.failed = true;
-                        return Err(std::io::Error::other(CancelledIo));
-                    }
-                    if start.elapsed() >= self.stall {
-                        self.failed = true;
-                        return Err(std::io::Error::new(
-                            ErrorKind::TimedOut,
-                            format!("the destination {what} for {:.1} s", self.stall.as_secs_f64()),
-                        ));
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                r => return r,
-            }
-        }
-    }
-}
-
-impl<C: std::io::Read> std::io::Read for StallWatch<'_, C> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.retry("sent no answer", |c| c.read(buf))
-    }
-}
-
-impl<C: std::io::Write> std::io::Write for StallWatch<'_, C> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.retry("took no data", |c| c.write(buf))
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.conn.flush()
     }
 }
 
@@ -357,8 +252,9 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
 impl Sender<'_> {
     /// Waits until the destination has read everything written so far (see [`wait_read`]).
     fn drain(&mut self) -> Result<(), MigrateError> {
+        let cancel = self.cancel;
         let sw = self.w.get_mut().get_ref();
-        wait_read(&sw.conn, sw.stall, sw.cancel)
+        wait_read(&sw.conn, sw.stall, cancel)
     }
 
     /// Harvests and sends every page the consumer has pending. Returns (pages sent, bytes).
@@ -503,32 +399,6 @@ impl Sender<'_> {
     }
 }
 
-/// Writes VM_STATE, every VCPU_STATE and the device sections of a paused machine.
-pub(crate) fn write_machine_state<W: std::io::Write>(
-    vm: &Vm,
-    w: &mut StreamWriter<W>,
-    msr_list: &[u32],
-) -> Result<(), MigrateError> {
-    let vm_state = VmState::save(vm.vm_fd()).map_err(MigrateError::VmState)?;
-    w.vm_state(VM_STATE_VERSION, &vm_state.encode()).map_err(MigrateError::Send)?;
-    for v in vm.vcpus() {
-        let fd = v.fd().map_err(|e| MigrateError::VcpuLock(v.id(), e))?;
-        let st = VcpuState::save(&fd, msr_list).map_err(|e| MigrateError::VcpuState(v.id(), e))?;
-        w.vcpu_state(v.id(), VCPU_STATE_VERSION, &st.encode()).map_err(MigrateError::Send)?;
-    }
-    let serial = match vm.bus().serial.lock() {
-        Ok(sd) => encode_state(&sd.state()),
-        Err(_) => return Err(MigrateError::Vm(ferry_vmm::vm::VmError::DirtyLogPoisoned)),
-    };
-    w.device_state(SERIAL_SECTION_ID, 0, SERIAL_STATE_VERSION, &serial).map_err(MigrateError::Send)?;
-    for d in vm.disks() {
-        let st = d.save_state().map_err(|e| MigrateError::DiskState(d.index(), e))?;
-        w.device_state(BLOCK_SECTION_ID, d.index() as u32, BLOCK_STATE_VERSION, &st.encode())
-            .map_err(MigrateError::Send)?;
-    }
-    Ok(())
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -543,7 +413,16 @@ pub fn migrate(
 ) -> Result<MigrationSummary, MigrateError> {
     let t_start = Instant::now();
     // Bounded like every other wait on the destination (a cancel is seen once it ends).
-    let conn = Conn::connect(&params.to, params.stall_timeout)?;
+    let mut conn = Conn::connect(&params.to, params.stall_timeout)?;
+    // Both sides' stream formats and features, before anything else: an incompatible pair
+    // fails here, with both ranges named, before a page is sent.
+    conn.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
+    conn.set_write_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
+    let hs = protocol::source_handshake(&mut StallWatch::to_destination(&mut conn, cancel, params.stall_timeout));
+    if let Err(e) = hs {
+        conn.shutdown();
+        return Err(if cancelled_io(&e) { MigrateError::Cancelled } else { MigrateError::Handshake(e) });
+    }
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
     let mut r = std::thread::scope(|scope| run(vm, params, cancel, progress, conn, t_start, &mut reply, scope));
@@ -592,7 +471,7 @@ fn run<'s>(
     // Sends wake every SEND_POLL while blocked (StallWatch). The reply connection shares the
     // socket, so it shares the timeout too; it is cleared before COMMIT.
     conn.set_write_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
-    let conn = StallWatch::new(conn, cancel, params.stall_timeout);
+    let conn = StallWatch::to_destination(conn, cancel, params.stall_timeout);
     let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
     let registered = vm.dirty_consumer("migration", Initial::AllDirty)?;
     let consumer = registered.id();
@@ -616,7 +495,7 @@ fn run<'s>(
         regions: ram.regions().iter().map(|r| (r.gpa, r.size)).collect(),
     };
     s.w.machine_config(&config).map_err(MigrateError::Send)?;
-    let msr_list = msrs_to_save(vm.kvm()).map_err(|e| MigrateError::VcpuState(0, e))?;
+    s.w.cpu_model(vm.cpu_model()).map_err(MigrateError::Send)?;
     let setup_ms = ms(t_start.elapsed());
 
     let mut summary = MigrationSummary {
@@ -752,7 +631,7 @@ fn run<'s>(
     bd.final_pages_ms = ms(t.elapsed());
 
     let t = Instant::now();
-    write_machine_state(vm, &mut s.w, &msr_list)?;
+    crate::records::write_sections(&mut s.w, &vm.save_state()?.sections()).map_err(MigrateError::Send)?;
     s.w.end().map_err(MigrateError::Send)?;
     s.w.flush().map_err(MigrateError::Send)?;
     bd.state_ms = ms(t.elapsed());
@@ -763,7 +642,7 @@ fn run<'s>(
     // END fails the migration (the guest resumes here).
     s.drain()?;
     reply.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
-    let ack = protocol::read_answer(&mut StallWatch::new(&mut *reply, cancel, params.stall_timeout))?;
+    let ack = protocol::read_answer(&mut StallWatch::to_destination(&mut *reply, cancel, params.stall_timeout))?;
     bd.ack_wait_ms = ms(t.elapsed());
     bd.dest_load_ms = ack.load_us as f64 / 1000.0;
     bd.dest_restore_ms = ack.restore_us as f64 / 1000.0;
@@ -809,7 +688,6 @@ mod tests {
         p[3] = 9;
         assert!(!is_zero(&p));
     }
-
     #[test]
     fn wait_read_returns_once_read_and_fails_when_the_peer_stops_reading() {
         use std::io::{Read, Write};
@@ -836,31 +714,5 @@ mod tests {
         });
         wait_read(&a, Duration::from_secs(5), &no_cancel).unwrap();
         drop(reader.join().unwrap());
-    }
-
-    #[test]
-    fn a_failed_stall_watch_fails_later_calls_at_once_and_a_cancel_is_recognised() {
-        use std::io::Write;
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.set_write_timeout(Some(Duration::from_millis(20))).unwrap();
-        let cancel = AtomicBool::new(true);
-        let mut w = StallWatch::new(Conn::Unix(a), &cancel, Duration::from_secs(60));
-        // Fill the socket until a send would block: the cancel ends it.
-        let chunk = [0u8; 65536];
-        let e = loop {
-            if let Err(e) = w.write(&chunk) {
-                break e;
-            }
-        };
-        assert!(cancelled_io(&e), "{e}");
-        let t = Instant::now();
-        let again = w.write(&chunk).unwrap_err();
-        assert!(t.elapsed() < Duration::from_millis(10), "a second call waited");
-        assert!(!cancelled_io(&again));
-        // Wrapped the way the stream writer reports it.
-        let wrapped = MigrateError::Send(ferry_stream::StreamError::Write(e));
-        assert!(cancelled_io(&wrapped));
-        let other = MigrateError::Send(ferry_stream::StreamError::Write(std::io::Error::other("broken")));
-        assert!(!cancelled_io(&other));
     }
 }

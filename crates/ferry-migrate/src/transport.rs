@@ -4,7 +4,8 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// Errors of transports.
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +352,120 @@ impl Drop for Listener {
     }
 }
 
+/// How often a blocked send wakes to check for a cancel and the stall timeout.
+pub const SEND_POLL: Duration = Duration::from_millis(100);
+
+/// A connection with its silences bounded, the one wrapper both directions use: a send the peer
+/// does not take in, or a read it sends nothing for, is retried every [`SEND_POLL`] until it
+/// moves, the migration is cancelled, or nothing moved for `stall` (then a `TimedOut` error
+/// naming the peer and the wait). Without it a source whose destination stops reading would
+/// block for good, cancel included (and in the final pass with the guest paused), and a
+/// destination whose source hangs would wait forever with nothing started. The socket's
+/// timeouts must be [`SEND_POLL`] (or shorter) in the directions watched.
+pub struct StallWatch<'a, C> {
+    pub conn: C,
+    cancel: Option<&'a AtomicBool>,
+    pub stall: Duration,
+    /// Who is at the other end, for messages.
+    peer: &'static str,
+    /// What a read that gets nothing means ("sent no answer", "sent no data").
+    read_what: &'static str,
+    /// A wait already failed: every later call fails at once (a dropped BufWriter's last
+    /// flush must not wait out another stall).
+    failed: bool,
+}
+
+/// The payload of the I/O error a cancel ends a blocked wait with (told apart from real
+/// failures by [`cancelled_io`]).
+#[derive(Debug)]
+pub struct CancelledIo;
+
+impl std::fmt::Display for CancelledIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("migration cancelled")
+    }
+}
+
+impl std::error::Error for CancelledIo {}
+
+/// Whether `e`'s chain holds the I/O error a cancel ended a wait with.
+pub fn cancelled_io(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<CancelledIo>()) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+impl<'a, C> StallWatch<'a, C> {
+    /// The source's connection to its destination: sends and answer waits, ended by `cancel`.
+    pub fn to_destination(conn: C, cancel: &'a AtomicBool, stall: Duration) -> Self {
+        StallWatch {
+            conn,
+            cancel: Some(cancel),
+            stall,
+            peer: "destination",
+            read_what: "sent no answer",
+            failed: false,
+        }
+    }
+
+    /// The destination's connection from its source: reads of the stream.
+    pub fn from_source(conn: C, stall: Duration) -> Self {
+        StallWatch { conn, cancel: None, stall, peer: "source", read_what: "sent no data", failed: false }
+    }
+
+    /// Runs `op` (one send or receive on a socket with a SEND_POLL timeout) until it completes
+    /// or fails otherwise, the migration is cancelled, or `stall` passes; `what` names the wait.
+    pub fn retry<T>(&mut self, what: &str, mut op: impl FnMut(&mut C) -> std::io::Result<T>) -> std::io::Result<T> {
+        use std::io::ErrorKind;
+        if self.failed {
+            return Err(std::io::Error::new(ErrorKind::BrokenPipe, "an earlier send or wait failed"));
+        }
+        let start = Instant::now();
+        loop {
+            match op(&mut self.conn) {
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if self.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                        self.failed = true;
+                        return Err(std::io::Error::other(CancelledIo));
+                    }
+                    if start.elapsed() >= self.stall {
+                        self.failed = true;
+                        return Err(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            format!("the {} {what} for {:.1} s", self.peer, self.stall.as_secs_f64()),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<C: std::io::Read> std::io::Read for StallWatch<'_, C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.retry(self.read_what, |c| c.read(buf))
+    }
+}
+
+impl<C: std::io::Write> std::io::Write for StallWatch<'_, C> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.retry("took no data", |c| c.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,5 +608,31 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         assert!(Conn::Tcp(c).is_local());
+    }
+
+    #[test]
+    fn a_failed_stall_watch_fails_later_calls_at_once_and_a_cancel_is_recognised() {
+        use std::io::Write;
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_write_timeout(Some(Duration::from_millis(20))).unwrap();
+        let cancel = AtomicBool::new(true);
+        let mut w = StallWatch::to_destination(Conn::Unix(a), &cancel, Duration::from_secs(60));
+        // Fill the socket until a send would block: the cancel ends it.
+        let chunk = [0u8; 65536];
+        let e = loop {
+            if let Err(e) = w.write(&chunk) {
+                break e;
+            }
+        };
+        assert!(cancelled_io(&e), "{e}");
+        let t = Instant::now();
+        let again = w.write(&chunk).unwrap_err();
+        assert!(t.elapsed() < Duration::from_millis(10), "a second call waited");
+        assert!(!cancelled_io(&again));
+        // Wrapped the way the stream writer reports it.
+        let wrapped = ferry_stream::StreamError::Write(e);
+        assert!(cancelled_io(&wrapped));
+        let other = ferry_stream::StreamError::Write(std::io::Error::other("broken"));
+        assert!(!cancelled_io(&other));
     }
 }

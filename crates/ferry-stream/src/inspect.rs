@@ -112,6 +112,12 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                     m.npages - present - zero
                 )
             }
+            Record::CpuModel(m) => format!(
+                "CPU_MODEL {} CPUID entries, TSC {} kHz, XSAVE {} bytes",
+                m.cpuid.len(),
+                m.tsc_khz,
+                m.xsave_size
+            ),
             Record::FinalPass => "FINAL_PASS (the source paused its guest; the final pass follows)".to_string(),
             Record::SkippedOptional { rtype: t, len } => format!("optional record {t:#x} ({len} bytes), skipped"),
             Record::End => {

@@ -8,11 +8,13 @@
 //! Writers emit the current format version; readers accept every version from
 //! [`MIN_FORMAT_VERSION`] to [`FORMAT_VERSION`] (older ones through explicit upgrade code).
 
+mod cpu_model;
 mod inspect;
 mod reader;
 mod snapshot;
 mod writer;
 
+pub use cpu_model::{CpuModel, CpuidEntry, MAX_CPUID_ENTRIES};
 pub use inspect::{inspect, InspectSummary};
 pub use reader::{PageBatch, Record, StreamReader};
 pub use snapshot::{RamMap, SnapshotInfo, SnapshotKind, MAX_PARENT_PATH, SNAPSHOT_ID_LEN};
@@ -23,7 +25,7 @@ pub const PAGE_SIZE: usize = 4096;
 /// Magic at the start of every stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Format version this Ferry writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Oldest format version this Ferry reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Largest record body accepted.
@@ -49,6 +51,8 @@ pub mod rtype {
     /// Optional: the source has paused the guest; the final pass follows. Readers that do not
     /// know it skip it.
     pub const FINAL_PASS: u32 = super::OPTIONAL | 0xa;
+    /// The guest's CPU (format version 2 on): CPUID, TSC rate, XSAVE size.
+    pub const CPU_MODEL: u32 = 0xb;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -63,6 +67,7 @@ pub mod rtype {
             SNAPSHOT_INFO => "SNAPSHOT_INFO",
             RAM_MAP => "RAM_MAP",
             0xa => "FINAL_PASS",
+            CPU_MODEL => "CPU_MODEL",
             _ => "unknown",
         }
     }

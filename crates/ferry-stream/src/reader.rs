@@ -27,6 +27,8 @@ pub enum Record<'a> {
         data: &'a [u8],
     },
     Checkpoint(u64),
+    /// The guest's CPU (format version 2 on).
+    CpuModel(crate::CpuModel),
     /// Optional marker: the source paused the guest, the final pass follows (migration streams).
     FinalPass,
     /// Snapshot files only.
@@ -281,6 +283,7 @@ impl<R: Read> StreamReader<R> {
                 }
                 Ok(Record::FinalPass)
             }
+            rtype::CPU_MODEL => Ok(Record::CpuModel(crate::CpuModel::decode(body).map_err(malformed)?)),
             rtype::SNAPSHOT_INFO | rtype::RAM_MAP if !self.header.flags.contains(StreamFlags::SNAPSHOT) => {
                 Err(malformed("only snapshot files (header flag SNAPSHOT) carry this record".into()))
             }

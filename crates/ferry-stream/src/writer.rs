@@ -132,6 +132,12 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::DEVICE_STATE, &[&h, bytes])
     }
 
+    /// CPU_MODEL: the guest's CPU.
+    pub fn cpu_model(&mut self, m: &crate::CpuModel) -> Result<(), StreamError> {
+        let b = m.encode()?;
+        self.record(rtype::CPU_MODEL, &[&b])
+    }
+
     /// FINAL_PASS (optional, empty): the guest is paused, the final pass follows.
     pub fn final_pass(&mut self) -> Result<(), StreamError> {
         self.record(rtype::FINAL_PASS, &[])

@@ -12,9 +12,38 @@ fn page(seed: u8) -> Vec<u8> {
 /// The golden stream: header, machine config, a batch with all four page types, vCPU, VM and
 /// device state, a checkpoint, END.
 fn golden_stream() -> Vec<u8> {
-    let h = StreamHeader { format_version: 1, flags: StreamFlags::empty(), page_size: 4096, writer_version: (0, 1, 0) };
+    golden_stream_of(1)
+}
+
+/// The golden stream of a format version (2 adds CPU_MODEL after the machine config).
+fn golden_stream_of(version: u32) -> Vec<u8> {
+    let h = StreamHeader {
+        format_version: version,
+        flags: StreamFlags::empty(),
+        page_size: 4096,
+        writer_version: (0, 1, 0),
+    };
     let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
     w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 2, regions: vec![(0, 64 << 20)] }).unwrap();
+    if version >= 2 {
+        w.cpu_model(&CpuModel {
+            tsc_khz: 2_100_000,
+            xsave_size: 4096,
+            cpuid: vec![
+                CpuidEntry {
+                    function: 0,
+                    index: 0,
+                    flags: 0,
+                    eax: 0xd,
+                    ebx: 0x756e_6547,
+                    ecx: 0x6c65_746e,
+                    edx: 0x4965_6e69,
+                },
+                CpuidEntry { function: 7, index: 0, flags: 1, eax: 0, ebx: 0x29, ecx: 0, edx: 0 },
+            ],
+        })
+        .unwrap();
+    }
     let (a, b) = (page(1), page(2));
     w.page_batch(
         &[
@@ -71,6 +100,7 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
                 "ram_map {} gpa {:#x} {} pages at {:#x} present {:x?} zero {:x?} crcs {:x?}",
                 m.region, m.gpa, m.npages, m.data_offset, m.present, m.zero, m.crcs
             ),
+            Record::CpuModel(m) => format!("cpu {} kHz xsave {} cpuid {:x?}", m.tsc_khz, m.xsave_size, m.cpuid),
             Record::FinalPass => "final pass".to_string(),
             Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
             Record::End => {
@@ -109,6 +139,22 @@ fn golden_v1_fixture_is_what_this_version_writes_and_reads_back() {
 }
 
 #[test]
+fn golden_v2_fixture_is_what_this_version_writes_and_reads_back() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v2-basic.bin");
+    let written = golden_stream_of(FORMAT_VERSION);
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(path, &written).unwrap();
+    }
+    let fixture = std::fs::read(path).unwrap();
+
+    let decoded = read_all(&fixture).unwrap();
+
+    assert_eq!(written, fixture, "the writer no longer produces the v2 fixture byte for byte");
+    assert_eq!(decoded[1], "cpu 2100000 kHz xsave 4096 cpuid [CpuidEntry { function: 0, index: 0, flags: 0, eax: d, ebx: 756e6547, ecx: 6c65746e, edx: 49656e69 }, CpuidEntry { function: 7, index: 0, flags: 1, eax: 0, ebx: 29, ecx: 0, edx: 0 }]");
+    assert_eq!(decoded.len(), 8);
+}
+
+#[test]
 fn truncation_at_every_byte_is_an_error_never_a_panic_or_an_end() {
     let s = golden_stream();
     for n in 0..s.len() {
@@ -136,7 +182,7 @@ fn newer_format_version_is_refused_naming_both_versions() {
     let mut s = golden_stream();
     s[8] = 9;
     let e = read_all(&s).unwrap_err().to_string();
-    assert!(e.contains("version 9") && e.contains("1 to 1"), "{e}");
+    assert!(e.contains("version 9") && e.contains("1 to 2"), "{e}");
 }
 
 #[test]

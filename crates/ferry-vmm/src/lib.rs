@@ -6,13 +6,17 @@
 //! `ferry-migrate`), and it never writes guest memory behind the dirty log's back.
 
 pub mod boot;
+pub mod cpu;
 pub mod devices;
 pub mod dirty_log;
 pub mod dirty_rate;
 pub mod dirty_ring;
 pub mod kvm_ext;
+pub mod machine_state;
 pub mod memory;
+pub mod persist;
 pub mod state_codec;
+pub mod testing;
 pub mod uffd;
 pub mod vcpu;
 pub mod vcpu_state;

@@ -9,17 +9,22 @@
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, Msrs,
+    kvm_xcrs, kvm_xsave, kvm_xsave2, Msrs, Xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+use vmm_sys_util::fam::FamStruct;
 
+use crate::cpu::LEGACY_XSAVE_SIZE;
+use crate::persist::{Persist, SectionState};
 use crate::state_codec::{Decoder, Encoder, StateCodecError};
 
-/// Version of the vCPU state section.
-pub const VCPU_STATE_VERSION: u32 = 1;
+/// Version of the vCPU state section this Ferry writes. Version 2: the XSAVE area has the size
+/// KVM_CAP_XSAVE2 gives (at least 4096 bytes); version 1 held the legacy 4096-byte area only.
+pub const VCPU_STATE_VERSION: u32 = 2;
 
-/// Size of the legacy XSAVE region.
-const XSAVE_BYTES: usize = 4096;
+/// Most bytes of XSAVE state accepted (the architectural maximum is about 11 KiB today, more
+/// with AMX tiles).
+const MAX_XSAVE_BYTES: usize = 64 << 10;
 
 const TAG_MP_STATE: u32 = 1;
 const TAG_REGS: u32 = 2;
@@ -51,6 +56,10 @@ pub enum VcpuStateError {
     Codec(#[from] StateCodecError),
     #[error("vCPU state section lists {0} MSR bytes, not a multiple of 16")]
     MsrBytes(usize),
+    #[error("the XSAVE area is {0} bytes: a version {1} section holds {2}")]
+    XsaveBytes(usize, u32, &'static str),
+    #[error("the host's CPU facts")]
+    Host(#[source] Box<crate::cpu::CpuModelError>),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
@@ -64,7 +73,7 @@ pub struct VcpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
     pub fpu: kvm_fpu,
-    /// The 4 KiB XSAVE region (KVM_GET_XSAVE).
+    /// The XSAVE area (KVM_GET_XSAVE2's size; 4096 bytes where the kernel lacks it).
     pub xsave: Vec<u8>,
     pub xcrs: kvm_xcrs,
     pub debugregs: kvm_debugregs,
@@ -142,35 +151,54 @@ const CANDIDATE_MSRS: &[u32] = &[
     0x4b56_4d06, // KVM PV MSRs
 ];
 
-/// The MSRs to migrate on this host: the candidates KVM lists and can read back on a scratch
-/// vCPU.
-pub fn msrs_to_save(kvm_sys: &Kvm) -> Result<Vec<u32>, VcpuStateError> {
+/// The candidate MSRs KVM lists and can read back on `scratch` (a vCPU of a scratch VM).
+pub(crate) fn probe_msrs(kvm_sys: &Kvm, scratch: &VcpuFd) -> Result<Vec<u32>, VcpuStateError> {
     let listed = kvm_sys.get_msr_index_list().map_err(kvm("list its MSRs"))?;
     let listed = listed.as_slice();
-    let vm = kvm_sys.create_vm().map_err(kvm("create a scratch VM"))?;
-    vm.create_irq_chip().map_err(kvm("create a scratch irqchip"))?;
-    let vcpu = vm.create_vcpu(0).map_err(kvm("create a scratch vCPU"))?;
     let mut keep = Vec::new();
     for &idx in CANDIDATE_MSRS.iter().filter(|i| listed.contains(i)) {
         let mut m = Msrs::from_entries(&[kvm_msr_entry { index: idx, ..Default::default() }])
             .map_err(|_| VcpuStateError::MsrList)?;
-        if vcpu.get_msrs(&mut m) == Ok(1) {
+        if scratch.get_msrs(&mut m) == Ok(1) {
             keep.push(idx);
         }
     }
     Ok(keep)
 }
 
+/// The MSRs to migrate on this host (probed once per process).
+pub fn msrs_to_save(kvm_sys: &Kvm) -> Result<Vec<u32>, VcpuStateError> {
+    Ok(crate::cpu::host_facts(kvm_sys).map_err(|e| VcpuStateError::Host(Box::new(e)))?.msrs.clone())
+}
+
+/// An XSAVE area of `bytes` for KVM_GET/SET_XSAVE2.
+fn xsave2_buffer(bytes: usize) -> Result<Xsave, VcpuStateError> {
+    let extra = bytes.saturating_sub(std::mem::size_of::<kvm_xsave>());
+    let n = extra.div_ceil(std::mem::size_of::<<kvm_xsave2 as FamStruct>::Entry>());
+    Xsave::new(n).map_err(|_| VcpuStateError::XsaveBytes(bytes, VCPU_STATE_VERSION, "at most 64 KiB"))
+}
+
 impl VcpuState {
-    /// Saves the state of a vCPU that is not running.
-    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, VcpuStateError> {
+    /// Saves the state of a vCPU that is not running; `xsave_size` is the VM's XSAVE size
+    /// (`cpu::xsave_size`).
+    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32], xsave_size: u32) -> Result<Self, VcpuStateError> {
         let mp_state = vcpu.get_mp_state().map_err(kvm("read the MP state"))?;
         let events = vcpu.get_vcpu_events().map_err(kvm("read vCPU events"))?;
         let regs = vcpu.get_regs().map_err(kvm("read registers"))?;
         let sregs = vcpu.get_sregs().map_err(kvm("read special registers"))?;
         let fpu = vcpu.get_fpu().map_err(kvm("read the FPU"))?;
-        let xsave_raw = vcpu.get_xsave().map_err(kvm("read XSAVE state"))?;
-        let xsave: Vec<u8> = xsave_raw.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let xsave: Vec<u8> = if xsave_size > LEGACY_XSAVE_SIZE {
+            let mut x = xsave2_buffer(xsave_size as usize)?;
+            // SAFETY: `x` was allocated with the size KVM_CAP_XSAVE2 reported for this VM, which
+            // is what KVM_GET_XSAVE2 writes; Ferry enables no XSTATE feature with arch_prctl.
+            unsafe { vcpu.get_xsave2(&mut x) }.map_err(kvm("read XSAVE state (XSAVE2)"))?;
+            let fam = x.as_fam_struct_ref();
+            let words = fam.xsave.region.iter().chain(x.as_slice().iter());
+            words.flat_map(|w| w.to_le_bytes()).take(xsave_size as usize).collect()
+        } else {
+            let raw = vcpu.get_xsave().map_err(kvm("read XSAVE state"))?;
+            raw.region.iter().flat_map(|w| w.to_le_bytes()).collect()
+        };
         let xcrs = vcpu.get_xcrs().map_err(kvm("read XCRs"))?;
         let debugregs = vcpu.get_debug_regs().map_err(kvm("read debug registers"))?;
         let lapic = vcpu.get_lapic().map_err(kvm("read the LAPIC"))?;
@@ -191,13 +219,32 @@ impl VcpuState {
         vcpu.set_regs(&self.regs).map_err(kvm("set registers"))?;
         vcpu.set_sregs(&self.sregs).map_err(kvm("set special registers"))?;
         vcpu.set_fpu(&self.fpu).map_err(kvm("set the FPU"))?;
-        let mut xsave = kvm_xsave::default();
-        for (w, c) in xsave.region.iter_mut().zip(self.xsave.chunks_exact(4)) {
-            *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let words = self.xsave.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        if self.xsave.len() > LEGACY_XSAVE_SIZE as usize {
+            let mut x = xsave2_buffer(self.xsave.len())?;
+            let legacy = x.as_fam_struct_ref().xsave.region.len();
+            let mut words = words;
+            // SAFETY: only the fixed legacy region is written; the FAM length field, which the
+            // wrapper's invariants depend on, is left as Xsave::new set it.
+            let fixed = unsafe { x.as_mut_fam_struct() };
+            for (w, v) in fixed.xsave.region.iter_mut().zip(words.by_ref().take(legacy)) {
+                *w = v;
+            }
+            for (w, v) in x.as_mut_slice().iter_mut().zip(words) {
+                *w = v;
+            }
+            // SAFETY: `x` holds the whole saved area, whose size the CPU model check found no
+            // larger than this host's KVM_CAP_XSAVE2 size, so KVM reads only what `x` holds.
+            unsafe { vcpu.set_xsave2(&x) }.map_err(kvm("set XSAVE state (XSAVE2)"))?;
+        } else {
+            let mut xsave = kvm_xsave::default();
+            for (w, v) in xsave.region.iter_mut().zip(words) {
+                *w = v;
+            }
+            // SAFETY: `xsave` is a complete legacy kvm_xsave (its 4 KiB region), which is all
+            // KVM_SET_XSAVE reads for a VM without XSAVE2.
+            unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("set XSAVE state"))?;
         }
-        // SAFETY: `xsave` is a complete legacy kvm_xsave (its 4 KiB region), which is all
-        // KVM_SET_XSAVE reads; the flexible array after it is not used (no XSAVE2 here).
-        unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("set XSAVE state"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("set XCRs"))?;
         vcpu.set_debug_regs(&self.debugregs).map_err(kvm("set debug registers"))?;
         vcpu.set_lapic(&self.lapic).map_err(kvm("set the LAPIC"))?;
@@ -212,8 +259,65 @@ impl VcpuState {
         Ok(())
     }
 
-    /// The section body.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Reads a body of either version. Version 1 is upgraded explicitly: its XSAVE area is
+    /// the legacy 4096 bytes, which is a valid version 2 area as it stands.
+    fn decode_body(version: u32, b: &[u8]) -> Result<Self, VcpuStateError> {
+        let mut d = Decoder::parse(b)?;
+        let raw = d.require(TAG_MSRS)?;
+        if raw.len() % 16 != 0 {
+            return Err(VcpuStateError::MsrBytes(raw.len()));
+        }
+        let msrs = raw
+            .chunks_exact(16)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                let mut v = [0u8; 8];
+                a.copy_from_slice(&c[..8]);
+                v.copy_from_slice(&c[8..]);
+                (u64::from_le_bytes(a) as u32, u64::from_le_bytes(v))
+            })
+            .collect();
+        let x = d.require(TAG_XSAVE)?;
+        let xsave = match version {
+            1 if x.len() != LEGACY_XSAVE_SIZE as usize => {
+                return Err(VcpuStateError::XsaveBytes(x.len(), 1, "exactly 4096"));
+            }
+            1 => upgrade_v1_xsave(x),
+            _ if x.len() < LEGACY_XSAVE_SIZE as usize || x.len() > MAX_XSAVE_BYTES || x.len() % 4 != 0 => {
+                return Err(VcpuStateError::XsaveBytes(x.len(), version, "4096 to 65536, a multiple of 4"));
+            }
+            _ => x.to_vec(),
+        };
+        let s = VcpuState {
+            mp_state: d.require_pod(TAG_MP_STATE)?,
+            regs: d.require_pod(TAG_REGS)?,
+            sregs: d.require_pod(TAG_SREGS)?,
+            fpu: d.require_pod(TAG_FPU)?,
+            xsave,
+            xcrs: d.require_pod(TAG_XCRS)?,
+            debugregs: d.require_pod(TAG_DEBUGREGS)?,
+            lapic: d.require_pod(TAG_LAPIC)?,
+            msrs,
+            events: d.require_pod(TAG_EVENTS)?,
+        };
+        d.finish()?;
+        Ok(s)
+    }
+}
+
+/// Version 1 → 2: the legacy area is the first 4096 bytes of any XSAVE2 area, and KVM reads
+/// the components beyond it only where XSTATE_BV says they are present.
+fn upgrade_v1_xsave(legacy: &[u8]) -> Vec<u8> {
+    legacy.to_vec()
+}
+
+impl SectionState for VcpuState {
+    const NAME: &'static str = "vcpu";
+    const VERSION: u32 = VCPU_STATE_VERSION;
+    const READS: &'static [u32] = &[2, 1];
+    type Error = VcpuStateError;
+
+    fn encode(&self) -> Vec<u8> {
         let mut msrs = Vec::with_capacity(self.msrs.len() * 16);
         for &(i, v) in &self.msrs {
             msrs.extend_from_slice(&(i as u64).to_le_bytes());
@@ -233,43 +337,31 @@ impl VcpuState {
             .finish()
     }
 
-    /// Rebuilds the state from a section body (version [`VCPU_STATE_VERSION`]).
-    pub fn decode(b: &[u8]) -> Result<Self, VcpuStateError> {
-        let mut d = Decoder::parse(b)?;
-        let raw = d.require(TAG_MSRS)?;
-        if raw.len() % 16 != 0 {
-            return Err(VcpuStateError::MsrBytes(raw.len()));
-        }
-        let msrs = raw
-            .chunks_exact(16)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                let mut v = [0u8; 8];
-                a.copy_from_slice(&c[..8]);
-                v.copy_from_slice(&c[8..]);
-                (u64::from_le_bytes(a) as u32, u64::from_le_bytes(v))
-            })
-            .collect();
-        let s = VcpuState {
-            mp_state: d.require_pod(TAG_MP_STATE)?,
-            regs: d.require_pod(TAG_REGS)?,
-            sregs: d.require_pod(TAG_SREGS)?,
-            fpu: d.require_pod(TAG_FPU)?,
-            xsave: {
-                let x = d.require(TAG_XSAVE)?;
-                if x.len() != XSAVE_BYTES {
-                    return Err(StateCodecError::Length { tag: TAG_XSAVE, want: XSAVE_BYTES, got: x.len() }.into());
-                }
-                x.to_vec()
-            },
-            xcrs: d.require_pod(TAG_XCRS)?,
-            debugregs: d.require_pod(TAG_DEBUGREGS)?,
-            lapic: d.require_pod(TAG_LAPIC)?,
-            msrs,
-            events: d.require_pod(TAG_EVENTS)?,
-        };
-        d.finish()?;
-        Ok(s)
+    fn decode(version: u32, body: &[u8]) -> Result<Self, VcpuStateError> {
+        VcpuState::decode_body(version, body)
+    }
+}
+
+/// A vCPU as KVM holds it, with what saving it needs.
+pub struct KvmVcpu<'a> {
+    pub fd: &'a VcpuFd,
+    pub msrs: &'a [u32],
+    pub xsave_size: u32,
+}
+
+impl<'a> Persist for KvmVcpu<'a> {
+    type State = VcpuState;
+    /// A freshly created vCPU with the guest's CPUID set, and the MSR list and XSAVE size.
+    type ConstructorArgs<'b> = KvmVcpu<'a>;
+    type Error = VcpuStateError;
+
+    fn save(&self) -> Result<VcpuState, VcpuStateError> {
+        VcpuState::save(self.fd, self.msrs, self.xsave_size)
+    }
+
+    fn restore(fresh: KvmVcpu<'a>, state: &VcpuState) -> Result<Self, VcpuStateError> {
+        state.restore(fresh.fd)?;
+        Ok(fresh)
     }
 }
 
@@ -278,16 +370,7 @@ mod tests {
     use kvm_ioctls::Kvm;
 
     use super::*;
-
-    fn kvm_or_skip(test: &str) -> Option<Kvm> {
-        match Kvm::new() {
-            Ok(k) => Some(k),
-            Err(e) => {
-                eprintln!("SKIPPED {test}: needs /dev/kvm: {e}");
-                None
-            }
-        }
-    }
+    use crate::testing::kvm_or_skip;
 
     fn vcpu(kvm: &Kvm) -> (kvm_ioctls::VmFd, VcpuFd) {
         let vm = kvm.create_vm().unwrap();
@@ -304,6 +387,7 @@ mod tests {
             return;
         };
         let msrs = msrs_to_save(&kvm).unwrap();
+        let xs = crate::cpu::host_facts(&kvm).unwrap().xsave_size;
         let (_vm1, a) = vcpu(&kvm);
         let mut regs = a.get_regs().unwrap();
         regs.rax = 0x1234;
@@ -312,12 +396,12 @@ mod tests {
         let m = Msrs::from_entries(&[kvm_msr_entry { index: 0xc000_0102, data: 0xdead_b000, ..Default::default() }])
             .unwrap();
         a.set_msrs(&m).unwrap();
-        let saved = VcpuState::save(&a, &msrs).unwrap();
+        let saved = VcpuState::save(&a, &msrs, xs).unwrap();
 
-        let decoded = VcpuState::decode(&saved.encode()).unwrap();
+        let decoded = <VcpuState as SectionState>::decode(VCPU_STATE_VERSION, &saved.encode()).unwrap();
         let (_vm2, b) = vcpu(&kvm);
         decoded.restore(&b).unwrap();
-        let again = VcpuState::save(&b, &msrs).unwrap();
+        let again = VcpuState::save(&b, &msrs, xs).unwrap();
 
         assert!(msrs.contains(&0x10) && msrs.contains(&0xc000_0102), "{msrs:x?}");
         assert_eq!(again.regs.rax, 0x1234);
@@ -332,10 +416,10 @@ mod tests {
             return;
         };
         let (_vm, a) = vcpu(&kvm);
-        let b = VcpuState::save(&a, &[0x10]).unwrap().encode();
+        let b = VcpuState::save(&a, &[0x10], 4096).unwrap().encode();
 
         for n in (0..b.len()).step_by(7) {
-            assert!(VcpuState::decode(&b[..n]).is_err(), "prefix {n}");
+            assert!(<VcpuState as SectionState>::decode(2, &b[..n]).is_err(), "prefix {n}");
         }
     }
 }

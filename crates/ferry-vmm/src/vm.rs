@@ -2,14 +2,16 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use ferry_stream::CpuModel;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootEntry, BootError};
+use crate::cpu::{self, CpuModelError};
 use crate::devices::disk_image::DiskImage;
 use crate::devices::serial::{SerialDevice, SerialSink, PARTIAL_LINE_DELAY};
-use crate::devices::virtio_blk::{self, BlockDevice, BlockError, BlockStats, StartMode};
+use crate::devices::virtio_blk::{self, BlockArgs, BlockDevice, BlockError, BlockStats, StartMode};
 use crate::devices::virtio_blk_state::BlockState;
 use crate::devices::{PioBus, COM1_GSI};
 use crate::dirty_log::{
@@ -17,10 +19,14 @@ use crate::dirty_log::{
 };
 use crate::dirty_ring::{self, DirtyRingError, DirtyRings, RingSource, RingStats};
 use crate::kvm_ext::{self, KvmDirty};
+use crate::machine_state::{MachineState, MachineStateError};
 use crate::memory::PAGE_SIZE;
 use crate::memory::{GuestRam, MemoryError};
+use crate::persist::Persist;
 pub use crate::vcpu::ExitReason;
 use crate::vcpu::{install_kick_handler, ExitSink, VcpuError, VcpuHandle};
+use crate::vcpu_state::{msrs_to_save, KvmVcpu};
+use crate::vm_state::KvmVm;
 
 /// Most vCPUs Ferry gives a guest.
 pub const MAX_VCPUS: u32 = 8;
@@ -62,6 +68,18 @@ pub enum VmError {
     TooManyDisks(usize),
     #[error("cannot start the console output thread")]
     Thread(#[source] std::io::Error),
+    #[error("the guest's CPU model")]
+    Cpu(#[from] CpuModelError),
+    #[error("machine state")]
+    State(#[from] MachineStateError),
+    #[error("cannot save the state of vCPU {0}")]
+    SaveVcpu(u32, #[source] crate::vcpu_state::VcpuStateError),
+    #[error("cannot save the VM-wide state")]
+    SaveVm(#[source] crate::vm_state::VmStateError),
+    #[error("cannot save the state of disk {0}")]
+    SaveDisk(usize, #[source] BlockError),
+    #[error("the serial device's lock is poisoned")]
+    SerialPoisoned,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -147,30 +165,15 @@ pub fn create_machine(ram: GuestRam, dirty_tracking: DirtyTracking) -> Result<Ma
     Ok(MachineParts { kvm, vm_fd, ram, serial_irq, manual_protect, dirty_tracking })
 }
 
-/// Creates vCPU `id` with Ferry's CPUID (KVM's supported set, per-vCPU APIC ids).
-pub fn create_vcpu(parts: &MachineParts, id: u32, count: u32) -> Result<VcpuFd, VmError> {
+/// Creates vCPU `id` of `count` with the guest's CPU model: its CPUID (the vCPU's own APIC
+/// id put in) and, where KVM can scale it, its TSC rate.
+pub fn create_vcpu(parts: &MachineParts, id: u32, count: u32, model: &CpuModel) -> Result<VcpuFd, VmError> {
     let vcpu = parts.vm_fd.create_vcpu(id as u64).map_err(kvm_err("create a vCPU"))?;
-    let mut cpuid =
-        parts.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
-    patch_cpuid(&mut cpuid, id, count);
+    let cpuid = cpu::vcpu_cpuid(&model.cpuid, id, count)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set the vCPU's CPUID"))?;
+    let host = cpu::HostCpu::probe(&parts.kvm, count)?;
+    cpu::apply_tsc(&vcpu, model, &host)?;
     Ok(vcpu)
-}
-
-fn patch_cpuid(cpuid: &mut CpuId, id: u32, count: u32) {
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                // Initial APIC id, logical processor count, HTT when more than one.
-                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | ((count & 0xff) << 16);
-                if count > 1 {
-                    e.edx |= 1 << 28;
-                }
-            }
-            0xb | 0x1f => e.edx = id,
-            _ => {}
-        }
-    }
 }
 
 /// A machine whose vCPUs run on their own threads.
@@ -183,6 +186,8 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSink>,
     vcpu_count: u32,
+    /// The guest's CPU model, kept for life across moves.
+    cpu: CpuModel,
 }
 
 impl Vm {
@@ -210,9 +215,10 @@ impl Vm {
         }
         let entry: BootEntry = boot::load_pvh(&ram, &cfg.kernel, &cmdline)?;
         let parts = create_machine(ram, cfg.dirty_tracking)?;
+        let model = cpu::new_guest_model(&parts.kvm)?;
         let mut fds = Vec::new();
         for id in 0..cfg.vcpus {
-            let fd = create_vcpu(&parts, id, cfg.vcpus)?;
+            let fd = create_vcpu(&parts, id, cfg.vcpus, &model)?;
             boot::setup_vcpu_common(&fd)?;
             if id == 0 {
                 boot::setup_boot_vcpu(&fd, &entry)?;
@@ -223,16 +229,82 @@ impl Vm {
         let serial = SerialDevice::new(irq, cfg.serial_out);
         let disks =
             cfg.disks.into_iter().map(|image| DiskSetup { image, state: None, mode: StartMode::Running }).collect();
-        Vm::start(parts, serial, disks, fds, false)
+        Vm::start(parts, serial, disks, fds, false, model)
+    }
+
+    /// Builds a machine from its saved state: `parts` (guest RAM already filled) and `fds`
+    /// (created with the guest's CPU model by [`create_vcpu`]) take the VM-wide and vCPU state,
+    /// the devices are constructed from theirs, and the vCPU threads start (paused if asked).
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        parts: MachineParts,
+        fds: Vec<VcpuFd>,
+        model: CpuModel,
+        state: &MachineState,
+        serial_out: SerialSink,
+        disks: Vec<DiskImage>,
+        disk_mode: StartMode,
+        paused: bool,
+    ) -> Result<Vm, VmError> {
+        if fds.len() != state.vcpus.len() {
+            return Err(MachineStateError::VcpuCount { fds: fds.len(), states: state.vcpus.len() }.into());
+        }
+        if disks.len() != state.disks.len() {
+            return Err(MachineStateError::DiskCount { source_disks: state.disks.len(), local: disks.len() }.into());
+        }
+        KvmVm::restore(KvmVm(&parts.vm_fd), &state.vm).map_err(MachineStateError::VmState)?;
+        let msrs = msrs_to_save(&parts.kvm).map_err(|e| MachineStateError::VcpuState(0, e))?;
+        let xsave_size = cpu::xsave_size(&parts.vm_fd);
+        for (id, (st, fd)) in state.vcpus.iter().zip(&fds).enumerate() {
+            KvmVcpu::restore(KvmVcpu { fd, msrs: &msrs, xsave_size }, st)
+                .map_err(|e| MachineStateError::VcpuState(id as u32, e))?;
+        }
+        let irq = parts.serial_irq.try_clone().map_err(VmError::EventFd)?;
+        let serial = match &state.serial {
+            Some(s) => SerialDevice::restore((irq, serial_out), s).map_err(MachineStateError::Serial)?,
+            None => SerialDevice::new(irq, serial_out),
+        };
+        let disks = disks
+            .into_iter()
+            .zip(&state.disks)
+            .map(|(image, st)| DiskSetup { image, state: Some(st.clone()), mode: disk_mode })
+            .collect();
+        Vm::start(parts, serial, disks, fds, paused, model)
+    }
+
+    /// The machine's state outside guest RAM (vCPUs paused, disks quiesced).
+    pub fn save_state(&self) -> Result<MachineState, VmError> {
+        let vm = KvmVm(&self.parts.vm_fd).save().map_err(VmError::SaveVm)?;
+        let msrs = msrs_to_save(&self.parts.kvm).map_err(|e| VmError::SaveVcpu(0, e))?;
+        let xsave_size = cpu::xsave_size(&self.parts.vm_fd);
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let fd = v.fd()?;
+            vcpus.push(KvmVcpu { fd: &fd, msrs: &msrs, xsave_size }.save().map_err(|e| VmError::SaveVcpu(v.id(), e))?);
+        }
+        let serial = self.bus.serial.lock().map_err(|_| VmError::SerialPoisoned)?.save();
+        let serial = Some(serial.map_err(|e| VmError::State(MachineStateError::Serial(e)))?);
+        let disks = self
+            .disks()
+            .iter()
+            .map(|d| d.save().map_err(|e| VmError::SaveDisk(d.index(), e)))
+            .collect::<Result<_, _>>()?;
+        Ok(MachineState { vm, vcpus, serial, disks })
+    }
+
+    /// The guest's CPU model.
+    pub fn cpu_model(&self) -> &CpuModel {
+        &self.cpu
     }
 
     /// Starts vCPU threads on prepared parts (used by boot and by restore).
-    pub fn start(
+    fn start(
         parts: MachineParts,
         serial: SerialDevice,
         disks: Vec<DiskSetup>,
         fds: Vec<VcpuFd>,
         paused: bool,
+        cpu: CpuModel,
     ) -> Result<Vm, VmError> {
         install_kick_handler()?;
         if disks.len() > virtio_blk::MAX_DISKS {
@@ -251,15 +323,18 @@ impl Vm {
         let marker = GuestDirty::new(dirty.clone(), parts.ram.regions().iter().map(|r| (r.gpa, r.size)).collect());
         let mut devs = Vec::new();
         for (i, d) in disks.into_iter().enumerate() {
-            devs.push(BlockDevice::new(
-                i,
-                d.image,
-                d.state,
-                d.mode,
-                &parts.vm_fd,
-                parts.ram.mem().clone(),
-                marker.clone(),
-            )?);
+            let args = BlockArgs {
+                index: i,
+                image: d.image,
+                mode: d.mode,
+                vm: &parts.vm_fd,
+                mem: parts.ram.mem().clone(),
+                dirty: marker.clone(),
+            };
+            devs.push(match &d.state {
+                Some(st) => BlockDevice::restore(args, st)?,
+                None => BlockDevice::new(args)?,
+            });
         }
         let bus = Arc::new(PioBus { serial: Mutex::new(serial), disks: devs });
         spawn_serial_flusher(Arc::downgrade(&bus))?;
@@ -267,7 +342,7 @@ impl Vm {
         for (id, fd) in fds.into_iter().enumerate() {
             vcpus.push(VcpuHandle::spawn(id as u32, fd, bus.clone(), exit.clone(), rings.clone(), paused)?);
         }
-        Ok(Vm { parts, dirty, rings, bus, vcpus, exit, vcpu_count })
+        Ok(Vm { parts, dirty, rings, bus, vcpus, exit, vcpu_count, cpu })
     }
 
     pub fn ram(&self) -> &GuestRam {

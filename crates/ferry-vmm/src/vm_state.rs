@@ -7,6 +7,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
+use crate::persist::{Persist, SectionState};
 use crate::state_codec::{Decoder, Encoder, StateCodecError};
 
 /// Version of the VM state section.
@@ -79,8 +80,16 @@ impl VmState {
         vm.set_irqchip(&self.ioapic).map_err(kvm("set the IOAPIC"))?;
         Ok(())
     }
+}
 
-    pub fn encode(&self) -> Vec<u8> {
+impl SectionState for VmState {
+    const NAME: &'static str = "vm";
+    const VERSION: u32 = VM_STATE_VERSION;
+    /// Version 1 is the first: there is no previous one.
+    const READS: &'static [u32] = &[1];
+    type Error = VmStateError;
+
+    fn encode(&self) -> Vec<u8> {
         Encoder::new()
             .pod(TAG_PIC_MASTER, &self.pic_master)
             .pod(TAG_PIC_SLAVE, &self.pic_slave)
@@ -90,7 +99,7 @@ impl VmState {
             .finish()
     }
 
-    pub fn decode(b: &[u8]) -> Result<Self, VmStateError> {
+    fn decode(_version: u32, b: &[u8]) -> Result<Self, VmStateError> {
         let mut d = Decoder::parse(b)?;
         let s = VmState {
             pic_master: d.require_pod(TAG_PIC_MASTER)?,
@@ -104,12 +113,30 @@ impl VmState {
     }
 }
 
+/// The VM-wide state KVM holds for a VM.
+pub struct KvmVm<'a>(pub &'a VmFd);
+
+impl<'a> Persist for KvmVm<'a> {
+    type State = VmState;
+    /// A freshly created VM with its in-kernel irqchip and PIT.
+    type ConstructorArgs<'b> = KvmVm<'a>;
+    type Error = VmStateError;
+
+    fn save(&self) -> Result<VmState, VmStateError> {
+        VmState::save(self.0)
+    }
+
+    fn restore(fresh: KvmVm<'a>, state: &VmState) -> Result<Self, VmStateError> {
+        state.restore(fresh.0)?;
+        Ok(fresh)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
     use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
     use kvm_ioctls::Kvm;
-
-    use super::*;
 
     fn vm(kvm: &Kvm) -> VmFd {
         let vm = kvm.create_vm().unwrap();
@@ -120,12 +147,8 @@ mod tests {
 
     #[test]
     fn vm_state_survives_a_round_trip_into_a_second_vm() {
-        let kvm = match Kvm::new() {
-            Ok(k) => k,
-            Err(e) => {
-                eprintln!("SKIPPED vm_state_survives_a_round_trip_into_a_second_vm: needs /dev/kvm: {e}");
-                return;
-            }
+        let Some(kvm) = crate::testing::kvm_or_skip("vm_state_survives_a_round_trip_into_a_second_vm") else {
+            return;
         };
         let a = vm(&kvm);
         let mut pit = a.get_pit2().unwrap();
@@ -139,7 +162,7 @@ mod tests {
         let saved = VmState::save(&a).unwrap();
 
         let b = vm(&kvm);
-        VmState::decode(&saved.encode()).unwrap().restore(&b).unwrap();
+        <VmState as SectionState>::decode(1, &saved.encode()).unwrap().restore(&b).unwrap();
         let again = VmState::save(&b).unwrap();
 
         assert_eq!(again.pit.channels[0].count, 0x1234);

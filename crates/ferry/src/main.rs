@@ -204,6 +204,10 @@ struct RunArgs {
     /// reset. Default 10000.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_ms: Option<u64>,
+    /// With --incoming or --restore (for tests of the CPU check): pretend this host lacks a
+    /// CPUID feature bit, LEAF[.SUBLEAF].REG.BIT (e.g. 0x7.0.ebx.5 for AVX2). Repeatable.
+    #[arg(long, hide = true)]
+    debug_mask_cpuid: Vec<ferry_migrate::records::CpuidMask>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -219,6 +223,11 @@ enum TrackingArg {
 }
 
 impl RunArgs {
+    /// What loading a stream checks besides the stream.
+    fn load_options(&self) -> ferry_migrate::records::LoadOptions {
+        ferry_migrate::records::LoadOptions { memory: None, cpuid_masks: self.debug_mask_cpuid.clone() }
+    }
+
     fn dirty_tracking(&self) -> Result<DirtyTracking> {
         Ok(match self.dirty_tracking {
             TrackingArg::Bitmap => {
@@ -309,6 +318,7 @@ fn restore(a: &RunArgs, path: &std::path::Path) -> Result<Arc<Vm>> {
             RestoreModeArg::Read => ferry_migrate::snapshot::RestoreMode::Read,
             RestoreModeArg::Mmap => ferry_migrate::snapshot::RestoreMode::Mmap,
         },
+        &a.load_options(),
     )
     .with_context(|| format!("cannot restore {}; nothing was started", path.display()))?;
     eprintln!(
@@ -351,9 +361,16 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     let conn = listener.accept(&uri)?;
     drop(listener);
     let stall = std::time::Duration::from_millis(a.stall_timeout_ms.unwrap_or(10_000));
+    let params = ferry_migrate::destination::IncomingParams {
+        ram,
+        serial_out: serial_sink(&a.serial)?,
+        dirty_tracking: a.dirty_tracking()?,
+        disks,
+        stall,
+        load: a.load_options(),
+    };
     let (vm, stats) =
-        ferry_migrate::destination::receive(conn, ram, serial_sink(&a.serial)?, a.dirty_tracking()?, disks, stall)
-            .context("incoming migration failed; nothing was started")?;
+        ferry_migrate::destination::receive(conn, params).context("incoming migration failed; nothing was started")?;
     if stats.disk_replayed > 0 {
         eprintln!("ferry: re-executing {} disk request(s) that were in flight at the stop", stats.disk_replayed);
     }

@@ -136,18 +136,15 @@ fn fingerprint(path: &Path) -> Vec<Option<u32>> {
 /// The guest state a paused machine must reproduce exactly: everything but what time moves
 /// (TSC and kvmclock, the PIT's and LAPIC timer's counters).
 fn frozen_state(m: &SnapshotMeta) -> Vec<String> {
-    use ferry_vmm::vcpu_state::VcpuState;
-    use ferry_vmm::vm_state::VmState;
-    let vm = VmState::decode(&m.vm_state).unwrap();
+    let vm = &m.state.vm;
     let mut v = vec![
         format!("pic {:?}", vm.pic_master.chip_id),
         format!("pic regs {:?}", bytes_of(&vm.pic_master)),
         format!("pic2 regs {:?}", bytes_of(&vm.pic_slave)),
         format!("ioapic {:?}", bytes_of(&vm.ioapic)),
-        format!("serial {:?}", m.serial),
+        format!("serial {:?}", m.state.serial),
     ];
-    for b in m.vcpus.iter().flatten() {
-        let s = VcpuState::decode(b).unwrap();
+    for s in &m.state.vcpus {
         v.push(format!("regs {:?}", s.regs));
         v.push(format!("sregs {:?}", s.sregs));
         v.push(format!("fpu {:?} {:?}", s.fpu.fpr, s.fpu.xmm));
@@ -221,7 +218,7 @@ fn snapshot_restore_snapshot_gives_the_same_memory_and_device_state() {
     // KVM rewrites the guest's kvmclock page (registered by MSR 0x4b564d01) whenever it
     // publishes the time: like the TSC, it is time's part of the state, not the guest's.
     let clock_page = |m: &SnapshotMeta| -> Option<usize> {
-        let s = ferry_vmm::vcpu_state::VcpuState::decode(m.vcpus[0].as_ref()?).ok()?;
+        let s = m.state.vcpus.first()?;
         s.msrs.iter().find(|(i, v)| *i == 0x4b56_4d01 && v & 1 == 1).map(|(_, v)| (v >> 12) as usize)
     };
     let pvclock = clock_page(&ma).expect("the guest registers a kvmclock page");

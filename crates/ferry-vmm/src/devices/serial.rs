@@ -8,6 +8,7 @@ pub use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::{Persist, SectionState};
 use crate::state_codec::{Decoder, Encoder, StateCodecError};
 
 /// Version of the serial device state section.
@@ -99,13 +100,6 @@ impl SerialDevice {
         SerialDevice { inner: Serial::new(IrqTrigger(irq), line_out(out)) }
     }
 
-    /// Rebuilds the UART from saved state.
-    pub fn from_state(state: &SerialState, irq: EventFd, out: SerialSink) -> Result<Self, SerialStateError> {
-        let inner = Serial::from_state(state, IrqTrigger(irq), NoEvents, line_out(out))
-            .map_err(|e| SerialStateError::Rebuild(format!("{e:?}")))?;
-        Ok(SerialDevice { inner })
-    }
-
     pub fn write(&mut self, offset: u8, value: u8) {
         // A failing sink (closed stdout) must not stop the guest: the byte is dropped.
         let _ = self.inner.write(offset, value);
@@ -125,10 +119,6 @@ impl SerialDevice {
     pub fn read(&mut self, offset: u8) -> u8 {
         self.inner.read(offset)
     }
-
-    pub fn state(&self) -> SerialState {
-        self.inner.state()
-    }
 }
 
 /// Errors of the serial state section.
@@ -145,49 +135,74 @@ pub enum SerialStateError {
 const TAG_REGS: u32 = 1;
 const TAG_INPUT: u32 = 2;
 
-/// Encodes the UART state (registers, then buffered input).
-pub fn encode_state(s: &SerialState) -> Vec<u8> {
-    let regs = [
-        s.baud_divisor_low,
-        s.baud_divisor_high,
-        s.interrupt_enable,
-        s.interrupt_identification,
-        s.line_control,
-        s.line_status,
-        s.modem_control,
-        s.modem_status,
-        s.scratch,
-    ];
-    let mut e = Encoder::new();
-    e.field(TAG_REGS, &regs);
-    e.field(TAG_INPUT, &s.in_buffer);
-    e.finish()
+impl SectionState for SerialState {
+    const NAME: &'static str = SERIAL_SECTION_ID;
+    const VERSION: u32 = SERIAL_STATE_VERSION;
+    /// Version 1 is the first: there is no previous one.
+    const READS: &'static [u32] = &[1];
+    type Error = SerialStateError;
+
+    /// Registers, then buffered input.
+    fn encode(&self) -> Vec<u8> {
+        let s = self;
+        let regs = [
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ];
+        let mut e = Encoder::new();
+        e.field(TAG_REGS, &regs);
+        e.field(TAG_INPUT, &s.in_buffer);
+        e.finish()
+    }
+
+    fn decode(_version: u32, bytes: &[u8]) -> Result<SerialState, SerialStateError> {
+        let mut d = Decoder::parse(bytes)?;
+        let regs = d.require(TAG_REGS)?;
+        let input = d.require(TAG_INPUT)?;
+        d.finish()?;
+        if regs.len() != 9 {
+            return Err(SerialStateError::Codec(StateCodecError::Length { tag: TAG_REGS, want: 9, got: regs.len() }));
+        }
+        if input.len() > 64 {
+            return Err(SerialStateError::InputTooLong(input.len()));
+        }
+        Ok(SerialState {
+            baud_divisor_low: regs[0],
+            baud_divisor_high: regs[1],
+            interrupt_enable: regs[2],
+            interrupt_identification: regs[3],
+            line_control: regs[4],
+            line_status: regs[5],
+            modem_control: regs[6],
+            modem_status: regs[7],
+            scratch: regs[8],
+            in_buffer: input.to_vec(),
+        })
+    }
 }
 
-/// Decodes [`encode_state`]'s output.
-pub fn decode_state(bytes: &[u8]) -> Result<SerialState, SerialStateError> {
-    let mut d = Decoder::parse(bytes)?;
-    let regs = d.require(TAG_REGS)?;
-    let input = d.require(TAG_INPUT)?;
-    d.finish()?;
-    if regs.len() != 9 {
-        return Err(SerialStateError::Codec(StateCodecError::Length { tag: TAG_REGS, want: 9, got: regs.len() }));
+impl Persist for SerialDevice {
+    type State = SerialState;
+    /// The interrupt eventfd and where output goes.
+    type ConstructorArgs<'a> = (EventFd, SerialSink);
+    type Error = SerialStateError;
+
+    fn save(&self) -> Result<SerialState, SerialStateError> {
+        Ok(self.inner.state())
     }
-    if input.len() > 64 {
-        return Err(SerialStateError::InputTooLong(input.len()));
+
+    fn restore((irq, out): (EventFd, SerialSink), state: &SerialState) -> Result<Self, SerialStateError> {
+        let inner = Serial::from_state(state, IrqTrigger(irq), NoEvents, line_out(out))
+            .map_err(|e| SerialStateError::Rebuild(format!("{e:?}")))?;
+        Ok(SerialDevice { inner })
     }
-    Ok(SerialState {
-        baud_divisor_low: regs[0],
-        baud_divisor_high: regs[1],
-        interrupt_enable: regs[2],
-        interrupt_identification: regs[3],
-        line_control: regs[4],
-        line_status: regs[5],
-        modem_control: regs[6],
-        modem_status: regs[7],
-        scratch: regs[8],
-        in_buffer: input.to_vec(),
-    })
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::disk_image::{DiskImage, SECTOR_SIZE};
 use super::virtio_blk_state::{BlockState, Request, Segment, TransportState, MAX_IN_FLIGHT, MAX_SEGMENTS};
 use crate::dirty_log::GuestDirty;
+use crate::persist::Persist;
 
 /// Guest-physical base of the first virtio-mmio window; disk `i` is at `BASE + i * SIZE`.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -82,6 +83,40 @@ pub enum BlockError {
         #[source]
         source: super::disk_image::DiskImageError,
     },
+}
+
+/// What a disk is built on.
+pub struct BlockArgs<'a> {
+    pub index: usize,
+    pub image: DiskImage,
+    pub mode: StartMode,
+    pub vm: &'a kvm_ioctls::VmFd,
+    pub mem: GuestMemoryMmap,
+    pub dirty: GuestDirty,
+}
+
+impl Persist for BlockDevice {
+    type State = BlockState;
+    type ConstructorArgs<'a> = BlockArgs<'a>;
+    type Error = BlockError;
+
+    /// The device's state (call while quiesced, vCPUs paused).
+    fn save(&self) -> Result<BlockState, BlockError> {
+        let st = self.lock()?;
+        Ok(BlockState {
+            sectors: self.inner.image.sectors(),
+            readonly: self.inner.image.readonly(),
+            transport: st.t,
+            queue: st.queue.state(),
+            in_flight: st.in_flight.values().map(|f| f.req.clone()).collect(),
+        })
+    }
+
+    /// The disk as it was at the source's stop: its queue, and the requests in flight there
+    /// to execute again (in their order) before anything new.
+    fn restore(args: BlockArgs<'_>, state: &BlockState) -> Result<Self, BlockError> {
+        BlockDevice::build(args, Some(state.clone()))
+    }
 }
 
 /// How a device starts.
@@ -208,17 +243,15 @@ pub fn mmio_base(index: usize) -> u64 {
 }
 
 impl BlockDevice {
+    /// A fresh disk `index` on `image`, wired into `vm`, its threads started.
+    pub fn new(args: BlockArgs<'_>) -> Result<Self, BlockError> {
+        BlockDevice::build(args, None)
+    }
+
     /// Builds disk `index` on `image`, fresh (`state` None) or from a migrated state, wires its
     /// irqfd and ioeventfd into `vm`, and starts its threads.
-    pub fn new(
-        index: usize,
-        image: DiskImage,
-        state: Option<BlockState>,
-        mode: StartMode,
-        vm: &kvm_ioctls::VmFd,
-        mem: GuestMemoryMmap,
-        dirty: GuestDirty,
-    ) -> Result<Self, BlockError> {
+    fn build(args: BlockArgs<'_>, state: Option<BlockState>) -> Result<Self, BlockError> {
+        let BlockArgs { index, image, mode, vm, mem, dirty } = args;
         let evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| BlockError::EventFd(index, e));
         let (irq, notify, done_evt, ctl) = (evt()?, evt()?, evt()?, evt()?);
         let kvm = |what| move |source| BlockError::Kvm { index, what, source };
@@ -498,18 +531,6 @@ impl BlockDevice {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-
-    /// The device's state (call while quiesced, vCPUs paused).
-    pub fn save_state(&self) -> Result<BlockState, BlockError> {
-        let st = self.lock()?;
-        Ok(BlockState {
-            sectors: self.inner.image.sectors(),
-            readonly: self.inner.image.readonly(),
-            transport: st.t,
-            queue: st.queue.state(),
-            in_flight: st.in_flight.values().map(|f| f.req.clone()).collect(),
-        })
     }
 
     /// Source, after the destination has everything: releases the image lock if none of this

@@ -15,6 +15,7 @@
 
 use virtio_queue::QueueState;
 
+use crate::persist::SectionState;
 use crate::state_codec::{Decoder, Encoder, StateCodecError};
 
 /// Version of the virtio-blk state section.
@@ -133,8 +134,14 @@ impl Rd<'_> {
     }
 }
 
-impl BlockState {
-    pub fn encode(&self) -> Vec<u8> {
+impl SectionState for BlockState {
+    const NAME: &'static str = BLOCK_SECTION_ID;
+    const VERSION: u32 = BLOCK_STATE_VERSION;
+    /// Version 1 is the first: there is no previous one.
+    const READS: &'static [u32] = &[1];
+    type Error = BlockStateError;
+
+    fn encode(&self) -> Vec<u8> {
         let mut cfg = Vec::with_capacity(16);
         cfg.extend_from_slice(&self.sectors.to_le_bytes());
         cfg.extend_from_slice(&(self.readonly as u32).to_le_bytes());
@@ -181,7 +188,7 @@ impl BlockState {
             .finish()
     }
 
-    pub fn decode(b: &[u8]) -> Result<Self, BlockStateError> {
+    fn decode(_version: u32, b: &[u8]) -> Result<Self, BlockStateError> {
         let mut d = Decoder::parse(b)?;
         let mut c = Rd(d.require(TAG_CONFIG)?, "config");
         let sectors = c.u64()?;
@@ -288,7 +295,7 @@ mod tests {
     #[test]
     fn state_round_trips_with_its_in_flight_requests_in_order() {
         let s = sample();
-        assert_eq!(BlockState::decode(&s.encode()).unwrap(), s);
+        assert_eq!(<BlockState as SectionState>::decode(1, &s.encode()).unwrap(), s);
     }
 
     #[test]
@@ -300,7 +307,7 @@ mod tests {
         }
         let fixture = std::fs::read(path).unwrap();
 
-        let decoded = BlockState::decode(&fixture).unwrap();
+        let decoded = <BlockState as SectionState>::decode(1, &fixture).unwrap();
 
         assert_eq!(written, fixture, "the encoder no longer produces the v1 section byte for byte");
         assert_eq!(decoded, sample());
@@ -310,7 +317,7 @@ mod tests {
     fn every_truncation_is_an_error_not_a_panic() {
         let b = sample().encode();
         for n in 0..b.len() {
-            assert!(BlockState::decode(&b[..n]).is_err(), "truncated to {n} decoded");
+            assert!(<BlockState as SectionState>::decode(1, &b[..n]).is_err(), "truncated to {n} decoded");
         }
     }
 
@@ -322,6 +329,6 @@ mod tests {
         // The IN_FLIGHT field is last: its body starts with the count.
         let at = b.len() - 8;
         b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(BlockState::decode(&b), Err(BlockStateError::TooManyInFlight(_))));
+        assert!(matches!(<BlockState as SectionState>::decode(1, &b), Err(BlockStateError::TooManyInFlight(_))));
     }
 }

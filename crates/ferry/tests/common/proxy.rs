@@ -86,8 +86,14 @@ impl Proxy {
                 *sent += b.len() as u64;
                 dst.write_all(b).is_ok()
             };
+            // The source's HELLO (32 bytes, answered on the return path), then the stream's
+            // 32-byte header.
             let mut header = [0u8; 32];
-            if !read_exact_or_eof(&mut src, &mut header) || !fwd(&mut dst, &header, &mut sent) {
+            let mut ok = read_exact_or_eof(&mut src, &mut header) && fwd(&mut dst, &header, &mut sent);
+            if ok && &header[..8] == b"FERRYHLO" {
+                ok = read_exact_or_eof(&mut src, &mut header) && fwd(&mut dst, &header, &mut sent);
+            }
+            if !ok {
                 let _ = dst.shutdown(Shutdown::Both);
                 let _ = src.shutdown(Shutdown::Both);
                 return;

@@ -1,0 +1,297 @@
+//! The one record loop every reader of a machine stream uses (the migration destination and
+//! snapshot restore), and the writing of state sections.
+//!
+//! The loop owns what all streams share: MACHINE_CONFIG checked (one, a vCPU count Ferry runs,
+//! the RAM layout Ferry uses for that size, the size the user asked for); the CPU model checked
+//! against this host before anything is loaded (a version 1 stream, which has none, gets the
+//! model this host gives a new guest, as Ferry did then); every state section handed to the
+//! machine's [`StateBuilder`], which checks its version; END. The records that differ between
+//! kinds of stream (page batches, snapshot metadata) go to a [`RecordSink`]; a record the kind
+//! does not carry is refused by name.
+//!
+//! ```text
+//!   header ─▶ MACHINE_CONFIG ─▶ CPU_MODEL (v2) ─▶ PAGE_BATCH… | SNAPSHOT_INFO, RAM_MAP…
+//!            sink.machine_config  sink.cpu_model      sink
+//!   ─▶ VM_STATE, VCPU_STATE…, DEVICE_STATE… ─▶ END ─▶ MachineState
+//!        StateBuilder::add (version checked)
+//! ```
+
+use std::io::Read;
+
+use ferry_stream::{CpuModel, MachineConfig, PageBatch, RamMap, Record, SnapshotInfo, StreamReader, StreamWriter};
+use ferry_vmm::cpu::{CpuModelError, HostCpu, Reg};
+use ferry_vmm::machine_state::{MachineState, MachineStateError, StateBuilder};
+use ferry_vmm::persist::{Section, SectionKey};
+
+/// Errors every stream reader shares.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading the stream failed")]
+    Stream(#[from] ferry_stream::StreamError),
+    #[error("the stream has no MACHINE_CONFIG record before its first {0}")]
+    NoConfig(&'static str),
+    #[error("the stream has a second MACHINE_CONFIG record; a stream describes one machine")]
+    DuplicateConfig,
+    #[error("the stream describes {0} vCPUs; Ferry supports 1 to {max}", max = ferry_vmm::vm::MAX_VCPUS)]
+    VcpuCount(u32),
+    #[error("the stream's RAM layout {0:?} is not the one Ferry uses for that size")]
+    Layout(Vec<(u64, u64)>),
+    #[error("the stream describes {stream} bytes of guest memory but this Ferry was started with {local}")]
+    MemoryMismatch { stream: u64, local: u64 },
+    #[error("the format version {0} stream has no CPU_MODEL record before its first {1}")]
+    NoCpuModel(u32, &'static str),
+    #[error("the stream has a second CPU_MODEL record")]
+    DuplicateCpuModel,
+    #[error("the guest cannot run on this host")]
+    Cpu(#[from] CpuModelError),
+    #[error("cannot open /dev/kvm to check the guest's CPU")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("the machine's state")]
+    State(#[from] MachineStateError),
+    #[error("record {0} is not valid in a {1}")]
+    Unexpected(&'static str, &'static str),
+}
+
+/// Which kind of stream is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Migration,
+    Snapshot,
+}
+
+impl StreamKind {
+    fn name(self) -> &'static str {
+        match self {
+            StreamKind::Migration => "migration stream",
+            StreamKind::Snapshot => "snapshot file",
+        }
+    }
+}
+
+/// A feature bit to pretend this host lacks (`ferry run --debug-mask-cpuid`, tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuidMask {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub reg: Reg,
+    pub bit: u32,
+}
+
+impl std::str::FromStr for CpuidMask {
+    type Err = String;
+    /// `LEAF[.SUBLEAF].REG.BIT`, e.g. `0x7.0.ebx.5` (AVX2) or `1.ecx.28` (AVX).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str| -> Result<u32, String> {
+            let r = match t.strip_prefix("0x") {
+                Some(h) => u32::from_str_radix(h, 16),
+                None => t.parse(),
+            };
+            r.map_err(|_| format!("'{t}' in '{s}' is not a number"))
+        };
+        let parts: Vec<&str> = s.split('.').collect();
+        let (leaf, subleaf, reg, bit) = match parts.as_slice() {
+            [l, r, b] => (num(l)?, 0, *r, num(b)?),
+            [l, sl, r, b] => (num(l)?, num(sl)?, *r, num(b)?),
+            _ => return Err(format!("'{s}' is not LEAF[.SUBLEAF].REG.BIT")),
+        };
+        let reg = Reg::parse(reg).ok_or_else(|| format!("'{reg}' in '{s}' is not eax, ebx, ecx or edx"))?;
+        if bit > 31 {
+            return Err(format!("bit {bit} in '{s}' is not 0 to 31"));
+        }
+        Ok(CpuidMask { leaf, subleaf, reg, bit })
+    }
+}
+
+/// What the loop is told about the stream it reads.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Guest RAM size the user asked for (`--memory`), if any.
+    pub memory: Option<u64>,
+    /// Features to pretend this host lacks.
+    pub cpuid_masks: Vec<CpuidMask>,
+}
+
+/// The records that differ between kinds of stream. Every method has to be written: a sink
+/// refuses what its kind does not carry with [`LoadError::Unexpected`].
+pub trait RecordSink {
+    type Error: From<LoadError>;
+    /// MACHINE_CONFIG, already checked.
+    fn machine_config(&mut self, c: &MachineConfig) -> Result<(), Self::Error>;
+    /// The guest's CPU model, already checked against this host; it comes before anything the
+    /// model matters to (vCPUs can be created now).
+    fn cpu_model(&mut self, m: &CpuModel) -> Result<(), Self::Error>;
+    fn page_batch(&mut self, b: PageBatch<'_>) -> Result<(), Self::Error>;
+    fn snapshot_info(&mut self, i: SnapshotInfo) -> Result<(), Self::Error>;
+    fn ram_map(&mut self, m: RamMap) -> Result<(), Self::Error>;
+    /// The source paused its guest (the optional FINAL_PASS record).
+    fn final_pass(&mut self);
+    /// The first state section arrived (the final pass has begun).
+    fn state_begins(&mut self);
+}
+
+/// What a complete stream described.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub format_version: u32,
+    pub config: MachineConfig,
+    /// The guest's CPU model (a version 1 stream: this host's model for a new guest).
+    pub cpu: CpuModel,
+    pub state: MachineState,
+    /// Stream bytes read, header to END.
+    pub bytes: u64,
+}
+
+/// The loop's progress through the stream's prefix.
+struct Prefix {
+    version: u32,
+    config: Option<MachineConfig>,
+    cpu: Option<CpuModel>,
+    builder: Option<StateBuilder>,
+}
+
+impl Prefix {
+    /// Before a record of `what` that needs the machine config and the CPU model: a version 1
+    /// stream's model is taken now (this host's, as Ferry gave a new guest then).
+    fn ready<S: RecordSink>(&mut self, what: &'static str, sink: &mut S) -> Result<(), S::Error> {
+        if self.config.is_none() {
+            return Err(LoadError::NoConfig(what).into());
+        }
+        if self.cpu.is_none() {
+            if self.version >= 2 {
+                return Err(LoadError::NoCpuModel(self.version, what).into());
+            }
+            let kvm = kvm_ioctls::Kvm::new().map_err(LoadError::Kvm)?;
+            let model = ferry_vmm::cpu::new_guest_model(&kvm).map_err(LoadError::Cpu)?;
+            sink.cpu_model(&model)?;
+            self.cpu = Some(model);
+        }
+        Ok(())
+    }
+}
+
+/// Reads records until END, checking what every stream shares and handing the rest to `sink`.
+pub fn load_records<R: Read, S: RecordSink>(
+    r: &mut StreamReader<R>,
+    kind: StreamKind,
+    opts: &LoadOptions,
+    sink: &mut S,
+) -> Result<Loaded, S::Error> {
+    let mut p = Prefix { version: r.header().format_version, config: None, cpu: None, builder: None };
+    let mut state_started = false;
+    loop {
+        match r.next_record().map_err(LoadError::Stream)? {
+            Record::MachineConfig(c) => {
+                if p.config.is_some() {
+                    return Err(LoadError::DuplicateConfig.into());
+                }
+                if let Some(m) = opts.memory.filter(|&m| m != c.memory_bytes) {
+                    return Err(LoadError::MemoryMismatch { stream: c.memory_bytes, local: m }.into());
+                }
+                if c.vcpus == 0 || c.vcpus > ferry_vmm::vm::MAX_VCPUS {
+                    return Err(LoadError::VcpuCount(c.vcpus).into());
+                }
+                if ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
+                    return Err(LoadError::Layout(c.regions.clone()).into());
+                }
+                sink.machine_config(&c)?;
+                p.builder = Some(StateBuilder::new(c.vcpus));
+                p.config = Some(c);
+            }
+            Record::CpuModel(m) => {
+                let c = p.config.as_ref().ok_or(LoadError::NoConfig("CPU_MODEL"))?;
+                if p.cpu.is_some() {
+                    return Err(LoadError::DuplicateCpuModel.into());
+                }
+                let kvm = kvm_ioctls::Kvm::new().map_err(LoadError::Kvm)?;
+                let mut host = HostCpu::probe(&kvm, c.vcpus).map_err(LoadError::Cpu)?;
+                for k in &opts.cpuid_masks {
+                    host.mask_feature(k.leaf, k.subleaf, k.reg, k.bit);
+                }
+                host.check(&m).map_err(LoadError::Cpu)?;
+                sink.cpu_model(&m)?;
+                p.cpu = Some(m);
+            }
+            Record::PageBatch(b) => {
+                if kind != StreamKind::Migration {
+                    return Err(LoadError::Unexpected("PAGE_BATCH", kind.name()).into());
+                }
+                p.ready("PAGE_BATCH", sink)?;
+                sink.page_batch(b)?;
+            }
+            Record::SnapshotInfo(i) => {
+                if kind != StreamKind::Snapshot {
+                    return Err(LoadError::Unexpected("SNAPSHOT_INFO", kind.name()).into());
+                }
+                p.ready("SNAPSHOT_INFO", sink)?;
+                sink.snapshot_info(i)?;
+            }
+            Record::RamMap(m) => {
+                if kind != StreamKind::Snapshot {
+                    return Err(LoadError::Unexpected("RAM_MAP", kind.name()).into());
+                }
+                p.ready("RAM_MAP", sink)?;
+                sink.ram_map(m)?;
+            }
+            rec @ (Record::VmState { .. } | Record::VcpuState { .. } | Record::DeviceState { .. }) => {
+                let (key, version, data) = match rec {
+                    Record::VmState { version, data } => (SectionKey::Vm, version, data),
+                    Record::VcpuState { id, version, data } => (SectionKey::Vcpu(id), version, data),
+                    Record::DeviceState { id, instance, version, data } => {
+                        (SectionKey::Device { id, instance }, version, data)
+                    }
+                    _ => return Err(LoadError::Unexpected("record", kind.name()).into()),
+                };
+                p.ready("state section", sink)?;
+                if !state_started {
+                    state_started = true;
+                    sink.state_begins();
+                }
+                let b = p.builder.as_mut().ok_or(LoadError::NoConfig("state section"))?;
+                b.add(key, version, data).map_err(LoadError::State)?;
+            }
+            Record::FinalPass => sink.final_pass(),
+            // Checkpointed streams are replication's (not read by these loaders yet).
+            Record::Checkpoint(_) => return Err(LoadError::Unexpected("CHECKPOINT", kind.name()).into()),
+            Record::SkippedOptional { .. } => {}
+            Record::End => break,
+        }
+    }
+    p.ready("END", sink)?;
+    let (Some(config), Some(cpu), Some(builder)) = (p.config, p.cpu, p.builder) else {
+        return Err(LoadError::NoConfig("END").into());
+    };
+    let state = builder.finish().map_err(LoadError::State)?;
+    Ok(Loaded { format_version: p.version, config, cpu, state, bytes: r.bytes_read() })
+}
+
+/// Writes the machine's state sections.
+pub fn write_sections<W: std::io::Write>(
+    w: &mut StreamWriter<W>,
+    sections: &[Section],
+) -> Result<(), ferry_stream::StreamError> {
+    for s in sections {
+        match &s.key {
+            SectionKey::Vm => w.vm_state(s.version, &s.body)?,
+            SectionKey::Vcpu(id) => w.vcpu_state(*id, s.version, &s.body)?,
+            SectionKey::Device { id, instance } => w.device_state(id, *instance, s.version, &s.body)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuid_masks_parse_with_and_without_a_subleaf() {
+        assert_eq!(
+            "0x7.0.ebx.5".parse::<CpuidMask>().unwrap(),
+            CpuidMask { leaf: 7, subleaf: 0, reg: Reg::Ebx, bit: 5 }
+        );
+        assert_eq!("1.ECX.28".parse::<CpuidMask>().unwrap(), CpuidMask { leaf: 1, subleaf: 0, reg: Reg::Ecx, bit: 28 });
+        assert!("1.exx.3".parse::<CpuidMask>().unwrap_err().contains("not eax"));
+        assert!("1.ecx.32".parse::<CpuidMask>().unwrap_err().contains("0 to 31"));
+        assert!("7".parse::<CpuidMask>().is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! Compatibility on real KVM: streams and snapshots written by an older Ferry still load and the
+//! guest verifies clean; and every incompatible combination is refused before anything is
+//! loaded, naming what is wrong, with the source running on (a section of a version this Ferry
+//! cannot read, a CPU feature the destination lacks, a handshake with no common format).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// These tests run guests: one at a time on the machine's two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn wait_for_path(p: &Path) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !p.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.exists(), "{} never appeared", p.display());
+}
+
+/// Plays a source from before the handshake: sends `stream` as it stands and returns the
+/// destination's answer frame (type, body).
+fn send_as_old_source(sock: &Path, stream: &[u8], dst: &Proc) -> (UnixStream, u32, Vec<u8>) {
+    let mut c = UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // The destination may refuse (and close) before it has read everything.
+    let _ = c.write_all(stream);
+    let mut head = [0u8; 8];
+    let fail = |e: std::io::Error| -> ! { panic!("no answer from the destination ({e}): {}", dst.stderr_text()) };
+    c.read_exact(&mut head).unwrap_or_else(|e| fail(e));
+    let t = u32::from_le_bytes(head[..4].try_into().unwrap());
+    let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).unwrap_or_else(|e| fail(e));
+    (c, t, body)
+}
+
+/// The built-in guest running with a report every 200 ms has verified more pages after the
+/// move and counted no error.
+fn assert_guest_verifies_clean(p: &mut Proc, what: &str) {
+    assert!(p.wait_reports(4, Duration::from_secs(60)), "{what}: no reports: {} {}", p.tail(4), p.stderr_text());
+    let r = p.reports();
+    let (first, last) = (&r[0], r.last().unwrap());
+    assert!(r.iter().all(|x| x.errors == 0), "{what}: {}", last.line);
+    assert!(p.lines_with("VERIFY-FAIL").is_empty(), "{what}: {:?}", p.lines_with("VERIFY-FAIL"));
+    assert!(last.verified > first.verified, "{what}: the guest stopped verifying: {}", last.line);
+    assert!(last.t_ms > first.t_ms, "{what}: the guest's clock stood still: {}", last.line);
+}
+
+#[test]
+fn a_format_1_migration_stream_from_an_older_ferry_still_loads_and_its_guest_verifies_clean() {
+    if !kvm_available("a_format_1_migration_stream_from_an_older_ferry_still_loads_and_its_guest_verifies_clean") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("v1stream");
+    let sock = dir.join("in.sock");
+    let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
+    wait_for_path(&sock);
+    let stream = std::fs::read(fixture("v1-migration-stream.bin")).unwrap();
+
+    let (mut c, t, body) = send_as_old_source(&sock, &stream, &dst);
+    assert_eq!(t, 1, "the destination refused: {}", String::from_utf8_lossy(&body));
+    c.write_all(b"FERRYCMT").unwrap();
+
+    assert_guest_verifies_clean(&mut dst, "format 1 stream");
+}
+
+#[test]
+fn a_format_1_snapshot_from_an_older_ferry_still_restores_and_its_guest_verifies_clean() {
+    if !kvm_available("a_format_1_snapshot_from_an_older_ferry_still_restores_and_its_guest_verifies_clean") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let path = fixture("v1-snapshot.ferry");
+
+    let mut vm = Proc::spawn(&["run", "--restore", path.to_str().unwrap()]);
+
+    assert_guest_verifies_clean(&mut vm, "format 1 snapshot");
+}
+
+/// The format 1 fixture with its VCPU_STATE section's version set to `version` (the record's
+/// checksum made right again, so only the version is wrong).
+fn stream_with_vcpu_section_version(version: u32) -> Vec<u8> {
+    let mut s = std::fs::read(fixture("v1-migration-stream.bin")).unwrap();
+    let mut o = 32;
+    loop {
+        let t = u32::from_le_bytes(s[o..o + 4].try_into().unwrap());
+        let len = u32::from_le_bytes(s[o + 4..o + 8].try_into().unwrap()) as usize;
+        let body = o + 8;
+        let crc_at = body + len + (8 - len % 8) % 8;
+        if t == ferry_stream::rtype::VCPU_STATE {
+            s[body + 4..body + 8].copy_from_slice(&version.to_le_bytes());
+            let mut c = crc32c::crc32c(&s[o..o + 8]);
+            c = crc32c::crc32c_append(c, &s[body..body + len]);
+            s[crc_at..crc_at + 4].copy_from_slice(&c.to_le_bytes());
+            return s;
+        }
+        assert_ne!(t, ferry_stream::rtype::END, "the fixture has no VCPU_STATE");
+        o = crc_at + 8;
+    }
+}
+
+#[test]
+fn a_state_section_of_an_unknown_version_is_refused_naming_the_section_and_the_versions_read() {
+    if !kvm_available("a_state_section_of_an_unknown_version_is_refused_naming_the_section_and_the_versions_read") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("sectionversion");
+    let sock = dir.join("in.sock");
+    let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
+    wait_for_path(&sock);
+
+    let (_c, t, body) = send_as_old_source(&sock, &stream_with_vcpu_section_version(9), &dst);
+
+    let msg = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(t, 2, "the destination accepted a section it cannot read");
+    assert!(
+        msg.contains(
+            "vCPU 0 state is section 'vcpu' version 9, which this Ferry cannot read (it reads versions 2 and 1)"
+        ),
+        "{msg}"
+    );
+    assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(dst.reports().is_empty(), "the destination ran a guest");
+}
+
+struct Source {
+    vm: Proc,
+    api: PathBuf,
+    dir: PathBuf,
+}
+
+fn source(name: &str) -> Source {
+    let dir = tmpdir(name);
+    let api = dir.join("api.sock");
+    let vm = Proc::spawn(&[
+        "run",
+        "--memory",
+        "256M",
+        "--cmdline",
+        "mib=32 rate=20 report_ms=300",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    let mut s = Source { vm, api, dir };
+    assert!(s.vm.wait_reports(2, Duration::from_secs(60)), "source never reported: {}", s.vm.stderr_text());
+    assert!(wait_socket(&s.api, Duration::from_secs(5)));
+    s
+}
+
+fn migrate(api: &Path, uri: &str) -> (i32, String) {
+    let out = Command::new(FERRY)
+        .args(["migrate", "--api-socket", api.to_str().unwrap(), "--to", uri, "--stall-timeout-ms", "5000"])
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The source guest keeps running clean after a refused migration.
+fn assert_source_runs_on(src: &mut Source) {
+    let n = src.vm.reports().len();
+    assert!(src.vm.wait_reports(n + 3, Duration::from_secs(20)), "source stopped: {}", src.vm.tail(3));
+    assert!(src.vm.reports().iter().all(|r| r.errors == 0), "{}", src.vm.tail(2));
+    assert_eq!(api(&src.api, r#"{"cmd":"status"}"#)["state"], "running");
+}
+
+#[test]
+fn a_destination_lacking_a_cpu_feature_refuses_before_loading_and_the_source_runs_on() {
+    if !kvm_available("a_destination_lacking_a_cpu_feature_refuses_before_loading_and_the_source_runs_on") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("cpumask");
+    let sock = src.dir.join("masked.sock");
+    // A host like this one but without the FPU bit (leaf 1 EDX bit 0), which every guest has.
+    let uri = format!("unix:{}", sock.display());
+    let mut dst = Proc::spawn(&["run", "--incoming", &uri, "--debug-mask-cpuid", "1.edx.0"]);
+    wait_for_path(&sock);
+
+    let (code, err) = migrate(&src.api, &uri);
+
+    assert_ne!(code, 0, "the migration went through");
+    assert!(
+        err.contains("this host cannot run the guest's CPU: it lacks FPU (CPUID leaf 0x1 subleaf 0 EDX bit 0)"),
+        "{err}"
+    );
+    assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
+    let dst_err = dst.stderr_text();
+    assert!(dst_err.contains("nothing was started") && dst_err.contains("lacks FPU"), "{dst_err}");
+    assert!(dst.reports().is_empty(), "the destination ran a guest");
+    assert_source_runs_on(&mut src);
+
+    // The same guest moves to a destination that has the feature.
+    let sock2 = src.dir.join("full.sock");
+    let uri2 = format!("unix:{}", sock2.display());
+    let mut dst2 = Proc::spawn(&["run", "--incoming", &uri2]);
+    wait_for_path(&sock2);
+    let (code, err) = migrate(&src.api, &uri2);
+    assert_eq!(code, 0, "{err}");
+    assert!(dst2.wait_reports(3, Duration::from_secs(30)), "{}", dst2.stderr_text());
+    assert!(dst2.reports().iter().all(|r| r.errors == 0), "{}", dst2.tail(2));
+}
+
+#[test]
+fn a_destination_reading_only_other_formats_fails_the_handshake_before_any_page_and_the_source_runs_on() {
+    if !kvm_available(
+        "a_destination_reading_only_other_formats_fails_the_handshake_before_any_page_and_the_source_runs_on",
+    ) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("handshake");
+    let sock = src.dir.join("future.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    // A future destination that reads stream formats 7 to 9 only.
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut hello = [0u8; 32];
+        c.read_exact(&mut hello).unwrap();
+        let mut reply = hello;
+        reply[8..12].copy_from_slice(&7u32.to_le_bytes());
+        reply[12..16].copy_from_slice(&9u32.to_le_bytes());
+        c.write_all(&reply).unwrap();
+        // Everything the source sends after our answer (it must close without a stream).
+        let mut rest = Vec::new();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = c.read_to_end(&mut rest);
+        (hello, rest.len())
+    });
+
+    let (code, err) = migrate(&src.api, &format!("unix:{}", sock.display()));
+
+    let (hello, after) = fake.join().unwrap();
+    assert_eq!(&hello[..8], b"FERRYHLO");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("the source writes format versions 2 to 2, the destination reads 7 to 9"),
+        "the error does not name both sides' versions: {err}"
+    );
+    assert_eq!(after, 0, "the source sent {after} bytes after a failed handshake");
+    assert_source_runs_on(&mut src);
+}
+
+#[test]
+fn a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_both() {
+    if !kvm_available("a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_both") {
+        return;
+    }
+    let dir = tmpdir("oldhello");
+    let sock = dir.join("in.sock");
+    let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
+    wait_for_path(&sock);
+    let mut hello = [0u8; 32];
+    hello[..8].copy_from_slice(b"FERRYHLO");
+    hello[8..12].copy_from_slice(&5u32.to_le_bytes());
+    hello[12..16].copy_from_slice(&6u32.to_le_bytes());
+
+    let (_c, t, body) = send_as_old_source(&sock, &hello, &dst);
+
+    let msg = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(t, 2, "the destination answered a source it cannot read");
+    assert!(msg.contains("the source writes format versions 5 to 6, the destination reads 1 to 2"), "{msg}");
+    assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
+}
