@@ -78,6 +78,59 @@ fn a_format_1_migration_stream_from_an_older_ferry_still_loads_and_its_guest_ver
     assert_guest_verifies_clean(&mut dst, "format 1 stream");
 }
 
+/// The records of `stream` (after its 32-byte header): (type, offset of the record, its length
+/// with padding and trailer).
+fn records(stream: &[u8]) -> Vec<(u32, usize, usize)> {
+    let mut v = Vec::new();
+    let mut o = 32;
+    while o < stream.len() {
+        let t = u32::from_le_bytes(stream[o..o + 4].try_into().unwrap());
+        let len = u32::from_le_bytes(stream[o + 4..o + 8].try_into().unwrap()) as usize;
+        let total = 8 + len + (8 - len % 8) % 8 + 8;
+        v.push((t, o, total));
+        o += total;
+    }
+    v
+}
+
+/// `stream` with its CPU_MODEL record replaced by the model this host gives a new guest.
+/// The fixture's own model is this project's development host's: a CI machine with another CPU
+/// or TSC rate rightly refuses it (`a_destination_lacking_a_cpu_feature…` tests that refusal).
+fn with_this_hosts_cpu_model(stream: &[u8]) -> Vec<u8> {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let model = ferry_vmm::cpu::new_guest_model(&kvm).unwrap();
+    let header = ferry_stream::StreamHeader::new(ferry_stream::StreamFlags::empty());
+    let mut w = ferry_stream::StreamWriter::new(Vec::new(), &header).unwrap();
+    w.cpu_model(&model).unwrap();
+    let record = w.into_inner()[32..].to_vec();
+    let (_, at, len) = *records(stream)
+        .iter()
+        .find(|r| r.0 == ferry_stream::rtype::CPU_MODEL)
+        .expect("a format 2 stream has a CPU_MODEL record");
+    [&stream[..at], &record[..], &stream[at + len..]].concat()
+}
+
+#[test]
+fn a_format_2_migration_stream_with_a_version_2_vcpu_section_loads_and_its_guest_verifies_clean() {
+    if !kvm_available("a_format_2_migration_stream_with_a_version_2_vcpu_section_loads_and_its_guest_verifies_clean") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fixture_bytes = std::fs::read(fixture("v2-migration-stream.bin")).unwrap();
+    let summary = ferry_stream::inspect(fixture_bytes.as_slice(), &mut std::io::sink()).unwrap();
+    assert!(summary.ended, "the fixture does not read as a complete stream");
+    let dir = tmpdir("v2stream");
+    let sock = dir.join("in.sock");
+    let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
+    wait_for_path(&sock);
+
+    let (mut c, t, body) = send_as_old_source(&sock, &with_this_hosts_cpu_model(&fixture_bytes), &dst);
+    assert_eq!(t, 1, "the destination refused: {}", String::from_utf8_lossy(&body));
+    c.write_all(b"FERRYCMT").unwrap();
+
+    assert_guest_verifies_clean(&mut dst, "format 2 stream");
+}
+
 #[test]
 fn a_format_1_snapshot_from_an_older_ferry_still_restores_and_its_guest_verifies_clean() {
     if !kvm_available("a_format_1_snapshot_from_an_older_ferry_still_restores_and_its_guest_verifies_clean") {
