@@ -10,8 +10,8 @@
 use vm_superio::serial::SerialState;
 
 use crate::devices::serial::SERIAL_SECTION_ID;
+use crate::devices::virtio_blk::state::{BlockState, BLOCK_SECTION_ID};
 use crate::devices::virtio_blk::MAX_DISKS;
-use crate::devices::virtio_blk_state::{BlockState, BLOCK_SECTION_ID};
 use crate::persist::{decode_section, encode_section, Section, SectionError, SectionKey};
 use crate::vcpu_state::VcpuState;
 use crate::vm_state::VmState;

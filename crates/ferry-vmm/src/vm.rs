@@ -11,8 +11,8 @@ use crate::boot::{self, BootEntry, BootError};
 use crate::cpu::{self, CpuModelError};
 use crate::devices::disk_image::DiskImage;
 use crate::devices::serial::{SerialDevice, SerialSink, PARTIAL_LINE_DELAY};
+use crate::devices::virtio_blk::state::BlockState;
 use crate::devices::virtio_blk::{self, BlockArgs, BlockDevice, BlockError, BlockStats, StartMode};
-use crate::devices::virtio_blk_state::BlockState;
 use crate::devices::{PioBus, COM1_GSI};
 use crate::dirty_log::{
     ConsumerId, DirtyLog, DirtyLogError, DirtySource, GuestDirty, Initial, DEFAULT_CLEAR_CHUNK_PAGES,

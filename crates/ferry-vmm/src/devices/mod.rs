@@ -5,7 +5,6 @@
 pub mod disk_image;
 pub mod serial;
 pub mod virtio_blk;
-pub mod virtio_blk_state;
 
 pub use serial::SerialDevice;
 

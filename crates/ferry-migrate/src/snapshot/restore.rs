@@ -1,0 +1,312 @@
+//! Restoring a snapshot: its metadata read through the one record loop, its chain of
+//! incrementals followed and checked (ids, metadata checksums, machine), every page taken from
+//! the newest file that has it (read and checked against its crc32c, or mapped copy-on-write),
+//! and the machine built from its state.
+
+use super::*;
+
+/// The metadata of one snapshot file.
+pub struct SnapshotMeta {
+    pub path: PathBuf,
+    pub config: MachineConfig,
+    pub cpu: CpuModel,
+    pub info: SnapshotInfo,
+    pub maps: Vec<RamMap>,
+    pub state: MachineState,
+    /// crc32c of the metadata bytes (header to the end of END).
+    pub meta_crc: u32,
+}
+
+/// A snapshot file's own records: its SNAPSHOT_INFO and RAM_MAPs.
+#[derive(Default)]
+struct SnapshotSink {
+    info: Option<SnapshotInfo>,
+    maps: Vec<RamMap>,
+}
+
+impl RecordSink for SnapshotSink {
+    type Error = LoadError;
+    fn machine_config(&mut self, _: &MachineConfig) -> Result<(), LoadError> {
+        Ok(())
+    }
+    fn cpu_model(&mut self, _: &CpuModel) -> Result<(), LoadError> {
+        Ok(())
+    }
+    fn page_batch(&mut self, _: PageBatch<'_>) -> Result<(), LoadError> {
+        Err(LoadError::Unexpected("PAGE_BATCH", "snapshot file"))
+    }
+    fn snapshot_info(&mut self, i: SnapshotInfo) -> Result<(), LoadError> {
+        self.info = Some(i);
+        Ok(())
+    }
+    fn ram_map(&mut self, m: RamMap) -> Result<(), LoadError> {
+        self.maps.push(m);
+        Ok(())
+    }
+    fn final_pass(&mut self) {}
+    fn state_begins(&mut self) {}
+}
+
+/// Reads and checks a snapshot file's metadata (not its page data).
+pub fn read_meta(path: &Path) -> Result<SnapshotMeta, SnapshotError> {
+    read_meta_with(path, &LoadOptions::default())
+}
+
+fn read_meta_with(path: &Path, opts: &LoadOptions) -> Result<SnapshotMeta, SnapshotError> {
+    let f = File::open(path).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
+    let serr = |e: StreamError| SnapshotError::Stream { path: path.to_path_buf(), source: e };
+    let incomplete = |what: &str| SnapshotError::Incomplete { path: path.to_path_buf(), what: what.into() };
+    let mut r = StreamReader::new(BufReader::new(f)).map_err(serr)?;
+    if !r.header().flags.contains(StreamFlags::SNAPSHOT) {
+        return Err(SnapshotError::NotSnapshot { path: path.to_path_buf() });
+    }
+    let mut sink = SnapshotSink::default();
+    let loaded = load_records(&mut r, StreamKind::Snapshot, opts, &mut sink).map_err(|source| match source {
+        LoadError::Stream(e) => serr(e),
+        source => SnapshotError::Load { path: path.to_path_buf(), source },
+    })?;
+    let meta_len = loaded.bytes;
+    let config = loaded.config;
+    let info = sink.info.ok_or_else(|| incomplete("no SNAPSHOT_INFO"))?;
+    let maps = sink.maps;
+    if maps.len() != config.regions.len()
+        || maps.iter().zip(&config.regions).enumerate().any(|(i, (m, r))| {
+            m.region as usize != i || m.gpa != r.0 || m.npages * PAGE != r.1 || m.data_offset < meta_len
+        })
+    {
+        return Err(incomplete("its RAM_MAP records do not match MACHINE_CONFIG"));
+    }
+    let mut f = File::open(path).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
+    let mut meta = vec![0u8; meta_len as usize];
+    f.read_exact(&mut meta).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if maps.iter().any(|m| m.data_offset + m.npages * PAGE > len) {
+        return Err(incomplete("the file is shorter than its page data areas (truncated?)"));
+    }
+    Ok(SnapshotMeta {
+        path: path.to_path_buf(),
+        config,
+        cpu: loaded.cpu,
+        info,
+        maps,
+        state: loaded.state,
+        meta_crc: crc32c::crc32c(&meta),
+    })
+}
+
+/// The snapshot and its ancestors, newest first, each checked against its child.
+pub fn chain(path: &Path) -> Result<Vec<SnapshotMeta>, SnapshotError> {
+    chain_with(path, &LoadOptions::default())
+}
+
+fn chain_with(path: &Path, opts: &LoadOptions) -> Result<Vec<SnapshotMeta>, SnapshotError> {
+    let mut v = vec![read_meta_with(path, opts)?];
+    loop {
+        let child = v.last().ok_or_else(|| SnapshotError::ChainTooLong(path.to_path_buf()))?;
+        if child.info.kind == SnapshotKind::Full {
+            return Ok(v);
+        }
+        if v.len() >= MAX_CHAIN {
+            return Err(SnapshotError::ChainTooLong(path.to_path_buf()));
+        }
+        let stored = PathBuf::from(&child.info.parent_path);
+        let p =
+            if stored.is_relative() { child.path.parent().map(|d| d.join(&stored)).unwrap_or(stored) } else { stored };
+        if let Err(source) = std::fs::metadata(&p) {
+            return Err(SnapshotError::MissingParent { parent: p, child: child.path.clone(), source });
+        }
+        let parent = read_meta_with(&p, opts)?;
+        let wrong = |what: String| SnapshotError::WrongParent { parent: p.clone(), child: child.path.clone(), what };
+        if parent.info.id != child.info.parent_id {
+            return Err(wrong(format!(
+                "its id is {}, the child names {}",
+                hex(&parent.info.id),
+                hex(&child.info.parent_id)
+            )));
+        }
+        if parent.meta_crc != child.info.parent_meta_crc {
+            return Err(wrong(format!(
+                "its metadata checksum is {:#010x}, the child recorded {:#010x}",
+                parent.meta_crc, child.info.parent_meta_crc
+            )));
+        }
+        if parent.config != child.config {
+            return Err(wrong("it describes another machine".into()));
+        }
+        v.push(parent);
+    }
+}
+
+/// How a restore puts page data into guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Read every page into the memfd and check its crc32c.
+    Read,
+    /// Map the full snapshot's data areas copy-on-write (pages load on first touch, without a
+    /// checksum check); pages of newer incrementals are read over them.
+    Mmap,
+}
+
+/// How a restore went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreStats {
+    pub chain_len: usize,
+    /// Pages left to the copy-on-write mapping of the full snapshot (mmap mode).
+    pub mapped_pages: u64,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    pub bytes_read: u64,
+    pub total: Duration,
+}
+
+/// Rebuilds a machine from a snapshot (following its chain) and starts it (paused if asked).
+pub fn restore(
+    path: &Path,
+    memory: Option<u64>,
+    serial_out: SerialSink,
+    dirty_tracking: DirtyTracking,
+    paused: bool,
+    mode: RestoreMode,
+    load: &LoadOptions,
+) -> Result<(Vm, RestoreStats), SnapshotError> {
+    let t0 = Instant::now();
+    let chain = chain_with(path, load)?;
+    let top = &chain[0];
+    if let Some(m) = memory {
+        if m != top.config.memory_bytes {
+            return Err(SnapshotError::Mismatch(
+                path.to_path_buf(),
+                format!("it holds {} bytes of RAM, --memory asks for {m}", top.config.memory_bytes),
+            ));
+        }
+    }
+    let c = &top.config;
+    if c.vcpus == 0 || c.vcpus > ferry_vmm::vm::MAX_VCPUS || ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
+        return Err(SnapshotError::Mismatch(path.to_path_buf(), "unsupported vCPU count or RAM layout".into()));
+    }
+    let mut ram = GuestRam::new(c.memory_bytes)?;
+    let mut stats = RestoreStats { chain_len: chain.len(), ..Default::default() };
+    let files = chain
+        .iter()
+        .map(|m| File::open(&m.path).map_err(|source| SnapshotError::Read { path: m.path.clone(), source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = chain.len() - 1;
+    let mapped = mode == RestoreMode::Mmap;
+    if mapped {
+        for ri in 0..ram.regions().len() {
+            ram.map_file_private(ri, &files[base], chain[base].maps[ri].data_offset)?;
+        }
+    }
+    let ram = ram;
+    for (ri, region) in ram.regions().iter().enumerate() {
+        // Where each page comes from: the newest snapshot that has it.
+        let npages = region.size / PAGE;
+        let mut next_crc: Vec<usize> = vec![0; chain.len()];
+        let mut run: Option<(usize, u64, u64)> = None; // (file, first page, count)
+        let mut pending_crcs: Vec<u32> = Vec::new();
+        for page in 0..npages {
+            let mut src = None;
+            for (k, m) in chain.iter().enumerate() {
+                let map = &m.maps[ri];
+                if map.is_present(page) {
+                    src = Some(Some(k));
+                    break;
+                }
+                if map.is_zero(page) {
+                    src = Some(None);
+                    break;
+                }
+            }
+            // Every present page of every file consumes its checksum in page order.
+            for (k, m) in chain.iter().enumerate() {
+                if m.maps[ri].is_present(page) && src != Some(Some(k)) {
+                    next_crc[k] += 1;
+                }
+            }
+            match src {
+                Some(Some(k)) if mapped && k == base => {
+                    // Already there through the mapping.
+                    next_crc[k] += 1;
+                    stats.data_pages += 1;
+                    stats.mapped_pages += 1;
+                }
+                Some(None) if mapped && chain[base].maps[ri].is_present(page) => {
+                    // Zero now, but the mapped full snapshot has data there.
+                    let host = ram.host_ptr(region.gpa + page * PAGE, PAGE)?;
+                    // SAFETY: one page of guest RAM no vCPU runs on yet (host_ptr checked it).
+                    unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
+                    stats.zero_pages += 1;
+                }
+                Some(Some(k)) => {
+                    let crc = chain[k].maps[ri].crcs.get(next_crc[k]).copied().unwrap_or(0);
+                    next_crc[k] += 1;
+                    stats.data_pages += 1;
+                    run = match run {
+                        Some((f, s, n)) if f == k && s + n == page && n < MAX_RUN_PAGES => {
+                            pending_crcs.push(crc);
+                            Some((f, s, n + 1))
+                        }
+                        other => {
+                            if let Some(r) = other {
+                                read_run(&ram, ri, &chain, &files, r, &pending_crcs, &mut stats)?;
+                            }
+                            pending_crcs.clear();
+                            pending_crcs.push(crc);
+                            Some((k, page, 1))
+                        }
+                    };
+                }
+                Some(None) => stats.zero_pages += 1,
+                None => {
+                    return Err(SnapshotError::Incomplete {
+                        path: chain[chain.len() - 1].path.clone(),
+                        what: format!("page {page} of region {ri} is in no snapshot of the chain"),
+                    })
+                }
+            }
+        }
+        if let Some(r) = run {
+            read_run(&ram, ri, &chain, &files, r, &pending_crcs, &mut stats)?;
+        }
+    }
+    let machine = create_machine(ram, dirty_tracking)?;
+    let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus, &top.cpu)).collect::<Result<Vec<_>, _>>()?;
+    let vm = Vm::restore(machine, fds, top.cpu.clone(), &top.state, serial_out, Vec::new(), StartMode::Running, paused)
+        .map_err(SnapshotError::Restore)?;
+    stats.total = t0.elapsed();
+    Ok((vm, stats))
+}
+
+/// Reads `n` pages of chain file `k` into guest memory and checks their checksums.
+fn read_run(
+    ram: &GuestRam,
+    ri: usize,
+    chain: &[SnapshotMeta],
+    files: &[File],
+    (k, first, n): (usize, u64, u64),
+    crcs: &[u32],
+    stats: &mut RestoreStats,
+) -> Result<(), SnapshotError> {
+    let region = ram.regions()[ri];
+    let m = &chain[k].maps[ri];
+    let host = ram.host_ptr(region.gpa + first * PAGE, n * PAGE)?;
+    // SAFETY: `n` pages of guest RAM of a machine no vCPU runs on yet (host_ptr checked it).
+    let buf = unsafe { std::slice::from_raw_parts_mut(host, (n * PAGE) as usize) };
+    files[k]
+        .read_exact_at(buf, m.data_offset + first * PAGE)
+        .map_err(|source| SnapshotError::Read { path: chain[k].path.clone(), source })?;
+    stats.bytes_read += n * PAGE;
+    for (i, page) in buf.chunks(PAGE_SIZE).enumerate() {
+        let computed = crc32c::crc32c(page);
+        if computed != crcs[i] {
+            return Err(SnapshotError::PageChecksum {
+                path: chain[k].path.clone(),
+                region: ri as u32,
+                page: first + i as u64,
+                stored: crcs[i],
+                computed,
+            });
+        }
+    }
+    Ok(())
+}
