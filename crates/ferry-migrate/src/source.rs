@@ -456,6 +456,113 @@ fn refusal(reply: &mut Conn, wait: Duration) -> Option<ProtocolError> {
     }
 }
 
+/// The convergence policy: when to stop iterating, when to throttle, when to give up. It only
+/// decides; the passes and the handover act.
+struct Convergence {
+    limit_ms: f64,
+    /// Bytes per second the last meaningful pass moved.
+    bandwidth: f64,
+    /// The first pass's bandwidth (a later pass far below it was starved of CPU).
+    first_bandwidth: f64,
+    /// Length of the last pass, in seconds.
+    last_pass_secs: f64,
+    /// Pages the last pass really had to send (what the next dirty set is judged against).
+    last_sent: u64,
+    iteration: u32,
+}
+
+/// What to do before the next pass.
+enum Decision {
+    /// The pause fits: stop the guest and send the rest.
+    SwitchOver,
+    /// Send another pass, throttling harder first if the dirty set stopped shrinking
+    /// (measured dirty rate and send rate, pages per second).
+    Iterate { throttle_up: Option<(f64, f64)> },
+    /// Iterated as long as allowed without fitting the limit.
+    GiveUp,
+}
+
+impl Convergence {
+    fn new(limit: Duration) -> Self {
+        Convergence {
+            limit_ms: ms(limit),
+            bandwidth: 0.0,
+            first_bandwidth: 0.0,
+            last_pass_secs: 0.0,
+            last_sent: u64::MAX,
+            iteration: 0,
+        }
+    }
+
+    /// The pause `pending` pages would cost at the measured bandwidth.
+    fn estimate_ms(&self, pending: u64) -> f64 {
+        if self.bandwidth > 0.0 {
+            pending as f64 * PAGE_SIZE as f64 / self.bandwidth * 1000.0
+        } else {
+            f64::INFINITY
+        }
+    }
+
+    /// Decides with `pending` pages dirty. Switch over once the pause fits the limit and
+    /// iterating more would not shrink it much: either it is already tiny, or the dirty set
+    /// stopped shrinking (the guest dirties about as much per pass as a pass sends). With
+    /// auto-converge a stalled dirty set is throttled down rather than accepted, until the pause
+    /// is tiny or the throttle is at its maximum.
+    fn decide(&mut self, pending: u64, can_throttle: bool, params: &MigrateParams) -> Decision {
+        self.iteration += 1;
+        let estimate_ms = self.estimate_ms(pending);
+        let tiny = estimate_ms <= self.limit_ms.min(TARGET_DOWNTIME_MS);
+        let stalled = pending as f64 >= self.last_sent as f64 * STALL_RATIO;
+        if self.iteration > 1 && estimate_ms <= self.limit_ms && (tiny || (stalled && !can_throttle)) {
+            return Decision::SwitchOver;
+        }
+        if self.iteration > params.max_iterations {
+            return if params.force_switchover { Decision::SwitchOver } else { Decision::GiveUp };
+        }
+        let throttle_up =
+            (self.iteration > 1 && stalled).then(|| (self.dirty_rate(pending), self.bandwidth / PAGE_SIZE as f64));
+        Decision::Iterate { throttle_up }
+    }
+
+    /// Pages per second the guest dirtied during the last pass, if it left `pending`.
+    fn dirty_rate(&self, pending: u64) -> f64 {
+        if self.last_pass_secs > 0.0 {
+            pending as f64 / self.last_pass_secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Takes a pass's measurements. Returns whether the pass was starved (it got less than half
+    /// the first pass's bandwidth).
+    fn record_pass(&mut self, sent: u64, normal: u64, bytes: u64, secs: f64) -> bool {
+        // Zero pages cost almost nothing, so the first pass (every page) counts by its data
+        // pages: a guest that re-dirties its whole working set stalls at once.
+        self.last_sent = normal.max(sent / 8);
+        self.last_pass_secs = secs;
+        // Tiny passes measure latency, not bandwidth: keep the previous figure then.
+        if bytes < 1 << 20 && self.bandwidth > 0.0 {
+            return false;
+        }
+        self.bandwidth = bytes as f64 / secs;
+        if self.iteration == 1 {
+            self.first_bandwidth = self.bandwidth;
+            return false;
+        }
+        self.bandwidth < self.first_bandwidth / 2.0
+    }
+
+    fn not_converged(&self, pending: u64, params: &MigrateParams) -> MigrateError {
+        MigrateError::NotConverged {
+            iterations: self.iteration - 1,
+            pending_mib: pending as f64 * PAGE_SIZE as f64 / (1 << 20) as f64,
+            estimate_ms: self.estimate_ms(pending),
+            bandwidth_mib_s: self.bandwidth / (1 << 20) as f64,
+            limit_ms: params.downtime_limit.as_millis() as u64,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run<'s>(
     vm: &'s Vm,
@@ -474,7 +581,6 @@ fn run<'s>(
     let conn = StallWatch::to_destination(conn, cancel, params.stall_timeout);
     let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
     let registered = vm.dirty_consumer("migration", Initial::AllDirty)?;
-    let consumer = registered.id();
     let mut s = Sender {
         vm,
         idle: None,
@@ -482,12 +588,11 @@ fn run<'s>(
         probe_holes: true,
         w,
         pages_buf: Vec::new(),
-        consumer,
+        consumer: registered.id(),
         counts: PageCounts::default(),
         limit: params.max_bandwidth,
         cancel,
     };
-
     let ram = vm.ram();
     let config = MachineConfig {
         memory_bytes: ram.size(),
@@ -496,96 +601,76 @@ fn run<'s>(
     };
     s.w.machine_config(&config).map_err(MigrateError::Send)?;
     s.w.cpu_model(vm.cpu_model()).map_err(MigrateError::Send)?;
-    let setup_ms = ms(t_start.elapsed());
-
     let mut summary = MigrationSummary {
         to: params.to.to_string(),
-        setup_ms,
+        setup_ms: ms(t_start.elapsed()),
         downtime_limit_ms: params.downtime_limit.as_millis() as u64,
         memory_bytes: ram.size(),
         vcpus: vm.vcpu_count(),
         disks: vm.disks().len() as u64,
         ..Default::default()
     };
-    let limit_ms = ms(params.downtime_limit);
-    let mut bandwidth: f64 = 0.0; // bytes/s measured in the last iteration
-    let mut last_iter_secs: f64 = 0.0;
-    let mut iteration = 0u32;
-    let mut last_pending = u64::MAX;
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
+    precopy(&mut s, params, throttle.as_ref(), &mut summary, progress)?;
+    handover(&mut s, params, throttle.as_mut(), reply, &mut summary)?;
+    summary.total_ms = ms(t_start.elapsed());
+    Ok(summary)
+}
+
+/// The passes while the guest runs, until the policy says switch over (or gives up).
+fn precopy(
+    s: &mut Sender<'_>,
+    params: &MigrateParams,
+    throttle: Option<&crate::throttle::Throttle<'_>>,
+    summary: &mut MigrationSummary,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(), MigrateError> {
+    let vm = s.vm;
+    let mut policy = Convergence::new(params.downtime_limit);
     // Pre-copy runs in the idle class where there is a spare CPU (copy_priority.rs); it returns
     // to normal priority when starved in a pass, or when a later pass gets less than half the
     // first pass's bandwidth.
     let disk_threads = vm.disks().iter().map(|d| d.image().spec().busy_threads()).sum();
     s.idle = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count(), disk_threads));
-    let mut first_bandwidth: f64 = 0.0;
     loop {
-        iteration += 1;
         vm.dirty_sync()?;
-        let pending = vm.dirty_pending(consumer)?;
-        let estimate_ms =
-            if bandwidth > 0.0 { pending as f64 * PAGE_SIZE as f64 / bandwidth * 1000.0 } else { f64::INFINITY };
-        // Switch over once the pause fits the limit and iterating more would not shrink it much:
-        // either it is already tiny, or the dirty set stopped shrinking (the guest dirties
-        // about as much per iteration as an iteration sends).
-        let tiny = estimate_ms <= limit_ms.min(TARGET_DOWNTIME_MS);
-        let stalled = pending as f64 >= last_pending as f64 * STALL_RATIO;
-        // With auto-converge a stalled dirty set is throttled down rather than accepted, until
-        // the pause is tiny or the throttle is at its maximum.
-        let can_throttle = throttle.as_ref().is_some_and(|t| t.can_step_up());
-        if iteration > 1 && estimate_ms <= limit_ms && (tiny || (stalled && !can_throttle)) {
-            progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
-            break;
-        }
-        if iteration > 1 && stalled {
-            let dirty_pages_s = if last_iter_secs > 0.0 { pending as f64 / last_iter_secs } else { 0.0 };
-            let send_pages_s = bandwidth / PAGE_SIZE as f64;
-            if let Some(pct) = throttle.as_ref().and_then(|t| t.step_up(dirty_pages_s, send_pages_s)) {
-                summary.max_throttle_percent = pct;
-                progress(&Progress::Throttle { percent: pct });
-            }
-        }
-        if iteration > params.max_iterations {
-            if params.force_switchover {
+        let pending = vm.dirty_pending(s.consumer)?;
+        let estimate_ms = policy.estimate_ms(pending);
+        let can_throttle = throttle.is_some_and(|t| t.can_step_up());
+        match policy.decide(pending, can_throttle, params) {
+            Decision::SwitchOver => {
                 progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
-                break;
+                return Ok(());
             }
-            return Err(MigrateError::NotConverged {
-                iterations: iteration - 1,
-                pending_mib: pending as f64 * PAGE_SIZE as f64 / (1 << 20) as f64,
-                estimate_ms,
-                bandwidth_mib_s: bandwidth / (1 << 20) as f64,
-                limit_ms: params.downtime_limit.as_millis() as u64,
-            });
+            Decision::GiveUp => return Err(policy.not_converged(pending, params)),
+            Decision::Iterate { throttle_up } => {
+                if let Some((dirty, send)) = throttle_up {
+                    if let Some(pct) = throttle.and_then(|t| t.step_up(dirty, send)) {
+                        summary.max_throttle_percent = pct;
+                        progress(&Progress::Throttle { percent: pct });
+                    }
+                }
+            }
         }
         let t0 = Instant::now();
         let b0 = s.w.bytes_written();
-        let off0 = throttle.as_ref().map(|t| t.off_total());
+        let off0 = throttle.map(|t| t.off_total());
         let (sent, normal, zero) = s.send_pending(t0, b0)?;
-        // What the next iteration's dirty set is judged against: the pages this one really had
-        // to send. Zero pages cost almost nothing, so the first pass (every page) counts by its
-        // data pages: a guest that re-dirties its whole working set stalls at once.
-        last_pending = normal.max(sent / 8);
         s.probe_holes = false;
         s.batch_pages = LATE_BATCH_PAGES;
         s.w.flush().map_err(MigrateError::Send)?;
         // Let the destination take in what was sent before measuring and deciding: the pause
-        // must not include the tail of an earlier iteration sitting in socket buffers.
+        // must not include the tail of an earlier pass sitting in socket buffers.
         s.drain()?;
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let bytes = s.w.bytes_written() - b0;
-        // Tiny iterations measure latency, not bandwidth: keep the previous figure then.
-        if bytes >= 1 << 20 || bandwidth == 0.0 {
-            bandwidth = bytes as f64 / secs;
-            if iteration == 1 {
-                first_bandwidth = bandwidth;
-            } else if bandwidth < first_bandwidth / 2.0 && s.idle.as_ref().is_some_and(|i| i.applied()) {
-                // Starved: other threads want the spare CPUs.
-                drop(s.idle.take());
-            }
+        let dirty_rate = policy.dirty_rate(pending);
+        if policy.record_pass(sent, normal, bytes, secs) && s.idle.as_ref().is_some_and(|i| i.applied()) {
+            // Starved: other threads want the spare CPUs.
+            drop(s.idle.take());
         }
         let stats = IterationStats {
-            iteration,
+            iteration: policy.iteration,
             pages_dirtied: pending,
             pages_sent: sent,
             normal_pages: normal,
@@ -593,24 +678,35 @@ fn run<'s>(
             bytes,
             duration_ms: secs * 1000.0,
             bandwidth_mib_s: bytes as f64 / secs / (1 << 20) as f64,
-            dirty_rate_pages_s: if last_iter_secs > 0.0 { pending as f64 / last_iter_secs } else { 0.0 },
+            dirty_rate_pages_s: dirty_rate,
             estimated_downtime_ms: if estimate_ms.is_finite() { estimate_ms } else { 0.0 },
-            throttle_percent: throttle.as_ref().map_or(0, |t| t.percent()),
-            throttled_percent: match (&throttle, off0) {
+            throttle_percent: throttle.map_or(0, |t| t.percent()),
+            throttled_percent: match (throttle, off0) {
                 (Some(t), Some(o)) => (t.off_total().saturating_sub(o).as_secs_f64() / secs * 100.0).min(100.0),
                 _ => 0.0,
             },
         };
-        last_iter_secs = secs;
         progress(&Progress::Iteration(stats.clone()));
         summary.iterations.push(stats);
     }
+}
 
-    // Final pass with the vCPUs stopped (a throttle ends with them paused), at normal priority.
+/// The switch-over: stop the guest (a throttle ends with it paused), quiesce the disks, send
+/// the last dirty pages and the machine's state, wait for the ACK, pass the disk locks, COMMIT.
+/// Until COMMIT is sent, any failure resumes the guest here (the pause guard).
+fn handover(
+    s: &mut Sender<'_>,
+    params: &MigrateParams,
+    throttle: Option<&mut crate::throttle::Throttle<'_>>,
+    reply: &mut Conn,
+    summary: &mut MigrationSummary,
+) -> Result<(), MigrateError> {
+    let (vm, cancel) = (s.vm, s.cancel);
+    // The final pass runs at normal priority.
     drop(s.idle.take());
     let t_pause = Instant::now();
     let mut guard = PauseGuard { vm, committed: false };
-    match throttle.as_mut() {
+    match throttle {
         Some(t) => t.stop_paused()?,
         None => vm.pause()?,
     }
@@ -670,8 +766,7 @@ fn run<'s>(
     summary.downtime_breakdown = bd;
     summary.bytes = s.w.bytes_written();
     summary.pages = s.counts;
-    summary.total_ms = ms(t_start.elapsed());
-    Ok(summary)
+    Ok(())
 }
 
 #[cfg(test)]
