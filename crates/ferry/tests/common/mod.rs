@@ -13,15 +13,36 @@ use std::time::{Duration, Instant};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
-/// Returns false (after saying so loudly) when KVM cannot be used here.
+/// Returns false (after saying so loudly) when KVM cannot be used here, so that the test skips;
+/// with `FERRY_REQUIRE_KVM=1` (CI sets it where /dev/kvm exists) it fails the test instead, so
+/// that a machine whose KVM broke cannot pass by skipping everything.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    kvm_device_usable(test, Path::new("/dev/kvm"), kvm_required(std::env::var_os("FERRY_REQUIRE_KVM").as_deref()))
+}
+
+/// Whether `dev` (the KVM device) opens read-write. When it does not: a panic if `required`,
+/// else false after a loud SKIPPED for `test`.
+pub fn kvm_device_usable(test: &str, dev: &Path, required: bool) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
         Ok(_) => true,
+        Err(e) if required => {
+            panic!("FERRY_REQUIRE_KVM=1 but {} cannot be opened: {e} ({test} needs KVM)", dev.display())
+        }
         Err(e) => {
-            eprintln!("SKIPPED {test}: this test needs KVM and /dev/kvm cannot be opened: {e}");
-            println!("SKIPPED {test}: /dev/kvm unavailable ({e})");
+            eprintln!("SKIPPED {test}: this test needs KVM and {} cannot be opened: {e}", dev.display());
+            println!("SKIPPED {test}: {} unavailable ({e})", dev.display());
             false
         }
+    }
+}
+
+/// What a `FERRY_REQUIRE_KVM` value asks for: `1` requires KVM; unset, empty or `0` does not;
+/// anything else is refused (a `yes` that silently skipped would defeat the point).
+pub fn kvm_required(value: Option<&std::ffi::OsStr>) -> bool {
+    match value.map(|v| v.to_str()) {
+        None | Some(Some("" | "0")) => false,
+        Some(Some("1")) => true,
+        Some(v) => panic!("FERRY_REQUIRE_KVM must be 0 or 1, not {v:?}"),
     }
 }
 
