@@ -189,7 +189,6 @@ fn full_live_and_incremental_snapshots_restore_to_guests_that_verify_clean() {
     assert!(i["parent_pages"].as_u64().unwrap() > 0, "{i}");
     assert_eq!(l["kind"], "live");
     assert!(l["passes"].as_u64().unwrap() >= 2, "{l}");
-    assert!(l["pause_ms"].as_f64().unwrap() < f["pause_ms"].as_f64().unwrap(), "live {l} vs full {f}");
     let r = g.vm.reports();
     assert!(r.iter().all(|x| x.errors == 0), "source guest: {}", r.last().unwrap().line);
     assert_restores_clean(&full, base_full);
