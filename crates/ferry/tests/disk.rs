@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proxy::{Fault, Proxy};
 use common::*;
@@ -83,13 +83,10 @@ fn source_with(name: &str, disk: &str, cmdline: &str) -> Source {
     Source { vm, api, dir }
 }
 
+/// A destination, once it listens (it says so after binding).
 fn destination(uri: &str, disk: &str) -> Proc {
     let d = Proc::spawn(&["run", "--incoming", uri, "--disk", disk]);
-    let p = uri.strip_prefix("unix:").unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while !Path::new(p).exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(d.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)), "{}", d.stderr_text());
     d
 }
 
@@ -206,11 +203,7 @@ fn destination_dying_after_the_stop_resumes_the_source_whose_requests_complete_e
     let o = migrate(&src.api, &proxy.uri);
 
     assert_ne!(o.code, 0, "migration to a dead destination succeeded");
-    let end = Instant::now() + Duration::from_secs(10);
-    while dst.child.try_wait().unwrap().is_none() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(dst.child.try_wait().unwrap().is_some(), "destination still alive");
+    assert!(dst.wait_exit_seen(Duration::from_secs(10)).is_some(), "destination still alive");
     let st = api(&src.api, r#"{"cmd":"status"}"#);
     assert_eq!(st["state"], "running", "{st}");
     let stats = &st["disks"][0];
@@ -383,10 +376,7 @@ fn two_disks_migrate_each_with_its_own_state_and_a_destination_missing_one_refus
 
     let uri2 = format!("unix:{}", src.dir.join("two.sock").display());
     let mut dst = Proc::spawn(&["run", "--incoming", &uri2, "--disk", &a, "--disk", &b]);
-    let end = Instant::now() + Duration::from_secs(10);
-    while !src.dir.join("two.sock").exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)), "{}", dst.stderr_text());
     let o = migrate(&src.api, &uri2);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(o.summary["disks"], 2, "{}", o.summary);

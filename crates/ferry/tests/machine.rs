@@ -66,10 +66,8 @@ fn one_page_corrupted_from_the_host_is_reported_for_exactly_that_page() {
     let boot = vm.wait_line("BOOT ", Duration::from_secs(20)).expect("BOOT line");
     let (ws, _) = working_set(&boot);
     assert!(wait_socket(&sock, Duration::from_secs(5)));
-    let end = std::time::Instant::now() + Duration::from_secs(30);
-    while vm.reports().last().map(|r| r.written).unwrap_or(0) < 16 * 256 && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let filled = vm.wait_report(|r| r.written >= 16 * 256, Duration::from_secs(30));
+    assert!(filled, "the guest never filled its working set: {}", vm.tail(3));
     let page = 1234u64;
 
     let reply = api(&sock, &format!(r#"{{"cmd":"memory-write","gpa":{},"hex":"deadbeef"}}"#, ws + page * 4096 + 2048));
@@ -98,19 +96,22 @@ fn api_pause_stops_heartbeats_and_resume_continues_the_sequence() {
 
     let paused = api(&sock, r#"{"cmd":"pause"}"#);
     let status = api(&sock, r#"{"cmd":"status"}"#);
+    // Wall time, as nothing a paused guest prints can mark these moments: 100 ms for the reader
+    // to take the lines printed before the pause, then 500 ms (500 heartbeat periods) in which
+    // a paused guest must print nothing.
     std::thread::sleep(Duration::from_millis(100));
     let n1 = vm.heartbeats().len();
     std::thread::sleep(Duration::from_millis(500));
     let n2 = vm.heartbeats().len();
     let resumed = api(&sock, r#"{"cmd":"resume"}"#);
-    std::thread::sleep(Duration::from_millis(500));
+    let went_on = vm.wait_heartbeats(50, Duration::from_secs(20));
     let hb = vm.heartbeats();
 
     assert_eq!(paused["ok"], true);
     assert_eq!(status["state"], "paused");
     assert_eq!(n1, n2, "heartbeats continued while paused");
     assert_eq!(resumed["ok"], true);
-    assert!(hb.len() > n2 + 50, "guest did not resume");
+    assert!(went_on, "guest did not resume: {}", vm.tail(3));
     assert!(hb.windows(2).all(|w| w[1].1 == w[0].1 + 1), "sequence broke across pause");
 }
 
@@ -132,7 +133,8 @@ fn api_quit_ends_ferry_with_status_zero() {
     assert_eq!(code, Some(0));
 }
 
-/// `ferry dirty-rate` measures the rate the guest was told to write at (40 MiB/s), with both
+/// `ferry dirty-rate` measures the rate the guest writes at (told 40 MiB/s; compared with the
+/// rate the guest itself reports over the same time, so a slow host cannot fail it), with both
 /// backends.
 #[test]
 fn dirty_rate_measures_the_rate_the_guest_writes_at_with_bitmap_and_ring() {
@@ -154,17 +156,27 @@ fn dirty_rate_measures_the_rate_the_guest_writes_at_with_bitmap_and_ring() {
             tracking,
         ]);
         assert!(vm.wait_reports(4, Duration::from_secs(60)), "{tracking}: {}", vm.stderr_text());
+        let from = vm.reports().len();
 
         let out = std::process::Command::new(FERRY)
             .args(["dirty-rate", "--api-socket", sock.to_str().unwrap(), "--window-ms", "1000", "--json"])
             .output()
             .unwrap();
+        // The guest's own rate over the window: the REPORTs printed during it and the next one.
+        let to = vm.reports().len() + 1;
+        assert!(vm.wait_reports(to, Duration::from_secs(10)), "{tracking}: the guest stopped reporting");
+        let during: Vec<f64> = vm.reports()[from..to].iter().map(|r| r.rate_mib_s).collect();
+        let guest = during.iter().sum::<f64>() / during.len() as f64;
 
         assert!(out.status.success(), "{tracking}: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let measured = v["mib_per_s"].as_f64().unwrap();
         assert_eq!(v["tracking"], tracking);
-        assert!((28.0..=56.0).contains(&measured), "{tracking}: measured {measured} MiB/s for a 40 MiB/s guest: {v}");
+        let ratio = measured / guest;
+        assert!(
+            (0.7..=1.4).contains(&ratio),
+            "{tracking}: measured {measured} MiB/s, the guest reported {during:?} MiB/s: {v}"
+        );
         assert_eq!(v["per_vcpu_pages_per_s"].is_array(), tracking == "ring", "{v}");
         vm.kill();
     }

@@ -13,15 +13,36 @@ use std::time::{Duration, Instant};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
-/// Returns false (after saying so loudly) when KVM cannot be used here.
+/// Returns false (after saying so loudly) when KVM cannot be used here, so that the test skips;
+/// with `FERRY_REQUIRE_KVM=1` (CI sets it where /dev/kvm exists) it fails the test instead, so
+/// that a machine whose KVM broke cannot pass by skipping everything.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    kvm_device_usable(test, Path::new("/dev/kvm"), kvm_required(std::env::var_os("FERRY_REQUIRE_KVM").as_deref()))
+}
+
+/// Whether `dev` (the KVM device) opens read-write. When it does not: a panic if `required`,
+/// else false after a loud SKIPPED for `test`.
+pub fn kvm_device_usable(test: &str, dev: &Path, required: bool) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
         Ok(_) => true,
+        Err(e) if required => {
+            panic!("FERRY_REQUIRE_KVM=1 but {} cannot be opened: {e} ({test} needs KVM)", dev.display())
+        }
         Err(e) => {
-            eprintln!("SKIPPED {test}: this test needs KVM and /dev/kvm cannot be opened: {e}");
-            println!("SKIPPED {test}: /dev/kvm unavailable ({e})");
+            eprintln!("SKIPPED {test}: this test needs KVM and {} cannot be opened: {e}", dev.display());
+            println!("SKIPPED {test}: {} unavailable ({e})", dev.display());
             false
         }
+    }
+}
+
+/// What a `FERRY_REQUIRE_KVM` value asks for: `1` requires KVM; unset, empty or `0` does not;
+/// anything else is refused (a `yes` that silently skipped would defeat the point).
+pub fn kvm_required(value: Option<&std::ffi::OsStr>) -> bool {
+    match value.map(|v| v.to_str()) {
+        None | Some(Some("" | "0")) => false,
+        Some(Some("1")) => true,
+        Some(v) => panic!("FERRY_REQUIRE_KVM must be 0 or 1, not {v:?}"),
     }
 }
 
@@ -47,6 +68,8 @@ pub struct Proc {
     pub cut_tail: Arc<Mutex<bool>>,
     /// The output reached its end (the process closed stdout).
     pub eof: Arc<Mutex<bool>>,
+    /// The process closed stderr.
+    pub stderr_eof: Arc<Mutex<bool>>,
 }
 
 impl Proc {
@@ -93,9 +116,11 @@ impl Proc {
             });
         }
         let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_eof = Arc::new(Mutex::new(false));
         let err = child.stderr.take().expect("stderr");
         {
             let stderr = stderr.clone();
+            let stderr_eof = stderr_eof.clone();
             std::thread::spawn(move || {
                 for l in BufReader::new(err).lines() {
                     let Ok(l) = l else { break };
@@ -103,9 +128,16 @@ impl Proc {
                     s.push_str(&l);
                     s.push('\n');
                 }
+                *stderr_eof.lock().unwrap() = true;
             });
         }
-        Proc { child, lines, stderr, cut_tail, eof }
+        Proc { child, lines, stderr, cut_tail, eof, stderr_eof }
+    }
+
+    /// After the process exited: waits (up to 5 s) until both output readers reached the end,
+    /// so that every line it printed is in `lines` and `stderr`.
+    fn wait_output_end(&self) {
+        wait_until(Duration::from_secs(5), || *self.eof.lock().unwrap() && *self.stderr_eof.lock().unwrap());
     }
 
     /// Waits for a line containing `pat`; returns it.
@@ -116,7 +148,7 @@ impl Proc {
                 return Some(l.1.clone());
             }
             if let Ok(Some(_)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
+                self.wait_output_end();
                 return self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(pat)).map(|l| l.1.clone());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -132,11 +164,65 @@ impl Proc {
                 return true;
             }
             if let Ok(Some(_)) = self.child.try_wait() {
+                self.wait_output_end();
                 return self.reports().len() >= n;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         false
+    }
+
+    /// Waits until the last REPORT line satisfies `pred` (or the process exited); returns
+    /// whether it does.
+    pub fn wait_report(&mut self, pred: impl Fn(&Report) -> bool, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.reports().last().is_some_and(&pred) {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                self.wait_output_end();
+                return self.reports().last().is_some_and(&pred);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Waits until the guest printed `n` more `HB` lines than it had when called: about `n`
+    /// heartbeat periods (`hb_us`, 1 ms by default) of the guest running.
+    pub fn wait_heartbeats(&mut self, n: usize, timeout: Duration) -> bool {
+        let want = self.heartbeats().len() + n;
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.heartbeats().len() >= want {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                self.wait_output_end();
+                return self.heartbeats().len() >= want;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Waits until the guest wrote at least `pages` pages after this call: counted from the
+    /// `written=` of the first REPORT printed after it (which already counts every write before
+    /// the call).
+    pub fn wait_written(&mut self, pages: u64, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let n = self.reports().len();
+        if !self.wait_reports(n + 1, timeout) {
+            return false;
+        }
+        let from = self.reports()[n].written;
+        self.wait_report(|r| r.written >= from + pages, end.saturating_duration_since(Instant::now()))
+    }
+
+    /// Waits until the process printed `pat` on stderr.
+    pub fn wait_stderr(&self, pat: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.stderr.lock().unwrap().contains(pat))
     }
 
     pub fn reports(&self) -> Vec<Report> {
@@ -177,8 +263,7 @@ impl Proc {
         while Instant::now() < end {
             if let Ok(Some(s)) = self.child.try_wait() {
                 let at = Instant::now();
-                // Let the output readers take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
+                self.wait_output_end();
                 return Some((s.code(), at));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -230,6 +315,8 @@ pub struct Report {
     pub verified: u64,
     pub errors: u64,
     pub lanes: u64,
+    /// The guest's own write rate since its previous REPORT (NaN if the line lacks it).
+    pub rate_mib_s: f64,
     pub line: String,
 }
 
@@ -249,6 +336,10 @@ impl Report {
             verified: field(l, "verified")?,
             errors: field(l, "errors")?,
             lanes: field(l, "lanes").unwrap_or(1),
+            rate_mib_s: l
+                .split_whitespace()
+                .find_map(|t| t.strip_prefix("rate_mib_s=").and_then(|v| v.parse().ok()))
+                .unwrap_or(f64::NAN),
             line: l.to_string(),
         })
     }
@@ -262,6 +353,18 @@ pub fn api(socket: &Path, req: &str) -> serde_json::Value {
     let mut line = String::new();
     BufReader::new(conn).read_line(&mut line).unwrap();
     serde_json::from_str(&line).expect("API reply is JSON")
+}
+
+/// Polls `cond` every 20 ms until it holds; returns whether it did within `timeout`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
 }
 
 /// Waits until the API socket accepts connections.
