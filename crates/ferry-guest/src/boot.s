@@ -6,6 +6,9 @@
 # ring 0 only through `ud2` "system calls":
 #   rax=1 write(rdi=ptr, rsi=len)  -> one `rep outsb` to COM1 (a single exit)
 #   rax=2 exit(rdi=code)           -> out to port 0x501 (Ferry's shutdown port, QEMU's isa-debug-exit)
+# A machine check (#MC, vector 18) from ring 3 is a broken page the workload touched: the handler
+# finds the bank holding the error, clears it, and resumes ring 3 at user_mce(cpu, gpa) on a
+# fresh user stack, abandoning what the lane was doing (docs/poison.md).
 # Any other exception prints `GUEST-FAULT vec=.. err=.. rip=.. cr2=..` and exits with code 3.
 # Interrupts stay disabled everywhere: the workload polls the TSC for its heartbeat.
 
@@ -271,7 +274,6 @@ ISR_ERR 14
 ISR_NOERR 15
 ISR_NOERR 16
 ISR_ERR 17
-ISR_NOERR 18
 ISR_NOERR 19
 ISR_NOERR 20
 ISR_ERR 21
@@ -312,6 +314,60 @@ sys_write:
     popq %rcx
     addq $2, (%rsp)                 # skip the ud2
     iretq
+
+# #MC (IST1, no error code). Stack: rip, cs, rflags, rsp, ss.
+isr_18:
+    testb $3, 8(%rsp)
+    jz 9f
+    # This CPU's index from its IST stack: (rsp - iststacks) / KSTACK_SIZE.
+    leaq iststacks(%rip), %rax
+    movq %rsp, %r15
+    subq %rax, %r15
+    shrq $14, %r15
+    # The bank with a valid error, from the last: MCi_STATUS = 0x401 + 4i, MCi_ADDR = 0x402 + 4i.
+    movl $0x179, %ecx               # MCG_CAP: bank count in bits 7:0
+    rdmsr
+    movzbl %al, %r8d
+    xorl %r9d, %r9d                 # gpa (0 if no bank says)
+1:
+    testl %r8d, %r8d
+    jz 3f
+    decl %r8d
+    leal 0x401(,%r8,4), %ecx
+    rdmsr
+    btl $31, %edx                   # MCi_STATUS.VAL
+    jnc 1b
+    incl %ecx
+    rdmsr
+    shlq $32, %rdx
+    movl %eax, %eax
+    orq %rdx, %rax
+    movq %rax, %r9
+    decl %ecx
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr                           # clear MCi_STATUS
+3:
+    movl $0x17a, %ecx               # MCG_STATUS: MCIP off, so a later #MC is not a shutdown
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+    # Resume ring 3 at user_mce(cpu, gpa) on this CPU's fresh user stack.
+    leaq user_mce(%rip), %rax
+    movq %rax, 0(%rsp)
+    movq %r15, %rax
+    shlq $18, %rax
+    leaq ustacks+USTACK_SIZE(%rip), %rcx
+    addq %rax, %rcx
+    subq $8, %rcx
+    movq %rcx, 24(%rsp)
+    movq %r15, %rdi
+    movq %r9, %rsi
+    iretq
+9:
+    pushq $0
+    pushq $18
+    jmp isr_common
 
 sys_exit:
     movw $EXIT_PORT, %dx

@@ -43,6 +43,13 @@ pub extern "C" fn user_main(cpu: u64, start_info: u64) -> ! {
     }
 }
 
+/// Entry from the ring-0 #MC handler: the workload on CPU `cpu` touched broken page `gpa`
+/// (from MCi_ADDR; 0 if no bank held it). What the lane was doing is abandoned.
+#[no_mangle]
+pub extern "C" fn user_mce(cpu: u64, gpa: u64) -> ! {
+    workload::machine_check(cpu as usize, gpa)
+}
+
 fn bsp_main(start_info: u64) -> ! {
     let clock = match clock::Clock::from_kvmclock() {
         Ok(c) => c,

@@ -8,8 +8,14 @@
 //! pass it cross-checks the table itself: the sum of its lane's generations must equal a counter
 //! kept in another page, so a lost write to the table is caught too, not only a lost data page.
 //! A page found bad is reported once (`VERIFY-FAIL`) and rewritten, so `errors=` counts events.
+//!
+//! Broken pages: a machine check (the VMM's, when a lane touched a page whose memory is broken)
+//! arrives in [`machine_check`] with the page's address. The page is printed once
+//! (`MCE gpa=0x…`), counted (`broken=`), never touched again, and left out of verification and
+//! of the table cross-check; the lane then resumes its loop (what it was doing with that page
+//! is dropped).
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
 use crate::clock::Clock;
 use crate::config::{Config, Pattern, StartInfo};
@@ -39,6 +45,10 @@ struct Lane {
     gen_sum: AtomicU64,
     fail_lines: AtomicU64,
     passes: AtomicU64,
+    /// Next page (lane-relative) the fill writes; the fill is done at the lane's page count.
+    fill_next: AtomicU64,
+    /// A page of this lane's generation table broke: take the next cross-check's sum as is.
+    resync: AtomicBool,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -50,6 +60,8 @@ const LANE_INIT: Lane = Lane {
     gen_sum: AtomicU64::new(0),
     fail_lines: AtomicU64::new(0),
     passes: AtomicU64::new(0),
+    fill_next: AtomicU64::new(0),
+    resync: AtomicBool::new(false),
 };
 static LANES: [Lane; MAX_CPUS] = [LANE_INIT; MAX_CPUS];
 
@@ -62,6 +74,25 @@ static CLOCK_HZ: AtomicU64 = AtomicU64::new(0);
 static CLOCK_T0: AtomicU64 = AtomicU64::new(0);
 static CFG_RATE: AtomicU64 = AtomicU64::new(0);
 static CFG_PATTERN: AtomicU32 = AtomicU32::new(0);
+static CFG_HB_US: AtomicU64 = AtomicU64::new(0);
+static CFG_REPORT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Guest frames below 4 GiB that are broken (one bit each); the working set lies there.
+const FRAMES: usize = 1 << 20;
+static BROKEN: [AtomicU64; FRAMES / 64] = [const { AtomicU64::new(0) }; FRAMES / 64];
+/// Pages seen broken (each once).
+static BROKEN_COUNT: AtomicU64 = AtomicU64::new(0);
+
+fn is_broken(addr: u64) -> bool {
+    let f = (addr / PAGE) as usize;
+    f < FRAMES && BROKEN[f / 64].load(Relaxed) & (1 << (f % 64)) != 0
+}
+
+/// Marks the frame holding `addr` broken; returns whether it was not already.
+fn mark_broken(addr: u64) -> bool {
+    let f = (addr / PAGE) as usize;
+    f < FRAMES && BROKEN[f / 64].fetch_or(1 << (f % 64), AcqRel) & (1 << (f % 64)) == 0
+}
 
 struct Geometry {
     ws_base: u64,
@@ -111,9 +142,69 @@ pub fn bsp_main(cfg: Config, info: &StartInfo, clock: Clock, lanes: usize) -> ! 
     CLOCK_T0.store(clock.t0, Relaxed);
     CFG_RATE.store(cfg.rate as u64, Relaxed);
     CFG_PATTERN.store(cfg.pattern as u32, Relaxed);
+    CFG_HB_US.store(cfg.hb_us, Relaxed);
+    CFG_REPORT_MS.store(cfg.report_ms, Relaxed);
     crate::disk::init(&cfg, &clock);
     GO.store(lanes as u32, Release);
     run_lane(0, lanes, cfg, clock)
+}
+
+/// The configuration every lane runs with (lane 0 also prints heartbeats and reports).
+fn lane_config(lane: usize) -> (Config, Clock) {
+    let clock = Clock { hz: CLOCK_HZ.load(Relaxed), t0: CLOCK_T0.load(Relaxed) };
+    let pattern = match CFG_PATTERN.load(Relaxed) {
+        1 => Pattern::Random,
+        2 => Pattern::Hot,
+        _ => Pattern::Seq,
+    };
+    let (hb_us, report_ms) = if lane == 0 { (CFG_HB_US.load(Relaxed), CFG_REPORT_MS.load(Relaxed)) } else { (0, 0) };
+    let cfg = Config {
+        mib: WS_PAGES.load(Relaxed) / 256,
+        rate: CFG_RATE.load(Relaxed) as i64,
+        pattern,
+        hb_us,
+        report_ms,
+        ..Config::defaults()
+    };
+    (cfg, clock)
+}
+
+/// The machine check of CPU `cpu`: it touched the broken page at `gpa`. The page is printed
+/// and counted once and never used again; the lane resumes its loop.
+pub fn machine_check(cpu: usize, gpa: u64) -> ! {
+    let page_addr = gpa & !(PAGE - 1);
+    let lanes = GO.load(Acquire) as usize;
+    if gpa == 0 {
+        out::line(format_args!("MCE gpa=unknown cpu={cpu}"));
+    } else if mark_broken(page_addr) {
+        BROKEN_COUNT.fetch_add(1, Relaxed);
+        out::line(format_args!("MCE gpa={page_addr:#x}"));
+        let (ws_base, table_base, pages) = (WS_BASE.load(Relaxed), TABLE_BASE.load(Relaxed), WS_PAGES.load(Relaxed));
+        if lanes > 0 && page_addr >= ws_base && page_addr < ws_base + pages * PAGE {
+            // A data page: its lane's table sum no longer counts it.
+            let page = (page_addr - ws_base) / PAGE;
+            let lane = ((page + 1) * lanes as u64 - 1) / pages;
+            let entry = table_base + page * 4;
+            if !is_broken(entry) {
+                // SAFETY: the page's table entry, in a table page that is not broken.
+                let gen = unsafe { (entry as *const u32).read_volatile() } as u64;
+                LANES[lane.min(lanes as u64 - 1) as usize].gen_sum.fetch_sub(gen, Relaxed);
+            }
+        } else if lanes > 0 && page_addr >= table_base && page_addr < ws_base {
+            // A page of the generation table: the lanes it serves recount at their next pass.
+            for l in &LANES[..lanes] {
+                l.resync.store(true, Relaxed);
+            }
+        }
+    }
+    if lanes == 0 || cpu >= lanes {
+        // Not running a lane (yet): nothing to resume.
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    let (cfg, clock) = lane_config(cpu);
+    run_lane(cpu, lanes, cfg, clock)
 }
 
 pub fn ap_main(cpu: usize) -> ! {
@@ -130,20 +221,7 @@ pub fn ap_main(cpu: usize) -> ! {
             core::hint::spin_loop();
         }
     }
-    let clock = Clock { hz: CLOCK_HZ.load(Relaxed), t0: CLOCK_T0.load(Relaxed) };
-    let pattern = match CFG_PATTERN.load(Relaxed) {
-        1 => Pattern::Random,
-        2 => Pattern::Hot,
-        _ => Pattern::Seq,
-    };
-    let cfg = Config {
-        mib: WS_PAGES.load(Relaxed) / 256,
-        rate: CFG_RATE.load(Relaxed) as i64,
-        pattern,
-        hb_us: 0,
-        report_ms: 0,
-        ..Config::defaults()
-    };
+    let (cfg, clock) = lane_config(cpu);
     run_lane(cpu, lanes, cfg, clock)
 }
 
@@ -161,6 +239,10 @@ impl Geometry {
     }
     fn gen_ptr(&self, page: u64) -> *mut u32 {
         (self.table_base + page * 4) as *mut u32
+    }
+    /// Neither the page nor its table entry is broken.
+    fn usable(&self, page: u64) -> bool {
+        !is_broken(self.ws_base + page * PAGE) && !is_broken(self.table_base + page * 4)
     }
 }
 
@@ -269,11 +351,12 @@ impl Reporter {
         self.last_written = w;
         let mut lanes_buf = LaneList { lanes: self.lanes };
         out::line(format_args!(
-            "REPORT t_ms={} written={} verified={} errors={} rate_mib_s={}.{} max_gap_us={} lanes={}{}{}",
+            "REPORT t_ms={} written={} verified={} errors={} broken={} rate_mib_s={}.{} max_gap_us={} lanes={}{}{}",
             clock.ms_since_boot(),
             w,
             v,
             e,
+            BROKEN_COUNT.load(Relaxed),
             tenths / 10,
             tenths % 10,
             clock.cycles_to_us(gap),
@@ -326,15 +409,23 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
         None
     };
 
-    // Fill: every page written once with non-zero data, generation 1.
-    for i in 0..g.count {
+    // Fill: every page written once with non-zero data, generation 1 (resumed where it was
+    // after a machine check).
+    loop {
+        let i = st.fill_next.load(Relaxed);
+        if i >= g.count {
+            break;
+        }
         let page = g.first + i;
-        write_page(&g, page, 1);
-        // SAFETY: the table entry of a page of this lane.
-        unsafe { g.gen_ptr(page).write_volatile(1) };
-        st.gen_sum.fetch_add(1, Relaxed);
-        st.written.fetch_add(1, Relaxed);
-        if i % 32 == 0 {
+        if g.usable(page) {
+            write_page(&g, page, 1);
+            // SAFETY: the table entry of a page of this lane.
+            unsafe { g.gen_ptr(page).write_volatile(1) };
+            st.gen_sum.fetch_add(1, Relaxed);
+            st.written.fetch_add(1, Relaxed);
+        }
+        st.fill_next.store(i + 1, Relaxed);
+        if i.is_multiple_of(32) {
             if let Some(r) = rep.as_mut() {
                 r.poll(clock.now(), &clock);
             }
@@ -399,6 +490,10 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
                 }
             };
             let page = g.first + i;
+            to_write -= 1;
+            if !g.usable(page) {
+                continue;
+            }
             // SAFETY: the table entry of a page of this lane.
             let gen = unsafe { g.gen_ptr(page).read_volatile() } as u64 + 1;
             write_page(&g, page, gen);
@@ -406,15 +501,20 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
             unsafe { g.gen_ptr(page).write_volatile(gen as u32) };
             st.gen_sum.fetch_add(1, Relaxed);
             st.written.fetch_add(1, Relaxed);
-            to_write -= 1;
         }
 
         // Verify a few pages.
         for _ in 0..4 {
             let page = g.first + verify_cursor;
-            // SAFETY: the table entry of a page of this lane.
-            let want = unsafe { g.gen_ptr(page).read_volatile() } as u64;
-            if let Err(f) = check_page(&g, page, want) {
+            let want = if g.usable(page) {
+                // SAFETY: the table entry of a page of this lane.
+                (unsafe { g.gen_ptr(page).read_volatile() }) as u64
+            } else {
+                0
+            };
+            if want == 0 {
+                // Broken (or its table entry is): not verified, not counted.
+            } else if let Err(f) = check_page(&g, page, want) {
                 st.errors.fetch_add(1, Relaxed);
                 if st.fail_lines.fetch_add(1, Relaxed) < MAX_FAIL_LINES {
                     out::line(format_args!(
@@ -429,18 +529,25 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
                 unsafe { g.gen_ptr(page).write_volatile(gen as u32) };
                 st.gen_sum.fetch_add(1, Relaxed);
             }
-            st.verified.fetch_add(1, Relaxed);
+            if want != 0 {
+                st.verified.fetch_add(1, Relaxed);
+            }
             verify_cursor += 1;
             if verify_cursor == g.count {
                 // Table cross-check. Writes during the pass changed entries already summed, so
                 // compare against a fresh sum now (cheap: one u32 per page).
                 let mut sum = 0u64;
                 for i in 0..g.count {
-                    // SAFETY: the table entries of this lane.
-                    sum += unsafe { g.gen_ptr(g.first + i).read_volatile() } as u64;
+                    if g.usable(g.first + i) {
+                        // SAFETY: the table entries of this lane.
+                        sum += unsafe { g.gen_ptr(g.first + i).read_volatile() } as u64;
+                    }
                 }
                 let want = st.gen_sum.load(Relaxed);
-                if sum != want {
+                if st.resync.swap(false, Relaxed) {
+                    // A table page broke: what it held is gone; count from what is left.
+                    st.gen_sum.store(sum, Relaxed);
+                } else if sum != want {
                     st.errors.fetch_add(1, Relaxed);
                     if st.fail_lines.fetch_add(1, Relaxed) < MAX_FAIL_LINES {
                         out::line(format_args!(

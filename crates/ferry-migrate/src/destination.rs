@@ -29,8 +29,14 @@ pub enum IncomingError {
     Load(#[from] LoadError),
     #[error("page frame {0:#x} is outside guest RAM")]
     PageOutside(u64),
-    #[error("page frame {0:#x} is BROKEN (poisoned on the source); this Ferry cannot represent broken pages yet")]
-    Broken(u64),
+    #[error("page frame {0:#x} was sent with data after the stream declared it BROKEN")]
+    DataForBroken(u64),
+    #[error("cannot mark page frame {gfn:#x} broken here")]
+    MarkBroken {
+        gfn: u64,
+        #[source]
+        source: ferry_vmm::memory::MemoryError,
+    },
     #[error("record {0} is not valid in a migration stream")]
     Unexpected(&'static str),
     #[error("cannot rebuild the machine")]
@@ -58,6 +64,8 @@ pub struct IncomingStats {
     pub restore: Duration,
     /// In-flight disk requests re-executed here.
     pub disk_replayed: u64,
+    /// BROKEN entries received (a page can come more than once).
+    pub broken_pages: u64,
 }
 
 struct Pending {
@@ -74,8 +82,26 @@ struct Pending {
 }
 
 impl Pending {
+    /// A BROKEN entry: the page joins this machine's poison set and is poisoned for real here,
+    /// so the guest gets a machine check when it touches it and no stale data is ever read
+    /// (whatever this load wrote there before is dropped).
+    fn mark_broken(&mut self, gfn: u64) -> Result<(), IncomingError> {
+        let (_, ri, page) = self.page(gfn)?;
+        let ram = &self.machine.ram;
+        if ram.poison().mark(gfn, ferry_vmm::poison::PoisonCause::Stream) {
+            ram.poison_host_page(gfn * PAGE_SIZE as u64, self.uffd.as_ref())
+                .map_err(|source| IncomingError::MarkBroken { gfn, source })?;
+        }
+        // Not a page this load wrote any more: nothing writes or zeroes it again.
+        self.written[ri].clear(page);
+        Ok(())
+    }
+
     /// Writes a run of `n` NORMAL pages starting at frame `gfn` from `data` (n pages).
     fn write_run(&mut self, gfn: u64, n: u64, data: &[u8]) -> Result<(), IncomingError> {
+        if let Some(g) = (gfn..gfn + n).find(|&g| self.machine.ram.poison().contains(g)) {
+            return Err(IncomingError::DataForBroken(g));
+        }
         let len = n * PAGE_SIZE as u64;
         let (host, ri, page) = self.page(gfn)?;
         // The run must lie in one region: check its last page too.
@@ -362,6 +388,9 @@ impl RecordSink for MigrationSink<'_> {
             }
             match ty {
                 PageType::Zero | PageType::Discarded => {
+                    if p.machine.ram.poison().contains(gfn) {
+                        return Err(IncomingError::DataForBroken(gfn));
+                    }
                     let (host, ri, page) = p.page(gfn)?;
                     if p.written[ri].get(page) {
                         // SAFETY: the page exists (written earlier in this load) and no
@@ -370,7 +399,10 @@ impl RecordSink for MigrationSink<'_> {
                     }
                     stats.zero_pages += 1;
                 }
-                PageType::Broken => return Err(IncomingError::Broken(gfn)),
+                PageType::Broken => {
+                    p.mark_broken(gfn)?;
+                    stats.broken_pages += 1;
+                }
                 PageType::Normal => return Err(IncomingError::Unexpected("NORMAL page without data")),
             }
         }

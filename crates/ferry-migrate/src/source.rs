@@ -187,6 +187,8 @@ pub struct MigrationSummary {
     pub disk_replayed: u64,
     /// The source released the disk locks before COMMIT (nothing was executing any more).
     pub disk_lock_released_before_commit: bool,
+    /// Broken pages handed over (sent typed BROKEN in the final pass).
+    pub broken_pages: u64,
 }
 
 /// Progress reports while the migration runs.
@@ -343,21 +345,26 @@ impl Sender<'_> {
         for page in pages {
             let gpa = region.gpa + page * PAGE_SIZE as u64;
             let gfn = gpa / PAGE_SIZE as u64;
-            let mut has_data = false;
-            if in_data(page) {
+            // A broken page is never read (a hole can be broken too); one that breaks while it
+            // is copied is caught by the copy and joins the set (docs/poison.md).
+            let mut ty = if ram.is_poisoned(gpa) { PageType::Broken } else { PageType::Zero };
+            if ty == PageType::Zero && in_data(page) {
                 let slot = &mut pages_buf[base + used..base + used + PAGE_SIZE];
-                ram.copy_out(gpa, slot).map_err(|source| MigrateError::Memory { gpa, source })?;
-                has_data = !is_zero(slot);
-                if has_data {
-                    used += PAGE_SIZE;
+                match ram.copy_out(gpa, slot) {
+                    Ok(()) if !is_zero(slot) => {
+                        ty = PageType::Normal;
+                        used += PAGE_SIZE;
+                    }
+                    Ok(()) => {}
+                    Err(ferry_vmm::memory::MemoryError::Poisoned { .. }) => ty = PageType::Broken,
+                    Err(source) => return Err(MigrateError::Memory { gpa, source }),
                 }
             }
-            if has_data {
-                entries.push((gfn, PageType::Normal));
-                normal += 1;
-            } else {
-                entries.push((gfn, PageType::Zero));
-                zero += 1;
+            entries.push((gfn, ty));
+            match ty {
+                PageType::Normal => normal += 1,
+                PageType::Broken => self.counts.broken += 1,
+                _ => zero += 1,
             }
             if entries.len() >= self.batch_pages {
                 self.flush_batch(&mut entries, &pages_buf[base..base + used], iter_start, iter_bytes_start)?;
@@ -369,6 +376,24 @@ impl Sender<'_> {
         self.counts.normal += normal;
         self.counts.zero += zero;
         Ok((normal, zero))
+    }
+
+    /// Sends every page the poison set holds, typed BROKEN: whatever the destination got for
+    /// them before (data sent before they broke, seed 001 case B.II; or nothing yet), it marks
+    /// them broken, so the guest there sees exactly the pages the source knew broken.
+    fn send_broken_pages(&mut self) -> Result<u64, MigrateError> {
+        let broken = self.vm.ram().poison().list();
+        let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(self.batch_pages);
+        let t = Instant::now();
+        let b0 = self.w.bytes_written();
+        for &(gfn, _) in &broken {
+            entries.push((gfn, PageType::Broken));
+            if entries.len() >= self.batch_pages {
+                self.flush_batch(&mut entries, &[], t, b0)?;
+            }
+        }
+        self.flush_batch(&mut entries, &[], t, b0)?;
+        Ok(broken.len() as u64)
     }
 
     fn flush_batch(
@@ -713,6 +738,8 @@ fn handover(
     // Disks stop taking and completing requests before the last sync, so every used-ring write
     // they made is in it; what is in flight goes to the destination as device state.
     summary.disk_in_flight_at_stop = vm.quiesce_disks()?;
+    // Pages armed to break in the final pass (tests of seed 001's paused-pass cases).
+    vm.poison_armed_pages()?;
     let mut bd = DowntimeBreakdown { pause_ms: ms(t_pause.elapsed()), ..Default::default() };
     // Tells the destination the pause has begun (it leaves the idle class for the final pass).
     s.w.final_pass().map_err(MigrateError::Send)?;
@@ -723,6 +750,9 @@ fn handover(
     let b0 = s.w.bytes_written();
     s.limit = None;
     let (final_pages, _, _) = s.send_pending(t, b0)?;
+    // The final re-check of page types (seed 001, step 8): every page known broken now goes
+    // again as BROKEN, including those that broke after their data was sent.
+    summary.broken_pages = s.send_broken_pages()?;
     bd.final_pages = final_pages;
     bd.final_pages_ms = ms(t.elapsed());
 

@@ -125,6 +125,11 @@ impl Bitmap {
             self.words[(page / WORD_BITS) as usize] |= 1 << (page % WORD_BITS);
         }
     }
+    pub fn clear(&mut self, page: u64) {
+        if page < self.npages {
+            self.words[(page / WORD_BITS) as usize] &= !(1 << (page % WORD_BITS));
+        }
+    }
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| w.count_ones() as u64).sum()
     }

@@ -15,6 +15,7 @@ pub mod kvm_ext;
 pub mod machine_state;
 pub mod memory;
 pub mod persist;
+pub mod poison;
 pub mod state_codec;
 pub mod testing;
 pub mod uffd;

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
 use crate::dirty_log::Bitmap;
+use crate::poison::{PoisonCause, PoisonSet};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -63,6 +64,16 @@ pub enum MemoryError {
     },
     #[error("guest address range {gpa:#x}+{len:#x} is not RAM")]
     OutOfRange { gpa: u64, len: u64 },
+    #[error("guest page {gpa:#x} is broken (machine-check poisoned): it is never read")]
+    Poisoned { gpa: u64 },
+    #[error("cannot poison guest page {gpa:#x}")]
+    Poison {
+        gpa: u64,
+        #[source]
+        source: crate::uffd::UffdError,
+    },
+    #[error("cannot poison guest page {gpa:#x}: this kernel's userfaultfd has no UFFDIO_POISON")]
+    NoPoison { gpa: u64 },
 }
 
 /// One RAM region: a contiguous guest-physical range backed by part of the memfd.
@@ -89,6 +100,8 @@ pub struct GuestRam {
     size: u64,
     /// Per region: the memfd holds its pages (false once a file is mapped over it).
     memfd_backed: Vec<bool>,
+    /// The broken pages (shared with the vCPU threads and devices).
+    poison: std::sync::Arc<PoisonSet>,
 }
 
 /// The RAM layout for `size` bytes: `(gpa, len)` pairs.
@@ -138,7 +151,8 @@ impl GuestRam {
             offset += size;
         }
         let memfd_backed = vec![true; regions.len()];
-        Ok(GuestRam { mem, regions, memfd, size, memfd_backed })
+        let poison = std::sync::Arc::new(PoisonSet::new());
+        Ok(GuestRam { mem, regions, memfd, size, memfd_backed, poison })
     }
 
     /// Allocates every page of guest RAM now (`--prefault`), so that neither the guest nor an
@@ -348,12 +362,122 @@ impl GuestRam {
     /// guest's bytes. A copy torn by a concurrent guest write is harmless to its callers: that
     /// write marks the page dirty again and the page is copied again later. `read` is the
     /// checked, volatile copy; this one runs at memcpy speed for the hot path.
+    ///
+    /// A page in the poison set is not read ([`MemoryError::Poisoned`]); a page that breaks
+    /// while it is copied (the copy faults) is added to the set, and the copy fails the same
+    /// way instead of killing Ferry (`poison::copy_recoverable`).
     pub fn copy_out(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let src = self.host_ptr(gpa, buf.len() as u64)?;
+        self.take_async_reports();
+        let first = gpa / PAGE_SIZE;
+        let last = (gpa + buf.len().max(1) as u64 - 1) / PAGE_SIZE;
+        if let Some(g) = (first..=last).find(|&g| self.poison.contains(g)) {
+            return Err(MemoryError::Poisoned { gpa: g * PAGE_SIZE });
+        }
         // SAFETY: host_ptr checked that [src, src+len) lies in one live RAM mapping owned by
         // self; `buf` is a distinct, exclusively borrowed allocation of len bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, buf.as_mut_ptr(), buf.len()) };
-        Ok(())
+        match unsafe { crate::poison::copy_recoverable(buf.as_mut_ptr(), src as *const u8, buf.len()) } {
+            Ok(()) => Ok(()),
+            Err(hva) => {
+                let gpa = self.gpa_of_hva(hva).unwrap_or(gpa) & !(PAGE_SIZE - 1);
+                self.poison.mark(gpa / PAGE_SIZE, PoisonCause::CopyFault);
+                Err(MemoryError::Poisoned { gpa })
+            }
+        }
+    }
+
+    /// Writes into guest memory on Ferry's behalf, never into a broken page: one in the set is
+    /// refused, and one that breaks under the write is recovered from and marked, like
+    /// [`GuestRam::copy_out`]. (Ferry's own writes are not in KVM's dirty log: see `write`.)
+    pub fn copy_in(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let dst = self.host_ptr(gpa, data.len() as u64)?;
+        self.take_async_reports();
+        let first = gpa / PAGE_SIZE;
+        let last = (gpa + data.len().max(1) as u64 - 1) / PAGE_SIZE;
+        if let Some(g) = (first..=last).find(|&g| self.poison.contains(g)) {
+            return Err(MemoryError::Poisoned { gpa: g * PAGE_SIZE });
+        }
+        // SAFETY: host_ptr checked that [dst, dst+len) lies in one live RAM mapping owned by
+        // self; `data` is a distinct allocation of len bytes.
+        match unsafe { crate::poison::copy_recoverable(dst, data.as_ptr(), data.len()) } {
+            Ok(()) => Ok(()),
+            Err(hva) => {
+                let gpa = self.gpa_of_hva(hva).unwrap_or(gpa) & !(PAGE_SIZE - 1);
+                self.poison.mark(gpa / PAGE_SIZE, PoisonCause::CopyFault);
+                Err(MemoryError::Poisoned { gpa })
+            }
+        }
+    }
+
+    /// The broken pages.
+    pub fn poison(&self) -> &std::sync::Arc<PoisonSet> {
+        &self.poison
+    }
+
+    /// Whether the page holding `gpa` is broken.
+    pub fn is_poisoned(&self, gpa: u64) -> bool {
+        self.take_async_reports();
+        self.poison.contains(gpa / PAGE_SIZE)
+    }
+
+    /// Marks the pages the kernel reported broken in the background (SIGBUS `BUS_MCEERR_AO`).
+    fn take_async_reports(&self) {
+        for hva in crate::poison::take_async_faults() {
+            if let Some(gpa) = self.gpa_of_hva(hva) {
+                self.poison.mark(gpa / PAGE_SIZE, PoisonCause::HostReport);
+            }
+        }
+    }
+
+    /// The guest-physical address Ferry maps at host address `hva`, if it is guest RAM.
+    pub fn gpa_of_hva(&self, hva: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| hva >= r.host_addr && hva < r.host_addr + r.size)
+            .map(|r| r.gpa + (hva - r.host_addr))
+    }
+
+    /// Breaks the page holding `gpa` for real (tests, `ferry debug poison`; and the
+    /// destination of a stream that says the page is broken): its contents are dropped from
+    /// Ferry's mapping and a poison marker put there with `UFFDIO_POISON`, so that a vCPU
+    /// touching it gets what hardware poison gives (SIGBUS `BUS_MCEERR_AR`, turned into a
+    /// machine check for the guest) and no stale data is ever read. `uffd` is a userfaultfd
+    /// whose registered ranges hold the page (the incoming side's); without one, a new one is
+    /// registered on that page alone. This does not touch the poison set.
+    pub fn poison_host_page(&self, gpa: u64, uffd: Option<&crate::uffd::Uffd>) -> Result<(), MemoryError> {
+        let page = gpa & !(PAGE_SIZE - 1);
+        let hva = self.host_ptr(page, PAGE_SIZE)? as u64;
+        let own;
+        let u = match uffd {
+            Some(u) => u,
+            None => {
+                let mut u = crate::uffd::Uffd::new().map_err(|source| MemoryError::Poison { gpa: page, source })?;
+                u.register(hva, PAGE_SIZE).map_err(|source| MemoryError::Poison { gpa: page, source })?;
+                own = u;
+                &own
+            }
+        };
+        if !u.can_poison() {
+            return Err(MemoryError::NoPoison { gpa: page });
+        }
+        // Drop the page from this mapping (a memfd keeps its data in the page cache: the
+        // marker goes in this mapping's page table, which is the one KVM uses), then put the
+        // marker there. A vCPU touching the page in between maps it again: try again.
+        for _ in 0..100 {
+            // SAFETY: MADV_DONTNEED on one page of guest RAM that Ferry mapped; it drops the
+            // page-table entry only.
+            unsafe { libc::madvise(hva as *mut libc::c_void, PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+            if u.poison(hva).map_err(|source| MemoryError::Poison { gpa: page, source })? {
+                return Ok(());
+            }
+        }
+        Err(MemoryError::Poison {
+            gpa: page,
+            source: crate::uffd::UffdError::Ioctl {
+                what: "poison (the page kept being mapped again)",
+                source: std::io::Error::from_raw_os_error(libc::EEXIST),
+            },
+        })
     }
 
     /// Host address of a guest-physical page range, if it lies inside one region.

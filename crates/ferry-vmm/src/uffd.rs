@@ -11,7 +11,11 @@ const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+/// `_IOWR(0xAA, 0x08, struct uffdio_poison)` (Linux 6.6).
+const UFFDIO_POISON: libc::c_ulong = 0xc020_aa08;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFD_FEATURE_POISON`: UFFDIO_POISON is allowed.
+const UFFD_FEATURE_POISON: u64 = 1 << 14;
 
 #[repr(C)]
 struct UffdioApi {
@@ -31,6 +35,13 @@ struct UffdioRegister {
     range: UffdioRange,
     mode: u64,
     ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioPoison {
+    range: UffdioRange,
+    mode: u64,
+    updated: i64,
 }
 
 #[repr(C)]
@@ -69,10 +80,31 @@ pub enum CopyOutcome {
 pub struct Uffd {
     fd: File,
     ranges: Vec<(u64, u64)>,
+    /// UFFD_FEATURE_POISON was granted.
+    poison: bool,
 }
 
 impl Uffd {
     pub fn new() -> Result<Self, UffdError> {
+        // SAFETY: the userfaultfd syscall takes flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(UffdError::Open(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { File::from_raw_fd(fd as i32) };
+        // Ask for UFFDIO_POISON where the kernel has it. A kernel without it refuses the
+        // handshake, which leaves the fd unusable: then start again with a new one, without.
+        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_POISON, ioctls: 0 };
+        // SAFETY: UFFDIO_API with a valid uffdio_api struct that outlives the call.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) };
+        if r == 0 {
+            return Ok(Uffd { fd, ranges: Vec::new(), poison: true });
+        }
+        Self::without_poison()
+    }
+
+    fn without_poison() -> Result<Self, UffdError> {
         // SAFETY: the userfaultfd syscall takes flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
@@ -86,7 +118,31 @@ impl Uffd {
         if r < 0 {
             return Err(UffdError::Ioctl { what: "API handshake", source: std::io::Error::last_os_error() });
         }
-        Ok(Uffd { fd, ranges: Vec::new() })
+        Ok(Uffd { fd, ranges: Vec::new(), poison: false })
+    }
+
+    /// Whether [`Uffd::poison`] is available.
+    pub fn can_poison(&self) -> bool {
+        self.poison
+    }
+
+    /// Installs a poison marker at the page `addr` of a registered range (the page must not be
+    /// mapped: zap it first). Any later access through this mapping (a vCPU's included) raises
+    /// a memory failure, as if the page had an uncorrectable error. Returns false if a page was
+    /// mapped there (EEXIST): zap and try again.
+    pub fn poison(&self, addr: u64) -> Result<bool, UffdError> {
+        let mut p = UffdioPoison { range: UffdioRange { start: addr, len: 4096 }, mode: 0, updated: 0 };
+        // SAFETY: UFFDIO_POISON with a valid struct naming one page of a registered range; the
+        // kernel only changes this process's page table there.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_POISON, &mut p) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EEXIST) | Some(libc::EAGAIN) => Ok(false),
+            _ => Err(UffdError::Ioctl { what: "poison", source: e }),
+        }
     }
 
     /// Registers `[start, start+len)` (page aligned, mapped) for missing-page handling.

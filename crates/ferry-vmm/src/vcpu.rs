@@ -21,12 +21,16 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::{IoAction, PioBus};
 use crate::dirty_ring::DirtyRings;
+use crate::memory::RamRegion;
+use crate::poison::{PoisonCause, PoisonSet};
 
 /// Errors of vCPU threads.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot install the SIGBUS handler (broken guest pages)")]
+    Sigbus(#[source] std::io::Error),
     #[error("cannot start the thread of vCPU {0}")]
     Spawn(u32, #[source] std::io::Error),
     #[error("cannot signal the thread of vCPU {0}")]
@@ -57,9 +61,31 @@ pub fn kick_signal() -> i32 {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Installs the (empty) kick handler once per process.
+/// Installs the (empty) kick handler and the SIGBUS handler (broken pages) once per process.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
+    crate::poison::install_sigbus_handler().map_err(VcpuError::Sigbus)?;
     register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
+}
+
+/// What a vCPU needs to know about guest memory: where it is mapped and which pages are broken.
+#[derive(Clone)]
+pub struct GuestMemoryView {
+    pub regions: Vec<RamRegion>,
+    pub poison: Arc<PoisonSet>,
+    /// The vCPUs' MCG_CAP (0: KVM here delivers no machine checks).
+    pub mcg_cap: u64,
+}
+
+impl GuestMemoryView {
+    fn is_ram(&self, gpa: u64) -> bool {
+        self.regions.iter().any(|r| gpa >= r.gpa && gpa < r.gpa + r.size)
+    }
+    fn gpa_of_hva(&self, hva: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| hva >= r.host_addr && hva < r.host_addr + r.size)
+            .map(|r| r.gpa + (hva - r.host_addr))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +179,7 @@ impl VcpuHandle {
         bus: Arc<PioBus>,
         exit: Arc<ExitSink>,
         rings: Option<Arc<DirtyRings>>,
+        memory: GuestMemoryView,
         start_paused: bool,
     ) -> Result<Self, VcpuError> {
         let mut fd = fd;
@@ -172,7 +199,8 @@ impl VcpuHandle {
             std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let env = VcpuEnv { id, bus, rings };
+                    crate::poison::mark_vcpu_thread();
+                    let env = VcpuEnv { id, bus, rings, memory };
                     vcpu_loop(&env, fd, ctl, RunPtr(kvm_run), exit)
                 })
                 .map_err(|e| VcpuError::Spawn(id, e))?
@@ -247,6 +275,7 @@ struct VcpuEnv {
     id: u32,
     bus: Arc<PioBus>,
     rings: Option<Arc<DirtyRings>>,
+    memory: GuestMemoryView,
 }
 
 fn vcpu_loop(env: &VcpuEnv, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunPtr, exit: Arc<ExitSink>) {
@@ -320,6 +349,26 @@ fn vcpu_loop(env: &VcpuEnv, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunP
     finish(&ctl);
 }
 
+/// The guest touched the broken page at `gpa`: it joins the poison set, and the guest gets an
+/// action-required machine check naming it (docs/poison.md).
+fn machine_check(vcpu: &VcpuFd, env: &VcpuEnv, gpa: u64, cause: PoisonCause) -> Option<ExitReason> {
+    let page = gpa & !0xfff;
+    env.memory.poison.mark(page / 4096, cause);
+    if env.memory.mcg_cap == 0 {
+        return Some(ExitReason::KvmError(format!(
+            "vCPU {}: the guest touched broken page {page:#x} and KVM here cannot deliver machine checks",
+            env.id
+        )));
+    }
+    match crate::kvm_ext::inject_srar(vcpu, env.memory.mcg_cap, page) {
+        Ok(()) => None,
+        Err(e) => Some(ExitReason::KvmError(format!(
+            "vCPU {}: cannot deliver the machine check for broken page {page:#x}: {e}",
+            env.id
+        ))),
+    }
+}
+
 /// What one KVM_RUN led to.
 enum Step {
     Continue,
@@ -331,7 +380,20 @@ enum Step {
 /// Runs the vCPU once and handles the exit.
 fn run_once(vcpu: &mut VcpuFd, env: &VcpuEnv) -> Step {
     let (id, bus) = (env.id, &*env.bus);
+    // A broken page the guest touched: (guest-physical address, how it showed).
+    let mut broken: Option<(u64, PoisonCause)> = None;
     let r = match vcpu.run() {
+        // Emulated (ring-0) guest code touching a broken page exits as MMIO inside RAM: the
+        // read gets zeros, never the page's data, and the guest a machine check.
+        Ok(VcpuExit::MmioRead(gpa, data)) if env.memory.is_ram(gpa) => {
+            data.fill(0);
+            broken = Some((gpa, PoisonCause::GuestAccessEmulated));
+            None
+        }
+        Ok(VcpuExit::MmioWrite(gpa, _)) if env.memory.is_ram(gpa) => {
+            broken = Some((gpa, PoisonCause::GuestAccessEmulated));
+            None
+        }
         Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
             IoAction::None => None,
             IoAction::Shutdown(code) => Some(ExitReason::GuestShutdown(code)),
@@ -378,8 +440,28 @@ fn run_once(vcpu: &mut VcpuFd, env: &VcpuEnv) -> Step {
             None => Some(ExitReason::KvmError(format!("vCPU {id}: dirty ring full without a dirty ring"))),
         },
         Ok(other) => Some(ExitReason::KvmError(format!("vCPU {id}: unexpected exit {other:?}"))),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Step::Interrupted,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            // Native (ring-3) guest code touching a broken page: SIGBUS BUS_MCEERR_AR on this
+            // thread, and KVM_RUN returns EINTR; running again without a machine check would
+            // fault again forever.
+            match crate::poison::take_vcpu_fault() {
+                Some(hva) => match env.memory.gpa_of_hva(hva) {
+                    Some(gpa) => {
+                        broken = Some((gpa, PoisonCause::GuestAccess));
+                        None
+                    }
+                    None => Some(ExitReason::KvmError(format!(
+                        "vCPU {id}: memory failure at host address {hva:#x}, outside guest RAM"
+                    ))),
+                },
+                None => return Step::Interrupted,
+            }
+        }
         Err(e) => Some(ExitReason::KvmError(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+    };
+    let r = match (r, broken) {
+        (None, Some((gpa, cause))) => machine_check(vcpu, env, gpa, cause),
+        (r, _) => r,
     };
     match r {
         Some(reason) => Step::Stop(reason),

@@ -24,7 +24,7 @@ use crate::memory::PAGE_SIZE;
 use crate::memory::{GuestRam, MemoryError};
 use crate::persist::Persist;
 pub use crate::vcpu::ExitReason;
-use crate::vcpu::{install_kick_handler, ExitSink, VcpuError, VcpuHandle};
+use crate::vcpu::{install_kick_handler, ExitSink, GuestMemoryView, VcpuError, VcpuHandle};
 use crate::vcpu_state::{msrs_to_save, KvmVcpu};
 use crate::vm_state::KvmVm;
 
@@ -171,6 +171,23 @@ pub fn create_vcpu(parts: &MachineParts, id: u32, count: u32, model: &CpuModel) 
     let vcpu = parts.vm_fd.create_vcpu(id as u64).map_err(kvm_err("create a vCPU"))?;
     let cpuid = cpu::vcpu_cpuid(&model.cpuid, id, count)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set the vCPU's CPUID"))?;
+    // Machine checks (broken guest pages, docs/poison.md): the banks, then every bank and
+    // MCG_CTL enabled, as firmware leaves them.
+    let mcg_cap = kvm_ext::setup_mce(&parts.vm_fd, &vcpu).map_err(kvm_err("set up machine checks"))?;
+    let banks = mcg_cap & 0xff;
+    if banks > 0 {
+        let mut entries = vec![kvm_bindings::kvm_msr_entry { index: 0x17b, data: !0, ..Default::default() }];
+        entries.extend((0..banks as u32).map(|i| kvm_bindings::kvm_msr_entry {
+            index: 0x400 + 4 * i,
+            data: !0,
+            ..Default::default()
+        }));
+        let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VmError::Kvm {
+            what: "set the machine-check MSRs",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        vcpu.set_msrs(&msrs).map_err(kvm_err("set the machine-check MSRs"))?;
+    }
     let host = cpu::HostCpu::probe(&parts.kvm, count)?;
     cpu::apply_tsc(&vcpu, model, &host)?;
     Ok(vcpu)
@@ -188,6 +205,9 @@ pub struct Vm {
     vcpu_count: u32,
     /// The guest's CPU model, kept for life across moves.
     cpu: CpuModel,
+    /// Pages to break when a migration's final pass begins (`ferry debug poison
+    /// --at-final-pass`, for tests of that corner): (gpa, announce).
+    final_pass_poison: Mutex<Vec<(u64, bool)>>,
 }
 
 impl Vm {
@@ -297,6 +317,40 @@ impl Vm {
         &self.cpu
     }
 
+    /// Breaks the guest page at `gpa` for real (`ferry debug poison`): announced, the poison
+    /// set learns it first (as when the host reports an error); unannounced, only an access
+    /// finds it (the guest's, which gets a machine check, or Ferry's own copy, which recovers
+    /// and marks it). Returns the page's address.
+    pub fn poison_gpa(&self, gpa: u64, announce: bool) -> Result<u64, VmError> {
+        let page = gpa & !(PAGE_SIZE - 1);
+        self.parts.ram.host_ptr(page, PAGE_SIZE)?;
+        if announce {
+            self.parts.ram.poison().mark(page / PAGE_SIZE, crate::poison::PoisonCause::Injected);
+        }
+        self.parts.ram.poison_host_page(page, None)?;
+        Ok(page)
+    }
+
+    /// Arms `gpa` to break when the next migration's final pass begins (guest paused).
+    pub fn poison_at_final_pass(&self, gpa: u64, announce: bool) -> Result<u64, VmError> {
+        let page = gpa & !(PAGE_SIZE - 1);
+        self.parts.ram.host_ptr(page, PAGE_SIZE)?;
+        if let Ok(mut v) = self.final_pass_poison.lock() {
+            v.push((page, announce));
+        }
+        Ok(page)
+    }
+
+    /// Breaks the pages armed by [`Vm::poison_at_final_pass`] (the migration engine calls this
+    /// once the guest is paused for the final pass). Returns how many.
+    pub fn poison_armed_pages(&self) -> Result<usize, VmError> {
+        let armed = self.final_pass_poison.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        for &(gpa, announce) in &armed {
+            self.poison_gpa(gpa, announce)?;
+        }
+        Ok(armed.len())
+    }
+
     /// Starts vCPU threads on prepared parts (used by boot and by restore).
     fn start(
         parts: MachineParts,
@@ -338,11 +392,24 @@ impl Vm {
         }
         let bus = Arc::new(PioBus { serial: Mutex::new(serial), disks: devs });
         spawn_serial_flusher(Arc::downgrade(&bus))?;
+        let memory = GuestMemoryView {
+            regions: parts.ram.regions().to_vec(),
+            poison: parts.ram.poison().clone(),
+            mcg_cap: kvm_ext::mcg_cap(&parts.vm_fd),
+        };
         let mut vcpus = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(id as u32, fd, bus.clone(), exit.clone(), rings.clone(), paused)?);
+            vcpus.push(VcpuHandle::spawn(
+                id as u32,
+                fd,
+                bus.clone(),
+                exit.clone(),
+                rings.clone(),
+                memory.clone(),
+                paused,
+            )?);
         }
-        Ok(Vm { parts, dirty, rings, bus, vcpus, exit, vcpu_count, cpu })
+        Ok(Vm { parts, dirty, rings, bus, vcpus, exit, vcpu_count, cpu, final_pass_poison: Mutex::new(Vec::new()) })
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -446,7 +513,7 @@ impl Vm {
 
     /// Writes guest memory on Ferry's behalf and records the pages as dirty for every consumer.
     pub fn write_guest(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
-        self.parts.ram.write(gpa, data)?;
+        self.parts.ram.copy_in(gpa, data)?;
         let mut d = self.dirty_lock()?;
         let mut p = gpa & !(PAGE_SIZE - 1);
         while p < gpa + data.len() as u64 {

@@ -177,6 +177,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("dirty-rate", &["window_ms"]),
     ("memory-read", &["gpa", "len"]),
     ("memory-write", &["gpa", "hex"]),
+    ("poison", &["gpa", "announce", "at"]),
 ];
 
 /// Refuses a request that is not an object, or that has a field its command does not take (a
@@ -273,7 +274,21 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             "vcpus": ctx.vm.vcpu_count(),
             "memory": ctx.vm.ram().size(),
             "disks": ctx.vm.disk_stats(),
+            "broken_pages": ctx.vm.ram().poison().list().iter()
+                .map(|(g, c)| json!({"gpa": g * 4096, "cause": c}))
+                .collect::<Vec<_>>(),
+            "sigbus": ferry_vmm::poison::sigbus_stats(),
         })),
+        "poison" => {
+            let gpa = field_u64(req, "gpa")?;
+            let announce = opt_bool(req, "announce")?.unwrap_or(true);
+            let page = match opt(req, "at", Value::as_str, "\"now\" or \"final-pass\"")? {
+                None | Some("now") => ctx.vm.poison_gpa(gpa, announce)?,
+                Some("final-pass") => ctx.vm.poison_at_final_pass(gpa, announce)?,
+                Some(other) => bail!("\"at\" must be \"now\" or \"final-pass\", not \"{other}\""),
+            };
+            Ok(json!({ "gpa": page }))
+        }
         "pause" => {
             ctx.vm.pause()?;
             ctx.paused.store(true, Ordering::SeqCst);
@@ -328,7 +343,8 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
                 bail!("memory-read of {len} bytes: at most 1 MiB per request");
             }
             let mut buf = vec![0u8; len as usize];
-            ctx.vm.ram().read(gpa, &mut buf)?;
+            // Never through a broken page (an error naming it instead).
+            ctx.vm.ram().copy_out(gpa, &mut buf)?;
             Ok(json!({ "hex": hex_encode(&buf) }))
         }
         "memory-write" => {

@@ -27,6 +27,35 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum DebugCmd {
+    /// Break a guest page for real, as an uncorrectable memory error would (userfaultfd
+    /// UFFDIO_POISON on Ferry's mapping): the guest gets a machine check when it touches it, and
+    /// migrations, snapshots and restores carry it as broken (docs/poison.md).
+    Poison {
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Guest-physical address (hex with 0x, or decimal); its page breaks.
+        #[arg(long, value_parser = parse_u64_auto)]
+        gpa: u64,
+        /// Do not tell Ferry's poison set first: only an access finds the page broken (the
+        /// guest's, or Ferry's own copy, which then recovers).
+        #[arg(long)]
+        unannounced: bool,
+        /// Break it when the next migration's final pass begins (guest paused), not now.
+        #[arg(long)]
+        at_final_pass: bool,
+    },
+}
+
+fn parse_u64_auto(s: &str) -> std::result::Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("'{s}' is not an address (hex with 0x, or decimal)"))
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Start a VM (the built-in guest unless --kernel is given).
     Run(RunArgs),
@@ -46,6 +75,9 @@ enum Cmd {
     },
     /// Save the VM behind an API socket to a snapshot file (restore with `ferry run --restore`).
     Snapshot(SnapshotArgs),
+    /// Debugging and testing aids.
+    #[command(subcommand)]
+    Debug(DebugCmd),
     /// Measure the guest's dirty rate (pages/s, MiB/s; per vCPU with the dirty ring) while it
     /// runs; safe during a migration.
     DirtyRate {
@@ -592,6 +624,19 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     Ok(0)
 }
 
+fn debug_poison(api_socket: &std::path::Path, gpa: u64, unannounced: bool, at_final_pass: bool) -> Result<i32> {
+    let at = if at_final_pass { "final-pass" } else { "now" };
+    let v =
+        api::call(api_socket, &serde_json::json!({"cmd": "poison", "gpa": gpa, "announce": !unannounced, "at": at}))?;
+    let page = v["gpa"].as_u64().unwrap_or(gpa);
+    if at_final_pass {
+        eprintln!("ferry: guest page {page:#x} breaks when the next migration's final pass begins");
+    } else {
+        eprintln!("ferry: guest page {page:#x} is broken");
+    }
+    Ok(0)
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -606,6 +651,9 @@ fn main() {
         }
         Cmd::Snapshot(a) => snapshot(a),
         Cmd::DirtyRate { api_socket, window_ms, json } => dirty_rate(&api_socket, window_ms, json),
+        Cmd::Debug(DebugCmd::Poison { api_socket, gpa, unannounced, at_final_pass }) => {
+            debug_poison(&api_socket, gpa, unannounced, at_final_pass)
+        }
         Cmd::Api { api_socket, command } => api::call(&api_socket, &serde_json::json!({ "cmd": command })).map(|v| {
             println!("{v}");
             0
