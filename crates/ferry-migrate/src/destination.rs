@@ -420,6 +420,10 @@ impl RecordSink for MigrationSink<'_> {
         Err(IncomingError::Unexpected("RAM_MAP"))
     }
 
+    fn broken_pages(&mut self, _: Vec<u64>) -> Result<(), IncomingError> {
+        Err(IncomingError::Unexpected("BROKEN_PAGES"))
+    }
+
     // The source paused its guest: the final pass is the pause, at full priority.
     fn final_pass(&mut self) {
         drop(self.idle_copy.take());

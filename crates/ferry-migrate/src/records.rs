@@ -123,6 +123,8 @@ pub trait RecordSink {
     fn page_batch(&mut self, b: PageBatch<'_>) -> Result<(), Self::Error>;
     fn snapshot_info(&mut self, i: SnapshotInfo) -> Result<(), Self::Error>;
     fn ram_map(&mut self, m: RamMap) -> Result<(), Self::Error>;
+    /// BROKEN_PAGES (snapshot files): frames broken on the machine saved.
+    fn broken_pages(&mut self, gfns: Vec<u64>) -> Result<(), Self::Error>;
     /// The source paused its guest (the optional FINAL_PASS record).
     fn final_pass(&mut self);
     /// The first state section arrived (the final pass has begun).
@@ -231,6 +233,13 @@ pub fn load_records<R: Read, S: RecordSink>(
                 }
                 p.ready("RAM_MAP", sink)?;
                 sink.ram_map(m)?;
+            }
+            Record::BrokenPages(g) => {
+                if kind != StreamKind::Snapshot {
+                    return Err(LoadError::Unexpected("BROKEN_PAGES", kind.name()).into());
+                }
+                p.ready("BROKEN_PAGES", sink)?;
+                sink.broken_pages(g)?;
             }
             rec @ (Record::VmState { .. } | Record::VcpuState { .. } | Record::DeviceState { .. }) => {
                 let (key, version, data) = match rec {

@@ -118,6 +118,10 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                 m.tsc_khz,
                 m.xsave_size
             ),
+            Record::BrokenPages(g) => {
+                s.broken += g.len() as u64;
+                format!("BROKEN_PAGES {} frames {:#x?}", g.len(), &g[..g.len().min(8)])
+            }
             Record::FinalPass => "FINAL_PASS (the source paused its guest; the final pass follows)".to_string(),
             Record::SkippedOptional { rtype: t, len } => format!("optional record {t:#x} ({len} bytes), skipped"),
             Record::End => {

@@ -53,6 +53,9 @@ pub mod rtype {
     pub const FINAL_PASS: u32 = super::OPTIONAL | 0xa;
     /// The guest's CPU (format version 2 on): CPUID, TSC rate, XSAVE size.
     pub const CPU_MODEL: u32 = 0xb;
+    /// Guest frames that are broken (machine-check poisoned): snapshot files, whose pages are
+    /// not in page batches.
+    pub const BROKEN_PAGES: u32 = 0xc;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -68,6 +71,7 @@ pub mod rtype {
             RAM_MAP => "RAM_MAP",
             0xa => "FINAL_PASS",
             CPU_MODEL => "CPU_MODEL",
+            BROKEN_PAGES => "BROKEN_PAGES",
             _ => "unknown",
         }
     }
@@ -215,6 +219,9 @@ pub struct MachineConfig {
     /// (guest-physical address, size) of each RAM region.
     pub regions: Vec<(u64, u64)>,
 }
+
+/// Most frames one BROKEN_PAGES record may list.
+pub const MAX_BROKEN_PAGES: u32 = 1 << 20;
 
 /// Most RAM regions a MACHINE_CONFIG may list.
 pub const MAX_REGIONS: u32 = 64;

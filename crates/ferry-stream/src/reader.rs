@@ -29,6 +29,8 @@ pub enum Record<'a> {
     Checkpoint(u64),
     /// The guest's CPU (format version 2 on).
     CpuModel(crate::CpuModel),
+    /// Broken guest frames (snapshot files).
+    BrokenPages(Vec<u64>),
     /// Optional marker: the source paused the guest, the final pass follows (migration streams).
     FinalPass,
     /// Snapshot files only.
@@ -284,6 +286,17 @@ impl<R: Read> StreamReader<R> {
                 Ok(Record::FinalPass)
             }
             rtype::CPU_MODEL => Ok(Record::CpuModel(crate::CpuModel::decode(body).map_err(malformed)?)),
+            rtype::BROKEN_PAGES => {
+                need(8)?;
+                let count = u32_at(body, 0);
+                if count > crate::MAX_BROKEN_PAGES || body.len() != 8 + 8 * count as usize {
+                    return Err(malformed(format!("{count} frames in a body of {} bytes", body.len())));
+                }
+                if u32_at(body, 4) != 0 {
+                    return Err(StreamError::Reserved { what: "BROKEN_PAGES header", offset: start + 12 });
+                }
+                Ok(Record::BrokenPages((0..count as usize).map(|i| u64_at(body, 8 + 8 * i)).collect()))
+            }
             rtype::SNAPSHOT_INFO | rtype::RAM_MAP if !self.header.flags.contains(StreamFlags::SNAPSHOT) => {
                 Err(malformed("only snapshot files (header flag SNAPSHOT) carry this record".into()))
             }

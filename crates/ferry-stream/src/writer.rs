@@ -138,6 +138,20 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::CPU_MODEL, &[&b])
     }
 
+    /// BROKEN_PAGES: broken guest frames (snapshot files).
+    pub fn broken_pages(&mut self, gfns: &[u64]) -> Result<(), StreamError> {
+        if gfns.len() > crate::MAX_BROKEN_PAGES as usize {
+            return Err(StreamError::Invalid(format!("{} broken pages", gfns.len())));
+        }
+        let mut b = Vec::with_capacity(8 + 8 * gfns.len());
+        b.extend_from_slice(&(gfns.len() as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for g in gfns {
+            b.extend_from_slice(&g.to_le_bytes());
+        }
+        self.record(rtype::BROKEN_PAGES, &[&b])
+    }
+
     /// FINAL_PASS (optional, empty): the guest is paused, the final pass follows.
     pub fn final_pass(&mut self) -> Result<(), StreamError> {
         self.record(rtype::FINAL_PASS, &[])

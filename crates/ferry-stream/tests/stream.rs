@@ -101,6 +101,7 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
                 m.region, m.gpa, m.npages, m.data_offset, m.present, m.zero, m.crcs
             ),
             Record::CpuModel(m) => format!("cpu {} kHz xsave {} cpuid {:x?}", m.tsc_khz, m.xsave_size, m.cpuid),
+            Record::BrokenPages(g) => format!("broken {g:x?}"),
             Record::FinalPass => "final pass".to_string(),
             Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
             Record::End => {

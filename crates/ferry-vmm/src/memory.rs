@@ -447,6 +447,28 @@ impl GuestRam {
     pub fn poison_host_page(&self, gpa: u64, uffd: Option<&crate::uffd::Uffd>) -> Result<(), MemoryError> {
         let page = gpa & !(PAGE_SIZE - 1);
         let hva = self.host_ptr(page, PAGE_SIZE)? as u64;
+        if let Some((ri, _)) = self.page_location(page) {
+            if !self.memfd_backed[ri] {
+                // A snapshot file mapped copy-on-write: userfaultfd cannot poison a regular
+                // file's page. An anonymous page in its place can (the page's data is dropped,
+                // which is the point).
+                // SAFETY: MAP_FIXED over one page of a mapping Ferry made and owns; nothing
+                // holds references into that page, and KVM follows the new page by address.
+                let p = unsafe {
+                    libc::mmap(
+                        hva as *mut libc::c_void,
+                        PAGE_SIZE as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(MemoryError::MapFile { region: ri, source: std::io::Error::last_os_error() });
+                }
+            }
+        }
         let own;
         let u = match uffd {
             Some(u) => u,

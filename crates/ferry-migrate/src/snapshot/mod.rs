@@ -221,6 +221,12 @@ impl RegionMap {
             }
         }
     }
+    /// A broken page: neither data nor zero in this snapshot (BROKEN_PAGES lists it).
+    fn set_broken(&mut self, page: u64) {
+        let (w, b) = ((page / 64) as usize, 1u64 << (page % 64));
+        self.present[w] &= !b;
+        self.zero[w] &= !b;
+    }
     fn to_record(&self, region: u32, gpa: u64, npages: u64, data_offset: u64) -> RamMap {
         let crcs = (0..npages).filter(|&p| self.present[(p / 64) as usize] & (1 << (p % 64)) != 0);
         RamMap {
@@ -286,11 +292,25 @@ impl Out<'_> {
                 len = 0;
             }
             let slot = &mut run[base + len..base + len + PAGE_SIZE];
-            let data = in_data(page) && {
-                ram.copy_out(region.gpa + page * PAGE, slot)?;
-                !is_zero(slot)
-            };
-            if data {
+            let gpa = region.gpa + page * PAGE;
+            // A broken page is never read; one that breaks under the copy is caught by it.
+            let mut broken = ram.is_poisoned(gpa);
+            let data = !broken
+                && in_data(page)
+                && match ram.copy_out(gpa, slot) {
+                    Ok(()) => !is_zero(slot),
+                    Err(ferry_vmm::memory::MemoryError::Poisoned { .. }) => {
+                        broken = true;
+                        false
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+            if broken {
+                if self.maps[ri].is_present(page) {
+                    self.punch(ri, page)?;
+                }
+                self.maps[ri].set_broken(page);
+            } else if data {
                 self.maps[ri].set(page, Some(crc32c::crc32c(slot)));
                 if len == 0 {
                     run_start = page;
@@ -602,6 +622,11 @@ fn write_file(
         zero_pages += z;
         parent_pages += m.npages - d - z;
         w.ram_map(&m).map_err(werr)?;
+    }
+    // The broken pages (the set as it is now, the guest paused): neither data nor zero.
+    let broken: Vec<u64> = ram.poison().list().iter().map(|&(g, _)| g).collect();
+    if !broken.is_empty() {
+        w.broken_pages(&broken).map_err(werr)?;
     }
     write_sections(&mut w, &vm.save_state()?.sections()).map_err(werr)?;
     w.end().map_err(werr)?;

@@ -13,6 +13,8 @@ pub struct SnapshotMeta {
     pub info: SnapshotInfo,
     pub maps: Vec<RamMap>,
     pub state: MachineState,
+    /// Guest frames broken when the snapshot was taken (sorted).
+    pub broken: Vec<u64>,
     /// crc32c of the metadata bytes (header to the end of END).
     pub meta_crc: u32,
 }
@@ -22,6 +24,7 @@ pub struct SnapshotMeta {
 struct SnapshotSink {
     info: Option<SnapshotInfo>,
     maps: Vec<RamMap>,
+    broken: Vec<u64>,
 }
 
 impl RecordSink for SnapshotSink {
@@ -41,6 +44,10 @@ impl RecordSink for SnapshotSink {
     }
     fn ram_map(&mut self, m: RamMap) -> Result<(), LoadError> {
         self.maps.push(m);
+        Ok(())
+    }
+    fn broken_pages(&mut self, gfns: Vec<u64>) -> Result<(), LoadError> {
+        self.broken.extend(gfns);
         Ok(())
     }
     fn final_pass(&mut self) {}
@@ -67,8 +74,8 @@ fn read_meta_with(path: &Path, opts: &LoadOptions) -> Result<SnapshotMeta, Snaps
     })?;
     let meta_len = loaded.bytes;
     let config = loaded.config;
-    let info = sink.info.ok_or_else(|| incomplete("no SNAPSHOT_INFO"))?;
-    let maps = sink.maps;
+    let info = sink.info.take().ok_or_else(|| incomplete("no SNAPSHOT_INFO"))?;
+    let maps = std::mem::take(&mut sink.maps);
     if maps.len() != config.regions.len()
         || maps.iter().zip(&config.regions).enumerate().any(|(i, (m, r))| {
             m.region as usize != i || m.gpa != r.0 || m.npages * PAGE != r.1 || m.data_offset < meta_len
@@ -90,6 +97,12 @@ fn read_meta_with(path: &Path, opts: &LoadOptions) -> Result<SnapshotMeta, Snaps
         info,
         maps,
         state: loaded.state,
+        broken: {
+            let mut b = sink.broken;
+            b.sort_unstable();
+            b.dedup();
+            b
+        },
         meta_crc: crc32c::crc32c(&meta),
     })
 }
@@ -156,6 +169,8 @@ pub struct RestoreStats {
     pub data_pages: u64,
     pub zero_pages: u64,
     pub bytes_read: u64,
+    /// Pages the snapshot recorded broken, broken again here.
+    pub broken_pages: u64,
     pub total: Duration,
 }
 
@@ -205,6 +220,16 @@ pub fn restore(
         let mut run: Option<(usize, u64, u64)> = None; // (file, first page, count)
         let mut pending_crcs: Vec<u32> = Vec::new();
         for page in 0..npages {
+            // Broken when the newest snapshot was taken: no data anywhere; broken here too.
+            if top.broken.binary_search(&(region.gpa / PAGE + page)).is_ok() {
+                for (k, m) in chain.iter().enumerate() {
+                    if m.maps[ri].is_present(page) {
+                        next_crc[k] += 1;
+                    }
+                }
+                stats.broken_pages += 1;
+                continue;
+            }
             let mut src = None;
             for (k, m) in chain.iter().enumerate() {
                 let map = &m.maps[ri];
@@ -267,6 +292,13 @@ pub fn restore(
         }
         if let Some(r) = run {
             read_run(&ram, ri, &chain, &files, r, &pending_crcs, &mut stats)?;
+        }
+    }
+    // The pages broken on the machine saved are broken here too, for real: the guest gets its
+    // machine check when it touches one, and reads no stale data (docs/poison.md).
+    for &gfn in &top.broken {
+        if ram.poison().mark(gfn, ferry_vmm::poison::PoisonCause::Stream) {
+            ram.poison_host_page(gfn * PAGE, None)?;
         }
     }
     let machine = create_machine(ram, dirty_tracking)?;
