@@ -384,6 +384,7 @@ impl Vm {
                 vm: &parts.vm_fd,
                 mem: parts.ram.mem().clone(),
                 dirty: marker.clone(),
+                poison: parts.ram.poison().clone(),
             };
             devs.push(match &d.state {
                 Some(st) => BlockDevice::restore(args, st)?,

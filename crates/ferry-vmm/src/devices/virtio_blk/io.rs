@@ -44,8 +44,11 @@ pub(super) fn parse_chain(
 
 /// Writes the status byte, puts the head on the used ring and records both writes as dirty.
 pub(super) fn complete_to_guest(inner: &Inner, st: &mut Shared, req: &Request, status: u8, used_len: u32) {
-    let _ = inner.mem.write_obj(status, GuestAddress(req.status_gpa));
-    inner.dirty.mark(req.status_gpa, 1);
+    // A status byte on a broken page is not written (the device never touches one).
+    if !touches_broken(&inner.poison, req.status_gpa, 1) {
+        let _ = inner.mem.write_obj(status, GuestAddress(req.status_gpa));
+        inner.dirty.mark(req.status_gpa, 1);
+    }
     let _ = st.queue.add_used(&inner.mem, req.head, used_len);
     mark_used_ring(inner, st);
 }
@@ -147,6 +150,19 @@ pub(super) fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -
     if st.t.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || st.broken || !st.queue.is_valid(&inner.mem) {
         return false;
     }
+    // A ring on a broken page is never read or written: the device stops, as for a broken ring.
+    let size = st.queue.size() as u64;
+    if touches_broken(&inner.poison, st.queue.desc_table(), 16 * size)
+        || touches_broken(&inner.poison, st.queue.avail_ring(), 6 + 2 * size)
+        || touches_broken(&inner.poison, st.queue.used_ring(), 6 + 8 * size)
+    {
+        eprintln!("ferry: disk {}: a page of its virtqueue is broken; device needs a reset", inner.index);
+        st.broken = true;
+        st.t.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        st.t.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        let _ = inner.irq.write(1);
+        return false;
+    }
     let mut completed = false;
     loop {
         let _ = st.queue.disable_notification(&inner.mem);
@@ -156,10 +172,15 @@ pub(super) fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -
             popped += 1;
             let head = chain.head_index();
             let parsed = parse_chain(&inner.mem, chain).and_then(|r| {
-                if request_in_memory(&inner.mem, &r) {
+                // A buffer on a broken page fails the request with an I/O error, untouched.
+                let broken = r.segments.iter().any(|s| touches_broken(&inner.poison, s.gpa, s.len as u64));
+                if request_in_memory(&inner.mem, &r) && !broken && !touches_broken(&inner.poison, r.status_gpa, 1) {
                     Ok(r)
                 } else {
-                    Err(Some(r.status_gpa).filter(|&g| GuestMemoryBackend::check_range(&inner.mem, GuestAddress(g), 1)))
+                    Err(Some(r.status_gpa).filter(|&g| {
+                        GuestMemoryBackend::check_range(&inner.mem, GuestAddress(g), 1)
+                            && !touches_broken(&inner.poison, g, 1)
+                    }))
                 }
             });
             match parsed {

@@ -97,6 +97,8 @@ pub struct BlockArgs<'a> {
     pub vm: &'a kvm_ioctls::VmFd,
     pub mem: GuestMemoryMmap,
     pub dirty: GuestDirty,
+    /// Guest memory's broken pages: the device never touches one (docs/poison.md).
+    pub poison: Arc<crate::poison::PoisonSet>,
 }
 
 impl Persist for BlockDevice {
@@ -209,6 +211,7 @@ struct Inner {
     image: DiskImage,
     mem: GuestMemoryMmap,
     dirty: GuestDirty,
+    poison: Arc<crate::poison::PoisonSet>,
     irq: EventFd,
     notify: EventFd,
     done_evt: EventFd,
@@ -255,7 +258,7 @@ impl BlockDevice {
     /// Builds disk `index` on `image`, fresh (`state` None) or from a migrated state, wires its
     /// irqfd and ioeventfd into `vm`, and starts its threads.
     fn build(args: BlockArgs<'_>, state: Option<BlockState>) -> Result<Self, BlockError> {
-        let BlockArgs { index, image, mode, vm, mem, dirty } = args;
+        let BlockArgs { index, image, mode, vm, mem, dirty, poison } = args;
         let evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| BlockError::EventFd(index, e));
         let (irq, notify, done_evt, ctl) = (evt()?, evt()?, evt()?, evt()?);
         let kvm = |what| move |source| BlockError::Kvm { index, what, source };
@@ -317,6 +320,7 @@ impl BlockDevice {
             image,
             mem,
             dirty,
+            poison,
             irq,
             notify,
             done_evt,
@@ -626,6 +630,11 @@ fn reset(st: &mut Shared) {
     st.replay.clear();
     st.replay_running = None;
     st.epoch += 1;
+}
+
+/// Whether any page of `[gpa, gpa+len)` is broken.
+fn touches_broken(poison: &crate::poison::PoisonSet, gpa: u64, len: u64) -> bool {
+    !poison.is_empty() && (gpa / 4096..=(gpa + len.max(1) - 1) / 4096).any(|g| poison.contains(g))
 }
 
 fn request_in_memory(mem: &GuestMemoryMmap, r: &Request) -> bool {
