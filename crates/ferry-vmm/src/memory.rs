@@ -72,7 +72,10 @@ pub enum MemoryError {
         #[source]
         source: crate::uffd::UffdError,
     },
-    #[error("cannot poison guest page {gpa:#x}: this kernel's userfaultfd has no UFFDIO_POISON")]
+    #[error(
+        "cannot poison guest page {gpa:#x}: this kernel has neither userfaultfd's UFFDIO_POISON nor \
+         MADV_HWPOISON (CONFIG_MEMORY_FAILURE)"
+    )]
     NoPoison { gpa: u64 },
 }
 
@@ -367,46 +370,38 @@ impl GuestRam {
     /// while it is copied (the copy faults) is added to the set, and the copy fails the same
     /// way instead of killing Ferry (`poison::copy_recoverable`).
     pub fn copy_out(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let src = self.host_ptr(gpa, buf.len() as u64)?;
-        self.take_async_reports();
-        let first = gpa / PAGE_SIZE;
-        let last = (gpa + buf.len().max(1) as u64 - 1) / PAGE_SIZE;
-        if let Some(g) = (first..=last).find(|&g| self.poison.contains(g)) {
-            return Err(MemoryError::Poisoned { gpa: g * PAGE_SIZE });
-        }
-        // SAFETY: host_ptr checked that [src, src+len) lies in one live RAM mapping owned by
-        // self; `buf` is a distinct, exclusively borrowed allocation of len bytes.
-        match unsafe { crate::poison::copy_recoverable(buf.as_mut_ptr(), src as *const u8, buf.len()) } {
-            Ok(()) => Ok(()),
-            Err(hva) => {
-                let gpa = self.gpa_of_hva(hva).unwrap_or(gpa) & !(PAGE_SIZE - 1);
-                self.poison.mark(gpa / PAGE_SIZE, PoisonCause::CopyFault);
-                Err(MemoryError::Poisoned { gpa })
-            }
-        }
+        let len = buf.len();
+        // SAFETY: `host` is the start of [gpa, gpa+len), which `guarded` checked lies in one
+        // live RAM mapping owned by self; `buf` is a distinct, exclusively borrowed allocation
+        // of len bytes.
+        self.guarded(gpa, len, |host| unsafe { crate::poison::copy_recoverable(buf.as_mut_ptr(), host, len) })
     }
 
     /// Writes into guest memory on Ferry's behalf, never into a broken page: one in the set is
     /// refused, and one that breaks under the write is recovered from and marked, like
     /// [`GuestRam::copy_out`]. (Ferry's own writes are not in KVM's dirty log: see `write`.)
     pub fn copy_in(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let dst = self.host_ptr(gpa, data.len() as u64)?;
+        // SAFETY: as in copy_out, with `data` the source.
+        self.guarded(gpa, data.len(), |host| unsafe {
+            crate::poison::copy_recoverable(host, data.as_ptr(), data.len())
+        })
+    }
+
+    /// Runs a recoverable copy `op` on the host address of `[gpa, gpa+len)`, unless a page of it
+    /// is broken; a fault in the copy marks its page broken. Both are [`MemoryError::Poisoned`].
+    fn guarded(&self, gpa: u64, len: usize, op: impl FnOnce(*mut u8) -> Result<(), u64>) -> Result<(), MemoryError> {
+        let host = self.host_ptr(gpa, len as u64)?;
         self.take_async_reports();
         let first = gpa / PAGE_SIZE;
-        let last = (gpa + data.len().max(1) as u64 - 1) / PAGE_SIZE;
+        let last = (gpa + len.max(1) as u64 - 1) / PAGE_SIZE;
         if let Some(g) = (first..=last).find(|&g| self.poison.contains(g)) {
             return Err(MemoryError::Poisoned { gpa: g * PAGE_SIZE });
         }
-        // SAFETY: host_ptr checked that [dst, dst+len) lies in one live RAM mapping owned by
-        // self; `data` is a distinct allocation of len bytes.
-        match unsafe { crate::poison::copy_recoverable(dst, data.as_ptr(), data.len()) } {
-            Ok(()) => Ok(()),
-            Err(hva) => {
-                let gpa = self.gpa_of_hva(hva).unwrap_or(gpa) & !(PAGE_SIZE - 1);
-                self.poison.mark(gpa / PAGE_SIZE, PoisonCause::CopyFault);
-                Err(MemoryError::Poisoned { gpa })
-            }
-        }
+        op(host).map_err(|hva| {
+            let gpa = self.gpa_of_hva(hva).unwrap_or(gpa) & !(PAGE_SIZE - 1);
+            self.poison.mark(gpa / PAGE_SIZE, PoisonCause::CopyFault);
+            MemoryError::Poisoned { gpa }
+        })
     }
 
     /// The broken pages.
@@ -480,7 +475,12 @@ impl GuestRam {
             }
         };
         if !u.can_poison() {
-            return Err(MemoryError::NoPoison { gpa: page });
+            // A kernel without UFFDIO_POISON: real hardware poisoning, where the kernel has
+            // CONFIG_MEMORY_FAILURE (it poisons the physical page for every mapping).
+            // SAFETY: MADV_HWPOISON on one page of guest RAM that Ferry mapped; the kernel marks
+            // the page poisoned, which is what was asked.
+            let rc = unsafe { libc::madvise(hva as *mut libc::c_void, PAGE_SIZE as usize, libc::MADV_HWPOISON) };
+            return if rc == 0 { Ok(()) } else { Err(MemoryError::NoPoison { gpa: page }) };
         }
         // Drop the page from this mapping (a memfd keeps its data in the page cache: the
         // marker goes in this mapping's page table, which is the one KVM uses), then put the

@@ -131,6 +131,8 @@ thread_local! {
 
 /// Action-optional reports waiting to be marked (host addresses; 0 = free slot).
 static ASYNC_FAULTS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+/// Reports put in `ASYNC_FAULTS` and not taken yet: the common case (none) costs one load.
+static ASYNC_PENDING: AtomicUsize = AtomicUsize::new(0);
 
 static RECOVERED_COPIES: AtomicU64 = AtomicU64::new(0);
 static VCPU_FAULTS: AtomicU64 = AtomicU64::new(0);
@@ -186,6 +188,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             ASYNC_REPORTS.fetch_add(1, Ordering::Relaxed);
             for slot in &ASYNC_FAULTS {
                 if slot.compare_exchange(0, addr.max(1), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    ASYNC_PENDING.fetch_add(1, Ordering::AcqRel);
                     break;
                 }
             }
@@ -245,7 +248,13 @@ pub fn take_vcpu_fault() -> Option<u64> {
 
 /// Host addresses the kernel reported broken (action optional) since the last call.
 pub fn take_async_faults() -> Vec<u64> {
-    ASYNC_FAULTS.iter().filter_map(|s| Some(s.swap(0, Ordering::AcqRel)).filter(|&a| a != 0)).collect()
+    if ASYNC_PENDING.load(Ordering::Acquire) == 0 {
+        return Vec::new();
+    }
+    let taken: Vec<u64> =
+        ASYNC_FAULTS.iter().filter_map(|s| Some(s.swap(0, Ordering::AcqRel)).filter(|&a| a != 0)).collect();
+    ASYNC_PENDING.fetch_sub(taken.len(), Ordering::AcqRel);
+    taken
 }
 
 /// Copies `len` bytes from `src` to `dst` so that a broken source page does not kill Ferry:

@@ -309,6 +309,34 @@ fn a_destination_reading_only_other_formats_fails_the_handshake_before_any_page_
 }
 
 #[test]
+fn a_source_writing_a_section_version_the_destination_cannot_read_is_refused_and_runs_on() {
+    if !kvm_available("a_source_writing_a_section_version_the_destination_cannot_read_is_refused_and_runs_on") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("sectionproxy");
+    let sock = src.dir.join("dst.sock");
+    let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
+    wait_for_path(&sock);
+    // A source from the future: its vCPU sections are version 7.
+    let fault = common::proxy::Fault::SetSectionVersion { record: ferry_stream::rtype::VCPU_STATE, version: 7 };
+    let proxy = common::proxy::Proxy::start(src.dir.join("proxy.sock"), sock, fault);
+
+    let (code, err) = migrate(&src.api, &proxy.uri);
+
+    assert_ne!(code, 0, "the migration went through");
+    assert!(
+        err.contains(
+            "vCPU 0 state is section 'vcpu' version 7, which this Ferry cannot read (it reads versions 2 and 1)"
+        ),
+        "{err}"
+    );
+    assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(dst.reports().is_empty(), "the destination ran a guest");
+    assert_source_runs_on(&mut src);
+}
+
+#[test]
 fn a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_both() {
     if !kvm_available("a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_both") {
         return;

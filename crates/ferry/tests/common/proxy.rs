@@ -29,6 +29,10 @@ pub enum Fault {
     /// Forward the whole stream, but hold the destination's answer back for `hold_ms` (a
     /// destination that read everything and then hung).
     SwallowAnswer { hold_ms: u64 },
+    /// Rewrite the section version of every state record of this type (VCPU_STATE, VM_STATE
+    /// or DEVICE_STATE) to `version`, with its checksum made right again: a source that writes
+    /// a section version the destination does not read.
+    SetSectionVersion { record: u32, version: u32 },
     /// Forward the stream, but hold the source's COMMIT (the 8 bytes after END) back for
     /// `hold_ms`, then forward it (a slow or retransmitting link at the handover).
     DelayCommit { hold_ms: u64 },
@@ -136,6 +140,20 @@ impl Proxy {
                     if !flipped && index >= i && offset < len {
                         rest[offset] ^= 0x40;
                         flipped = true;
+                    }
+                }
+                if let Fault::SetSectionVersion { record, version } = fault {
+                    let at = match record {
+                        3 => Some(4),  // VCPU_STATE: vcpu_id, version
+                        4 => Some(0),  // VM_STATE: version, reserved
+                        5 => Some(20), // DEVICE_STATE: id[16], instance, version
+                        _ => None,
+                    };
+                    if let Some(at) = at.filter(|_| t == record) {
+                        rest[at..at + 4].copy_from_slice(&version.to_le_bytes());
+                        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &rest[..len]);
+                        let end = rest.len() - 8;
+                        rest[end..end + 4].copy_from_slice(&crc.to_le_bytes());
                     }
                 }
                 if !fwd(&mut dst, &head, &mut sent) || !fwd(&mut dst, &rest, &mut sent) {
