@@ -171,6 +171,23 @@ impl Prefix {
     }
 }
 
+impl Prefix {
+    /// Before a record `what` that only streams of kind `valid` carry (and that needs the
+    /// machine config and the CPU model).
+    fn only_in<S: RecordSink>(
+        &mut self,
+        kind: StreamKind,
+        valid: StreamKind,
+        what: &'static str,
+        sink: &mut S,
+    ) -> Result<(), S::Error> {
+        if kind != valid {
+            return Err(LoadError::Unexpected(what, kind.name()).into());
+        }
+        self.ready(what, sink)
+    }
+}
+
 /// Reads records until END, checking what every stream shares and handing the rest to `sink`.
 pub fn load_records<R: Read, S: RecordSink>(
     r: &mut StreamReader<R>,
@@ -214,31 +231,19 @@ pub fn load_records<R: Read, S: RecordSink>(
                 p.cpu = Some(m);
             }
             Record::PageBatch(b) => {
-                if kind != StreamKind::Migration {
-                    return Err(LoadError::Unexpected("PAGE_BATCH", kind.name()).into());
-                }
-                p.ready("PAGE_BATCH", sink)?;
+                p.only_in(kind, StreamKind::Migration, "PAGE_BATCH", sink)?;
                 sink.page_batch(b)?;
             }
             Record::SnapshotInfo(i) => {
-                if kind != StreamKind::Snapshot {
-                    return Err(LoadError::Unexpected("SNAPSHOT_INFO", kind.name()).into());
-                }
-                p.ready("SNAPSHOT_INFO", sink)?;
+                p.only_in(kind, StreamKind::Snapshot, "SNAPSHOT_INFO", sink)?;
                 sink.snapshot_info(i)?;
             }
             Record::RamMap(m) => {
-                if kind != StreamKind::Snapshot {
-                    return Err(LoadError::Unexpected("RAM_MAP", kind.name()).into());
-                }
-                p.ready("RAM_MAP", sink)?;
+                p.only_in(kind, StreamKind::Snapshot, "RAM_MAP", sink)?;
                 sink.ram_map(m)?;
             }
             Record::BrokenPages(g) => {
-                if kind != StreamKind::Snapshot {
-                    return Err(LoadError::Unexpected("BROKEN_PAGES", kind.name()).into());
-                }
-                p.ready("BROKEN_PAGES", sink)?;
+                p.only_in(kind, StreamKind::Snapshot, "BROKEN_PAGES", sink)?;
                 sink.broken_pages(g)?;
             }
             rec @ (Record::VmState { .. } | Record::VcpuState { .. } | Record::DeviceState { .. }) => {

@@ -53,6 +53,15 @@ pub(super) fn complete_to_guest(inner: &Inner, st: &mut Shared, req: &Request, s
     mark_used_ring(inner, st);
 }
 
+/// Stops serving the queue until the driver resets the device (NEEDS_RESET, config interrupt).
+fn needs_reset(inner: &Inner, st: &mut Shared, why: &str) {
+    eprintln!("ferry: disk {}: {why}; device needs a reset", inner.index);
+    st.broken = true;
+    st.t.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+    st.t.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+    let _ = inner.irq.write(1);
+}
+
 pub(super) fn mark_used_ring(inner: &Inner, st: &Shared) {
     let size = st.queue.size() as u64;
     inner.dirty.mark(st.queue.used_ring(), 6 + 8 * size);
@@ -156,11 +165,7 @@ pub(super) fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -
         || touches_broken(&inner.poison, st.queue.avail_ring(), 6 + 2 * size)
         || touches_broken(&inner.poison, st.queue.used_ring(), 6 + 8 * size)
     {
-        eprintln!("ferry: disk {}: a page of its virtqueue is broken; device needs a reset", inner.index);
-        st.broken = true;
-        st.t.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-        st.t.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
-        let _ = inner.irq.write(1);
+        needs_reset(inner, st, "a page of its virtqueue is broken");
         return false;
     }
     let mut completed = false;
@@ -218,11 +223,7 @@ pub(super) fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -
             // The avail index is more than a queue ahead of what the device took: nothing can
             // be popped and it will not change. The driver broke the ring; stop serving it
             // until a reset.
-            eprintln!("ferry: disk {}: the driver's avail ring is invalid; device needs a reset", inner.index);
-            st.broken = true;
-            st.t.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-            st.t.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
-            let _ = inner.irq.write(1);
+            needs_reset(inner, st, "the driver's avail ring is invalid");
             return completed;
         }
         if !more {
