@@ -21,6 +21,7 @@
 
 pub mod copy_priority;
 pub mod destination;
+pub mod handover;
 pub mod protocol;
 pub mod records;
 pub mod snapshot;

@@ -18,7 +18,9 @@
 
 use std::io::Read;
 
-use ferry_stream::{CpuModel, MachineConfig, PageBatch, RamMap, Record, SnapshotInfo, StreamReader, StreamWriter};
+use ferry_stream::{
+    CpuModel, MachineConfig, PageBatch, RamMap, Record, SnapshotInfo, StreamFlags, StreamReader, StreamWriter,
+};
 use ferry_vmm::cpu::{CpuModelError, HostCpu, Reg};
 use ferry_vmm::machine_state::{MachineState, MachineStateError, StateBuilder};
 use ferry_vmm::persist::{Section, SectionKey};
@@ -57,6 +59,8 @@ pub enum LoadError {
 pub enum StreamKind {
     Migration,
     Snapshot,
+    /// A live-update handover (header flag HANDOVER; RAM by reference).
+    Handover,
 }
 
 impl StreamKind {
@@ -64,6 +68,7 @@ impl StreamKind {
         match self {
             StreamKind::Migration => "migration stream",
             StreamKind::Snapshot => "snapshot file",
+            StreamKind::Handover => "live-update handover",
         }
     }
 }
@@ -123,6 +128,11 @@ pub trait RecordSink {
     fn page_batch(&mut self, b: PageBatch<'_>) -> Result<(), Self::Error>;
     fn snapshot_info(&mut self, i: SnapshotInfo) -> Result<(), Self::Error>;
     fn ram_map(&mut self, m: RamMap) -> Result<(), Self::Error>;
+    /// RAM_REFERENCE (handovers): a region handed over in place.
+    fn ram_reference(&mut self, r: ferry_stream::RamReference) -> Result<(), Self::Error> {
+        let _ = r;
+        Err(LoadError::Unexpected("RAM_REFERENCE", "stream that is not a live-update handover").into())
+    }
     /// BROKEN_PAGES (snapshot files): frames broken on the machine saved.
     fn broken_pages(&mut self, gfns: Vec<u64>) -> Result<(), Self::Error>;
     /// The source paused its guest (the optional FINAL_PASS record).
@@ -196,6 +206,12 @@ pub fn load_records<R: Read, S: RecordSink>(
     sink: &mut S,
 ) -> Result<Loaded, S::Error> {
     let mut p = Prefix { version: r.header().format_version, config: None, cpu: None, builder: None };
+    // RAM by reference is only ever accepted in a local handover, never from a migration peer
+    // or a file; and a handover is nothing else.
+    if (kind == StreamKind::Handover) != r.header().flags.contains(StreamFlags::HANDOVER) {
+        let what = if kind == StreamKind::Handover { "stream without the HANDOVER flag" } else { "handover stream" };
+        return Err(LoadError::Unexpected(what, kind.name()).into());
+    }
     let mut state_started = false;
     loop {
         match r.next_record().map_err(LoadError::Stream)? {
@@ -221,18 +237,31 @@ pub fn load_records<R: Read, S: RecordSink>(
                 if p.cpu.is_some() {
                     return Err(LoadError::DuplicateCpuModel.into());
                 }
-                let kvm = kvm_ioctls::Kvm::new().map_err(LoadError::Kvm)?;
-                let mut host = HostCpu::probe(&kvm, c.vcpus).map_err(LoadError::Cpu)?;
-                for k in &opts.cpuid_masks {
-                    host.mask_feature(k.leaf, k.subleaf, k.reg, k.bit);
+                // A handover stays on this host, in the same KVM: nothing to check.
+                if kind != StreamKind::Handover {
+                    let kvm = kvm_ioctls::Kvm::new().map_err(LoadError::Kvm)?;
+                    let mut host = HostCpu::probe(&kvm, c.vcpus).map_err(LoadError::Cpu)?;
+                    for k in &opts.cpuid_masks {
+                        host.mask_feature(k.leaf, k.subleaf, k.reg, k.bit);
+                    }
+                    host.check(&m).map_err(LoadError::Cpu)?;
                 }
-                host.check(&m).map_err(LoadError::Cpu)?;
                 sink.cpu_model(&m)?;
                 p.cpu = Some(m);
             }
             Record::PageBatch(b) => {
-                p.only_in(kind, StreamKind::Migration, "PAGE_BATCH", sink)?;
+                let valid = if kind == StreamKind::Handover { StreamKind::Handover } else { StreamKind::Migration };
+                p.only_in(kind, valid, "PAGE_BATCH", sink)?;
                 sink.page_batch(b)?;
+            }
+            Record::RamReference(m) => {
+                if kind != StreamKind::Handover {
+                    return Err(LoadError::Unexpected("RAM_REFERENCE", kind.name()).into());
+                }
+                if p.config.is_none() {
+                    return Err(LoadError::NoConfig("RAM_REFERENCE").into());
+                }
+                sink.ram_reference(m)?;
             }
             Record::SnapshotInfo(i) => {
                 p.only_in(kind, StreamKind::Snapshot, "SNAPSHOT_INFO", sink)?;

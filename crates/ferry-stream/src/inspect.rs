@@ -118,6 +118,10 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                 m.tsc_khz,
                 m.xsave_size
             ),
+            Record::RamReference(r) => format!(
+                "RAM_REFERENCE region {} gpa {:#x}, {} bytes in fd {} at offset {:#x}",
+                r.region, r.gpa, r.size, r.fd, r.offset
+            ),
             Record::BrokenPages(g) => {
                 s.broken += g.len() as u64;
                 format!("BROKEN_PAGES {} frames {:#x?}", g.len(), &g[..g.len().min(8)])

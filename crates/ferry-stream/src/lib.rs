@@ -56,6 +56,9 @@ pub mod rtype {
     /// Guest frames that are broken (machine-check poisoned): snapshot files, whose pages are
     /// not in page batches.
     pub const BROKEN_PAGES: u32 = 0xc;
+    /// A RAM region handed over in place (live update): the memory is not in the stream, the
+    /// receiving process already holds the file descriptor it lives in.
+    pub const RAM_REFERENCE: u32 = 0xd;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -72,6 +75,7 @@ pub mod rtype {
             0xa => "FINAL_PASS",
             CPU_MODEL => "CPU_MODEL",
             BROKEN_PAGES => "BROKEN_PAGES",
+            RAM_REFERENCE => "RAM_REFERENCE",
             _ => "unknown",
         }
     }
@@ -121,8 +125,11 @@ impl StreamFlags {
     /// A snapshot file: RAM lives in page-aligned data areas of the file named by RAM_MAP
     /// records, not in PAGE_BATCH records.
     pub const SNAPSHOT: StreamFlags = StreamFlags(2);
+    /// A live-update handover between two Ferry processes on one host: RAM comes as
+    /// RAM_REFERENCE records naming file descriptors, never over a network.
+    pub const HANDOVER: StreamFlags = StreamFlags(4);
     /// Every flag this version knows.
-    pub const KNOWN: u32 = 3;
+    pub const KNOWN: u32 = 7;
 
     pub fn empty() -> StreamFlags {
         StreamFlags(0)
@@ -218,6 +225,44 @@ pub struct MachineConfig {
     pub vcpus: u32,
     /// (guest-physical address, size) of each RAM region.
     pub regions: Vec<(u64, u64)>,
+}
+
+/// A RAM region handed over in place: which region, the file descriptor (in the receiving
+/// process) and offset it lives at, and where it is in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamReference {
+    pub region: u32,
+    pub fd: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub offset: u64,
+}
+
+impl RamReference {
+    /// Body: region u32, fd u32, gpa u64, size u64, offset u64 (32 bytes).
+    pub(crate) fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0..4].copy_from_slice(&self.region.to_le_bytes());
+        b[4..8].copy_from_slice(&self.fd.to_le_bytes());
+        b[8..16].copy_from_slice(&self.gpa.to_le_bytes());
+        b[16..24].copy_from_slice(&self.size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.offset.to_le_bytes());
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() != 32 {
+            return Err(format!("body of {} bytes, want 32", b.len()));
+        }
+        let u64_at = |o: usize| reader::u64_at(b, o);
+        Ok(RamReference {
+            region: reader::u32_at(b, 0),
+            fd: reader::u32_at(b, 4),
+            gpa: u64_at(8),
+            size: u64_at(16),
+            offset: u64_at(24),
+        })
+    }
 }
 
 /// Most frames one BROKEN_PAGES record may list.

@@ -31,6 +31,8 @@ pub enum Record<'a> {
     CpuModel(crate::CpuModel),
     /// Broken guest frames (snapshot files).
     BrokenPages(Vec<u64>),
+    /// A RAM region handed over in place (handover streams only).
+    RamReference(crate::RamReference),
     /// Optional marker: the source paused the guest, the final pass follows (migration streams).
     FinalPass,
     /// Snapshot files only.
@@ -297,6 +299,12 @@ impl<R: Read> StreamReader<R> {
                 }
                 Ok(Record::BrokenPages((0..count as usize).map(|i| u64_at(body, 8 + 8 * i)).collect()))
             }
+            rtype::RAM_REFERENCE if !self.header.flags.contains(StreamFlags::HANDOVER) => Err(malformed(
+                "a RAM reference is only valid in a local live-update handover (header flag HANDOVER), \
+                 never in a migration stream or a file"
+                    .into(),
+            )),
+            rtype::RAM_REFERENCE => Ok(Record::RamReference(crate::RamReference::decode(body).map_err(malformed)?)),
             rtype::SNAPSHOT_INFO | rtype::RAM_MAP if !self.header.flags.contains(StreamFlags::SNAPSHOT) => {
                 Err(malformed("only snapshot files (header flag SNAPSHOT) carry this record".into()))
             }

@@ -138,6 +138,11 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::CPU_MODEL, &[&b])
     }
 
+    /// RAM_REFERENCE: a region handed over in place (handover streams).
+    pub fn ram_reference(&mut self, r: &crate::RamReference) -> Result<(), StreamError> {
+        self.record(rtype::RAM_REFERENCE, &[&r.encode()])
+    }
+
     /// BROKEN_PAGES: broken guest frames (snapshot files).
     pub fn broken_pages(&mut self, gfns: &[u64]) -> Result<(), StreamError> {
         if gfns.len() > crate::MAX_BROKEN_PAGES as usize {

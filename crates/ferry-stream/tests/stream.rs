@@ -102,6 +102,7 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
             ),
             Record::CpuModel(m) => format!("cpu {} kHz xsave {} cpuid {:x?}", m.tsc_khz, m.xsave_size, m.cpuid),
             Record::BrokenPages(g) => format!("broken {g:x?}"),
+            Record::RamReference(r) => format!("ramref {r:?}"),
             Record::FinalPass => "final pass".to_string(),
             Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
             Record::End => {
@@ -406,4 +407,22 @@ fn final_pass_marker_is_optional_and_read_back() {
     // Its type has the optional bit: a reader that does not know it skips it.
     assert_ne!(ferry_stream::rtype::FINAL_PASS & ferry_stream::OPTIONAL, 0);
     assert_eq!(ferry_stream::rtype::name(ferry_stream::rtype::FINAL_PASS), "FINAL_PASS");
+}
+
+#[test]
+fn a_ram_reference_is_refused_outside_a_handover_stream_and_read_inside_one() {
+    let r = RamReference { region: 0, fd: 7, gpa: 0, size: 64 << 20, offset: 0 };
+    let stream = |flags: StreamFlags| {
+        let h = StreamHeader { format_version: 2, flags, page_size: 4096, writer_version: (0, 1, 0) };
+        let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+        w.ram_reference(&r).unwrap();
+        w.end().unwrap();
+        w.into_inner()
+    };
+
+    let e = read_all(&stream(StreamFlags::empty())).unwrap_err().to_string();
+    let ok = read_all(&stream(StreamFlags::HANDOVER)).unwrap();
+
+    assert!(e.contains("only valid in a local live-update handover"), "{e}");
+    assert_eq!(ok[0], format!("ramref {r:?}"));
 }

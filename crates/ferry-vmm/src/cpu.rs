@@ -152,10 +152,11 @@ pub fn new_guest_model(kvm: &Kvm) -> Result<CpuModel, CpuModelError> {
     Ok(CpuModel { tsc_khz: facts.tsc_khz, xsave_size: facts.xsave_size, cpuid: entries_of(&supported) })
 }
 
-/// Sets a vCPU's TSC rate to the guest's where it differs from the host's and KVM can scale it
-/// (the check has refused a difference KVM cannot scale).
-pub fn apply_tsc(vcpu: &VcpuFd, model: &CpuModel, host: &HostCpu) -> Result<(), CpuModelError> {
-    if host.tsc_control && !tsc_close(model.tsc_khz, host.tsc_khz) {
+/// Sets a new vCPU's TSC rate to the guest's where it differs from the rate KVM gave it and KVM
+/// can scale it (the check has refused a difference KVM cannot scale). Cheap: no scratch VM.
+pub fn apply_tsc(kvm: &Kvm, vcpu: &VcpuFd, model: &CpuModel) -> Result<(), CpuModelError> {
+    let here = vcpu.get_tsc_khz().map_err(kvm_err("report the vCPU's TSC rate"))?;
+    if !tsc_close(model.tsc_khz, here) && kvm.check_extension(Cap::TscControl) {
         vcpu.set_tsc_khz(model.tsc_khz).map_err(kvm_err("set the guest's TSC rate"))?;
     }
     Ok(())

@@ -151,8 +151,8 @@ const CANDIDATE_MSRS: &[u32] = &[
     0x4b56_4d06, // KVM PV MSRs
 ];
 
-/// The candidate MSRs KVM lists and can read back on `scratch` (a vCPU of a scratch VM).
-pub(crate) fn probe_msrs(kvm_sys: &Kvm, scratch: &VcpuFd) -> Result<Vec<u32>, VcpuStateError> {
+/// The candidate MSRs KVM lists and can read back on `scratch` (a vCPU that is not running).
+pub fn probe_msrs(kvm_sys: &Kvm, scratch: &VcpuFd) -> Result<Vec<u32>, VcpuStateError> {
     let listed = kvm_sys.get_msr_index_list().map_err(kvm("list its MSRs"))?;
     let listed = listed.as_slice();
     let mut keep = Vec::new();

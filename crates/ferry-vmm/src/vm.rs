@@ -25,7 +25,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::persist::Persist;
 pub use crate::vcpu::ExitReason;
 use crate::vcpu::{install_kick_handler, ExitSink, GuestMemoryView, VcpuError, VcpuHandle};
-use crate::vcpu_state::{msrs_to_save, KvmVcpu};
+use crate::vcpu_state::{msrs_to_save, probe_msrs, KvmVcpu};
 use crate::vm_state::KvmVm;
 
 /// Most vCPUs Ferry gives a guest.
@@ -188,8 +188,7 @@ pub fn create_vcpu(parts: &MachineParts, id: u32, count: u32, model: &CpuModel) 
         })?;
         vcpu.set_msrs(&msrs).map_err(kvm_err("set the machine-check MSRs"))?;
     }
-    let host = cpu::HostCpu::probe(&parts.kvm, count)?;
-    cpu::apply_tsc(&vcpu, model, &host)?;
+    cpu::apply_tsc(&parts.kvm, &vcpu, model)?;
     Ok(vcpu)
 }
 
@@ -205,6 +204,8 @@ pub struct Vm {
     vcpu_count: u32,
     /// The guest's CPU model, kept for life across moves.
     cpu: CpuModel,
+    /// The MSRs saved with each vCPU (probed on first save).
+    msrs: std::sync::OnceLock<Vec<u32>>,
     /// Pages to break when a migration's final pass begins (`ferry debug poison
     /// --at-final-pass`, for tests of that corner): (gpa, announce).
     final_pass_poison: Mutex<Vec<(u64, bool)>>,
@@ -273,10 +274,10 @@ impl Vm {
             return Err(MachineStateError::DiskCount { source_disks: state.disks.len(), local: disks.len() }.into());
         }
         KvmVm::restore(KvmVm(&parts.vm_fd), &state.vm).map_err(MachineStateError::VmState)?;
-        let msrs = msrs_to_save(&parts.kvm).map_err(|e| MachineStateError::VcpuState(0, e))?;
         let xsave_size = cpu::xsave_size(&parts.vm_fd);
         for (id, (st, fd)) in state.vcpus.iter().zip(&fds).enumerate() {
-            KvmVcpu::restore(KvmVcpu { fd, msrs: &msrs, xsave_size }, st)
+            // A restore puts back the MSRs the state lists (its own list, not this host's probe).
+            KvmVcpu::restore(KvmVcpu { fd, msrs: &[], xsave_size }, st)
                 .map_err(|e| MachineStateError::VcpuState(id as u32, e))?;
         }
         let irq = parts.serial_irq.try_clone().map_err(VmError::EventFd)?;
@@ -295,7 +296,19 @@ impl Vm {
     /// The machine's state outside guest RAM (vCPUs paused, disks quiesced).
     pub fn save_state(&self) -> Result<MachineState, VmError> {
         let vm = KvmVm(&self.parts.vm_fd).save().map_err(VmError::SaveVm)?;
-        let msrs = msrs_to_save(&self.parts.kvm).map_err(|e| VmError::SaveVcpu(0, e))?;
+        // The MSRs to save, probed once on this machine's own (paused) vCPU 0: reading them is
+        // harmless, and a scratch VM would cost the pause ~10 ms in a fresh process (a live
+        // update's successor saves state in its first minutes).
+        let msrs = match self.msrs.get() {
+            Some(m) => m.clone(),
+            None => {
+                let m = match self.vcpus.first() {
+                    Some(v) => probe_msrs(&self.parts.kvm, &*v.fd()?).map_err(|e| VmError::SaveVcpu(0, e))?,
+                    None => msrs_to_save(&self.parts.kvm).map_err(|e| VmError::SaveVcpu(0, e))?,
+                };
+                self.msrs.get_or_init(|| m).clone()
+            }
+        };
         let xsave_size = cpu::xsave_size(&self.parts.vm_fd);
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
@@ -410,11 +423,31 @@ impl Vm {
                 paused,
             )?);
         }
-        Ok(Vm { parts, dirty, rings, bus, vcpus, exit, vcpu_count, cpu, final_pass_poison: Mutex::new(Vec::new()) })
+        Ok(Vm {
+            parts,
+            dirty,
+            rings,
+            bus,
+            vcpus,
+            exit,
+            vcpu_count,
+            cpu,
+            msrs: std::sync::OnceLock::new(),
+            final_pass_poison: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn ram(&self) -> &GuestRam {
         &self.parts.ram
+    }
+
+    /// The descriptors of the KVM VM and its vCPUs (a live update keeps them open across its
+    /// exec, so that tearing the old VM down happens after the new one runs, not in the pause).
+    pub fn kvm_fds(&self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        let mut v = vec![self.parts.vm_fd.as_raw_fd()];
+        v.extend(self.vcpus.iter().filter_map(|c| c.fd().ok().map(|f| f.as_raw_fd())));
+        v
     }
 
     pub fn vm_fd(&self) -> &VmFd {

@@ -33,6 +33,8 @@ pub struct ApiContext {
     pub snapshots: Mutex<Option<ferry_migrate::snapshot::Tracker>>,
     /// The guest moved away: it must never run here again.
     pub migrated: AtomicBool,
+    /// The listening socket's descriptor (-1 before `serve`), for a live update to pass on.
+    listener_fd: std::sync::atomic::AtomicI32,
 }
 
 impl ApiContext {
@@ -44,7 +46,13 @@ impl ApiContext {
             cancel: AtomicBool::new(false),
             snapshots: Mutex::new(None),
             migrated: AtomicBool::new(false),
+            listener_fd: std::sync::atomic::AtomicI32::new(-1),
         }
+    }
+
+    /// The API listener's descriptor, once serving.
+    pub fn listener_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.listener_fd.load(Ordering::SeqCst)).filter(|&fd| fd >= 0)
     }
 }
 
@@ -58,6 +66,13 @@ pub fn serve(path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(path).with_context(|| format!("cannot bind API socket {}", path.display()))?;
+    serve_listener(listener, path, ctx)
+}
+
+/// Serves an already bound listener (one a live update handed over) on a background thread.
+pub fn serve_listener(listener: UnixListener, path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    ctx.listener_fd.store(listener.as_raw_fd(), Ordering::SeqCst);
     let path: PathBuf = path.to_path_buf();
     std::thread::Builder::new().name("api".into()).spawn(move || {
         for conn in listener.incoming() {
@@ -84,6 +99,11 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
             .map_err(|e| format!("request is not JSON: {e}"))
             .and_then(|req| check_fields(&req).map(|()| req).map_err(|e| format!("{e:#}")));
         let (reply, quit) = match req {
+            Ok(req) if req["cmd"] == "update" => match crate::update::update(&req, ctx, &out) {
+                // Only failures come back: on success the new Ferry answers on this connection.
+                Ok(v) => (v, false),
+                Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
+            },
             Ok(req) if req["cmd"] == "migrate" => {
                 let reply = migrate(&req, ctx, &mut out);
                 let done = reply["ok"] == json!(true);
@@ -178,6 +198,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("memory-read", &["gpa", "len"]),
     ("memory-write", &["gpa", "hex"]),
     ("poison", &["gpa", "announce", "at"]),
+    ("update", &["binary", "mode"]),
 ];
 
 /// Refuses a request that is not an object, or that has a field its command does not take (a

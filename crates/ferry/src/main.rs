@@ -4,6 +4,7 @@ mod api;
 mod demo;
 mod guest;
 mod report;
+mod update;
 
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
@@ -24,6 +25,12 @@ use ferry_vmm::{ExitReason, Vm, VmConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UpdateModeArg {
+    Exec,
+    Process,
 }
 
 #[derive(Subcommand)]
@@ -58,7 +65,7 @@ fn parse_u64_auto(s: &str) -> std::result::Result<u64, String> {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a VM (the built-in guest unless --kernel is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send a request to a running Ferry's API socket and print the reply.
     Api {
         #[arg(long)]
@@ -75,6 +82,25 @@ enum Cmd {
     },
     /// Save the VM behind an API socket to a snapshot file (restore with `ferry run --restore`).
     Snapshot(SnapshotArgs),
+    /// Replace the running Ferry behind an API socket with a new binary, the guest's memory in
+    /// place (docs/live-update.md); the guest pauses for the handover only.
+    Update {
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// The new binary (default: this Ferry's own path, e.g. after a rebuild).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// exec: replace the process in place (same PID); process: start a new process that
+        /// takes over, and the old one exits.
+        #[arg(long, value_enum, default_value = "exec")]
+        mode: UpdateModeArg,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (Internal) what this binary can take over, for `ferry update`'s start check.
+    #[command(hide = true)]
+    UpdateCheck,
     /// Debugging and testing aids.
     #[command(subcommand)]
     Debug(DebugCmd),
@@ -240,6 +266,13 @@ struct RunArgs {
     /// CPUID feature bit, LEAF[.SUBLEAF].REG.BIT (e.g. 0x7.0.ebx.5 for AVX2). Repeatable.
     #[arg(long, hide = true)]
     debug_mask_cpuid: Vec<ferry_migrate::records::CpuidMask>,
+    /// (Internal) take over a machine from the Ferry that exec'd or started this one
+    /// (`ferry update`); the other machine options describe it as the old one was started.
+    #[arg(long, hide = true, value_parser = update::HandoverArgs::parse)]
+    handover: Option<update::HandoverArgs>,
+    /// (Internal) why a new binary handed the guest back to this one.
+    #[arg(long, hide = true)]
+    handover_failed: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -312,6 +345,11 @@ fn exit_code(r: &ExitReason) -> i32 {
 }
 
 fn run(a: RunArgs) -> Result<i32> {
+    // A live update: the machine comes from the Ferry before this one, nothing else applies.
+    if let Some(h) = a.handover.clone() {
+        let (vm, listener) = handover_in(&a, &h)?;
+        return serve_and_wait_on(&a, vm, listener);
+    }
     if a.cpus == 0 {
         bail!("--cpus 0: a VM needs at least one vCPU");
     }
@@ -453,10 +491,98 @@ fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
 }
 
 fn serve_and_wait(a: &RunArgs, vm: Arc<Vm>) -> Result<i32> {
+    serve_and_wait_on(a, vm, None)
+}
+
+/// The new side of `ferry update`: rebuilds the machine the previous Ferry handed over, resumes
+/// it and answers the client. If it cannot, the guest goes back to the previous binary.
+fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option<std::os::unix::net::UnixListener>)> {
+    use std::os::fd::FromRawFd;
+    update::own_fds(h);
+    // Everything is used through duplicates: if this image cannot take the guest, the handed-over
+    // descriptors are still open for the hand-back.
+    let took = (|| -> Result<(Vm, ferry_migrate::handover::HandoverStats)> {
+        if a.disk.len() != h.disks.len() {
+            bail!("the handover passes {} disk(s) but the command line names {}", h.disks.len(), a.disk.len());
+        }
+        let disks = a
+            .disk
+            .iter()
+            .zip(&h.disks)
+            .map(|(spec, &fd)| DiskImage::adopt(spec, update::dup_file(fd)?).map_err(anyhow::Error::new))
+            .collect::<Result<Vec<_>>>()?;
+        let mut state = update::dup_file(h.state)?;
+        std::io::Seek::seek(&mut state, std::io::SeekFrom::Start(0))?;
+        let ram = update::dup_file(h.ram)?;
+        let (vm, stats) = ferry_migrate::handover::receive_handover(
+            state,
+            vec![(h.ram as u32, ram)],
+            serial_sink(&a.serial)?,
+            a.dirty_tracking()?,
+            disks,
+        )?;
+        if !h.paused {
+            vm.resume()?;
+        }
+        Ok((vm, stats))
+    })();
+    let (vm, stats) = match took {
+        Ok(x) => x,
+        Err(e) => {
+            let why = format!("the new Ferry could not take the guest over: {e:#}");
+            eprintln!("ferry: {why}");
+            return Err(update::hand_back(h, &why));
+        }
+    };
+    let pause_ms = (update::monotonic_ns().saturating_sub(h.t0_ns)) as f64 / 1e6;
+    update::close_handed_over(h);
+    update::release_old_vm(h);
+    // SAFETY: the API listener, handed over for this; owned from here on.
+    let listener = h.api.map(|fd| unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) });
+    let summary = serde_json::json!({
+        "mode": if h.mode == update::Mode::Exec { "exec" } else { "process" },
+        "pid": std::process::id(),
+        "pause_ms": pause_ms,
+        "restore_ms": stats.restore.as_secs_f64() * 1000.0,
+        // From the pause to this image's main(): quiesce, state, exec (or spawn), start-up.
+        "to_new_image_ms": MAIN_START_NS.get().map(|&n| n.saturating_sub(h.t0_ns) as f64 / 1e6),
+        "handover_bytes": stats.stream_bytes,
+        "ram_bytes_in_place": stats.ram_bytes,
+        "broken_pages": stats.broken_pages,
+        "ferry_version": env!("CARGO_PKG_VERSION"),
+    });
+    let reply = match &a.handover_failed {
+        None => serde_json::json!({"ok": true, "summary": summary}),
+        Some(why) => serde_json::json!({
+            "ok": false,
+            "error": format!("{why}; the previous Ferry took the guest back and runs it")
+        }),
+    };
+    update::reply(h, &reply);
+    update::acknowledge(h);
+    eprintln!(
+        "ferry: {} the guest over ({} mode): {:.2} ms paused, {} bytes of state, {} MiB of RAM in place",
+        if a.handover_failed.is_some() { "took back" } else { "took" },
+        if h.mode == update::Mode::Exec { "exec" } else { "process" },
+        pause_ms,
+        stats.stream_bytes,
+        stats.ram_bytes >> 20
+    );
+    Ok((Arc::new(vm), listener))
+}
+
+fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::net::UnixListener>) -> Result<i32> {
     if let Some(sock) = &a.api_socket {
         let ctx = Arc::new(api::ApiContext::new(vm.clone()));
-        ctx.paused.store(a.paused, Ordering::SeqCst);
-        api::serve(sock, ctx)?;
+        let paused = match &a.handover {
+            Some(h) => h.paused,
+            None => a.paused,
+        };
+        ctx.paused.store(paused, Ordering::SeqCst);
+        match listener {
+            Some(l) => api::serve_listener(l, sock, ctx)?,
+            None => api::serve(sock, ctx)?,
+        }
     }
     let reason = vm.wait_exit();
     let _ = std::io::stdout().flush();
@@ -624,6 +750,32 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     Ok(0)
 }
 
+fn ferry_update(api_socket: &std::path::Path, binary: Option<PathBuf>, mode: UpdateModeArg, json: bool) -> Result<i32> {
+    let mut req = serde_json::json!({
+        "cmd": "update",
+        "mode": match mode { UpdateModeArg::Exec => "exec", UpdateModeArg::Process => "process" },
+    });
+    if let Some(b) = binary {
+        let b = std::fs::canonicalize(&b).unwrap_or(b);
+        req["binary"] = b.display().to_string().into();
+    }
+    let v = api::call(api_socket, &req).context("the update failed; the guest runs on in the Ferry it was in")?;
+    let s = &v["summary"];
+    if json {
+        println!("{s}");
+    } else {
+        eprintln!(
+            "ferry: updated ({} mode, pid {}): guest paused {:.2} ms, {} bytes of state handed over, {} MiB of RAM in place",
+            s["mode"].as_str().unwrap_or("?"),
+            s["pid"],
+            s["pause_ms"].as_f64().unwrap_or(f64::NAN),
+            s["handover_bytes"],
+            s["ram_bytes_in_place"].as_u64().unwrap_or(0) >> 20
+        );
+    }
+    Ok(0)
+}
+
 fn debug_poison(api_socket: &std::path::Path, gpa: u64, unannounced: bool, at_final_pass: bool) -> Result<i32> {
     let at = if at_final_pass { "final-pass" } else { "now" };
     let v =
@@ -637,10 +789,14 @@ fn debug_poison(api_socket: &std::path::Path, gpa: u64, unannounced: bool, at_fi
     Ok(0)
 }
 
+/// CLOCK_MONOTONIC at the start of main (a live update reports how long its exec took).
+static MAIN_START_NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn main() {
+    MAIN_START_NS.get_or_init(update::monotonic_ns);
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Run(a) => run(a),
+        Cmd::Run(a) => run(*a),
         Cmd::Migrate(a) => migrate(a),
         Cmd::Demo { memory, cpus, cmdline } => {
             demo::run(demo::DemoArgs { memory, cpus, cmdline, after: std::time::Duration::from_secs(60) })
@@ -651,6 +807,11 @@ fn main() {
         }
         Cmd::Snapshot(a) => snapshot(a),
         Cmd::DirtyRate { api_socket, window_ms, json } => dirty_rate(&api_socket, window_ms, json),
+        Cmd::Update { api_socket, binary, mode, json } => ferry_update(&api_socket, binary, mode, json),
+        Cmd::UpdateCheck => {
+            println!("{}", update::check_info());
+            Ok(0)
+        }
         Cmd::Debug(DebugCmd::Poison { api_socket, gpa, unannounced, at_final_pass }) => {
             debug_poison(&api_socket, gpa, unannounced, at_final_pass)
         }

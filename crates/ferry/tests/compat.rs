@@ -336,6 +336,33 @@ fn a_source_writing_a_section_version_the_destination_cannot_read_is_refused_and
     assert_source_runs_on(&mut src);
 }
 
+/// A live-update handover (RAM by reference to a descriptor) is never accepted from a migration
+/// peer.
+#[test]
+fn a_handover_stream_sent_to_a_migration_destination_is_refused() {
+    if !kvm_available("a_handover_stream_sent_to_a_migration_destination_is_refused") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("handover-peer");
+    let sock = dir.join("in.sock");
+    let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
+    wait_for_path(&sock);
+    let h = ferry_stream::StreamHeader::new(ferry_stream::StreamFlags::HANDOVER);
+    let mut w = ferry_stream::StreamWriter::new(Vec::new(), &h).unwrap();
+    w.machine_config(&ferry_stream::MachineConfig { memory_bytes: 16 << 20, vcpus: 1, regions: vec![(0, 16 << 20)] })
+        .unwrap();
+    w.ram_reference(&ferry_stream::RamReference { region: 0, fd: 3, gpa: 0, size: 16 << 20, offset: 0 }).unwrap();
+    w.end().unwrap();
+
+    let (_c, t, body) = send_as_old_source(&sock, &w.into_inner(), &dst);
+
+    let msg = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(t, 2, "the destination accepted a handover from a peer");
+    assert!(msg.contains("handover stream is not valid in a migration stream"), "{msg}");
+    assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
 #[test]
 fn a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_both() {
     if !kvm_available("a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_both") {

@@ -92,6 +92,20 @@ impl DiskImage {
             };
             DiskImageError::Open { path: path.clone(), hint, source }
         })?;
+        Self::from_file(spec, file)
+    }
+
+    /// Takes over an image an earlier Ferry had open and locked (a live update: the descriptor
+    /// was inherited, and the lock belongs to its open file description, so it was never let
+    /// go). The lock is taken again on the same description, which keeps it.
+    pub fn adopt(spec: &DiskSpec, file: File) -> Result<Self, DiskImageError> {
+        let img = Self::from_file(spec, file)?;
+        img.lock()?;
+        Ok(img)
+    }
+
+    fn from_file(spec: &DiskSpec, file: File) -> Result<Self, DiskImageError> {
+        let path = &spec.path;
         let meta = file.metadata().map_err(|source| DiskImageError::Open { path: path.clone(), hint: "", source })?;
         use std::os::unix::fs::FileTypeExt;
         let size = if meta.file_type().is_block_device() {

@@ -1,0 +1,569 @@
+//! `ferry update`: replace the running Ferry under its guest, guest memory in place
+//! (docs/live-update.md).
+//!
+//! The old process checks the new binary (it starts and reads this Ferry's handover format),
+//! pauses the guest, quiesces the disks, writes the handover (the machine's state, RAM by
+//! reference) into a memfd, and passes it on with the descriptors worth keeping: the guest RAM
+//! memfd, the disk images (their locks belong to the open file descriptions, so they never let
+//! go), the API listener, the requesting client's connection, and the old binary itself.
+//! `exec` replaces the process image (same PID, stdout, serial); `process` starts the new binary
+//! as a child and exits once it acknowledged. The new side rebuilds the machine from the
+//! handover, resumes it and answers the client. If the new image fails to rebuild it, it hands
+//! the same handover back to the old binary (exec mode), which takes the guest back.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::api::ApiContext;
+
+/// How the new binary takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// exec in place: same PID.
+    Exec,
+    /// A new process; the old exits after the acknowledgement.
+    Process,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Exec => "exec",
+            Mode::Process => "process",
+        }
+    }
+}
+
+/// What the new image is told on its command line (`--handover`), all descriptor numbers valid in
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverArgs {
+    pub state: RawFd,
+    pub ram: RawFd,
+    pub api: Option<RawFd>,
+    pub reply: Option<RawFd>,
+    /// The old binary (exec mode), to hand the guest back to if this image cannot take it.
+    pub old: Option<RawFd>,
+    /// Process mode: where to acknowledge.
+    pub ack: Option<RawFd>,
+    /// The old process's command line (NUL-separated, in a memfd): what a hand-back runs again.
+    pub argv: Option<RawFd>,
+    pub disks: Vec<RawFd>,
+    /// CLOCK_MONOTONIC ns when the old side paused the guest.
+    pub t0_ns: u64,
+    pub mode: Mode,
+    /// This image is the old binary taking the guest back.
+    pub back: bool,
+    /// The guest was paused (API `pause`) before the update: it stays paused.
+    pub paused: bool,
+    /// The old KVM VM and vCPUs (exec mode), kept open across the exec so that their teardown
+    /// happens after the new machine runs; closed then.
+    pub old_kvm: Vec<RawFd>,
+}
+
+impl HandoverArgs {
+    pub fn encode(&self) -> String {
+        let o = |f: Option<RawFd>| f.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        format!(
+            "state={},ram={},api={},reply={},old={},ack={},argv={},disks={},t0={},mode={},back={},paused={},oldkvm={}",
+            self.state,
+            self.ram,
+            o(self.api),
+            o(self.reply),
+            o(self.old),
+            o(self.ack),
+            o(self.argv),
+            self.disks.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(":"),
+            self.t0_ns,
+            self.mode.name(),
+            u8::from(self.back),
+            u8::from(self.paused),
+            self.old_kvm.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(":")
+        )
+    }
+
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let mut h = HandoverArgs {
+            state: -1,
+            ram: -1,
+            api: None,
+            reply: None,
+            old: None,
+            ack: None,
+            argv: None,
+            disks: Vec::new(),
+            t0_ns: 0,
+            mode: Mode::Exec,
+            back: false,
+            paused: false,
+            old_kvm: Vec::new(),
+        };
+        let fd = |v: &str| v.parse::<RawFd>().map_err(|_| format!("'{v}' is not a descriptor"));
+        let opt = |v: &str| if v == "-" { Ok(None) } else { fd(v).map(Some) };
+        for kv in s.split(',') {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("'{kv}' is not key=value"))?;
+            match k {
+                "state" => h.state = fd(v)?,
+                "ram" => h.ram = fd(v)?,
+                "api" => h.api = opt(v)?,
+                "reply" => h.reply = opt(v)?,
+                "old" => h.old = opt(v)?,
+                "ack" => h.ack = opt(v)?,
+                "argv" => h.argv = opt(v)?,
+                "oldkvm" if v.is_empty() => {}
+                "oldkvm" => h.old_kvm = v.split(':').map(fd).collect::<std::result::Result<_, _>>()?,
+                "disks" if v.is_empty() => {}
+                "disks" => h.disks = v.split(':').map(fd).collect::<std::result::Result<_, _>>()?,
+                "t0" => h.t0_ns = v.parse().map_err(|_| format!("'{v}' is not a time"))?,
+                "mode" => {
+                    h.mode = match v {
+                        "exec" => Mode::Exec,
+                        "process" => Mode::Process,
+                        _ => return Err(format!("'{v}' is not a mode")),
+                    }
+                }
+                "back" => h.back = v == "1",
+                "paused" => h.paused = v == "1",
+                _ => return Err(format!("unknown handover key '{k}'")),
+            }
+        }
+        if h.state < 0 || h.ram < 0 {
+            return Err("the handover needs state= and ram=".into());
+        }
+        Ok(h)
+    }
+
+    fn all_fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.state, self.ram];
+        v.extend([self.api, self.reply, self.old, self.ack, self.argv].into_iter().flatten());
+        v.extend(&self.disks);
+        v.extend(&self.old_kvm);
+        v
+    }
+}
+
+/// CLOCK_MONOTONIC in ns (the same clock in both processes).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
+    // SAFETY: F_SETFD on a descriptor this process holds; only its close-on-exec flag changes.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What `ferry update-check` prints: what the binary can take over.
+pub fn check_info() -> Value {
+    json!({
+        "min_format": ferry_stream::MIN_FORMAT_VERSION,
+        "max_format": ferry_stream::FORMAT_VERSION,
+        "handover": true,
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// Starts the new binary once (`update-check`) to see that it runs and reads this Ferry's
+/// handover, before anything is paused.
+fn preflight(binary: &Path) -> Result<()> {
+    let mut child = Command::new(binary)
+        .arg("update-check")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("the new binary {} cannot be started", binary.display()))?;
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            bail!("the new binary {} did not answer its start check within 20 s", binary.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = child.wait_with_output()?;
+    if !status.success() {
+        use std::os::unix::process::ExitStatusExt;
+        let how = match status.signal() {
+            Some(sig) => format!("crashed at start (signal {sig})"),
+            None => format!("failed at start (exit status {})", status.code().unwrap_or(-1)),
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail = err.trim().lines().last().unwrap_or("");
+        bail!(
+            "the new binary {} {how}{}",
+            binary.display(),
+            if tail.is_empty() { String::new() } else { format!(": {tail}") }
+        );
+    }
+    let info: Value = serde_json::from_slice(&out.stdout).map_err(|_| {
+        anyhow!(
+            "the new binary {} is not a Ferry that can take over a running one (no handover support)",
+            binary.display()
+        )
+    })?;
+    let (lo, hi) = (info["min_format"].as_u64().unwrap_or(0), info["max_format"].as_u64().unwrap_or(0));
+    let ours = u64::from(ferry_stream::FORMAT_VERSION);
+    if info["handover"] != json!(true) || !(lo..=hi).contains(&ours) {
+        bail!(
+            "the new binary {} reads stream formats {lo} to {hi}; this Ferry writes format {ours}: it cannot take over",
+            binary.display()
+        );
+    }
+    Ok(())
+}
+
+/// The old side: runs on the API connection `conn` that asked. On success in exec mode it does
+/// not return (the new image answers the client); in process mode the process exits once the
+/// new one acknowledged. On failure the guest runs on here, and the error is returned.
+pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
+    let binary = match req.get("binary").and_then(Value::as_str) {
+        Some(b) => PathBuf::from(b),
+        // This Ferry's own path: after a new binary was installed over it, the link names the
+        // replaced file "… (deleted)"; the path is the new one.
+        None => {
+            let p = std::env::current_exe().context("cannot find this Ferry's own binary")?;
+            let s = p.to_string_lossy();
+            PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string())
+        }
+    };
+    let mode = match req.get("mode").and_then(Value::as_str) {
+        None | Some("exec") => Mode::Exec,
+        Some("process") => Mode::Process,
+        Some(m) => bail!("\"mode\" must be \"exec\" or \"process\", not \"{m}\""),
+    };
+    if ctx.migrated.load(Ordering::SeqCst) {
+        bail!("the guest has migrated away; this Ferry is exiting");
+    }
+    let ram = ctx.vm.ram();
+    if (0..ram.regions().len()).any(|i| !ram.memfd_backs(i)) {
+        bail!(
+            "this guest's RAM is mapped from a snapshot file (--restore-mode mmap), not held in a memfd a new \
+             Ferry can take over; restore with --restore-mode read to update in place"
+        );
+    }
+    preflight(&binary)?;
+    if ctx.migrating.swap(true, Ordering::SeqCst) {
+        bail!("a migration or update is already running");
+    }
+    let r = hand_over(&binary, mode, ctx, conn);
+    ctx.migrating.store(false, Ordering::SeqCst);
+    r
+}
+
+fn hand_over(binary: &Path, mode: Mode, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
+    let vm = &ctx.vm;
+    let t0_ns = monotonic_ns();
+    let was_paused = ctx.paused.load(Ordering::SeqCst);
+    vm.pause()?;
+    let undo = |e: anyhow::Error| -> anyhow::Error {
+        let _ = vm.resume_disks();
+        if !was_paused {
+            let _ = vm.resume();
+        }
+        e
+    };
+    vm.quiesce_disks().map_err(|e| undo(e.into()))?;
+    let _ = std::io::stdout().flush();
+    // The handover, in a memfd the new image inherits.
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let state_fd = unsafe { libc::memfd_create(c"ferry-handover".as_ptr(), 0) };
+    if state_fd < 0 {
+        return Err(undo(anyhow!("cannot create the handover memfd: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: a fresh descriptor we own.
+    let state = unsafe { File::from_raw_fd(state_fd) };
+    let ram_fd = vm.ram().memfd_raw();
+    let state = ferry_migrate::handover::write_handover(vm, BufWriter::new(state), ram_fd as u32)
+        .map_err(|e| undo(anyhow::Error::new(e).context("cannot write the handover")))?
+        .into_inner()
+        .map_err(|e| undo(anyhow!("cannot write the handover: {}", e.error())))?;
+    let old = File::open("/proc/self/exe").map_err(|e| undo(anyhow!("cannot open this Ferry's own binary: {e}")))?;
+    // This process's command line, for a hand-back to run again as it is.
+    let argv = memfd_with(&own_args().join("\0")).map_err(|e| undo(anyhow!("cannot keep the command line: {e}")))?;
+    let (ack_r, ack_w) = match mode {
+        Mode::Process => {
+            let mut p = [0; 2];
+            // SAFETY: pipe writes two descriptors into the array we own.
+            if unsafe { libc::pipe(p.as_mut_ptr()) } < 0 {
+                return Err(undo(anyhow!("cannot create the acknowledgement pipe")));
+            }
+            // SAFETY: fresh descriptors we own.
+            unsafe { (Some(File::from_raw_fd(p[0])), Some(File::from_raw_fd(p[1]))) }
+        }
+        Mode::Exec => (None, None),
+    };
+    let h = HandoverArgs {
+        state: state.as_raw_fd(),
+        ram: ram_fd,
+        api: ctx.listener_fd(),
+        reply: Some(conn.as_raw_fd()),
+        old: (mode == Mode::Exec).then(|| old.as_raw_fd()),
+        ack: ack_w.as_ref().map(|f| f.as_raw_fd()),
+        argv: Some(argv.as_raw_fd()),
+        disks: vm.disks().iter().map(|d| d.image().file().as_raw_fd()).collect(),
+        t0_ns,
+        mode,
+        back: false,
+        paused: was_paused,
+        old_kvm: if mode == Mode::Exec { vm.kvm_fds() } else { Vec::new() },
+    };
+    let keep = h.all_fds();
+    for &fd in &keep {
+        set_cloexec(fd, false).map_err(|e| undo(anyhow!("cannot pass descriptor {fd} on: {e}")))?;
+    }
+    if let Some(r) = &ack_r {
+        let _ = set_cloexec(r.as_raw_fd(), true);
+    }
+    let args = with_handover(own_args(), &h);
+    let restore_flags = || {
+        for &fd in &keep {
+            let _ = set_cloexec(fd, true);
+        }
+    };
+    match mode {
+        Mode::Exec => {
+            let err = exec(binary, &args);
+            restore_flags();
+            Err(undo(anyhow!("cannot exec the new binary {}: {err}", binary.display())))
+        }
+        Mode::Process => {
+            let child = Command::new(binary).args(&args[1..]).spawn();
+            restore_flags();
+            drop(ack_w);
+            let mut child =
+                child.map_err(|e| undo(anyhow!("the new binary {} cannot be started: {e}", binary.display())))?;
+            match wait_ack(ack_r, &mut child) {
+                Ok(()) => {
+                    // The new process runs the guest and answered the client: leave at once,
+                    // touching nothing (no resume, no cleanup of what it now owns).
+                    let _ = std::io::stdout().flush();
+                    // SAFETY: _exit ends the process without running destructors or atexit
+                    // handlers, so nothing of the guest's (now the new process's) is touched.
+                    unsafe { libc::_exit(0) }
+                }
+                Err(e) => Err(undo(e)),
+            }
+        }
+    }
+}
+
+/// This process's command line without a handover it came from.
+fn own_args() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in std::env::args() {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--handover" || a == "--handover-failed" {
+            skip = true;
+            continue;
+        }
+        if a.starts_with("--handover=") || a.starts_with("--handover-failed=") {
+            continue;
+        }
+        out.push(a);
+    }
+    out
+}
+
+/// `args` with the handover `h` added.
+fn with_handover(mut args: Vec<String>, h: &HandoverArgs) -> Vec<String> {
+    args.push("--handover".into());
+    args.push(h.encode());
+    args
+}
+
+/// A memfd (inheritable) holding `text`.
+fn memfd_with(text: &str) -> std::io::Result<File> {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"ferry-argv".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(text.as_bytes())?;
+    Ok(f)
+}
+
+fn exec(binary: &Path, args: &[String]) -> std::io::Error {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(binary.as_os_str().as_bytes()) else {
+        return std::io::Error::from_raw_os_error(libc::EINVAL);
+    };
+    let Ok(cargs) = args.iter().map(|a| std::ffi::CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>() else {
+        return std::io::Error::from_raw_os_error(libc::EINVAL);
+    };
+    let mut argv: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    // SAFETY: path and argv are NUL-terminated C strings kept alive across the call, argv ends
+    // with a null pointer; execv only returns on failure.
+    unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+    std::io::Error::last_os_error()
+}
+
+/// Waits for the new process's acknowledgement (one byte on the pipe), or its death.
+fn wait_ack(ack: Option<File>, child: &mut std::process::Child) -> Result<()> {
+    let Some(ack) = ack else { bail!("no acknowledgement pipe") };
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut p = libc::pollfd { fd: ack.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one pollfd we own, 20 ms.
+        let n = unsafe { libc::poll(&mut p, 1, 20) };
+        if n > 0 {
+            let mut b = [0u8; 1];
+            // SAFETY: read of one byte into a buffer we own.
+            let r = unsafe { libc::read(ack.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+            if r == 1 {
+                return Ok(());
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the new Ferry exited before taking over ({status}); the guest runs on here");
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            bail!("the new Ferry did not take over within 60 s; the guest runs on here");
+        }
+    }
+}
+
+/// The new side's answer to the client, on the inherited connection.
+pub fn reply(h: &HandoverArgs, v: &Value) {
+    if let Some(fd) = h.reply {
+        // SAFETY: the requesting client's connection, handed over for this reply; owned here.
+        let mut c = unsafe { UnixStream::from_raw_fd(fd) };
+        let _ = writeln!(c, "{v}");
+    }
+}
+
+/// The new side: the old binary did not manage to take the guest (or this image could not):
+/// give it back to the old binary (exec mode), with the same handover.
+pub fn hand_back(h: &HandoverArgs, why: &str) -> anyhow::Error {
+    let Some(old) = h.old.filter(|_| !h.back && h.mode == Mode::Exec) else {
+        return anyhow!("{why}");
+    };
+    let back = HandoverArgs { back: true, ..h.clone() };
+    // The old process's command line, as it ran.
+    let old_args = h.argv.and_then(|fd| std::fs::read_to_string(format!("/proc/self/fd/{fd}")).ok());
+    let old_args: Vec<String> = match old_args {
+        Some(t) => t.split('\0').map(str::to_string).collect(),
+        None => own_args(),
+    };
+    let mut args = with_handover(old_args, &back);
+    args.push("--handover-failed".into());
+    args.push(why.to_string());
+    // Every handed-over descriptor stays open across this exec too.
+    for fd in back.all_fds() {
+        let _ = set_cloexec(fd, false);
+    }
+    let path = PathBuf::from(format!("/proc/self/fd/{old}"));
+    let err = exec(&path, &args);
+    anyhow!("{why}; handing the guest back to the previous binary failed too: {err}")
+}
+
+/// A duplicate of handed-over descriptor `fd` (close-on-exec), owned by the caller.
+pub fn dup_file(fd: RawFd) -> std::io::Result<File> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor this process was handed; the new one is ours.
+    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if d < 0 {
+        return Err(std::io::Error::other(format!("handed-over descriptor {fd}: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { File::from_raw_fd(d) })
+}
+
+/// Tears the old KVM VM down (closing its descriptors) off the critical path, once the new
+/// machine runs.
+pub fn release_old_vm(h: &HandoverArgs) {
+    let fds = h.old_kvm.clone();
+    if fds.is_empty() {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("old-vm-teardown".into()).spawn(move || {
+        // vCPUs first, the VM last.
+        for fd in fds.iter().rev() {
+            // SAFETY: descriptors of the previous image's KVM objects, handed over only to be
+            // closed here; nothing else uses them.
+            unsafe { libc::close(*fd) };
+        }
+    });
+}
+
+/// Closes the handed-over descriptors this image has taken duplicates of (after it holds the
+/// guest: a hand-back no longer needs them).
+pub fn close_handed_over(h: &HandoverArgs) {
+    let mut fds = vec![h.state, h.ram];
+    fds.extend(&h.disks);
+    fds.extend([h.old, h.argv].into_iter().flatten());
+    for fd in fds {
+        // SAFETY: closing descriptors this process was handed and no longer uses (duplicates
+        // of them are used instead).
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Marks every handed-over descriptor close-on-exec again (they are this process's now).
+pub fn own_fds(h: &HandoverArgs) {
+    for fd in h.all_fds() {
+        let _ = set_cloexec(fd, true);
+    }
+}
+
+/// The acknowledgement to the old process (process mode).
+pub fn acknowledge(h: &HandoverArgs) {
+    if let Some(fd) = h.ack {
+        // SAFETY: the write end of the acknowledgement pipe, handed over for this; owned here.
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        let _ = f.write_all(&[1]);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handover_args_round_trip() {
+        let h = HandoverArgs {
+            state: 9,
+            ram: 3,
+            api: Some(5),
+            reply: None,
+            old: Some(11),
+            ack: None,
+            argv: Some(4),
+            disks: vec![6, 7],
+            t0_ns: 123,
+            mode: Mode::Process,
+            back: true,
+            paused: true,
+            old_kvm: vec![12, 13],
+        };
+        assert_eq!(HandoverArgs::parse(&h.encode()).unwrap(), h);
+        assert!(HandoverArgs::parse("ram=3").unwrap_err().contains("state="));
+        assert!(HandoverArgs::parse("state=1,ram=2,color=red").unwrap_err().contains("color"));
+    }
+}

@@ -1,0 +1,229 @@
+//! Live update on real KVM: `ferry update` replaces the Ferry under a guest that dirties memory
+//! and writes its disk; the guest's own verifiers stay clean, its heartbeats do not skip, the API
+//! answers after, and only state crosses. Every failure before the new Ferry holds the guest
+//! leaves it running in the old one.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const CMDLINE: &str = "mib=64 rate=50 hb_us=1000 report_ms=200 disk=1 disk_mib=16 disk_rate=4";
+
+struct Guest {
+    vm: Proc,
+    api: PathBuf,
+    dir: PathBuf,
+}
+
+fn guest(name: &str) -> Guest {
+    let dir = tmpdir(name);
+    let api = dir.join("api.sock");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    let mut vm = Proc::spawn(&[
+        "run",
+        "--memory",
+        "1G",
+        "--cmdline",
+        CMDLINE,
+        "--disk",
+        img.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    assert!(
+        vm.wait_report(
+            |r| r.line.contains("DISK written=") && !r.line.contains("DISK written=0 "),
+            Duration::from_secs(60)
+        ),
+        "the guest never wrote its disk: {} {}",
+        vm.tail(3),
+        vm.stderr_text()
+    );
+    assert!(wait_socket(&api, Duration::from_secs(5)));
+    Guest { vm, api, dir }
+}
+
+fn update(api: &Path, extra: &[&str]) -> (i32, String, String) {
+    let out = Command::new(FERRY)
+        .args(["update", "--api-socket", api.to_str().unwrap(), "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The guest keeps running clean: more reports, memory and disk errors 0, heartbeats unbroken.
+fn assert_runs_clean(p: &mut Proc, what: &str) {
+    let n = p.reports().len();
+    // Not Proc::wait_reports: after a process-mode update the process the test started has
+    // exited, while the guest reports on through the same output from its successor.
+    assert!(
+        wait_until(Duration::from_secs(30), || p.reports().len() >= n + 5),
+        "{what}: the guest stopped: {}",
+        p.tail(3)
+    );
+    let r = p.reports();
+    for x in &r {
+        assert_eq!(x.errors, 0, "{what}: {}", x.line);
+        assert!(
+            x.line.contains(" DISK ") && field(x.line.split(" DISK ").nth(1).unwrap(), "errors") == Some(0),
+            "{what}: {}",
+            x.line
+        );
+    }
+    assert!(p.lines_with("VERIFY-FAIL").is_empty() && p.lines_with("DISK-FAIL").is_empty(), "{what}: {}", p.tail(5));
+    let hb: Vec<u64> = p.heartbeats().iter().map(|h| h.1).collect();
+    let breaks: Vec<(u64, u64)> = hb.windows(2).filter(|w| w[1] != w[0] + 1).map(|w| (w[0], w[1])).collect();
+    assert!(breaks.is_empty(), "{what}: heartbeat sequence breaks: {breaks:?}");
+}
+
+fn summary(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {out:?}"))
+}
+
+#[test]
+fn exec_update_keeps_the_pid_the_guest_and_its_disk_and_moves_only_state() {
+    if !kvm_available("exec_update_keeps_the_pid_the_guest_and_its_disk_and_moves_only_state") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = guest("update-exec");
+    let pid = g.vm.child.id();
+
+    let (code, out, err) = update(&g.api, &[]);
+
+    assert_eq!(code, 0, "{err}");
+    let s = summary(&out);
+    assert_eq!(s["mode"], "exec");
+    assert_eq!(s["pid"], pid, "exec mode keeps the PID");
+    assert_eq!(s["ram_bytes_in_place"], 1u64 << 30);
+    let bytes = s["handover_bytes"].as_u64().unwrap();
+    assert!(bytes < 256 << 10, "{bytes} bytes crossed for a 1 GiB guest: page data went along");
+    assert!(g.vm.child.try_wait().unwrap().is_none(), "the Ferry process exited");
+    assert_runs_clean(&mut g.vm, "after exec update");
+    assert_eq!(api(&g.api, r#"{"cmd":"status"}"#)["state"], "running");
+}
+
+#[test]
+fn process_update_hands_the_guest_to_a_new_process_and_the_old_one_exits() {
+    if !kvm_available("process_update_hands_the_guest_to_a_new_process_and_the_old_one_exits") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = guest("update-process");
+    let old = g.vm.child.id();
+
+    let (code, out, err) = update(&g.api, &["--mode", "process"]);
+
+    assert_eq!(code, 0, "{err}");
+    let s = summary(&out);
+    assert_eq!(s["mode"], "process");
+    let new = s["pid"].as_u64().unwrap() as u32;
+    assert_ne!(new, old);
+    assert_eq!(g.vm.wait_exit(Duration::from_secs(10)), Some(0), "the old Ferry did not exit after the handover");
+    assert_runs_clean(&mut g.vm, "after process update");
+    assert_eq!(api(&g.api, r#"{"cmd":"status"}"#)["state"], "running");
+    let _ = api(&g.api, r#"{"cmd":"quit"}"#);
+}
+
+#[test]
+fn twenty_exec_updates_in_a_row_under_load_lose_nothing() {
+    if !kvm_available("twenty_exec_updates_in_a_row_under_load_lose_nothing") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = guest("update-twenty");
+
+    for i in 0..20 {
+        let (code, _, err) = update(&g.api, &[]);
+        assert_eq!(code, 0, "update {i}: {err}");
+        assert!(
+            g.vm.wait_heartbeats(20, Duration::from_secs(20)),
+            "update {i}: the guest stopped: {} | {}",
+            g.vm.tail(4),
+            g.vm.stderr_text().lines().rev().take(6).collect::<Vec<_>>().join(" / ")
+        );
+    }
+
+    assert_runs_clean(&mut g.vm, "after 20 updates");
+}
+
+/// A script standing in for a new binary.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Each way a new binary can fail before it holds the guest leaves the guest running, clean, in
+/// the old Ferry, with an error naming the cause.
+#[test]
+fn every_failure_before_the_new_ferry_holds_the_guest_leaves_it_running_in_the_old_one() {
+    if !kvm_available("every_failure_before_the_new_ferry_holds_the_guest_leaves_it_running_in_the_old_one") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = guest("update-fail");
+    let dir = g.dir.clone();
+    let crashes = script(&dir, "crashes", "kill -SEGV $$");
+    let future = script(&dir, "future", r#"echo '{"min_format":7,"max_format":9,"handover":true}'"#);
+    let spare = dir.join("spare.img");
+    std::fs::File::create(&spare).unwrap().set_len(1 << 20).unwrap();
+    // Passes the start check, then cannot rebuild the machine (it is told of a disk the handover
+    // does not carry): exec mode hands the guest back to the old binary.
+    let fails_restore = script(
+        &dir,
+        "fails-restore",
+        &format!(
+            "if [ \"$1\" = update-check ]; then exec {FERRY} update-check; fi\nexec {FERRY} \"$@\" --disk {}",
+            spare.display()
+        ),
+    );
+    let dies_in_process =
+        script(&dir, "dies", &format!("if [ \"$1\" = update-check ]; then exec {FERRY} update-check; fi\nexit 3"));
+    let pid = g.vm.child.id();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--binary".into(), dir.join("missing").display().to_string()], "cannot be started"),
+        (vec!["--binary".into(), crashes.display().to_string()], "crashed at start (signal 11)"),
+        (
+            vec!["--binary".into(), future.display().to_string()],
+            "reads stream formats 7 to 9; this Ferry writes format 2",
+        ),
+        (
+            vec!["--binary".into(), fails_restore.display().to_string()],
+            "the previous Ferry took the guest back and runs it",
+        ),
+        (
+            vec!["--binary".into(), dies_in_process.display().to_string(), "--mode".into(), "process".into()],
+            "the new Ferry exited before taking over",
+        ),
+    ];
+
+    for (args, want) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+
+        let (code, _, err) = update(&g.api, &a);
+
+        assert_ne!(code, 0, "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(g.vm.child.id(), pid);
+        assert!(g.vm.child.try_wait().unwrap().is_none(), "{args:?}: the Ferry process exited");
+        assert_runs_clean(&mut g.vm, &format!("{args:?}"));
+        assert_eq!(api(&g.api, r#"{"cmd":"status"}"#)["state"], "running", "{args:?}");
+    }
+}
