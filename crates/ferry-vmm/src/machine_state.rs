@@ -7,7 +7,7 @@
 //! device means a field here, its arm in [`StateBuilder::add`], its save in `Vm::save_state`
 //! and its restore in `Vm::restore` — all in this crate; `ferry-migrate` only moves sections.
 
-use vm_superio::serial::SerialState;
+use crate::devices::serial::SerialSection;
 
 use crate::devices::serial::SERIAL_SECTION_ID;
 use crate::devices::virtio_blk::state::{BlockState, BLOCK_SECTION_ID};
@@ -56,7 +56,7 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     /// None in streams that lack it (the UART then starts reset).
-    pub serial: Option<SerialState>,
+    pub serial: Option<SerialSection>,
     /// One per disk, in disk order.
     pub disks: Vec<BlockState>,
 }
@@ -83,7 +83,7 @@ impl MachineState {
 pub struct StateBuilder {
     vm: Option<VmState>,
     vcpus: Vec<Option<VcpuState>>,
-    serial: Option<SerialState>,
+    serial: Option<SerialSection>,
     disks: Vec<Option<BlockState>>,
 }
 
@@ -149,8 +149,12 @@ mod tests {
     use super::*;
     use crate::persist::SectionState;
 
-    fn serial() -> SerialState {
-        SerialState {
+    fn serial() -> SerialSection {
+        SerialSection { uart: uart(), pending_output: b"HB 12".to_vec() }
+    }
+
+    fn uart() -> vm_superio::serial::SerialState {
+        vm_superio::serial::SerialState {
             baud_divisor_low: 1,
             baud_divisor_high: 0,
             interrupt_enable: 2,

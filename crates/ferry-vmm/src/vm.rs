@@ -561,13 +561,27 @@ impl Vm {
 
     /// Pauses every vCPU and waits until all are out of `KVM_RUN`.
     pub fn pause(&self) -> Result<(), VmError> {
+        self.pause_keep_output()?;
+        if let Ok(mut s) = self.bus.serial.lock() {
+            s.hold_output(false);
+            s.flush_output();
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU and leaves console output that waits for its newline where it is (a
+    /// live update carries it in the serial section, so that a line the pause cut comes out
+    /// whole from the next process).
+    pub fn pause_keep_output(&self) -> Result<(), VmError> {
         for v in &self.vcpus {
             v.request_pause()?;
         }
         for v in &self.vcpus {
             v.wait_paused()?;
         }
-        self.flush_serial();
+        if let Ok(mut s) = self.bus.serial.lock() {
+            s.hold_output(true);
+        }
         Ok(())
     }
 
@@ -580,6 +594,9 @@ impl Vm {
 
     /// Lets every vCPU run again.
     pub fn resume(&self) -> Result<(), VmError> {
+        if let Ok(mut s) = self.bus.serial.lock() {
+            s.hold_output(false);
+        }
         for v in &self.vcpus {
             v.resume()?;
         }

@@ -261,6 +261,7 @@ pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value>
         );
     }
     preflight(&binary)?;
+    wait_for_teardown();
     if ctx.migrating.swap(true, Ordering::SeqCst) {
         bail!("a migration or update is already running");
     }
@@ -273,7 +274,9 @@ fn hand_over(binary: &Path, mode: Mode, ctx: &ApiContext, conn: &UnixStream) -> 
     let vm = &ctx.vm;
     let t0_ns = monotonic_ns();
     let was_paused = ctx.paused.load(Ordering::SeqCst);
-    vm.pause()?;
+    // A console line the pause cuts goes over in the serial section, whole, instead of half
+    // here and half there (with the new Ferry's own messages possibly in between).
+    vm.pause_keep_output()?;
     let undo = |e: anyhow::Error| -> anyhow::Error {
         let _ = vm.resume_disks();
         if !was_paused {
@@ -501,7 +504,7 @@ pub fn release_old_vm(h: &HandoverArgs) {
     if fds.is_empty() {
         return;
     }
-    let _ = std::thread::Builder::new().name("old-vm-teardown".into()).spawn(move || {
+    let t = std::thread::Builder::new().name("old-vm-teardown".into()).spawn(move || {
         // vCPUs first, the VM last.
         for fd in fds.iter().rev() {
             // SAFETY: descriptors of the previous image's KVM objects, handed over only to be
@@ -509,6 +512,20 @@ pub fn release_old_vm(h: &HandoverArgs) {
             unsafe { libc::close(*fd) };
         }
     });
+    if let (Ok(t), Ok(mut slot)) = (t, TEARDOWN.lock()) {
+        *slot = Some(t);
+    }
+}
+
+/// The running teardown of the VM before this one: a next update waits for it before it
+/// pauses the guest (else the exec would close what is left of it, inside the pause).
+static TEARDOWN: std::sync::Mutex<Option<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(None);
+
+fn wait_for_teardown() {
+    let t = TEARDOWN.lock().ok().and_then(|mut s| s.take());
+    if let Some(t) = t {
+        let _ = t.join();
+    }
 }
 
 /// Closes the handed-over descriptors this image has taken duplicates of (after it holds the

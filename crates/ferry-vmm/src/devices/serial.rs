@@ -46,6 +46,8 @@ struct LineOut {
     pending: Vec<u8>,
     /// When the oldest pending byte arrived.
     since: Option<Instant>,
+    /// A partial line is held for the state (a live update): not passed on until released.
+    hold: bool,
 }
 
 /// Pending bytes that are written even without a newline.
@@ -91,7 +93,7 @@ pub struct SerialDevice {
 }
 
 fn line_out(out: SerialSink) -> LineOut {
-    LineOut { out, pending: Vec::with_capacity(256), since: None }
+    LineOut { out, pending: Vec::with_capacity(256), since: None, hold: false }
 }
 
 impl SerialDevice {
@@ -105,10 +107,24 @@ impl SerialDevice {
         let _ = self.inner.write(offset, value);
     }
 
-    /// Passes on output still waiting for its newline.
+    /// Passes on output still waiting for its newline (unless held).
     pub fn flush_output(&mut self) {
+        if self.inner.writer().hold {
+            return;
+        }
         // A failing sink drops the bytes, as for a complete line.
         let _ = self.inner.writer_mut().emit();
+    }
+
+    /// Holds (or releases) output waiting for its newline: while held, nothing passes on a
+    /// partial line, so the state can carry it (the guest is paused meanwhile).
+    pub fn hold_output(&mut self, hold: bool) {
+        let w = self.inner.writer_mut();
+        w.hold = hold;
+        if !hold && !w.pending.is_empty() {
+            // The partial line's wait starts again now that the guest can finish it.
+            w.since = Some(Instant::now());
+        }
     }
 
     /// When the oldest output byte still waiting for its newline arrived.
@@ -126,7 +142,9 @@ impl SerialDevice {
 pub enum SerialStateError {
     #[error("malformed serial state section")]
     Codec(#[from] StateCodecError),
-    #[error("serial state section has {0} bytes of buffered input, more than the UART holds")]
+    #[error(
+        "serial state section has {0} bytes of buffered input or output, more than the UART or its line buffer holds"
+    )]
     InputTooLong(usize),
     #[error("cannot rebuild the UART from its state: {0}")]
     Rebuild(String),
@@ -134,17 +152,29 @@ pub enum SerialStateError {
 
 const TAG_REGS: u32 = 1;
 const TAG_INPUT: u32 = 2;
+/// Optional: output bytes the guest wrote after the last complete line, not passed on yet (a
+/// live update carries a line cut by its pause whole to the next process).
+const TAG_PENDING_OUTPUT: u32 = crate::state_codec::OPTIONAL_TAG | 3;
 
-impl SectionState for SerialState {
+/// The serial section: the UART's registers and buffered input, and output not yet passed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialSection {
+    pub uart: SerialState,
+    /// At most one line's bytes (no newline among them); empty after a plain pause, which
+    /// passes them on.
+    pub pending_output: Vec<u8>,
+}
+
+impl SectionState for SerialSection {
     const NAME: &'static str = SERIAL_SECTION_ID;
     const VERSION: u32 = SERIAL_STATE_VERSION;
     /// Version 1 is the first: there is no previous one.
     const READS: &'static [u32] = &[1];
     type Error = SerialStateError;
 
-    /// Registers, then buffered input.
+    /// Registers, then buffered input, then (only if any) pending output.
     fn encode(&self) -> Vec<u8> {
-        let s = self;
+        let s = &self.uart;
         let regs = [
             s.baud_divisor_low,
             s.baud_divisor_high,
@@ -159,21 +189,28 @@ impl SectionState for SerialState {
         let mut e = Encoder::new();
         e.field(TAG_REGS, &regs);
         e.field(TAG_INPUT, &s.in_buffer);
+        if !self.pending_output.is_empty() {
+            e.field(TAG_PENDING_OUTPUT, &self.pending_output);
+        }
         e.finish()
     }
 
-    fn decode(_version: u32, bytes: &[u8]) -> Result<SerialState, SerialStateError> {
+    fn decode(_version: u32, bytes: &[u8]) -> Result<SerialSection, SerialStateError> {
         let mut d = Decoder::parse(bytes)?;
         let regs = d.require(TAG_REGS)?;
         let input = d.require(TAG_INPUT)?;
+        let pending_output = d.get(TAG_PENDING_OUTPUT).unwrap_or_default().to_vec();
         d.finish()?;
+        if pending_output.len() > LINE_MAX {
+            return Err(SerialStateError::InputTooLong(pending_output.len()));
+        }
         if regs.len() != 9 {
             return Err(SerialStateError::Codec(StateCodecError::Length { tag: TAG_REGS, want: 9, got: regs.len() }));
         }
         if input.len() > 64 {
             return Err(SerialStateError::InputTooLong(input.len()));
         }
-        Ok(SerialState {
+        let uart = SerialState {
             baud_divisor_low: regs[0],
             baud_divisor_high: regs[1],
             interrupt_enable: regs[2],
@@ -184,22 +221,30 @@ impl SectionState for SerialState {
             modem_status: regs[7],
             scratch: regs[8],
             in_buffer: input.to_vec(),
-        })
+        };
+        Ok(SerialSection { uart, pending_output })
     }
 }
 
 impl Persist for SerialDevice {
-    type State = SerialState;
+    type State = SerialSection;
     /// The interrupt eventfd and where output goes.
     type ConstructorArgs<'a> = (EventFd, SerialSink);
     type Error = SerialStateError;
 
-    fn save(&self) -> Result<SerialState, SerialStateError> {
-        Ok(self.inner.state())
+    fn save(&self) -> Result<SerialSection, SerialStateError> {
+        Ok(SerialSection { uart: self.inner.state(), pending_output: self.inner.writer().pending.clone() })
     }
 
-    fn restore((irq, out): (EventFd, SerialSink), state: &SerialState) -> Result<Self, SerialStateError> {
-        let inner = Serial::from_state(state, IrqTrigger(irq), NoEvents, line_out(out))
+    fn restore((irq, out): (EventFd, SerialSink), state: &SerialSection) -> Result<Self, SerialStateError> {
+        let mut lines = line_out(out);
+        if !state.pending_output.is_empty() {
+            // Held until the guest runs again and can finish the line.
+            lines.pending.extend_from_slice(&state.pending_output);
+            lines.since = Some(Instant::now());
+            lines.hold = true;
+        }
+        let inner = Serial::from_state(&state.uart, IrqTrigger(irq), NoEvents, lines)
             .map_err(|e| SerialStateError::Rebuild(format!("{e:?}")))?;
         Ok(SerialDevice { inner })
     }
