@@ -57,12 +57,24 @@ pub struct HandoverStats {
     /// Guest RAM handed over in place.
     pub ram_bytes: u64,
     pub broken_pages: u64,
+    /// Building the VM (memory slots, vCPUs) from the handover's prefix.
+    pub build: Duration,
+    /// From the first state record to the machine ready.
     pub restore: Duration,
 }
 
 /// Writes the handover of `vm` (vCPUs paused, disks quiesced) to `w`. `ram_fd` is the number the
 /// guest RAM's memfd has in the receiving process.
 pub fn write_handover<W: std::io::Write>(vm: &Vm, w: W, ram_fd: u32) -> Result<W, HandoverError> {
+    let mut w = write_handover_prefix(vm, w, ram_fd)?;
+    write_handover_state(vm, &mut w)?;
+    Ok(w.into_inner())
+}
+
+/// The part of a handover that does not change while the guest runs (the machine's
+/// configuration, its RAM references and its CPU model): a receiver builds its VM from it
+/// before the guest pauses (process mode prepared ahead). `vm` may be running.
+pub fn write_handover_prefix<W: std::io::Write>(vm: &Vm, w: W, ram_fd: u32) -> Result<StreamWriter<W>, HandoverError> {
     let ram = vm.ram();
     let mut w = StreamWriter::new(w, &StreamHeader::new(StreamFlags::HANDOVER)).map_err(HandoverError::Write)?;
     w.machine_config(&MachineConfig {
@@ -76,19 +88,25 @@ pub fn write_handover<W: std::io::Write>(vm: &Vm, w: W, ram_fd: u32) -> Result<W
         w.ram_reference(&reference).map_err(HandoverError::Write)?;
     }
     w.cpu_model(vm.cpu_model()).map_err(HandoverError::Write)?;
+    w.flush().map_err(HandoverError::Write)?;
+    Ok(w)
+}
+
+/// The rest of a handover, written with the guest paused and its disks quiesced: the broken
+/// pages, the machine's state, END.
+pub fn write_handover_state<W: std::io::Write>(vm: &Vm, w: &mut StreamWriter<W>) -> Result<(), HandoverError> {
     // The poison markers live in this process's page tables: the next one must set them again.
-    let broken: Vec<(u64, PageType)> = ram.poison().list().iter().map(|&(g, _)| (g, PageType::Broken)).collect();
+    let broken: Vec<(u64, PageType)> = vm.ram().poison().list().iter().map(|&(g, _)| (g, PageType::Broken)).collect();
     for chunk in broken.chunks(ferry_stream::MAX_BATCH_PAGES as usize) {
         w.page_batch_packed(chunk, &[]).map_err(HandoverError::Write)?;
     }
-    write_sections(&mut w, &vm.save_state()?.sections()).map_err(HandoverError::Write)?;
+    write_sections(w, &vm.save_state()?.sections()).map_err(HandoverError::Write)?;
     w.end().map_err(HandoverError::Write)?;
-    w.flush().map_err(HandoverError::Write)?;
-    Ok(w.into_inner())
+    w.flush().map_err(HandoverError::Write)
 }
 
 /// The handover's own records: RAM references, and BROKEN entries.
-struct HandoverSink {
+struct HandoverSink<'a> {
     /// Descriptors this process was handed, by the number the stream names them with (the only
     /// ones a reference may name), each usable once.
     fds: Vec<(u32, Option<File>)>,
@@ -98,9 +116,14 @@ struct HandoverSink {
     machine: Option<MachineParts>,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     broken: u64,
+    started: Instant,
+    built_in: Duration,
+    state_at: Option<Instant>,
+    /// Told once the VM is built (the guest may still run in the sender then).
+    on_built: &'a mut dyn FnMut(),
 }
 
-impl RecordSink for HandoverSink {
+impl RecordSink for HandoverSink<'_> {
     type Error = HandoverError;
 
     fn machine_config(&mut self, c: &MachineConfig) -> Result<(), HandoverError> {
@@ -135,6 +158,8 @@ impl RecordSink for HandoverSink {
         let machine = create_machine(ram, self.dirty_tracking)?;
         self.vcpus = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus, m)).collect::<Result<Vec<_>, _>>()?;
         self.machine = Some(machine);
+        self.built_in = self.started.elapsed();
+        (self.on_built)();
         Ok(())
     }
 
@@ -167,22 +192,25 @@ impl RecordSink for HandoverSink {
 
     fn final_pass(&mut self) {}
 
-    fn state_begins(&mut self) {}
+    fn state_begins(&mut self) {
+        self.state_at = Some(Instant::now());
+    }
 }
 
 /// Rebuilds the machine a previous Ferry handed over: `stream` is the handover, `fds` the
 /// descriptors this process was given (guest RAM among them) by the number the stream names
 /// them with, `disks` the inherited images.
 /// The machine starts with its vCPUs paused and its disks replaying what was in flight; the
-/// caller resumes it.
+/// caller resumes it. `on_built` is called once the VM exists (with nothing of the guest's
+/// state in it yet): a receiver prepared ahead tells the sender it can pause the guest.
 pub fn receive_handover(
     stream: impl Read,
     fds: Vec<(u32, File)>,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
     disks: Vec<DiskImage>,
+    on_built: &mut dyn FnMut(),
 ) -> Result<(Vm, HandoverStats), HandoverError> {
-    let t = Instant::now();
     let mut r = StreamReader::new(std::io::BufReader::new(stream)).map_err(LoadError::Stream)?;
     let mut sink = HandoverSink {
         fds: fds.into_iter().map(|(n, f)| (n, Some(f))).collect(),
@@ -192,8 +220,13 @@ pub fn receive_handover(
         machine: None,
         vcpus: Vec::new(),
         broken: 0,
+        started: Instant::now(),
+        built_in: Duration::ZERO,
+        state_at: None,
+        on_built,
     };
     let loaded = load_records(&mut r, StreamKind::Handover, &LoadOptions::default(), &mut sink)?;
+    let t = sink.state_at.unwrap_or_else(Instant::now);
     let machine = sink.machine.take().ok_or(HandoverError::Missing("CPU_MODEL"))?;
     let ram_bytes = machine.ram.size();
     let vm = Vm::restore(
@@ -208,5 +241,14 @@ pub fn receive_handover(
     )?;
     // The images' locks never left (same open file descriptions); replay what was in flight.
     vm.disks_handover()?;
-    Ok((vm, HandoverStats { stream_bytes: loaded.bytes, ram_bytes, broken_pages: sink.broken, restore: t.elapsed() }))
+    Ok((
+        vm,
+        HandoverStats {
+            stream_bytes: loaded.bytes,
+            ram_bytes,
+            broken_pages: sink.broken,
+            build: sink.built_in,
+            restore: t.elapsed(),
+        },
+    ))
 }

@@ -512,7 +512,11 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
             .map(|(spec, &fd)| DiskImage::adopt(spec, update::dup_file(fd)?).map_err(anyhow::Error::new))
             .collect::<Result<Vec<_>>>()?;
         let mut state = update::dup_file(h.state)?;
-        std::io::Seek::seek(&mut state, std::io::SeekFrom::Start(0))?;
+        if h.mode == update::Mode::Exec {
+            // A memfd this image (or a hand-back) reads from its start; process mode's is a
+            // socket.
+            std::io::Seek::seek(&mut state, std::io::SeekFrom::Start(0))?;
+        }
         let ram = update::dup_file(h.ram)?;
         let (vm, stats) = ferry_migrate::handover::receive_handover(
             state,
@@ -520,6 +524,7 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
             serial_sink(&a.serial)?,
             a.dirty_tracking()?,
             disks,
+            &mut || update::ready(h),
         )?;
         if !h.paused {
             vm.resume()?;
@@ -534,7 +539,11 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
             return Err(update::hand_back(h, &why));
         }
     };
-    let pause_ms = (update::monotonic_ns().saturating_sub(h.t0_ns)) as f64 / 1e6;
+    let t0_ns = match h.mode {
+        update::Mode::Exec => h.t0_ns,
+        update::Mode::Process => update::pause_start(h).unwrap_or(h.t0_ns),
+    };
+    let pause_ms = (update::monotonic_ns().saturating_sub(t0_ns)) as f64 / 1e6;
     update::close_handed_over(h);
     update::release_old_vm(h);
     // SAFETY: the API listener, handed over for this; owned from here on.
@@ -544,8 +553,9 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
         "pid": std::process::id(),
         "pause_ms": pause_ms,
         "restore_ms": stats.restore.as_secs_f64() * 1000.0,
+        "build_ms": stats.build.as_secs_f64() * 1000.0,
         // From the pause to this image's main(): quiesce, state, exec (or spawn), start-up.
-        "to_new_image_ms": MAIN_START_NS.get().map(|&n| n.saturating_sub(h.t0_ns) as f64 / 1e6),
+        "to_new_image_ms": MAIN_START_NS.get().filter(|_| h.mode == update::Mode::Exec).map(|&n| n.saturating_sub(h.t0_ns) as f64 / 1e6),
         "handover_bytes": stats.stream_bytes,
         "ram_bytes_in_place": stats.ram_bytes,
         "broken_pages": stats.broken_pages,

@@ -12,7 +12,7 @@
 //! the same handover back to the old binary (exec mode), which takes the guest back.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -265,11 +265,122 @@ pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value>
     if ctx.migrating.swap(true, Ordering::SeqCst) {
         bail!("a migration or update is already running");
     }
-    let r = hand_over(&binary, mode, ctx, conn);
+    let r = match mode {
+        Mode::Exec => hand_over(&binary, mode, ctx, conn),
+        Mode::Process => hand_over_prepared(&binary, ctx, conn),
+    };
     ctx.migrating.store(false, Ordering::SeqCst);
     r
 }
 
+/// Process mode: the new Ferry starts and builds its VM (memory slots, vCPUs) from the
+/// handover's first part while the guest still runs here; only then is the guest paused and the
+/// rest (its state) sent. The pause holds no VM creation (a memory slot alone costs 4-11 ms on
+/// this host).
+fn hand_over_prepared(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
+    let vm = &ctx.vm;
+    let (stream_old, stream_new) = UnixStream::pair().context("cannot create the handover socket")?;
+    let (ctl_old, ctl_new) = UnixStream::pair().context("cannot create the handover control socket")?;
+    let ram_fd = vm.ram().memfd_raw();
+    let h = HandoverArgs {
+        state: stream_new.as_raw_fd(),
+        ram: ram_fd,
+        api: ctx.listener_fd(),
+        reply: Some(conn.as_raw_fd()),
+        old: None,
+        ack: Some(ctl_new.as_raw_fd()),
+        argv: None,
+        disks: vm.disks().iter().map(|d| d.image().file().as_raw_fd()).collect(),
+        t0_ns: 0,
+        mode: Mode::Process,
+        back: false,
+        paused: ctx.paused.load(Ordering::SeqCst),
+        old_kvm: Vec::new(),
+    };
+    let keep = h.all_fds();
+    for &fd in &keep {
+        set_cloexec(fd, false).with_context(|| format!("cannot pass descriptor {fd} on"))?;
+    }
+    let args = with_handover(own_args(), &h);
+    let child = Command::new(binary).args(&args[1..]).spawn();
+    for &fd in &keep {
+        let _ = set_cloexec(fd, true);
+    }
+    drop((stream_new, ctl_new));
+    let mut child = child.with_context(|| format!("the new binary {} cannot be started", binary.display()))?;
+    // Ends the new process; an error it caused by dying says so.
+    let abort = |child: &mut std::process::Child, e: anyhow::Error| -> anyhow::Error {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Ok(Some(status)) = child.try_wait() {
+            return anyhow!("the new Ferry exited before taking over ({status}); the guest runs on here");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        e
+    };
+    // The first part, and the new Ferry's word that its VM is built: the guest still runs.
+    let mut w = ferry_migrate::handover::write_handover_prefix(vm, BufWriter::new(&stream_old), ram_fd as u32)
+        .map_err(|e| abort(&mut child, anyhow::Error::new(e).context("cannot send the handover")))?;
+    wait_byte(&ctl_old, b'R', &mut child).map_err(|e| abort(&mut child, e))?;
+    // The pause: only the state crosses now.
+    let t0_ns = monotonic_ns();
+    let was_paused = h.paused;
+    vm.pause_keep_output()?;
+    let undo = |child: &mut std::process::Child, e: anyhow::Error| -> anyhow::Error {
+        let e = abort(child, e);
+        let _ = vm.resume_disks();
+        if !was_paused {
+            let _ = vm.resume();
+        }
+        e
+    };
+    if let Err(e) = vm.quiesce_disks() {
+        return Err(undo(&mut child, e.into()));
+    }
+    let _ = std::io::stdout().flush();
+    if let Err(e) = (&ctl_old).write_all(&t0_ns.to_le_bytes()) {
+        return Err(undo(&mut child, anyhow!("the new Ferry is gone: {e}")));
+    }
+    if let Err(e) = ferry_migrate::handover::write_handover_state(vm, &mut w) {
+        return Err(undo(&mut child, anyhow::Error::new(e).context("cannot send the handover")));
+    }
+    match wait_byte(&ctl_old, b'A', &mut child) {
+        Ok(()) => {
+            // The new process runs the guest and answered the client: leave at once, touching
+            // nothing (no resume, no cleanup of what it now owns).
+            let _ = std::io::stdout().flush();
+            // SAFETY: _exit ends the process without running destructors or atexit handlers,
+            // so nothing of the guest's (now the new process's) is touched.
+            unsafe { libc::_exit(0) }
+        }
+        Err(e) => Err(undo(&mut child, e)),
+    }
+}
+
+/// Waits for byte `want` from the new Ferry on `ctl`, or its death.
+fn wait_byte(ctl: &UnixStream, want: u8, child: &mut std::process::Child) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut p = libc::pollfd { fd: ctl.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one pollfd we own, 5 ms.
+        let n = unsafe { libc::poll(&mut p, 1, 5) };
+        if n > 0 {
+            let mut b = [0u8; 1];
+            match (&*ctl).read(&mut b) {
+                Ok(1) if b[0] == want => return Ok(()),
+                Ok(_) | Err(_) => {}
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the new Ferry exited before taking over ({status}); the guest runs on here");
+        }
+        if Instant::now() > end {
+            bail!("the new Ferry did not take over within 60 s; the guest runs on here");
+        }
+    }
+}
+
+/// Exec mode: the handover in a memfd, then exec.
 fn hand_over(binary: &Path, mode: Mode, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
     let vm = &ctx.vm;
     let t0_ns = monotonic_ns();
@@ -302,39 +413,24 @@ fn hand_over(binary: &Path, mode: Mode, ctx: &ApiContext, conn: &UnixStream) -> 
     let old = File::open("/proc/self/exe").map_err(|e| undo(anyhow!("cannot open this Ferry's own binary: {e}")))?;
     // This process's command line, for a hand-back to run again as it is.
     let argv = memfd_with(&own_args().join("\0")).map_err(|e| undo(anyhow!("cannot keep the command line: {e}")))?;
-    let (ack_r, ack_w) = match mode {
-        Mode::Process => {
-            let mut p = [0; 2];
-            // SAFETY: pipe writes two descriptors into the array we own.
-            if unsafe { libc::pipe(p.as_mut_ptr()) } < 0 {
-                return Err(undo(anyhow!("cannot create the acknowledgement pipe")));
-            }
-            // SAFETY: fresh descriptors we own.
-            unsafe { (Some(File::from_raw_fd(p[0])), Some(File::from_raw_fd(p[1]))) }
-        }
-        Mode::Exec => (None, None),
-    };
     let h = HandoverArgs {
         state: state.as_raw_fd(),
         ram: ram_fd,
         api: ctx.listener_fd(),
         reply: Some(conn.as_raw_fd()),
-        old: (mode == Mode::Exec).then(|| old.as_raw_fd()),
-        ack: ack_w.as_ref().map(|f| f.as_raw_fd()),
+        old: Some(old.as_raw_fd()),
+        ack: None,
         argv: Some(argv.as_raw_fd()),
         disks: vm.disks().iter().map(|d| d.image().file().as_raw_fd()).collect(),
         t0_ns,
         mode,
         back: false,
         paused: was_paused,
-        old_kvm: if mode == Mode::Exec { vm.kvm_fds() } else { Vec::new() },
+        old_kvm: vm.kvm_fds(),
     };
     let keep = h.all_fds();
     for &fd in &keep {
         set_cloexec(fd, false).map_err(|e| undo(anyhow!("cannot pass descriptor {fd} on: {e}")))?;
-    }
-    if let Some(r) = &ack_r {
-        let _ = set_cloexec(r.as_raw_fd(), true);
     }
     let args = with_handover(own_args(), &h);
     let restore_flags = || {
@@ -342,31 +438,9 @@ fn hand_over(binary: &Path, mode: Mode, ctx: &ApiContext, conn: &UnixStream) -> 
             let _ = set_cloexec(fd, true);
         }
     };
-    match mode {
-        Mode::Exec => {
-            let err = exec(binary, &args);
-            restore_flags();
-            Err(undo(anyhow!("cannot exec the new binary {}: {err}", binary.display())))
-        }
-        Mode::Process => {
-            let child = Command::new(binary).args(&args[1..]).spawn();
-            restore_flags();
-            drop(ack_w);
-            let mut child =
-                child.map_err(|e| undo(anyhow!("the new binary {} cannot be started: {e}", binary.display())))?;
-            match wait_ack(ack_r, &mut child) {
-                Ok(()) => {
-                    // The new process runs the guest and answered the client: leave at once,
-                    // touching nothing (no resume, no cleanup of what it now owns).
-                    let _ = std::io::stdout().flush();
-                    // SAFETY: _exit ends the process without running destructors or atexit
-                    // handlers, so nothing of the guest's (now the new process's) is touched.
-                    unsafe { libc::_exit(0) }
-                }
-                Err(e) => Err(undo(e)),
-            }
-        }
-    }
+    let err = exec(binary, &args);
+    restore_flags();
+    Err(undo(anyhow!("cannot exec the new binary {}: {err}", binary.display())))
 }
 
 /// This process's command line without a handover it came from.
@@ -424,32 +498,6 @@ fn exec(binary: &Path, args: &[String]) -> std::io::Error {
     // with a null pointer; execv only returns on failure.
     unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
     std::io::Error::last_os_error()
-}
-
-/// Waits for the new process's acknowledgement (one byte on the pipe), or its death.
-fn wait_ack(ack: Option<File>, child: &mut std::process::Child) -> Result<()> {
-    let Some(ack) = ack else { bail!("no acknowledgement pipe") };
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut p = libc::pollfd { fd: ack.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one pollfd we own, 20 ms.
-        let n = unsafe { libc::poll(&mut p, 1, 20) };
-        if n > 0 {
-            let mut b = [0u8; 1];
-            // SAFETY: read of one byte into a buffer we own.
-            let r = unsafe { libc::read(ack.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
-            if r == 1 {
-                return Ok(());
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("the new Ferry exited before taking over ({status}); the guest runs on here");
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            bail!("the new Ferry did not take over within 60 s; the guest runs on here");
-        }
-    }
 }
 
 /// The new side's answer to the client, on the inherited connection.
@@ -548,12 +596,33 @@ pub fn own_fds(h: &HandoverArgs) {
     }
 }
 
-/// The acknowledgement to the old process (process mode).
+/// Process mode: tells the old Ferry the VM is built (it then pauses the guest and sends the
+/// state).
+pub fn ready(h: &HandoverArgs) {
+    if let Some(fd) = h.ack {
+        // SAFETY: the control socket handed over for this; written, not owned (it stays open).
+        let f = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
+        let _ = (&*f).write_all(b"R");
+    }
+}
+
+/// Process mode: the moment the old Ferry paused the guest (it sends it once the state is on
+/// its way).
+pub fn pause_start(h: &HandoverArgs) -> Option<u64> {
+    let fd = h.ack?;
+    // SAFETY: the control socket handed over for this; read, not owned (it stays open).
+    let f = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
+    let mut b = [0u8; 8];
+    (&*f).read_exact(&mut b).ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
+/// Process mode: the acknowledgement to the old process (it exits on it).
 pub fn acknowledge(h: &HandoverArgs) {
     if let Some(fd) = h.ack {
-        // SAFETY: the write end of the acknowledgement pipe, handed over for this; owned here.
-        let mut f = unsafe { File::from_raw_fd(fd) };
-        let _ = f.write_all(&[1]);
+        // SAFETY: the control socket handed over for this; owned here, closed after.
+        let mut f = unsafe { UnixStream::from_raw_fd(fd) };
+        let _ = f.write_all(b"A");
     }
 }
 
