@@ -58,8 +58,13 @@ impl ApiContext {
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
 pub fn serve(path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
-    if path.exists() {
-        // A live Ferry answers on it; a stale file from a dead one is replaced.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a socket is ever replaced: anything else at the path is somebody's file.
+        if !meta.file_type().is_socket() {
+            bail!("{} exists and is not a socket: choose another --api-socket path", path.display());
+        }
+        // A live Ferry answers on it; a stale socket from a dead one is replaced.
         if UnixStream::connect(path).is_ok() {
             bail!("API socket {} is in use by another process", path.display());
         }
@@ -107,10 +112,13 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
             Ok(req) if req["cmd"] == "migrate" => {
                 let reply = migrate(&req, ctx, &mut out);
                 let done = reply["ok"] == json!(true);
-                writeln!(out, "{reply}")?;
+                // A client that went away (killed mid-migration) changes nothing: the guest
+                // left, so this Ferry ends either way.
+                let sent = writeln!(out, "{reply}");
                 if done {
                     ctx.vm.request_exit(ExitReason::Migrated);
                 }
+                sent?;
                 continue;
             }
             Ok(req) => match handle(&req, ctx) {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_migrate::destination::IncomingRam;
 use ferry_vmm::devices::disk_image::{DiskImage, DiskSpec};
@@ -581,7 +581,37 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
     Ok((Arc::new(vm), listener))
 }
 
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGTERM and SIGINT stop the machine the way the API's `quit` does (the API socket is removed,
+/// exit status 0), instead of killing the process with its socket left behind.
+fn stop_on_signals(vm: &Arc<Vm>) -> Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
+            .map_err(|e| anyhow!("cannot handle signal {sig}: {e}"))?;
+    }
+    let vm = Arc::downgrade(vm);
+    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let Some(vm) = vm.upgrade() else { return };
+        if vm.exit_reason().is_some() {
+            return;
+        }
+        if STOP_REQUESTED.load(Ordering::SeqCst) {
+            eprintln!("ferry: stopping on a signal");
+            vm.request_exit(ExitReason::Stopped);
+            return;
+        }
+    })?;
+    Ok(())
+}
+
 fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::net::UnixListener>) -> Result<i32> {
+    stop_on_signals(&vm)?;
     if let Some(sock) = &a.api_socket {
         let ctx = Arc::new(api::ApiContext::new(vm.clone()));
         let paused = match &a.handover {

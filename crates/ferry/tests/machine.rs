@@ -133,6 +133,42 @@ fn api_quit_ends_ferry_with_status_zero() {
     assert_eq!(code, Some(0));
 }
 
+#[test]
+fn sigterm_stops_ferry_with_status_zero_and_removes_its_api_socket() {
+    if !kvm_available("sigterm_stops_ferry_with_status_zero_and_removes_its_api_socket") {
+        return;
+    }
+    let dir = tmpdir("sigterm");
+    let sock = dir.join("api.sock");
+    let mut vm = Proc::spawn(&["run", "--memory", "64M", "--cmdline", "mib=8", "--api-socket", sock.to_str().unwrap()]);
+    assert!(vm.wait_line("HB 10", Duration::from_secs(20)).is_some());
+    assert!(wait_socket(&sock, Duration::from_secs(5)));
+
+    // SAFETY: (test) SIGTERM to the child this test started.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let code = vm.wait_exit(Duration::from_secs(10));
+
+    assert_eq!(code, Some(0), "{}", vm.stderr_text());
+    assert!(!sock.exists(), "the API socket was left behind");
+}
+
+#[test]
+fn a_regular_file_at_the_api_socket_path_is_never_replaced() {
+    if !kvm_available("a_regular_file_at_the_api_socket_path_is_never_replaced") {
+        return;
+    }
+    let dir = tmpdir("precious");
+    let path = dir.join("precious");
+    std::fs::write(&path, "precious data\n").unwrap();
+
+    let mut vm = Proc::spawn(&["run", "--memory", "64M", "--cmdline", "mib=8", "--api-socket", path.to_str().unwrap()]);
+    let code = vm.wait_exit(Duration::from_secs(30));
+
+    assert_ne!(code, Some(0));
+    assert!(vm.stderr_text().contains("exists and is not a socket"), "{}", vm.stderr_text());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious data\n");
+}
+
 /// `ferry dirty-rate` measures the rate the guest writes at (told 40 MiB/s; compared with the
 /// rate the guest itself reports over the same time, so a slow host cannot fail it), with both
 /// backends.

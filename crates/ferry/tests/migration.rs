@@ -469,6 +469,28 @@ fn byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works(t: T
     faulty_migration(t, "flip", Fault::FlipByte { index: 3, offset: 9000 }, "checksum mismatch");
 }
 
+/// The `ferry migrate` client killed mid-migration: the migration (run by the source's API)
+/// goes on, and once the guest runs on the destination the source ends, as with a live client.
+#[test]
+fn a_killed_migrate_client_does_not_keep_the_source_alive_after_the_guest_left() {
+    if !kvm_available("a_killed_migrate_client_does_not_keep_the_source_alive_after_the_guest_left") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("bitmap", "killedcli", "mib=128 rate=30 report_ms=500");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri, "bitmap");
+    let mut cli =
+        Proc::spawn(&["migrate", "--api-socket", src.api.to_str().unwrap(), "--to", &uri, "--max-bandwidth", "100"]);
+    assert!(cli.wait_stderr("connected to", Duration::from_secs(20)), "{}", cli.stderr_text());
+
+    cli.kill();
+    let code = src.vm.wait_exit(Duration::from_secs(60));
+
+    assert_eq!(code, Some(0), "the source did not end after its guest left: {}", src.vm.stderr_text());
+    assert_destination_clean(&src, &mut dst, 128 * 256);
+}
+
 fn cancelled_migration_leaves_the_source_running_and_the_destination_discards(t: Tracking) {
     let mut src = source(t, "cancel", "mib=256 rate=50 report_ms=500");
     let uri = format!("unix:{}", src.dir.join("mig.sock").display());
