@@ -266,7 +266,7 @@ pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value>
         bail!("a migration or update is already running");
     }
     let r = match mode {
-        Mode::Exec => hand_over(&binary, mode, ctx, conn),
+        Mode::Exec => hand_over(&binary, ctx, conn),
         Mode::Process => hand_over_prepared(&binary, ctx, conn),
     };
     ctx.migrating.store(false, Ordering::SeqCst);
@@ -381,7 +381,7 @@ fn wait_byte(ctl: &UnixStream, want: u8, child: &mut std::process::Child) -> Res
 }
 
 /// Exec mode: the handover in a memfd, then exec.
-fn hand_over(binary: &Path, mode: Mode, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
+fn hand_over(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
     let vm = &ctx.vm;
     let t0_ns = monotonic_ns();
     let was_paused = ctx.paused.load(Ordering::SeqCst);
@@ -423,7 +423,7 @@ fn hand_over(binary: &Path, mode: Mode, ctx: &ApiContext, conn: &UnixStream) -> 
         argv: Some(argv.as_raw_fd()),
         disks: vm.disks().iter().map(|d| d.image().file().as_raw_fd()).collect(),
         t0_ns,
-        mode,
+        mode: Mode::Exec,
         back: false,
         paused: was_paused,
         old_kvm: vm.kvm_fds(),

@@ -72,15 +72,6 @@ fn destination(uri: &str, t: Tracking) -> Proc {
     d
 }
 
-/// Waits (up to 10 s) for a destination's socket path: not by connecting, as a destination
-/// takes the first connection as the stream.
-fn wait_for_path(p: &Path) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !p.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 struct Outcome {
     code: i32,
     summary: Option<serde_json::Value>,

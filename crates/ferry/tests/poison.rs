@@ -51,14 +51,6 @@ fn poison(api: &Path, gpa: u64, extra: &[&str]) {
     assert_eq!(code, 0, "ferry debug poison {g} failed: {err}");
 }
 
-fn wait_for_path(p: &Path) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !p.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(p.exists(), "{} never appeared", p.display());
-}
-
 /// The `MCE gpa=` addresses a guest printed.
 fn mce_lines(p: &Proc) -> Vec<u64> {
     p.lines_with("MCE gpa=")
@@ -131,7 +123,7 @@ fn pages_broken_before_during_and_in_the_final_pass_of_a_migration_arrive_broken
     let sock = src.dir.join("mig.sock");
     let uri = format!("unix:{}", sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &uri]);
-    wait_for_path(&sock);
+    assert!(wait_for_path(&sock), "the destination socket never appeared");
     let mut mig = Proc::spawn(&["migrate", "--api-socket", src.api.to_str().unwrap(), "--to", &uri, "--json"]);
     // Two more once the migration is under way.
     assert!(mig.wait_stderr("connected to", Duration::from_secs(20)), "{}", mig.stderr_text());
@@ -169,7 +161,7 @@ fn a_page_that_breaks_under_ferrys_copy_is_recovered_and_arrives_broken() {
     let sock = src.dir.join("mig.sock");
     let uri = format!("unix:{}", sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &uri, "--api-socket", src.dir.join("dst.sock").to_str().unwrap()]);
-    wait_for_path(&sock);
+    assert!(wait_for_path(&sock), "the destination socket never appeared");
 
     let out = Command::new(FERRY)
         .args(["migrate", "--api-socket", src.api.to_str().unwrap(), "--to", &uri, "--json"])
@@ -243,7 +235,7 @@ fn refused(batch_entries: &[u64], data: &[u8]) -> String {
     let dir = tmpdir("poison-stream");
     let sock = dir.join("in.sock");
     let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
-    wait_for_path(&sock);
+    assert!(wait_for_path(&sock), "the destination socket never appeared");
     let h = ferry_stream::StreamHeader {
         format_version: 1,
         flags: ferry_stream::StreamFlags::empty(),

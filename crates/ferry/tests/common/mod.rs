@@ -367,6 +367,12 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Waits (up to 10 s) for a listening destination's socket path to appear: not by connecting,
+/// as a destination takes its first connection as the stream. Returns whether it appeared.
+pub fn wait_for_path(p: &Path) -> bool {
+    wait_until(Duration::from_secs(10), || p.exists())
+}
+
 /// Waits until the API socket accepts connections.
 pub fn wait_socket(socket: &Path, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
