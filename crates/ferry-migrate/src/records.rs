@@ -19,7 +19,8 @@
 use std::io::Read;
 
 use ferry_stream::{
-    CpuModel, MachineConfig, PageBatch, RamMap, Record, SnapshotInfo, StreamFlags, StreamReader, StreamWriter,
+    CpuModel, DiskBlocks, DiskConfig, MachineConfig, PageBatch, RamMap, Record, SnapshotInfo, StreamFlags,
+    StreamReader, StreamWriter,
 };
 use ferry_vmm::cpu::{CpuModelError, HostCpu, Reg};
 use ferry_vmm::machine_state::{MachineState, MachineStateError, StateBuilder};
@@ -52,6 +53,17 @@ pub enum LoadError {
     State(#[from] MachineStateError),
     #[error("record {0} is not valid in a {1}")]
     Unexpected(&'static str, &'static str),
+    #[error(
+        "the source sent a checkpointed stream (replication): only a standby takes one (ferry run --incoming URI \
+         --standby)"
+    )]
+    CheckpointedToPlain,
+    #[error("a standby takes only a checkpointed stream (ferry replicate), not a plain migration")]
+    PlainToStandby,
+    #[error("checkpoint {got} arrived where checkpoint {want} was due")]
+    CheckpointSequence { want: u64, got: u64 },
+    #[error("the checkpointed stream ended before its first checkpoint: there is no consistent state")]
+    NoCheckpoint,
 }
 
 /// Which kind of stream is read.
@@ -61,6 +73,9 @@ pub enum StreamKind {
     Snapshot,
     /// A live-update handover (header flag HANDOVER; RAM by reference).
     Handover,
+    /// Checkpointed replication to a standby (header flag CHECKPOINTED): epochs, each ended by
+    /// a CHECKPOINT.
+    Replication,
 }
 
 impl StreamKind {
@@ -69,6 +84,7 @@ impl StreamKind {
             StreamKind::Migration => "migration stream",
             StreamKind::Snapshot => "snapshot file",
             StreamKind::Handover => "live-update handover",
+            StreamKind::Replication => "replication stream",
         }
     }
 }
@@ -132,6 +148,22 @@ pub trait RecordSink {
     fn ram_reference(&mut self, r: ferry_stream::RamReference) -> Result<(), Self::Error> {
         let _ = r;
         Err(LoadError::Unexpected("RAM_REFERENCE", "stream that is not a live-update handover").into())
+    }
+    /// DISK_CONFIG: the disks whose blocks the stream carries.
+    fn disk_config(&mut self, c: DiskConfig) -> Result<(), Self::Error> {
+        let _ = c;
+        Err(LoadError::Unexpected("DISK_CONFIG", "stream read without disks").into())
+    }
+    /// DISK_BLOCKS: an extent of a disk (after DISK_CONFIG).
+    fn disk_blocks(&mut self, b: DiskBlocks<'_>) -> Result<(), Self::Error> {
+        let _ = b;
+        Err(LoadError::Unexpected("DISK_BLOCKS", "stream read without disks").into())
+    }
+    /// CHECKPOINT (replication streams): the epoch before it arrived whole and checked out;
+    /// `state` is the machine's state at it. Nothing of the epoch may take effect before this.
+    fn checkpoint(&mut self, seq: u64, state: &MachineState) -> Result<(), Self::Error> {
+        let _ = (seq, state);
+        Err(LoadError::Unexpected("CHECKPOINT", "stream that is not checkpointed").into())
     }
     /// BROKEN_PAGES (snapshot files): frames broken on the machine saved.
     fn broken_pages(&mut self, gfns: Vec<u64>) -> Result<(), Self::Error>;
@@ -212,6 +244,21 @@ pub fn load_records<R: Read, S: RecordSink>(
         let what = if kind == StreamKind::Handover { "stream without the HANDOVER flag" } else { "handover stream" };
         return Err(LoadError::Unexpected(what, kind.name()).into());
     }
+    let checkpointed = r.header().flags.contains(StreamFlags::CHECKPOINTED);
+    if checkpointed && kind != StreamKind::Replication {
+        return Err(if kind == StreamKind::Migration {
+            LoadError::CheckpointedToPlain
+        } else {
+            LoadError::Unexpected("checkpointed stream", kind.name())
+        }
+        .into());
+    }
+    if kind == StreamKind::Replication && !checkpointed {
+        return Err(LoadError::PlainToStandby.into());
+    }
+    // Replication: the state of the last checkpoint, and the sequence due next.
+    let mut last_state: Option<MachineState> = None;
+    let mut next_seq = 0u64;
     let mut state_started = false;
     loop {
         match r.next_record().map_err(LoadError::Stream)? {
@@ -250,9 +297,20 @@ pub fn load_records<R: Read, S: RecordSink>(
                 p.cpu = Some(m);
             }
             Record::PageBatch(b) => {
-                let valid = if kind == StreamKind::Handover { StreamKind::Handover } else { StreamKind::Migration };
+                let valid = match kind {
+                    StreamKind::Handover | StreamKind::Replication => kind,
+                    _ => StreamKind::Migration,
+                };
                 p.only_in(kind, valid, "PAGE_BATCH", sink)?;
                 sink.page_batch(b)?;
+            }
+            Record::DiskConfig(c) => {
+                p.ready("DISK_CONFIG", sink)?;
+                sink.disk_config(c)?;
+            }
+            Record::DiskBlocks(b) => {
+                p.ready("DISK_BLOCKS", sink)?;
+                sink.disk_blocks(b)?;
             }
             Record::RamReference(m) => {
                 if kind != StreamKind::Handover {
@@ -293,13 +351,34 @@ pub fn load_records<R: Read, S: RecordSink>(
                 b.add(key, version, data).map_err(LoadError::State)?;
             }
             Record::FinalPass => sink.final_pass(),
-            // Checkpointed streams are replication's (not read by these loaders yet).
-            Record::Checkpoint(_) => return Err(LoadError::Unexpected("CHECKPOINT", kind.name()).into()),
-            Record::SkippedOptional { .. } => {}
+            Record::Checkpoint(seq) => {
+                if kind != StreamKind::Replication {
+                    return Err(LoadError::Unexpected("CHECKPOINT", kind.name()).into());
+                }
+                if seq != next_seq {
+                    return Err(LoadError::CheckpointSequence { want: next_seq, got: seq }.into());
+                }
+                p.ready("CHECKPOINT", sink)?;
+                let vcpus = p.config.as_ref().map_or(0, |c| c.vcpus);
+                let builder = p.builder.replace(StateBuilder::new(vcpus)).ok_or(LoadError::NoConfig("CHECKPOINT"))?;
+                let state = builder.finish().map_err(LoadError::State)?;
+                sink.checkpoint(seq, &state)?;
+                last_state = Some(state);
+                next_seq += 1;
+            }
+            Record::Heartbeat | Record::SkippedOptional { .. } => {}
             Record::End => break,
         }
     }
     p.ready("END", sink)?;
+    if kind == StreamKind::Replication {
+        // The primary ended replication: the last checkpoint is the machine (anything after it
+        // is an epoch that never completed).
+        let (Some(config), Some(cpu), Some(state)) = (p.config, p.cpu, last_state) else {
+            return Err(LoadError::NoCheckpoint.into());
+        };
+        return Ok(Loaded { format_version: p.version, config, cpu, state, bytes: r.bytes_read() });
+    }
     let (Some(config), Some(cpu), Some(builder)) = (p.config, p.cpu, p.builder) else {
         return Err(LoadError::NoConfig("END").into());
     };

@@ -126,6 +126,15 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                 s.broken += g.len() as u64;
                 format!("BROKEN_PAGES {} frames {:#x?}", g.len(), &g[..g.len().min(8)])
             }
+            Record::DiskConfig(c) => format!("DISK_CONFIG {} disks, sectors {:?}", c.sectors.len(), c.sectors),
+            Record::DiskBlocks(b) => format!(
+                "DISK_BLOCKS disk {} bytes {:#x}..{:#x} {}",
+                b.disk,
+                b.offset,
+                b.offset + b.len,
+                if b.data.is_some() { "data" } else { "zeros" }
+            ),
+            Record::Heartbeat => "HEARTBEAT".to_string(),
             Record::FinalPass => "FINAL_PASS (the source paused its guest; the final pass follows)".to_string(),
             Record::SkippedOptional { rtype: t, len } => format!("optional record {t:#x} ({len} bytes), skipped"),
             Record::End => {

@@ -16,7 +16,7 @@ mod writer;
 
 pub use cpu_model::{CpuModel, CpuidEntry, MAX_CPUID_ENTRIES};
 pub use inspect::{inspect, InspectSummary};
-pub use reader::{PageBatch, Record, StreamReader};
+pub use reader::{DiskBlocks, PageBatch, Record, StreamReader};
 pub use snapshot::{RamMap, SnapshotInfo, SnapshotKind, MAX_PARENT_PATH, SNAPSHOT_ID_LEN};
 pub use writer::StreamWriter;
 
@@ -24,8 +24,9 @@ pub use writer::StreamWriter;
 pub const PAGE_SIZE: usize = 4096;
 /// Magic at the start of every stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
-/// Format version this Ferry writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// Format version this Ferry writes (3: checkpointed streams with an epoch check, disks in the
+/// stream).
+pub const FORMAT_VERSION: u32 = 3;
 /// Oldest format version this Ferry reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Largest record body accepted.
@@ -59,6 +60,12 @@ pub mod rtype {
     /// A RAM region handed over in place (live update): the memory is not in the stream, the
     /// receiving process already holds the file descriptor it lives in.
     pub const RAM_REFERENCE: u32 = 0xd;
+    /// The disks whose blocks the stream carries (format version 3 on): count and sizes.
+    pub const DISK_CONFIG: u32 = 0xe;
+    /// One extent of a disk: data, or zeros (format version 3 on).
+    pub const DISK_BLOCKS: u32 = 0xf;
+    /// Optional, empty: the writer is alive (checkpointed streams, between epochs).
+    pub const HEARTBEAT: u32 = super::OPTIONAL | 0x10;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -76,6 +83,9 @@ pub mod rtype {
             CPU_MODEL => "CPU_MODEL",
             BROKEN_PAGES => "BROKEN_PAGES",
             RAM_REFERENCE => "RAM_REFERENCE",
+            DISK_CONFIG => "DISK_CONFIG",
+            DISK_BLOCKS => "DISK_BLOCKS",
+            0x10 => "HEARTBEAT",
             _ => "unknown",
         }
     }
@@ -202,6 +212,11 @@ impl StreamHeader {
         if flags & !StreamFlags::KNOWN != 0 {
             return Err(StreamError::UnknownFlags(flags & !StreamFlags::KNOWN));
         }
+        // Checkpoints are only between like versions (seed 004: a receiver cannot know where an
+        // older or newer writer's consistent states end), refused before anything is applied.
+        if StreamFlags(flags).contains(StreamFlags::CHECKPOINTED) && version != FORMAT_VERSION {
+            return Err(StreamError::CheckpointedVersion { found: version, ours: FORMAT_VERSION });
+        }
         let page_size = u32_at(16);
         if page_size != PAGE_SIZE as u32 {
             return Err(StreamError::PageSize(page_size));
@@ -265,6 +280,19 @@ impl RamReference {
     }
 }
 
+/// The disks a stream carries blocks of: each disk's size in 512-byte sectors, by index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub sectors: Vec<u64>,
+}
+
+/// Most disks a DISK_CONFIG may list.
+pub const MAX_DISKS: u32 = 64;
+/// Most data bytes one DISK_BLOCKS record carries.
+pub const MAX_DISK_EXTENT: u64 = 4 << 20;
+/// Disk extents are whole sectors.
+pub const DISK_SECTOR: u64 = 512;
+
 /// Most frames one BROKEN_PAGES record may list.
 pub const MAX_BROKEN_PAGES: u32 = 1 << 20;
 
@@ -310,6 +338,16 @@ pub enum StreamError {
     UnknownPageType { ptype: u8, gfn: u64, index: u64 },
     #[error("invalid record to write: {0}")]
     Invalid(String),
+    #[error(
+        "a checkpointed stream of format version {found}: checkpointed streams (replication) are only read \
+         between equal versions, and this Ferry writes and reads version {ours}"
+    )]
+    CheckpointedVersion { found: u32, ours: u32 },
+    #[error(
+        "checkpoint {seq} does not match the epoch it ends: it counts {want_records} records with checksum \
+         {want_crc:#010x}, the reader got {got_records} with {got_crc:#010x}"
+    )]
+    EpochMismatch { seq: u64, want_records: u32, want_crc: u32, got_records: u32, got_crc: u32 },
 }
 
 /// crc32c over the record type, length and body.

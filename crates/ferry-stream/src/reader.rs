@@ -26,7 +26,15 @@ pub enum Record<'a> {
         version: u32,
         data: &'a [u8],
     },
+    /// A consistent state ends here (its epoch already checked against the record, format
+    /// version 3 on).
     Checkpoint(u64),
+    /// The disks whose blocks follow (format version 3 on).
+    DiskConfig(crate::DiskConfig),
+    /// One extent of a disk.
+    DiskBlocks(DiskBlocks<'a>),
+    /// The writer is alive (optional; checkpointed streams).
+    Heartbeat,
     /// The guest's CPU (format version 2 on).
     CpuModel(crate::CpuModel),
     /// Broken guest frames (snapshot files).
@@ -80,6 +88,16 @@ impl<'a> PageBatch<'a> {
     }
 }
 
+/// One extent of a disk: `len` bytes at byte `offset`, either `data` or zeros.
+#[derive(Debug)]
+pub struct DiskBlocks<'a> {
+    pub disk: u32,
+    pub offset: u64,
+    pub len: u64,
+    /// `None`: the extent is zeros.
+    pub data: Option<&'a [u8]>,
+}
+
 /// Reads records from `R`.
 pub struct StreamReader<R: Read> {
     r: R,
@@ -88,6 +106,10 @@ pub struct StreamReader<R: Read> {
     offset: u64,
     index: u64,
     ended: bool,
+    /// Records read since the last CHECKPOINT (or the header), and the crc32c over their
+    /// stored checksums: what the next CHECKPOINT must state.
+    epoch_records: u32,
+    epoch_crc: u32,
 }
 
 /// Fills `buf` completely; `Ok(n)` with n < len means EOF after n bytes.
@@ -128,7 +150,16 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::TruncatedHeader(n as u64));
         }
         let header = StreamHeader::decode(&h)?;
-        Ok(StreamReader { r, header, buf: Vec::new(), offset: HEADER_LEN as u64, index: 0, ended: false })
+        Ok(StreamReader {
+            r,
+            header,
+            buf: Vec::new(),
+            offset: HEADER_LEN as u64,
+            index: 0,
+            ended: false,
+            epoch_records: 0,
+            epoch_crc: 0,
+        })
     }
 
     pub fn header(&self) -> &StreamHeader {
@@ -191,6 +222,10 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::Reserved { what: "record trailer", offset: start + 8 + total as u64 - 4 });
         }
         let body = &buf[..body_end];
+        if t != rtype::CHECKPOINT {
+            self.epoch_records = self.epoch_records.wrapping_add(1);
+            self.epoch_crc = crc32c::crc32c_append(self.epoch_crc, &stored.to_le_bytes());
+        }
         let malformed = |what: String| StreamError::Malformed { index, name, offset: start, what };
         let need = |n: usize| -> Result<(), StreamError> {
             if body.len() < n {
@@ -275,11 +310,64 @@ impl<R: Read> StreamReader<R> {
                 let id = String::from_utf8_lossy(&raw[..n]).into_owned();
                 Ok(Record::DeviceState { id, instance: u32_at(body, 16), version: u32_at(body, 20), data: &body[24..] })
             }
-            rtype::CHECKPOINT => {
+            rtype::CHECKPOINT if self.header.format_version < 3 => {
                 if body.len() != 8 {
                     return Err(malformed(format!("body of {} bytes, want 8", body.len())));
                 }
                 Ok(Record::Checkpoint(u64_at(body, 0)))
+            }
+            rtype::CHECKPOINT => {
+                // Version 3: sequence u64, records u32, crc u32 of the epoch it ends.
+                if body.len() != 16 {
+                    return Err(malformed(format!("body of {} bytes, want 16", body.len())));
+                }
+                let seq = u64_at(body, 0);
+                let (want_records, want_crc) = (u32_at(body, 8), u32_at(body, 12));
+                let (got_records, got_crc) = (self.epoch_records, self.epoch_crc);
+                self.epoch_records = 0;
+                self.epoch_crc = 0;
+                if (want_records, want_crc) != (got_records, got_crc) {
+                    return Err(StreamError::EpochMismatch { seq, want_records, want_crc, got_records, got_crc });
+                }
+                Ok(Record::Checkpoint(seq))
+            }
+            rtype::DISK_CONFIG => {
+                need(8)?;
+                let count = u32_at(body, 0);
+                if count == 0 || count > crate::MAX_DISKS || body.len() != 8 + 8 * count as usize {
+                    return Err(malformed(format!("{count} disks in a body of {} bytes", body.len())));
+                }
+                if u32_at(body, 4) != 0 {
+                    return Err(StreamError::Reserved { what: "DISK_CONFIG header", offset: start + 12 });
+                }
+                let sectors: Vec<u64> = (0..count as usize).map(|i| u64_at(body, 8 + 8 * i)).collect();
+                if sectors.contains(&0) {
+                    return Err(malformed("a disk of 0 sectors".into()));
+                }
+                Ok(Record::DiskConfig(crate::DiskConfig { sectors }))
+            }
+            rtype::DISK_BLOCKS => {
+                // disk u32, kind u32 (0 data, 1 zeros), offset u64, length u64, data.
+                need(24)?;
+                let (disk, kind, offset, len) = (u32_at(body, 0), u32_at(body, 4), u64_at(body, 8), u64_at(body, 16));
+                let sector = crate::DISK_SECTOR;
+                if len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) || offset.checked_add(len).is_none() {
+                    return Err(malformed(format!("extent of {len} bytes at {offset} is not whole sectors")));
+                }
+                let data = match kind {
+                    0 if len <= crate::MAX_DISK_EXTENT && body.len() as u64 == 24 + len => Some(&body[24..]),
+                    0 => return Err(malformed(format!("data extent of {len} bytes in a body of {}", body.len()))),
+                    1 if body.len() == 24 => None,
+                    1 => return Err(malformed(format!("zero extent with a body of {} bytes", body.len()))),
+                    k => return Err(malformed(format!("unknown extent kind {k}"))),
+                };
+                Ok(Record::DiskBlocks(DiskBlocks { disk, offset, len, data }))
+            }
+            rtype::HEARTBEAT => {
+                if !body.is_empty() {
+                    return Err(malformed(format!("body of {} bytes, want 0", body.len())));
+                }
+                Ok(Record::Heartbeat)
             }
             rtype::FINAL_PASS => {
                 if !body.is_empty() {

@@ -11,13 +11,25 @@ pub struct StreamWriter<W: Write> {
     bytes: u64,
     /// A page batch's count and entries are assembled here (reused).
     scratch: Vec<u8>,
+    /// The header's format version (a CHECKPOINT's body depends on it).
+    version: u32,
+    /// Records written since the last CHECKPOINT and the crc32c over their checksums.
+    epoch_records: u32,
+    epoch_crc: u32,
 }
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header.
     pub fn new(mut w: W, header: &StreamHeader) -> Result<Self, StreamError> {
         w.write_all(&header.encode()).map_err(StreamError::Write)?;
-        Ok(StreamWriter { w, bytes: crate::HEADER_LEN as u64, scratch: Vec::new() })
+        Ok(StreamWriter {
+            w,
+            bytes: crate::HEADER_LEN as u64,
+            scratch: Vec::new(),
+            version: header.format_version,
+            epoch_records: 0,
+            epoch_crc: 0,
+        })
     }
 
     /// Bytes written so far, header included.
@@ -49,7 +61,12 @@ impl<W: Write> StreamWriter<W> {
         self.put(&[0u8; 8][..pad_len(len)])?;
         let mut tail = [0u8; 8];
         tail[..4].copy_from_slice(&crc.to_le_bytes());
-        self.put(&tail)
+        self.put(&tail)?;
+        if t != rtype::CHECKPOINT {
+            self.epoch_records = self.epoch_records.wrapping_add(1);
+            self.epoch_crc = crc32c::crc32c_append(self.epoch_crc, &crc.to_le_bytes());
+        }
+        Ok(())
     }
 
     pub fn machine_config(&mut self, c: &MachineConfig) -> Result<(), StreamError> {
@@ -162,8 +179,57 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::FINAL_PASS, &[])
     }
 
+    /// CHECKPOINT: a consistent state ends here. From format version 3 it states the count of
+    /// records in the epoch it ends and the crc32c over their checksums.
     pub fn checkpoint(&mut self, seq: u64) -> Result<(), StreamError> {
-        self.record(rtype::CHECKPOINT, &[&seq.to_le_bytes()])
+        if self.version < 3 {
+            return self.record(rtype::CHECKPOINT, &[&seq.to_le_bytes()]);
+        }
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&seq.to_le_bytes());
+        b[8..12].copy_from_slice(&self.epoch_records.to_le_bytes());
+        b[12..16].copy_from_slice(&self.epoch_crc.to_le_bytes());
+        self.record(rtype::CHECKPOINT, &[&b])?;
+        self.epoch_records = 0;
+        self.epoch_crc = 0;
+        Ok(())
+    }
+
+    /// DISK_CONFIG: the disks whose blocks follow.
+    pub fn disk_config(&mut self, c: &crate::DiskConfig) -> Result<(), StreamError> {
+        if c.sectors.is_empty() || c.sectors.len() > crate::MAX_DISKS as usize || c.sectors.contains(&0) {
+            return Err(StreamError::Invalid(format!("disk config {:?}", c.sectors)));
+        }
+        let mut b = Vec::with_capacity(8 + 8 * c.sectors.len());
+        b.extend_from_slice(&(c.sectors.len() as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for s in &c.sectors {
+            b.extend_from_slice(&s.to_le_bytes());
+        }
+        self.record(rtype::DISK_CONFIG, &[&b])
+    }
+
+    /// DISK_BLOCKS: `len` bytes at byte `offset` of disk `disk`; `data` (of `len` bytes, at most
+    /// [`crate::MAX_DISK_EXTENT`]) or zeros when `None`.
+    pub fn disk_blocks(&mut self, disk: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), StreamError> {
+        let sector = crate::DISK_SECTOR;
+        if len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) {
+            return Err(StreamError::Invalid(format!("disk extent of {len} bytes at {offset}")));
+        }
+        if data.is_some_and(|d| d.len() as u64 != len || len > crate::MAX_DISK_EXTENT) {
+            return Err(StreamError::Invalid(format!("disk data extent of {len} bytes")));
+        }
+        let mut h = [0u8; 24];
+        h[..4].copy_from_slice(&disk.to_le_bytes());
+        h[4..8].copy_from_slice(&(data.is_none() as u32).to_le_bytes());
+        h[8..16].copy_from_slice(&offset.to_le_bytes());
+        h[16..24].copy_from_slice(&len.to_le_bytes());
+        self.record(rtype::DISK_BLOCKS, &[&h, data.unwrap_or(&[])])
+    }
+
+    /// HEARTBEAT (optional, empty): the writer is alive.
+    pub fn heartbeat(&mut self) -> Result<(), StreamError> {
+        self.record(rtype::HEARTBEAT, &[])
     }
 
     /// SNAPSHOT_INFO (snapshot files).

@@ -104,6 +104,15 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
             Record::BrokenPages(g) => format!("broken {g:x?}"),
             Record::RamReference(r) => format!("ramref {r:?}"),
             Record::FinalPass => "final pass".to_string(),
+            Record::DiskConfig(c) => format!("disks {:?}", c.sectors),
+            Record::DiskBlocks(b) => format!(
+                "blocks {} {:#x}+{:#x} {}",
+                b.disk,
+                b.offset,
+                b.len,
+                b.data.map(|d| format!("data {}", d[0])).unwrap_or_else(|| "zeros".into())
+            ),
+            Record::Heartbeat => "heartbeat".to_string(),
             Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
             Record::End => {
                 out.push("end".into());
@@ -143,7 +152,7 @@ fn golden_v1_fixture_is_what_this_version_writes_and_reads_back() {
 #[test]
 fn golden_v2_fixture_is_what_this_version_writes_and_reads_back() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v2-basic.bin");
-    let written = golden_stream_of(FORMAT_VERSION);
+    let written = golden_stream_of(2);
     if std::env::var("FERRY_BLESS").is_ok() {
         std::fs::write(path, &written).unwrap();
     }
@@ -154,6 +163,137 @@ fn golden_v2_fixture_is_what_this_version_writes_and_reads_back() {
     assert_eq!(written, fixture, "the writer no longer produces the v2 fixture byte for byte");
     assert_eq!(decoded[1], "cpu 2100000 kHz xsave 4096 cpuid [CpuidEntry { function: 0, index: 0, flags: 0, eax: d, ebx: 756e6547, ecx: 6c65746e, edx: 49656e69 }, CpuidEntry { function: 7, index: 0, flags: 1, eax: 0, ebx: 29, ecx: 0, edx: 0 }]");
     assert_eq!(decoded.len(), 8);
+}
+
+/// The version 3 golden stream: a checkpointed stream (replication) with two epochs, disk
+/// records, a heartbeat between the epochs, END.
+fn golden_v3_checkpointed() -> Vec<u8> {
+    let h = StreamHeader {
+        format_version: 3,
+        flags: StreamFlags::CHECKPOINTED,
+        page_size: 4096,
+        writer_version: (0, 1, 0),
+    };
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 1, regions: vec![(0, 64 << 20)] }).unwrap();
+    w.cpu_model(&CpuModel {
+        tsc_khz: 2_100_000,
+        xsave_size: 4096,
+        cpuid: vec![CpuidEntry { function: 1, index: 0, flags: 0, eax: 0x800f12, ebx: 0, ecx: 0, edx: 0 }],
+    })
+    .unwrap();
+    w.disk_config(&DiskConfig { sectors: vec![2048] }).unwrap();
+    w.page_batch(&[(0x10, PageType::Normal), (0x11, PageType::Zero)], &[&page(3)]).unwrap();
+    w.disk_blocks(0, 0, 512, Some(&[9u8; 512])).unwrap();
+    w.disk_blocks(0, 4096, 8192, None).unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.vcpu_state(0, 2, b"vcpu").unwrap();
+    w.device_state("serial", 0, 1, b"uart").unwrap();
+    w.checkpoint(0).unwrap();
+    w.heartbeat().unwrap();
+    w.page_batch(&[(0x10, PageType::Normal)], &[&page(4)]).unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.checkpoint(1).unwrap();
+    w.end().unwrap();
+    w.into_inner()
+}
+
+#[test]
+fn golden_v3_checkpointed_fixture_is_what_this_version_writes_and_reads_back() {
+    assert_eq!(FORMAT_VERSION, 3, "a new format version needs its own golden fixture");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v3-checkpointed.bin");
+    let written = golden_v3_checkpointed();
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(path, &written).unwrap();
+    }
+    let fixture = std::fs::read(path).unwrap();
+
+    let decoded = read_all(&fixture).unwrap();
+
+    assert_eq!(written, fixture, "the writer no longer produces the v3 fixture byte for byte");
+    assert_eq!(
+        decoded[2..],
+        [
+            "disks [2048]",
+            "batch 0x10:Normal:3,34,65,96 0x11:Zero:",
+            "blocks 0 0x0+0x200 data 9",
+            "blocks 0 0x1000+0x2000 zeros",
+            "vm v1 vm",
+            "vcpu 0 v2 vcpu",
+            "dev serial#0 v1 uart",
+            "checkpoint 0",
+            "heartbeat",
+            "batch 0x10:Normal:4,35,66,97",
+            "vm v1 vm",
+            "checkpoint 1",
+            "end",
+        ]
+    );
+}
+
+/// Seed 004's fourth case: a checkpointed stream from another format version is refused at its
+/// header, naming both versions, before any record is read.
+#[test]
+fn a_checkpointed_stream_of_another_version_is_refused_at_the_header() {
+    let mut b = golden_v3_checkpointed();
+    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let e = StreamReader::new(&b[..]).err().unwrap();
+    assert!(matches!(e, StreamError::CheckpointedVersion { found: 2, ours: 3 }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("version 2") && msg.contains("version 3"), "{msg}");
+    // The same stream without the flag is a plain version 2 stream: read.
+    let plain = golden_stream_of(2);
+    assert!(read_all(&plain).is_ok());
+}
+
+/// An epoch that lost a record (or gained one) fails at its CHECKPOINT: the receiver never takes
+/// it for a consistent state.
+#[test]
+fn a_checkpoint_whose_epoch_lost_a_record_is_refused() {
+    let h = StreamHeader::new(StreamFlags::CHECKPOINTED);
+    // Two streams that differ only in one record of the second epoch; splice the first's
+    // CHECKPOINT after the second's shorter epoch.
+    let mut full = StreamWriter::new(Vec::new(), &h).unwrap();
+    full.vm_state(1, b"a").unwrap();
+    full.checkpoint(0).unwrap();
+    let cut = full.bytes_written() as usize;
+    full.vm_state(1, b"b").unwrap();
+    let dropped_at = full.bytes_written() as usize;
+    full.vm_state(1, b"c").unwrap();
+    full.checkpoint(1).unwrap();
+    let bytes = full.into_inner();
+    let mut spliced = bytes[..dropped_at].to_vec();
+    // Drop the record "c": the checkpoint after it says 2 records.
+    let ckpt_len = 8 + 16 + 8;
+    spliced.extend_from_slice(&bytes[bytes.len() - ckpt_len..]);
+    let mut r = StreamReader::new(&spliced[..]).unwrap();
+    assert!(matches!(r.next_record().unwrap(), Record::VmState { .. }));
+    assert!(matches!(r.next_record().unwrap(), Record::Checkpoint(0)));
+    assert!(matches!(r.next_record().unwrap(), Record::VmState { .. }));
+    match r.next_record() {
+        Err(StreamError::EpochMismatch { seq: 1, want_records: 2, got_records: 1, .. }) => {}
+        other => panic!("expected an epoch mismatch, got {other:?}"),
+    }
+    assert!(cut < dropped_at);
+}
+
+#[test]
+fn disk_records_refuse_partial_sectors_and_lengths_that_do_not_match() {
+    let h = StreamHeader::new(StreamFlags::empty());
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    assert!(w.disk_blocks(0, 100, 512, None).is_err());
+    assert!(w.disk_blocks(0, 0, 512, Some(&[0; 100])).is_err());
+    assert!(w.disk_config(&DiskConfig { sectors: vec![] }).is_err());
+    // A body that claims more data than it has.
+    w.raw_record(
+        ferry_stream::rtype::DISK_BLOCKS,
+        &[&0u32.to_le_bytes()[..], &0u32.to_le_bytes(), &0u64.to_le_bytes(), &4096u64.to_le_bytes(), &[1; 512]]
+            .concat(),
+    )
+    .unwrap();
+    w.end().unwrap();
+    let e = read_all(&w.into_inner()).unwrap_err();
+    assert!(e.to_string().contains("data extent of 4096 bytes"), "{e}");
 }
 
 #[test]
@@ -184,7 +324,7 @@ fn newer_format_version_is_refused_naming_both_versions() {
     let mut s = golden_stream();
     s[8] = 9;
     let e = read_all(&s).unwrap_err().to_string();
-    assert!(e.contains("version 9") && e.contains("1 to 2"), "{e}");
+    assert!(e.contains("version 9") && e.contains("1 to 3"), "{e}");
 }
 
 #[test]

@@ -373,6 +373,6 @@ fn a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_bo
 
     let msg = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(t, 2, "the destination answered a source it cannot read");
-    assert!(msg.contains("the source writes format versions 5 to 6, the destination reads 1 to 2"), "{msg}");
+    assert!(msg.contains("the source writes format versions 5 to 6, the destination reads 1 to 3"), "{msg}");
     assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
 }

@@ -2,6 +2,7 @@
 //!
 //! Every device can report its state for a migration stream and be rebuilt from it.
 
+pub mod disk_dirty;
 pub mod disk_image;
 pub mod serial;
 pub mod virtio_blk;

@@ -313,7 +313,11 @@ pub(super) fn execute(inner: &Inner, req: &Request) -> (u8, u32) {
             }
             let mut off = req.sector * SECTOR_SIZE;
             for s in &req.segments {
-                if !io_segment(inner, fd, s, off, true) {
+                let ok = io_segment(inner, fd, s, off, true);
+                // Marked once on the image, and when it failed part way (some bytes may have
+                // landed): a consumer that read the block meanwhile sees it dirty again.
+                inner.blocks.mark(off, s.len as u64);
+                if !ok {
                     return (ioerr, 1);
                 }
                 off += s.len as u64;

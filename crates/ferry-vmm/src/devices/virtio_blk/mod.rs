@@ -36,6 +36,7 @@ pub mod state;
 
 use self::io::{complete_to_guest, device_thread, io_thread, notify_guest};
 use self::state::{BlockState, Request, TransportState};
+use super::disk_dirty::DiskDirty;
 use super::disk_image::DiskImage;
 use crate::dirty_log::GuestDirty;
 use crate::persist::Persist;
@@ -209,6 +210,8 @@ struct Shared {
 struct Inner {
     index: usize,
     image: DiskImage,
+    /// Blocks the guest wrote, per consumer (storage migration, replication).
+    blocks: DiskDirty,
     mem: GuestMemoryMmap,
     dirty: GuestDirty,
     poison: Arc<crate::poison::PoisonSet>,
@@ -317,6 +320,7 @@ impl BlockDevice {
         let latency = Duration::from_micros(image.spec().latency_us);
         let inner = Arc::new(Inner {
             index,
+            blocks: DiskDirty::new(image.bytes()),
             image,
             mem,
             dirty,
@@ -360,6 +364,11 @@ impl BlockDevice {
 
     pub fn image(&self) -> &DiskImage {
         &self.inner.image
+    }
+
+    /// The blocks the guest wrote (docs/virtio-blk.md, "Storage in the stream").
+    pub fn dirty_blocks(&self) -> &DiskDirty {
+        &self.inner.blocks
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Shared>, BlockError> {
