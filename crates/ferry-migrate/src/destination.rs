@@ -51,6 +51,8 @@ pub enum IncomingError {
     Reply(#[source] std::io::Error),
     #[error("cannot start the machine's vCPUs")]
     Start(#[source] ferry_vmm::vm::VmError),
+    #[error("the disks")]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// Timings of the load, reported in the ACK and to the caller.
@@ -317,6 +319,8 @@ struct MigrationSink<'a> {
     /// Page entries still to come before the first pass (every page once) is complete.
     first_pass_left: u64,
     stats: IncomingStats,
+    /// The disks' blocks, when the stream carries them (`--copy-storage`).
+    storage: crate::storage::StorageReceiver<'a>,
 }
 
 impl RecordSink for MigrationSink<'_> {
@@ -412,6 +416,14 @@ impl RecordSink for MigrationSink<'_> {
         Ok(())
     }
 
+    fn disk_config(&mut self, c: ferry_stream::DiskConfig) -> Result<(), IncomingError> {
+        Ok(self.storage.config(&c)?)
+    }
+
+    fn disk_blocks(&mut self, b: ferry_stream::DiskBlocks<'_>) -> Result<(), IncomingError> {
+        Ok(self.storage.apply(&b)?)
+    }
+
     fn snapshot_info(&mut self, _: SnapshotInfo) -> Result<(), IncomingError> {
         Err(IncomingError::Unexpected("SNAPSHOT_INFO"))
     }
@@ -462,6 +474,7 @@ fn load(
         idle_copy: None,
         first_pass_left: u64::MAX,
         stats: IncomingStats::default(),
+        storage: crate::storage::StorageReceiver::new(disks),
     };
     let loaded = load_records(&mut r, StreamKind::Migration, &opts, &mut sink)?;
     let t_end = Instant::now();

@@ -26,5 +26,6 @@ pub mod protocol;
 pub mod records;
 pub mod snapshot;
 pub mod source;
+pub mod storage;
 pub mod throttle;
 pub mod transport;

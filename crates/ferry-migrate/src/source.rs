@@ -55,6 +55,10 @@ pub enum MigrateError {
     NotConverged { iterations: u32, pending_mib: f64, estimate_ms: f64, bandwidth_mib_s: f64, limit_ms: u64 },
     #[error("migration cancelled")]
     Cancelled,
+    #[error("copying the disks")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("--copy-storage: the machine has no disk to copy")]
+    NoDisks,
     #[error("the destination took no data for {secs:.1} s (the stall timeout; {unread} bytes still queued to it)")]
     Stalled { secs: f64, unread: u64 },
     #[error("reading guest memory at {gpa:#x} failed")]
@@ -79,6 +83,8 @@ pub struct MigrateParams {
     /// Fail the migration when the destination takes no stream data for this long (it stopped
     /// reading: hung, stopped, or a dead link that does not reset).
     pub stall_timeout: Duration,
+    /// Send the disks' blocks too (the destination writes them into its own images).
+    pub copy_storage: bool,
 }
 
 /// Default for [`MigrateParams::stall_timeout`].
@@ -189,6 +195,8 @@ pub struct MigrationSummary {
     pub disk_lock_released_before_commit: bool,
     /// Broken pages handed over (sent typed BROKEN in the final pass).
     pub broken_pages: u64,
+    /// Disk blocks sent (`--copy-storage`), all passes.
+    pub storage: crate::storage::StorageCounts,
 }
 
 /// Progress reports while the migration runs.
@@ -240,6 +248,8 @@ struct Sender<'a> {
     counts: PageCounts,
     limit: Option<NonZeroU64>,
     cancel: &'a AtomicBool,
+    /// The disks' dirty blocks (`--copy-storage`).
+    storage: Option<crate::storage::StorageSender<'a>>,
 }
 
 /// Whether a page's bytes are all zero.
@@ -617,6 +627,7 @@ fn run<'s>(
         counts: PageCounts::default(),
         limit: params.max_bandwidth,
         cancel,
+        storage: None,
     };
     let ram = vm.ram();
     let config = MachineConfig {
@@ -626,6 +637,13 @@ fn run<'s>(
     };
     s.w.machine_config(&config).map_err(MigrateError::Send)?;
     s.w.cpu_model(vm.cpu_model()).map_err(MigrateError::Send)?;
+    if params.copy_storage {
+        if vm.disks().is_empty() {
+            return Err(MigrateError::NoDisks);
+        }
+        s.w.disk_config(&crate::storage::disk_config(vm)).map_err(MigrateError::Send)?;
+        s.storage = Some(crate::storage::StorageSender::start(vm, "migration")?);
+    }
     let mut summary = MigrationSummary {
         to: params.to.to_string(),
         setup_ms: ms(t_start.elapsed()),
@@ -659,7 +677,8 @@ fn precopy(
     s.idle = Some(crate::copy_priority::IdleCopy::enter(vm.vcpu_count(), disk_threads));
     loop {
         vm.dirty_sync()?;
-        let pending = vm.dirty_pending(s.consumer)?;
+        // Disk blocks are page-sized: they count as pages for the estimate.
+        let pending = vm.dirty_pending(s.consumer)? + s.storage.as_ref().map_or(0, |st| st.pending());
         let estimate_ms = policy.estimate_ms(pending);
         let can_throttle = throttle.is_some_and(|t| t.can_step_up());
         match policy.decide(pending, can_throttle, params) {
@@ -681,6 +700,9 @@ fn precopy(
         let b0 = s.w.bytes_written();
         let off0 = throttle.map(|t| t.off_total());
         let (sent, normal, zero) = s.send_pending(t0, b0)?;
+        if let Some(st) = s.storage.as_mut() {
+            summary.storage += st.send(&mut s.w)?;
+        }
         s.probe_holes = false;
         s.batch_pages = LATE_BATCH_PAGES;
         s.w.flush().map_err(MigrateError::Send)?;
@@ -750,6 +772,11 @@ fn handover(
     let b0 = s.w.bytes_written();
     s.limit = None;
     let (final_pages, _, _) = s.send_pending(t, b0)?;
+    // The disks are quiesced: what the guest wrote is all in their logs now. Requests still
+    // executing are in the device state and written again by the destination.
+    if let Some(st) = s.storage.as_mut() {
+        summary.storage += st.send(&mut s.w)?;
+    }
     // The final re-check of page types (seed 001, step 8): every page known broken now goes
     // again as BROKEN, including those that broke after their data was sent.
     summary.broken_pages = s.send_broken_pages()?;

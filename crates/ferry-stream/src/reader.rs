@@ -351,7 +351,11 @@ impl<R: Read> StreamReader<R> {
                 need(24)?;
                 let (disk, kind, offset, len) = (u32_at(body, 0), u32_at(body, 4), u64_at(body, 8), u64_at(body, 16));
                 let sector = crate::DISK_SECTOR;
-                if len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) || offset.checked_add(len).is_none() {
+                if len == 0
+                    || !offset.is_multiple_of(sector)
+                    || !len.is_multiple_of(sector)
+                    || offset.checked_add(len).is_none()
+                {
                     return Err(malformed(format!("extent of {len} bytes at {offset} is not whole sectors")));
                 }
                 let data = match kind {

@@ -199,6 +199,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "force_switchover",
             "auto_converge",
             "stall_timeout_ms",
+            "copy_storage",
         ],
     ),
     ("snapshot", &["to", "live", "stop", "incremental_from"]),
@@ -257,6 +258,7 @@ fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
             Some(ms) => Duration::from_millis(ms),
             None => ferry_migrate::source::DEFAULT_STALL_TIMEOUT,
         },
+        copy_storage: opt_bool(req, "copy_storage")?.unwrap_or(false),
     })
 }
 

@@ -179,6 +179,10 @@ struct MigrateArgs {
     /// this many ms: it stopped reading (hung, stopped, or a link that died without a reset).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_ms: u64,
+    /// Copy the disks too: their blocks go in the stream (the guest's writes during the
+    /// migration included) into the destination's own --disk images, of the same sizes.
+    #[arg(long)]
+    copy_storage: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -760,6 +764,7 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
         "force_switchover": a.force_switchover,
         "auto_converge": !a.no_auto_converge,
         "stall_timeout_ms": a.stall_timeout_ms,
+        "copy_storage": a.copy_storage,
     });
     if let Some(b) = a.max_bandwidth {
         req["max_bandwidth_mib_s"] = b.into();

@@ -382,3 +382,64 @@ fn two_disks_migrate_each_with_its_own_state_and_a_destination_missing_one_refus
     assert_eq!(o.summary["disks"], 2, "{}", o.summary);
     assert_guest_clean_after(&src, &mut dst);
 }
+
+/// `--copy-storage`: the destination has its own image, filled with garbage beforehand; every
+/// block the guest wrote (before and during the migration) arrives, and the guest's disk
+/// verifier, which reads back what it wrote, stays clean on the destination.
+#[test]
+fn copy_storage_moves_the_disk_into_the_destinations_own_image_and_the_guest_verifies_it() {
+    if !kvm_available("copy_storage_moves_the_disk_into_the_destinations_own_image_and_the_guest_verifies_it") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let src = source("blk-copy", "path=IMG,latency-us=500");
+    let own = src.dir.join("own.img");
+    std::fs::write(&own, vec![0xa5u8; 64 << 20]).unwrap();
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let dst = destination(&uri, own.to_str().unwrap());
+
+    let out = Command::new(FERRY)
+        .args(["migrate", "--api-socket", src.api.to_str().unwrap(), "--to", &uri, "--copy-storage", "--json"])
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = &s["storage"];
+    // Every block went in the first pass: 64 MiB as data or zeros.
+    assert!(st["data_bytes"].as_u64().unwrap() + st["zero_bytes"].as_u64().unwrap() >= 64 << 20, "{s}");
+    assert!(st["data_bytes"].as_u64().unwrap() > 0, "{s}");
+    let mut dst = dst;
+    assert_guest_clean_after(&src, &mut dst);
+    // The source's image is not the destination's: blocks the guest never wrote are zeros there
+    // now (the garbage was overwritten by the zero extents).
+    let img = std::fs::read(&own).unwrap();
+    assert!(img[(63 << 20)..].iter().all(|&b| b == 0), "the tail of the image kept its garbage");
+}
+
+#[test]
+fn copy_storage_to_an_image_of_another_size_is_refused_before_a_block_is_written() {
+    if !kvm_available("copy_storage_to_an_image_of_another_size_is_refused_before_a_block_is_written") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut src = source("blk-copy-size", "IMG");
+    let own = src.dir.join("own.img");
+    std::fs::write(&own, vec![0x5au8; 32 << 20]).unwrap();
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri, own.to_str().unwrap());
+
+    let out = Command::new(FERRY)
+        .args(["migrate", "--api-socket", src.api.to_str().unwrap(), "--to", &uri, "--copy-storage"])
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("has 65536 sectors here but 131072 on the source"), "{e}");
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
+    assert!(std::fs::read(&own).unwrap().iter().all(|&b| b == 0x5a), "the refused image was written");
+    let d = more_reports(&mut src.vm, 4);
+    assert_eq!(d.last().unwrap().errors, 0);
+}
