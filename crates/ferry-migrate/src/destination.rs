@@ -70,24 +70,24 @@ pub struct IncomingStats {
     pub broken_pages: u64,
 }
 
-struct Pending {
+pub(crate) struct Pending {
     /// The machine is built as soon as the configuration arrives, so that the switch-over only
     /// has to put state into it.
-    machine: ferry_vmm::vm::MachineParts,
-    vcpus: u32,
+    pub(crate) machine: ferry_vmm::vm::MachineParts,
+    pub(crate) vcpus: u32,
     /// Created once the CPU model is known.
-    fds: Vec<kvm_ioctls::VcpuFd>,
+    pub(crate) fds: Vec<kvm_ioctls::VcpuFd>,
     /// Pages written during this load (a ZERO page there must be cleared again).
-    written: Vec<Bitmap>,
+    pub(crate) written: Vec<Bitmap>,
     /// Fills missing pages without zeroing them first (None: userfaultfd unavailable).
-    uffd: Option<Uffd>,
+    pub(crate) uffd: Option<Uffd>,
 }
 
 impl Pending {
     /// A BROKEN entry: the page joins this machine's poison set and is poisoned for real here,
     /// so the guest gets a machine check when it touches it and no stale data is ever read
     /// (whatever this load wrote there before is dropped).
-    fn mark_broken(&mut self, gfn: u64) -> Result<(), IncomingError> {
+    pub(crate) fn mark_broken(&mut self, gfn: u64) -> Result<(), IncomingError> {
         let (_, ri, page) = self.page(gfn)?;
         let ram = &self.machine.ram;
         if ram.poison().mark(gfn, ferry_vmm::poison::PoisonCause::Stream) {
@@ -364,56 +364,7 @@ impl RecordSink for MigrationSink<'_> {
         if let Some(i) = self.idle_copy.as_mut() {
             i.watch();
         }
-        let stats = &mut self.stats;
-        // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.
-        let mut run: Option<(u64, u64, &[u8])> = None;
-        for (gfn, ty, data) in batch.iter() {
-            if let (PageType::Normal, Some(d)) = (ty, data) {
-                stats.normal_pages += 1;
-                match &mut run {
-                    Some((start, n, buf)) if *start + *n == gfn && buf.as_ptr_range().end == d.as_ptr() => {
-                        *n += 1;
-                        // SAFETY: both slices come from the same record buffer and are
-                        // adjacent (checked above), so the joined range is one slice.
-                        *buf = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len() + d.len()) };
-                        continue;
-                    }
-                    _ => {
-                        if let Some((start, n, buf)) = run.take() {
-                            p.write_run(start, n, buf)?;
-                        }
-                        run = Some((gfn, 1, d));
-                        continue;
-                    }
-                }
-            }
-            if let Some((start, n, buf)) = run.take() {
-                p.write_run(start, n, buf)?;
-            }
-            match ty {
-                PageType::Zero | PageType::Discarded => {
-                    if p.machine.ram.poison().contains(gfn) {
-                        return Err(IncomingError::DataForBroken(gfn));
-                    }
-                    let (host, ri, page) = p.page(gfn)?;
-                    if p.written[ri].get(page) {
-                        // SAFETY: the page exists (written earlier in this load) and no
-                        // vCPU runs yet.
-                        unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
-                    }
-                    stats.zero_pages += 1;
-                }
-                PageType::Broken => {
-                    p.mark_broken(gfn)?;
-                    stats.broken_pages += 1;
-                }
-                PageType::Normal => return Err(IncomingError::Unexpected("NORMAL page without data")),
-            }
-        }
-        if let Some((start, n, buf)) = run.take() {
-            p.write_run(start, n, buf)?;
-        }
-        Ok(())
+        apply_pages(p, &mut self.stats, batch.iter())
     }
 
     fn disk_config(&mut self, c: ferry_stream::DiskConfig) -> Result<(), IncomingError> {
@@ -444,6 +395,64 @@ impl RecordSink for MigrationSink<'_> {
     fn state_begins(&mut self) {
         drop(self.idle_copy.take());
     }
+}
+
+/// Writes a batch's pages into guest RAM (`(frame, type, data)` in order, data for NORMAL
+/// pages): runs of NORMAL pages with consecutive frames and adjacent data are one copy.
+pub(crate) fn apply_pages<'d>(
+    p: &mut Pending,
+    stats: &mut IncomingStats,
+    pages: impl Iterator<Item = (u64, PageType, Option<&'d [u8]>)>,
+) -> Result<(), IncomingError> {
+    // Runs of NORMAL pages with consecutive frames have consecutive data: one copy.
+    let mut run: Option<(u64, u64, &[u8])> = None;
+    for (gfn, ty, data) in pages {
+        if let (PageType::Normal, Some(d)) = (ty, data) {
+            stats.normal_pages += 1;
+            match &mut run {
+                Some((start, n, buf)) if *start + *n == gfn && buf.as_ptr_range().end == d.as_ptr() => {
+                    *n += 1;
+                    // SAFETY: both slices come from the same record buffer and are
+                    // adjacent (checked above), so the joined range is one slice.
+                    *buf = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len() + d.len()) };
+                    continue;
+                }
+                _ => {
+                    if let Some((start, n, buf)) = run.take() {
+                        p.write_run(start, n, buf)?;
+                    }
+                    run = Some((gfn, 1, d));
+                    continue;
+                }
+            }
+        }
+        if let Some((start, n, buf)) = run.take() {
+            p.write_run(start, n, buf)?;
+        }
+        match ty {
+            PageType::Zero | PageType::Discarded => {
+                if p.machine.ram.poison().contains(gfn) {
+                    return Err(IncomingError::DataForBroken(gfn));
+                }
+                let (host, ri, page) = p.page(gfn)?;
+                if p.written[ri].get(page) {
+                    // SAFETY: the page exists (written earlier in this load) and no
+                    // vCPU runs yet.
+                    unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
+                }
+                stats.zero_pages += 1;
+            }
+            PageType::Broken => {
+                p.mark_broken(gfn)?;
+                stats.broken_pages += 1;
+            }
+            PageType::Normal => return Err(IncomingError::Unexpected("NORMAL page without data")),
+        }
+    }
+    if let Some((start, n, buf)) = run.take() {
+        p.write_run(start, n, buf)?;
+    }
+    Ok(())
 }
 
 /// Reads the stream into a new machine's RAM; returns the machine's parts and its state.

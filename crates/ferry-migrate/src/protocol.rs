@@ -21,6 +21,8 @@ use ferry_stream::{FORMAT_VERSION, MIN_FORMAT_VERSION};
 
 pub const FRAME_ACK: u32 = 1;
 pub const FRAME_NACK: u32 = 2;
+/// Replication: the standby has applied a checkpoint (body: sequence u64).
+pub const FRAME_CHECKPOINT_ACK: u32 = 3;
 /// What the source sends to hand the guest over.
 pub const COMMIT: &[u8; 8] = b"FERRYCMT";
 /// Longest NACK message accepted.
@@ -260,6 +262,38 @@ pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
             };
             let disk_replay = if len == 24 { word(2) } else { 0 };
             Ok(Ack { load_us: word(0), restore_us: word(1), disk_replay })
+        }
+        FRAME_NACK => Err(ProtocolError::Refused(String::from_utf8_lossy(&body).into_owned())),
+        other => Err(ProtocolError::BadFrame(other)),
+    }
+}
+
+/// Standby: checkpoint `seq` is applied (the primary may release the output it covers).
+pub fn send_checkpoint_ack(w: &mut impl Write, seq: u64) -> std::io::Result<()> {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&FRAME_CHECKPOINT_ACK.to_le_bytes());
+    b[4..8].copy_from_slice(&8u32.to_le_bytes());
+    b[8..].copy_from_slice(&seq.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Primary: the standby's acknowledgement of a checkpoint (or its refusal).
+pub fn read_checkpoint_ack(r: &mut impl Read) -> Result<u64, ProtocolError> {
+    let mut h = [0u8; 8];
+    r.read_exact(&mut h)?;
+    let t = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    if len > MAX_NACK {
+        return Err(ProtocolError::TooLong(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    match t {
+        FRAME_CHECKPOINT_ACK if len == 8 => {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&body);
+            Ok(u64::from_le_bytes(w))
         }
         FRAME_NACK => Err(ProtocolError::Refused(String::from_utf8_lossy(&body).into_owned())),
         other => Err(ProtocolError::BadFrame(other)),

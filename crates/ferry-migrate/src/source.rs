@@ -211,9 +211,9 @@ pub enum Progress {
 
 /// Resumes the disks (completing what they held) and then the vCPUs on drop unless committed:
 /// the source keeps running after any failure.
-struct PauseGuard<'a> {
-    vm: &'a Vm,
-    committed: bool,
+pub(crate) struct PauseGuard<'a> {
+    pub(crate) vm: &'a Vm,
+    pub(crate) committed: bool,
 }
 
 impl Drop for PauseGuard<'_> {
@@ -231,25 +231,25 @@ impl Drop for PauseGuard<'_> {
     }
 }
 
-struct Sender<'a> {
-    vm: &'a Vm,
+pub(crate) struct Sender<'a> {
+    pub(crate) vm: &'a Vm,
     /// The sender's idle-class guard during pre-copy (copy_priority.rs).
-    idle: Option<crate::copy_priority::IdleCopy>,
+    pub(crate) idle: Option<crate::copy_priority::IdleCopy>,
     /// Pages per PAGE_BATCH: large for the bulk pass, small afterwards so the destination's
     /// work behind the last byte it read stays short.
-    batch_pages: usize,
+    pub(crate) batch_pages: usize,
     /// Look for memfd holes (never-written pages) before reading pages. Only the first pass
     /// needs it: afterwards every dirty bit comes from a write, so the page is not a hole.
-    probe_holes: bool,
-    w: StreamWriter<BufWriter<StallWatch<'a, Conn>>>,
+    pub(crate) probe_holes: bool,
+    pub(crate) w: StreamWriter<BufWriter<StallWatch<'a, Conn>>>,
     /// Page bytes of the batch being built (reused).
-    pages_buf: Vec<u8>,
-    consumer: ConsumerId,
-    counts: PageCounts,
-    limit: Option<NonZeroU64>,
-    cancel: &'a AtomicBool,
+    pub(crate) pages_buf: Vec<u8>,
+    pub(crate) consumer: ConsumerId,
+    pub(crate) counts: PageCounts,
+    pub(crate) limit: Option<NonZeroU64>,
+    pub(crate) cancel: &'a AtomicBool,
     /// The disks' dirty blocks (`--copy-storage`).
-    storage: Option<crate::storage::StorageSender<'a>>,
+    pub(crate) storage: Option<crate::storage::StorageSender<'a>>,
 }
 
 /// Whether a page's bytes are all zero.
@@ -263,14 +263,14 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
 
 impl Sender<'_> {
     /// Waits until the destination has read everything written so far (see [`wait_read`]).
-    fn drain(&mut self) -> Result<(), MigrateError> {
+    pub(crate) fn drain(&mut self) -> Result<(), MigrateError> {
         let cancel = self.cancel;
         let sw = self.w.get_mut().get_ref();
         wait_read(&sw.conn, sw.stall, cancel)
     }
 
     /// Harvests and sends every page the consumer has pending. Returns (pages sent, bytes).
-    fn send_pending(&mut self, iter_start: Instant, iter_bytes_start: u64) -> Result<(u64, u64, u64), MigrateError> {
+    pub(crate) fn send_pending(&mut self, iter_start: Instant, iter_bytes_start: u64) -> Result<(u64, u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let mut sent = 0;
         let (mut normal, mut zero) = (0, 0);
@@ -391,7 +391,7 @@ impl Sender<'_> {
     /// Sends every page the poison set holds, typed BROKEN: whatever the destination got for
     /// them before (data sent before they broke, seed 001 case B.II; or nothing yet), it marks
     /// them broken, so the guest there sees exactly the pages the source knew broken.
-    fn send_broken_pages(&mut self) -> Result<u64, MigrateError> {
+    pub(crate) fn send_broken_pages(&mut self) -> Result<u64, MigrateError> {
         let broken = self.vm.ram().poison().list();
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(self.batch_pages);
         let t = Instant::now();
@@ -434,7 +434,7 @@ impl Sender<'_> {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -661,7 +661,7 @@ fn run<'s>(
 }
 
 /// The passes while the guest runs, until the policy says switch over (or gives up).
-fn precopy(
+pub(crate) fn precopy(
     s: &mut Sender<'_>,
     params: &MigrateParams,
     throttle: Option<&crate::throttle::Throttle<'_>>,

@@ -150,7 +150,7 @@ mod tests {
     use crate::persist::SectionState;
 
     fn serial() -> SerialSection {
-        SerialSection { uart: uart(), pending_output: b"HB 12".to_vec() }
+        SerialSection { uart: uart(), pending_output: b"HB 12".to_vec(), held_output: Vec::new() }
     }
 
     fn uart() -> vm_superio::serial::SerialState {

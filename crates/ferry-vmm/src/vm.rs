@@ -585,6 +585,33 @@ impl Vm {
         Ok(())
     }
 
+    /// Output commit (replication, docs/ha.md): while on, console output is held until
+    /// [`Self::release_output`]; turning it off writes out everything held.
+    pub fn set_output_commit(&self, on: bool) {
+        if let Ok(mut s) = self.bus.serial.lock() {
+            s.set_output_commit(on);
+        }
+    }
+
+    /// The checkpoint being taken covers the output held so far (guest paused, state saved).
+    pub fn output_barrier(&self) {
+        if let Ok(mut s) = self.bus.serial.lock() {
+            s.output_barrier();
+        }
+    }
+
+    /// The last checkpoint was acknowledged: the output it covers goes out.
+    pub fn release_output(&self) {
+        if let Ok(mut s) = self.bus.serial.lock() {
+            s.release_output();
+        }
+    }
+
+    /// Bytes of console output held back by output commit.
+    pub fn held_output(&self) -> usize {
+        self.bus.serial.lock().map(|s| s.held_output()).unwrap_or(0)
+    }
+
     /// Passes on console output still waiting for its newline.
     fn flush_serial(&self) {
         if let Ok(mut s) = self.bus.serial.lock() {

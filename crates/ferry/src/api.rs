@@ -24,7 +24,11 @@ use serde_json::{json, Value};
 /// Shared state the API acts on.
 pub struct ApiContext {
     pub vm: Arc<Vm>,
-    pub paused: AtomicBool,
+    pub paused: Arc<AtomicBool>,
+    /// Replication to a backup (one at a time; kept after it ended, for its figures).
+    replication: Mutex<Option<Replication>>,
+    /// Replication's epochs are running: nothing else may pause, resume or move the guest.
+    replicating: Arc<AtomicBool>,
     /// A migration is running (one at a time).
     pub migrating: AtomicBool,
     /// Set by `migrate-cancel`; the running migration stops at its next step.
@@ -41,7 +45,9 @@ impl ApiContext {
     pub fn new(vm: Arc<Vm>) -> Self {
         ApiContext {
             vm,
-            paused: AtomicBool::new(false),
+            paused: Arc::new(AtomicBool::new(false)),
+            replication: Mutex::new(None),
+            replicating: Arc::new(AtomicBool::new(false)),
             migrating: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             snapshots: Mutex::new(None),
@@ -104,6 +110,10 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
             .map_err(|e| format!("request is not JSON: {e}"))
             .and_then(|req| check_fields(&req).map(|()| req).map_err(|e| format!("{e:#}")));
         let (reply, quit) = match req {
+            Ok(req) if matches!(req["cmd"].as_str(), Some("update" | "migrate")) && ctx.replicating.load(Ordering::SeqCst) => (
+                json!({"ok": false, "error": format!("replication to a backup is running; {} after `ferry replicate-stop`", req["cmd"].as_str().unwrap_or(""))}),
+                false,
+            ),
             Ok(req) if req["cmd"] == "update" => match crate::update::update(&req, ctx, &out) {
                 // Only failures come back: on success the new Ferry answers on this connection.
                 Ok(v) => (v, false),
@@ -208,6 +218,8 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("memory-write", &["gpa", "hex"]),
     ("poison", &["gpa", "announce", "at"]),
     ("update", &["binary", "mode"]),
+    ("replicate", &["to", "interval_ms", "on_backup_loss", "ack_timeout_ms", "stall_timeout_ms"]),
+    ("replicate-stop", &[]),
 ];
 
 /// Refuses a request that is not an object, or that has a field its command does not take (a
@@ -291,7 +303,12 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
     let cmd = req.get("cmd").and_then(Value::as_str).ok_or_else(|| anyhow!("request has no \"cmd\""))?;
     // Running or stopping the guest while it is moving (or after it moved) would let it run in
     // two places, or run after its final pass was taken.
-    if matches!(cmd, "pause" | "resume" | "snapshot" | "memory-write") {
+    if matches!(cmd, "pause" | "resume" | "snapshot" | "memory-write" | "migrate" | "update" | "replicate")
+        && ctx.replicating.load(Ordering::SeqCst)
+    {
+        bail!("replication to a backup is running; {cmd} after `ferry replicate-stop`");
+    }
+    if matches!(cmd, "pause" | "resume" | "snapshot" | "memory-write" | "replicate") {
         if ctx.migrated.load(Ordering::SeqCst) {
             bail!("the guest has migrated away; this Ferry is exiting");
         }
@@ -309,7 +326,18 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
                 .map(|(g, c)| json!({"gpa": g * 4096, "cause": c}))
                 .collect::<Vec<_>>(),
             "sigbus": ferry_vmm::poison::sigbus_stats(),
+            "replication": ctx.replication.lock().ok().and_then(|r| r.as_ref().map(|r| r.report(&ctx.vm))),
         })),
+        "replicate" => replicate(req, ctx),
+        "replicate-stop" => {
+            let mut slot = ctx.replication.lock().map_err(|_| anyhow!("replication state lock poisoned"))?;
+            let r = slot.as_mut().filter(|r| r.thread.is_some()).ok_or_else(|| anyhow!("no replication is running"))?;
+            r.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = r.thread.take() {
+                let _ = t.join();
+            }
+            Ok(json!({ "replication": r.report(&ctx.vm) }))
+        }
         "poison" => {
             let gpa = field_u64(req, "gpa")?;
             let announce = opt_bool(req, "announce")?.unwrap_or(true);
@@ -326,6 +354,9 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             Ok(json!({}))
         }
         "resume" => {
+            // A guest paused because its backup was lost runs unprotected from here: the output
+            // it held for its last checkpoint goes out.
+            ctx.vm.set_output_commit(false);
             ctx.vm.resume()?;
             ctx.paused.store(false, Ordering::SeqCst);
             Ok(json!({}))
@@ -386,6 +417,117 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             Ok(json!({ "written": bytes.len() }))
         }
         other => bail!("unknown command \"{other}\""),
+    }
+}
+
+/// A replication started by the API: its thread, stop flag and figures.
+struct Replication {
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<ferry_migrate::replicate::ReplicationStats>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Replication {
+    fn report(&self, vm: &Vm) -> ferry_migrate::replicate::ReplicationReport {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).report(vm)
+    }
+}
+
+/// What the primary does when its backup is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackupLoss {
+    /// Pause the guest (no split brain; output stays held until the API resumes it).
+    Stop,
+    /// Run on unprotected (its held output goes out).
+    Continue,
+}
+
+/// Starts replication to a standby; answers once the guest is protected (the first checkpoint
+/// acknowledged) or the initial copy failed. Replication goes on in its own thread.
+fn replicate(req: &Value, ctx: &ApiContext) -> Result<Value> {
+    use ferry_migrate::replicate::{self as repl, ReplState};
+    let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("replicate needs \"to\""))?;
+    let interval = opt_u64(req, "interval_ms")?.unwrap_or(25);
+    if !(1..=60_000).contains(&interval) {
+        bail!("\"interval_ms\" must be 1 to 60000, not {interval}");
+    }
+    let policy = match opt_str(req, "on_backup_loss")? {
+        None | Some("stop") => BackupLoss::Stop,
+        Some("continue") => BackupLoss::Continue,
+        Some(o) => bail!("\"on_backup_loss\" must be \"stop\" or \"continue\", not \"{o}\""),
+    };
+    let ms = |name: &str, default: u64| -> Result<Duration> {
+        match opt_u64(req, name)? {
+            Some(0) => bail!("\"{name}\" must be at least 1"),
+            v => Ok(Duration::from_millis(v.unwrap_or(default))),
+        }
+    };
+    let params = repl::ReplicateParams {
+        to: Uri::parse(to)?,
+        interval: Duration::from_millis(interval),
+        ack_timeout: ms("ack_timeout_ms", 1000)?,
+        stall_timeout: ms("stall_timeout_ms", 10_000)?,
+    };
+    if ctx.paused.load(Ordering::SeqCst) {
+        bail!("the VM is paused by the API; resume it before replicating");
+    }
+    if ctx.migrating.load(Ordering::SeqCst) {
+        bail!("a migration is running; replicate after it");
+    }
+    let mut slot = ctx.replication.lock().map_err(|_| anyhow!("replication state lock poisoned"))?;
+    if slot.as_ref().is_some_and(|r| r.thread.is_some() && !r.thread.as_ref().is_some_and(|t| t.is_finished())) {
+        bail!("replication is already running (replicate-stop ends it)");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(Mutex::new(repl::ReplicationStats::default()));
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Value, String>>();
+    ctx.replicating.store(true, Ordering::SeqCst);
+    let (vm, paused, replicating) = (ctx.vm.clone(), ctx.paused.clone(), ctx.replicating.clone());
+    let (stop2, stats2) = (stop.clone(), stats.clone());
+    let thread = std::thread::Builder::new().name("replicate".into()).spawn(move || {
+        let mut was_protected = false;
+        let r = repl::replicate(&vm, &params, &stop2, &stats2, &mut |report| {
+            was_protected = true;
+            let _ = tx.send(Ok(json!({ "replication": report })));
+        });
+        let set = |s: ReplState, e: Option<String>| stats2.lock().unwrap_or_else(|p| p.into_inner()).set_state(s, e);
+        match r {
+            Ok(()) => vm.set_output_commit(false),
+            Err(e) if !was_protected => {
+                vm.set_output_commit(false);
+                let msg = format!("{:#}", anyhow::Error::new(e));
+                set(ReplState::Failed, Some(msg.clone()));
+                let _ = tx.send(Err(msg));
+            }
+            Err(e) => {
+                let msg = format!("{:#}", anyhow::Error::new(e));
+                set(ReplState::Unprotected, Some(msg.clone()));
+                match policy {
+                    BackupLoss::Stop => {
+                        let _ = vm.pause();
+                        paused.store(true, Ordering::SeqCst);
+                        eprintln!(
+                            "ferry: the backup is lost ({msg}); the guest is PAUSED (--on-backup-loss stop), its output \
+                             since the last checkpoint held: `ferry api resume` runs it unprotected"
+                        );
+                    }
+                    BackupLoss::Continue => {
+                        vm.set_output_commit(false);
+                        eprintln!(
+                            "ferry: the backup is lost ({msg}); the guest runs UNPROTECTED (--on-backup-loss continue)"
+                        );
+                    }
+                }
+            }
+        }
+        replicating.store(false, Ordering::SeqCst);
+    })?;
+    *slot = Some(Replication { stop, stats, thread: Some(thread) });
+    drop(slot);
+    match rx.recv() {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => bail!("replication failed; the guest runs on here unprotected: {e}"),
+        Err(_) => bail!("replication ended before the guest was protected"),
     }
 }
 

@@ -82,6 +82,18 @@ enum Cmd {
     },
     /// Save the VM behind an API socket to a snapshot file (restore with `ferry run --restore`).
     Snapshot(SnapshotArgs),
+    /// Protect the VM behind an API socket with a backup (`ferry run --incoming URI --standby`):
+    /// checkpointed replication with output commit; the backup takes over if this Ferry dies
+    /// (docs/ha.md). Returns once the guest is protected; replication goes on in the VM's Ferry.
+    Replicate(ReplicateArgs),
+    /// End replication cleanly: a last checkpoint, then the backup exits (no failover).
+    ReplicateStop {
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace the running Ferry behind an API socket with a new binary, the guest's memory in
     /// place (docs/live-update.md); the guest pauses for the handover only.
     Update {
@@ -188,6 +200,34 @@ struct MigrateArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackupLossArg {
+    Stop,
+    Continue,
+}
+
+#[derive(clap::Args)]
+struct ReplicateArgs {
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// The standby: unix:PATH or tcp:HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Time between checkpoints, ms (Remus ran 25 ms: 40 checkpoints/s).
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=60000))]
+    interval_ms: u64,
+    /// When the backup is lost: stop (pause the guest: never two copies running) or continue
+    /// (run on unprotected).
+    #[arg(long, value_enum, default_value = "stop")]
+    on_backup_loss: BackupLossArg,
+    /// The backup counts as lost when it does not acknowledge a checkpoint within this, ms.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    ack_timeout_ms: u64,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(clap::Args)]
 struct SnapshotArgs {
     #[arg(long)]
@@ -266,6 +306,13 @@ struct RunArgs {
     /// reset. Default 10000.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_ms: Option<u64>,
+    /// With --incoming: be the backup of a replicated guest (`ferry replicate` on the primary):
+    /// hold the last checkpoint and resume the guest from it when the primary is lost.
+    #[arg(long)]
+    standby: bool,
+    /// With --standby: the primary counts as lost when it sends nothing for this many ms.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_timeout_ms: Option<u64>,
     /// With --incoming or --restore (for tests of the CPU check): pretend this host lacks a
     /// CPUID feature bit, LEAF[.SUBLEAF].REG.BIT (e.g. 0x7.0.ebx.5 for AVX2). Repeatable.
     #[arg(long, hide = true)]
@@ -363,6 +410,18 @@ fn run(a: RunArgs) -> Result<i32> {
     if a.stall_timeout_ms.is_some() && a.incoming.is_none() {
         bail!("--stall-timeout-ms applies to --incoming only (for a source, give it to `ferry migrate`)");
     }
+    if a.standby && a.incoming.is_none() {
+        bail!("--standby needs --incoming URI: the primary's `ferry replicate --to` connects there");
+    }
+    if a.heartbeat_timeout_ms.is_some() && !a.standby {
+        bail!("--heartbeat-timeout-ms applies to --standby only");
+    }
+    if let (true, Some(uri)) = (a.standby, &a.incoming) {
+        return match standby(&a, uri)? {
+            Some(vm) => serve_and_wait(&a, vm),
+            None => Ok(0),
+        };
+    }
     let vm = match (&a.incoming, &a.restore) {
         (Some(_), Some(_)) => bail!("--incoming and --restore exclude each other: a guest comes from one place"),
         (Some(uri), None) => incoming(&a, uri)?,
@@ -457,6 +516,56 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
         stats.restore.as_secs_f64() * 1000.0
     );
     Ok(Arc::new(vm))
+}
+
+/// The backup of a replicated guest: `None` when the primary ended replication, the running
+/// machine after a failover.
+fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
+    use ferry_migrate::standby::{StandbyOutcome, StandbyParams, DEFAULT_HEARTBEAT_TIMEOUT};
+    if a.kernel.is_some() || a.cmdline.is_some() || a.prefault {
+        bail!("--standby takes the guest from the primary: --kernel, --cmdline and --prefault do not apply");
+    }
+    let uri = ferry_migrate::transport::Uri::parse(uri)?;
+    // The backup's own images: locked now, written by the checkpoints, run by a failover.
+    let disks =
+        a.disk.iter().map(|d| DiskImage::open_locked(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
+    let listener = ferry_migrate::transport::Listener::bind(&uri)?;
+    eprintln!("ferry: standby: waiting for the primary on {uri}");
+    let conn = listener.accept(&uri)?;
+    drop(listener);
+    let params = StandbyParams {
+        serial_out: serial_sink(&a.serial)?,
+        dirty_tracking: a.dirty_tracking()?,
+        disks,
+        stall: std::time::Duration::from_millis(a.stall_timeout_ms.unwrap_or(10_000)),
+        heartbeat_timeout: a
+            .heartbeat_timeout_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT),
+        load: a.load_options(),
+    };
+    match ferry_migrate::standby::standby(conn, params).context("standby failed; nothing was started")? {
+        StandbyOutcome::Ended { seq, stats } => {
+            eprintln!(
+                "ferry: standby: the primary ended replication after checkpoint {seq} ({} checkpoints, {:.1} MiB); \
+                 nothing runs here",
+                stats.checkpoints,
+                stats.bytes as f64 / (1 << 20) as f64
+            );
+            Ok(None)
+        }
+        StandbyOutcome::Failover { vm, seq, why, stats } => {
+            eprintln!(
+                "ferry: standby: the primary is lost ({why}); the guest resumes here from checkpoint {seq}, restored in {:.1} ms \
+                 ({} checkpoints received, {} pages of an unfinished epoch discarded)",
+                stats.failover.as_secs_f64() * 1000.0,
+                stats.checkpoints,
+                stats.discarded_pages
+            );
+            vm.resume().context("cannot resume the guest")?;
+            Ok(Some(Arc::new(vm)))
+        }
+    }
 }
 
 fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
@@ -837,6 +946,39 @@ fn debug_poison(api_socket: &std::path::Path, gpa: u64, unannounced: bool, at_fi
 /// CLOCK_MONOTONIC at the start of main (a live update reports how long its exec took).
 static MAIN_START_NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
+fn replicate(a: ReplicateArgs) -> Result<i32> {
+    let req = serde_json::json!({
+        "cmd": "replicate",
+        "to": a.to,
+        "interval_ms": a.interval_ms,
+        "on_backup_loss": match a.on_backup_loss { BackupLossArg::Stop => "stop", BackupLossArg::Continue => "continue" },
+        "ack_timeout_ms": a.ack_timeout_ms,
+    });
+    let v = api::call(&a.api_socket, &req)?;
+    print_replication(&v["replication"], a.json, "the guest is protected");
+    Ok(0)
+}
+
+fn print_replication(r: &serde_json::Value, json: bool, what: &str) {
+    if json {
+        println!("{r}");
+        return;
+    }
+    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "ferry: {what}: backup {}, {} checkpoints ({:.1}/s), pause p50 {:.2} ms p99 {:.2} ms, ack p50 {:.2} ms, {:.0} KiB per epoch; initial copy {:.0} ms, {:.1} MiB",
+        r["to"].as_str().unwrap_or("?"),
+        r["epochs"].as_u64().unwrap_or(0),
+        f("epochs_per_s"),
+        f("pause_ms_p50"),
+        f("pause_ms_p99"),
+        f("ack_ms_p50"),
+        f("bytes_per_epoch") / 1024.0,
+        f("initial_copy_ms"),
+        f("initial_copy_bytes") / (1 << 20) as f64
+    );
+}
+
 fn main() {
     MAIN_START_NS.get_or_init(update::monotonic_ns);
     let cli = Cli::parse();
@@ -851,6 +993,13 @@ fn main() {
             api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| 0)
         }
         Cmd::Snapshot(a) => snapshot(a),
+        Cmd::Replicate(a) => replicate(a),
+        Cmd::ReplicateStop { api_socket, json } => {
+            api::call(&api_socket, &serde_json::json!({"cmd": "replicate-stop"})).map(|v| {
+                print_replication(&v["replication"], json, "replication stopped");
+                0
+            })
+        }
         Cmd::DirtyRate { api_socket, window_ms, json } => dirty_rate(&api_socket, window_ms, json),
         Cmd::Update { api_socket, binary, mode, json } => ferry_update(&api_socket, binary, mode, json),
         Cmd::UpdateCheck => {

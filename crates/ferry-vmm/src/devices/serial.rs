@@ -48,6 +48,17 @@ struct LineOut {
     since: Option<Instant>,
     /// A partial line is held for the state (a live update): not passed on until released.
     hold: bool,
+    /// Output commit (replication): complete output is held here until the checkpoint that
+    /// covers it is acknowledged, instead of going out.
+    commit: Option<Committed>,
+}
+
+/// Output held for output commit (docs/ha.md).
+#[derive(Default)]
+struct Committed {
+    held: Vec<u8>,
+    /// Bytes of `held` that the last checkpoint covers.
+    barrier: usize,
 }
 
 /// Pending bytes that are written even without a newline.
@@ -59,8 +70,26 @@ impl LineOut {
             return Ok(());
         }
         self.since = None;
+        if let Some(c) = self.commit.as_mut() {
+            c.held.extend_from_slice(&self.pending);
+            self.pending.clear();
+            return Ok(());
+        }
         let r = self.out.write_all(&self.pending).and_then(|_| self.out.flush());
         self.pending.clear();
+        r
+    }
+
+    /// Writes `n` held bytes out and drops them from the held buffer.
+    fn release(&mut self, n: usize) -> std::io::Result<()> {
+        let Some(c) = self.commit.as_mut() else { return Ok(()) };
+        let n = n.min(c.held.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let r = self.out.write_all(&c.held[..n]).and_then(|_| self.out.flush());
+        c.held.drain(..n);
+        c.barrier = c.barrier.saturating_sub(n);
         r
     }
 }
@@ -83,7 +112,11 @@ impl Write for LineOut {
 
 impl Drop for LineOut {
     fn drop(&mut self) {
-        let _ = self.emit();
+        // Held output (output commit) is not released here: it belongs to a checkpoint nobody
+        // acknowledged, and the backup that takes over releases it.
+        if self.commit.is_none() {
+            let _ = self.emit();
+        }
     }
 }
 
@@ -93,7 +126,7 @@ pub struct SerialDevice {
 }
 
 fn line_out(out: SerialSink) -> LineOut {
-    LineOut { out, pending: Vec::with_capacity(256), since: None, hold: false }
+    LineOut { out, pending: Vec::with_capacity(256), since: None, hold: false, commit: None }
 }
 
 impl SerialDevice {
@@ -127,6 +160,42 @@ impl SerialDevice {
         }
     }
 
+    /// Output commit on: from now on output is held until [`Self::release_output`]. Off:
+    /// everything held goes out now, and output goes out as it comes again.
+    pub fn set_output_commit(&mut self, on: bool) {
+        let w = self.inner.writer_mut();
+        match (on, w.commit.is_some()) {
+            (true, false) => w.commit = Some(Committed::default()),
+            (false, true) => {
+                let n = w.commit.as_ref().map_or(0, |c| c.held.len());
+                let _ = w.release(n);
+                w.commit = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Marks everything held so far as covered by the checkpoint being taken (call while the
+    /// guest is paused, with the state saved).
+    pub fn output_barrier(&mut self) {
+        if let Some(c) = self.inner.writer_mut().commit.as_mut() {
+            c.barrier = c.held.len();
+        }
+    }
+
+    /// The checkpoint of the last barrier was acknowledged: its output goes out.
+    pub fn release_output(&mut self) {
+        let w = self.inner.writer_mut();
+        let n = w.commit.as_ref().map_or(0, |c| c.barrier);
+        // A failing sink drops the bytes, as for any output.
+        let _ = w.release(n);
+    }
+
+    /// Bytes of output held back (output commit).
+    pub fn held_output(&self) -> usize {
+        self.inner.writer().commit.as_ref().map_or(0, |c| c.held.len())
+    }
+
     /// When the oldest output byte still waiting for its newline arrived.
     pub fn output_pending_since(&self) -> Option<Instant> {
         self.inner.writer().since
@@ -155,6 +224,11 @@ const TAG_INPUT: u32 = 2;
 /// Optional: output bytes the guest wrote after the last complete line, not passed on yet (a
 /// live update carries a line cut by its pause whole to the next process).
 const TAG_PENDING_OUTPUT: u32 = crate::state_codec::OPTIONAL_TAG | 3;
+/// Optional: complete output held back by output commit (replication): a backup that takes
+/// over writes it out first, since the primary may not have.
+const TAG_HELD_OUTPUT: u32 = crate::state_codec::OPTIONAL_TAG | 4;
+/// Most held output a state section carries.
+pub const MAX_HELD_OUTPUT: usize = 16 << 20;
 
 /// The serial section: the UART's registers and buffered input, and output not yet passed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +237,8 @@ pub struct SerialSection {
     /// At most one line's bytes (no newline among them); empty after a plain pause, which
     /// passes them on.
     pub pending_output: Vec<u8>,
+    /// Output held back by output commit, not known to be out (replication checkpoints).
+    pub held_output: Vec<u8>,
 }
 
 impl SectionState for SerialSection {
@@ -192,6 +268,9 @@ impl SectionState for SerialSection {
         if !self.pending_output.is_empty() {
             e.field(TAG_PENDING_OUTPUT, &self.pending_output);
         }
+        if !self.held_output.is_empty() {
+            e.field(TAG_HELD_OUTPUT, &self.held_output);
+        }
         e.finish()
     }
 
@@ -200,7 +279,11 @@ impl SectionState for SerialSection {
         let regs = d.require(TAG_REGS)?;
         let input = d.require(TAG_INPUT)?;
         let pending_output = d.get(TAG_PENDING_OUTPUT).unwrap_or_default().to_vec();
+        let held_output = d.get(TAG_HELD_OUTPUT).unwrap_or_default().to_vec();
         d.finish()?;
+        if held_output.len() > MAX_HELD_OUTPUT {
+            return Err(SerialStateError::InputTooLong(held_output.len()));
+        }
         if pending_output.len() > LINE_MAX {
             return Err(SerialStateError::InputTooLong(pending_output.len()));
         }
@@ -222,7 +305,7 @@ impl SectionState for SerialSection {
             scratch: regs[8],
             in_buffer: input.to_vec(),
         };
-        Ok(SerialSection { uart, pending_output })
+        Ok(SerialSection { uart, pending_output, held_output })
     }
 }
 
@@ -233,10 +316,21 @@ impl Persist for SerialDevice {
     type Error = SerialStateError;
 
     fn save(&self) -> Result<SerialSection, SerialStateError> {
-        Ok(SerialSection { uart: self.inner.state(), pending_output: self.inner.writer().pending.clone() })
+        let w = self.inner.writer();
+        Ok(SerialSection {
+            uart: self.inner.state(),
+            pending_output: w.pending.clone(),
+            held_output: w.commit.as_ref().map(|c| c.held.clone()).unwrap_or_default(),
+        })
     }
 
-    fn restore((irq, out): (EventFd, SerialSink), state: &SerialSection) -> Result<Self, SerialStateError> {
+    /// A machine restored from a checkpoint (a backup taking over) first writes out the output
+    /// the primary held back: the primary may have died before it did (docs/ha.md).
+    fn restore((irq, mut out): (EventFd, SerialSink), state: &SerialSection) -> Result<Self, SerialStateError> {
+        if !state.held_output.is_empty() {
+            // A failing sink drops the bytes, as for any output.
+            let _ = out.write_all(&state.held_output).and_then(|_| out.flush());
+        }
         let mut lines = line_out(out);
         if !state.pending_output.is_empty() {
             // Held until the guest runs again and can finish the line.
@@ -302,6 +396,33 @@ mod tests {
         send(&mut s, b"tail without newline");
         drop(s);
         assert_eq!(rec.0.lock().unwrap().last().unwrap(), b"tail without newline");
+    }
+
+    #[test]
+    fn output_commit_holds_lines_until_their_checkpoint_is_released_and_the_state_carries_them() {
+        let (mut s, rec) = uart();
+        s.set_output_commit(true);
+        send(&mut s, b"HB 1\nHB 2\n");
+        assert!(rec.0.lock().unwrap().is_empty(), "committed output went out before its checkpoint");
+        // Checkpoint: the state carries the held lines; the barrier covers them.
+        let st = s.save().unwrap();
+        assert_eq!(st.held_output, b"HB 1\nHB 2\n");
+        s.output_barrier();
+        send(&mut s, b"HB 3\n");
+        // The checkpoint is acknowledged: its lines go out, the later one stays held.
+        s.release_output();
+        assert_eq!(rec.0.lock().unwrap().concat(), b"HB 1\nHB 2\n");
+        assert_eq!(s.held_output(), 5);
+        // A backup restored from the checkpoint writes the held lines first.
+        let rec2 = Record::default();
+        let st = SerialSection::decode(1, &st.encode()).unwrap();
+        let _b = SerialDevice::restore((EventFd::new(0).unwrap(), Box::new(rec2.clone())), &st).unwrap();
+        assert_eq!(rec2.0.lock().unwrap().concat(), b"HB 1\nHB 2\n");
+        // Off: what is held goes out, and nothing is held any more.
+        s.set_output_commit(false);
+        assert_eq!(rec.0.lock().unwrap().concat(), b"HB 1\nHB 2\nHB 3\n");
+        send(&mut s, b"HB 4\n");
+        assert_eq!(rec.0.lock().unwrap().last().unwrap(), b"HB 4\n");
     }
 
     #[test]
