@@ -28,7 +28,7 @@ use ferry_vmm::Vm;
 use serde::Serialize;
 
 use crate::protocol::{self, ProtocolError};
-use crate::source::{ms, MigrateError, MigrateParams, MigrationSummary, PauseGuard, PageCounts, Sender};
+use crate::source::{ms, MigrateError, MigrateParams, MigrationSummary, PageCounts, PauseGuard, Sender};
 use crate::transport::{Conn, StallWatch, TransportError, Uri, SEND_POLL};
 
 /// Bytes an epoch may take in memory before its records start going to the network during the
@@ -60,6 +60,8 @@ pub enum ReplicateError {
     WrongAck { want: u64, got: u64 },
     #[error("sending to the backup failed (backup gone?)")]
     Send(#[source] ferry_stream::StreamError),
+    #[error("the backup refused the replication stream")]
+    Refused(#[source] ProtocolError),
 }
 
 /// What the caller asks for.
@@ -196,11 +198,8 @@ pub fn replicate(
     protected: &mut dyn FnMut(&ReplicationReport),
 ) -> Result<(), ReplicateError> {
     let t_start = Instant::now();
-    lock(stats).report = ReplicationReport {
-        to: params.to.to_string(),
-        interval_ms: ms(params.interval),
-        ..Default::default()
-    };
+    lock(stats).report =
+        ReplicationReport { to: params.to.to_string(), interval_ms: ms(params.interval), ..Default::default() };
     let mut conn = Conn::connect(&params.to, params.stall_timeout).map_err(MigrateError::Transport)?;
     conn.set_read_timeout(Some(SEND_POLL)).map_err(|e| MigrateError::Transport(TransportError::Setup(e)))?;
     conn.set_write_timeout(Some(SEND_POLL)).map_err(|e| MigrateError::Transport(TransportError::Setup(e)))?;
@@ -215,8 +214,18 @@ pub fn replicate(
     }
     let mut reply = conn.try_clone().map_err(|e| MigrateError::Transport(TransportError::Setup(e)))?;
     let r = run(vm, params, stop, &never, stats, protected, conn, &mut reply, t_start);
-    if r.is_err() {
+    if let Err(e) = &r {
+        // A refusal from the backup explains a failed send better than "broken pipe".
+        let refused = match e {
+            ReplicateError::Send(_) | ReplicateError::Migrate(MigrateError::Send(_)) => {
+                crate::source::refusal(&mut reply, Duration::from_millis(500))
+            }
+            _ => None,
+        };
         reply.shutdown();
+        if let Some(source) = refused {
+            return Err(ReplicateError::Refused(source));
+        }
     }
     r
 }

@@ -270,7 +270,11 @@ impl Sender<'_> {
     }
 
     /// Harvests and sends every page the consumer has pending. Returns (pages sent, bytes).
-    pub(crate) fn send_pending(&mut self, iter_start: Instant, iter_bytes_start: u64) -> Result<(u64, u64, u64), MigrateError> {
+    pub(crate) fn send_pending(
+        &mut self,
+        iter_start: Instant,
+        iter_bytes_start: u64,
+    ) -> Result<(u64, u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let mut sent = 0;
         let (mut normal, mut zero) = (0, 0);
@@ -483,7 +487,7 @@ pub fn migrate(
 }
 
 /// The destination's NACK, if one arrives within `wait`.
-fn refusal(reply: &mut Conn, wait: Duration) -> Option<ProtocolError> {
+pub(crate) fn refusal(reply: &mut Conn, wait: Duration) -> Option<ProtocolError> {
     reply.set_read_timeout(Some(wait)).ok()?;
     match protocol::read_answer(reply) {
         Err(e @ ProtocolError::Refused(_)) => Some(e),

@@ -73,7 +73,7 @@ pub enum StandbyOutcome {
     /// The primary was lost: the guest is restored here from checkpoint `seq`, paused; the
     /// caller resumes it (after saying so: a message written while the guest's first line is
     /// half out would cut that line in a shared console).
-    Failover { vm: Vm, seq: u64, why: String, stats: StandbyStats },
+    Failover { vm: Box<Vm>, seq: u64, why: String, stats: StandbyStats },
     /// The primary ended replication (END): nothing runs here.
     Ended { seq: u64, stats: StandbyStats },
 }
@@ -344,5 +344,5 @@ pub fn standby(conn: Conn, params: StandbyParams) -> Result<StandbyOutcome, Stan
     let vm = Vm::restore(p.machine, p.fds, cpu, &state, serial_out, disks, StartMode::Running, true)
         .map_err(|source| StandbyError::Failover { seq, source })?;
     stats.failover = t_lost.elapsed();
-    Ok(StandbyOutcome::Failover { vm, seq, why, stats })
+    Ok(StandbyOutcome::Failover { vm: Box::new(vm), seq, why, stats })
 }

@@ -110,10 +110,15 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
             .map_err(|e| format!("request is not JSON: {e}"))
             .and_then(|req| check_fields(&req).map(|()| req).map_err(|e| format!("{e:#}")));
         let (reply, quit) = match req {
-            Ok(req) if matches!(req["cmd"].as_str(), Some("update" | "migrate")) && ctx.replicating.load(Ordering::SeqCst) => (
-                json!({"ok": false, "error": format!("replication to a backup is running; {} after `ferry replicate-stop`", req["cmd"].as_str().unwrap_or(""))}),
-                false,
-            ),
+            Ok(req)
+                if matches!(req["cmd"].as_str(), Some("update" | "migrate"))
+                    && ctx.replicating.load(Ordering::SeqCst) =>
+            {
+                (
+                    json!({"ok": false, "error": format!("replication to a backup is running; {} after `ferry replicate-stop`", req["cmd"].as_str().unwrap_or(""))}),
+                    false,
+                )
+            }
             Ok(req) if req["cmd"] == "update" => match crate::update::update(&req, ctx, &out) {
                 // Only failures come back: on success the new Ferry answers on this connection.
                 Ok(v) => (v, false),

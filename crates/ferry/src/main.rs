@@ -563,7 +563,7 @@ fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
                 stats.discarded_pages
             );
             vm.resume().context("cannot resume the guest")?;
-            Ok(Some(Arc::new(vm)))
+            Ok(Some(Arc::new(*vm)))
         }
     }
 }

@@ -142,7 +142,9 @@ impl SerialDevice {
 
     /// Passes on output still waiting for its newline (unless held).
     pub fn flush_output(&mut self) {
-        if self.inner.writer().hold {
+        // Under output commit a partial line waits for its newline too: it stays in the state
+        // of the checkpoint that cuts it, and a backup that takes over finishes it whole.
+        if self.inner.writer().hold || self.inner.writer().commit.is_some() {
             return;
         }
         // A failing sink drops the bytes, as for a complete line.

@@ -36,6 +36,10 @@ pub enum Fault {
     /// Forward the stream, but hold the source's COMMIT (the 8 bytes after END) back for
     /// `hold_ms`, then forward it (a slow or retransmitting link at the handover).
     DelayCommit { hold_ms: u64 },
+    /// A replication stream: after `checkpoints` CHECKPOINT records went through, cut both
+    /// connections in the middle of the next epoch's VM_STATE record (its header and half its
+    /// body forwarded): an epoch that never completes.
+    CutInEpoch { checkpoints: u64 },
 }
 
 pub struct Proxy {
@@ -104,6 +108,7 @@ impl Proxy {
             }
             let mut index = 0u64;
             let mut flipped = false;
+            let mut checkpoints = 0u64;
             loop {
                 let mut head = [0u8; 8];
                 if !read_exact_or_eof(&mut src, &mut head) {
@@ -135,6 +140,17 @@ impl Proxy {
                 let mut rest = vec![0u8; total];
                 if !read_exact_or_eof(&mut src, &mut rest) {
                     break;
+                }
+                if let Fault::CutInEpoch { checkpoints: n } = fault {
+                    checkpoints += (t == 6) as u64;
+                    if t == 4 && checkpoints >= n {
+                        mark();
+                        let _ = dst.write_all(&head);
+                        let _ = dst.write_all(&rest[..len / 2]);
+                        let _ = dst.shutdown(Shutdown::Both);
+                        let _ = src.shutdown(Shutdown::Both);
+                        return;
+                    }
                 }
                 if let Fault::FlipByte { index: i, offset } = fault {
                     if !flipped && index >= i && offset < len {
