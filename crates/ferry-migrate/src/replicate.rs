@@ -116,7 +116,20 @@ pub struct ReplicationReport {
     /// The initial copy: until the first checkpoint was acknowledged.
     pub initial_copy_ms: f64,
     pub initial_copy_bytes: u64,
+    /// Where the pause goes, mean ms per epoch: stopping the vCPUs and disks, the dirty-log
+    /// sync, copying dirty pages, reading dirty disk blocks, saving the machine state.
+    pub pause_breakdown_ms: PauseBreakdown,
     pub last_error: Option<String>,
+}
+
+/// Mean ms per epoch of each part of the pause.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PauseBreakdown {
+    pub stop: f64,
+    pub sync: f64,
+    pub pages: f64,
+    pub disk: f64,
+    pub state: f64,
 }
 
 /// Live figures, shared with whoever reports them.
@@ -127,6 +140,8 @@ pub struct ReplicationStats {
     acks: std::collections::VecDeque<f64>,
     protected_at: Option<Instant>,
     bytes_in_epochs: u64,
+    /// Sums of each part of the pause over all epochs.
+    phases: [f64; 5],
 }
 
 fn percentile(v: &std::collections::VecDeque<f64>, p: f64) -> f64 {
@@ -154,7 +169,10 @@ impl ReplicationStats {
             }
         }
         if r.epochs > 0 {
-            r.bytes_per_epoch = self.bytes_in_epochs as f64 / r.epochs as f64;
+            let n = r.epochs as f64;
+            r.bytes_per_epoch = self.bytes_in_epochs as f64 / n;
+            let [stop, sync, pages, disk, state] = self.phases.map(|x| x / n);
+            r.pause_breakdown_ms = PauseBreakdown { stop, sync, pages, disk, state };
         }
         r.output_held_bytes = vm.held_output() as u64;
         r
@@ -168,7 +186,10 @@ impl ReplicationStats {
         }
     }
 
-    fn epoch(&mut self, pause_ms: f64, ack_ms: f64, bytes: u64) {
+    fn epoch(&mut self, pause_ms: f64, ack_ms: f64, bytes: u64, phases: [f64; 5]) {
+        for (s, p) in self.phases.iter_mut().zip(phases) {
+            *s += p;
+        }
         for (v, x) in [(&mut self.pauses, pause_ms), (&mut self.acks, ack_ms)] {
             if v.len() == SAMPLES {
                 v.pop_front();
@@ -349,6 +370,12 @@ fn epoch(
     let b0 = s.w.bytes_written();
     let pages0 = s.counts.normal + s.counts.zero;
     let mut disk_bytes = 0;
+    let mut phases = [0.0; 5];
+    let mut lap = Instant::now();
+    let mut mark = |i: usize| {
+        phases[i] = ms(lap.elapsed());
+        lap = Instant::now();
+    };
     {
         // Resumes the disks (completing what they held) and the vCPUs when it goes out of
         // scope, also after an error.
@@ -359,16 +386,21 @@ fn epoch(
         if seq == 0 {
             vm.set_output_commit(true);
         }
+        mark(0);
         vm.dirty_sync().map_err(MigrateError::Vm)?;
+        mark(1);
         s.send_pending(t0, b0)?;
         s.send_broken_pages()?;
+        mark(2);
         if let Some(st) = s.storage.as_mut() {
             disk_bytes = st.send(&mut s.w).map_err(MigrateError::Storage)?.data_bytes;
         }
+        mark(3);
         let state = vm.save_state().map_err(MigrateError::Vm)?;
         crate::records::write_sections(&mut s.w, &state.sections()).map_err(ReplicateError::Send)?;
         vm.output_barrier();
         s.w.checkpoint(seq).map_err(ReplicateError::Send)?;
+        mark(4);
     }
     let pause_ms = ms(t0.elapsed());
     s.w.flush().map_err(ReplicateError::Send)?;
@@ -382,7 +414,7 @@ fn epoch(
     vm.release_output();
     let ack_ms = ms(t_ack.elapsed());
     let mut st = lock(stats);
-    st.epoch(pause_ms, ack_ms, s.w.bytes_written() - b0);
+    st.epoch(pause_ms, ack_ms, s.w.bytes_written() - b0, phases);
     st.report.pages_sent += s.counts.normal + s.counts.zero - pages0;
     st.report.disk_bytes_sent += disk_bytes;
     st.report.bytes_sent = s.w.bytes_written();
