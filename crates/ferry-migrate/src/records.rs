@@ -159,6 +159,11 @@ pub trait RecordSink {
         let _ = b;
         Err(LoadError::Unexpected("DISK_BLOCKS", "stream read without disks").into())
     }
+    /// DISK_MAP (snapshot files): where a disk's blocks are.
+    fn disk_map(&mut self, m: RamMap) -> Result<(), Self::Error> {
+        let _ = m;
+        Err(LoadError::Unexpected("DISK_MAP", "stream that is not a snapshot file").into())
+    }
     /// CHECKPOINT (replication streams): the epoch before it arrived whole and checked out;
     /// `state` is the machine's state at it. Nothing of the epoch may take effect before this.
     fn checkpoint(&mut self, seq: u64, state: &MachineState) -> Result<(), Self::Error> {
@@ -328,6 +333,10 @@ pub fn load_records<R: Read, S: RecordSink>(
             Record::RamMap(m) => {
                 p.only_in(kind, StreamKind::Snapshot, "RAM_MAP", sink)?;
                 sink.ram_map(m)?;
+            }
+            Record::DiskMap(m) => {
+                p.only_in(kind, StreamKind::Snapshot, "DISK_MAP", sink)?;
+                sink.disk_map(m)?;
             }
             Record::BrokenPages(g) => {
                 p.only_in(kind, StreamKind::Snapshot, "BROKEN_PAGES", sink)?;

@@ -135,6 +135,19 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                 if b.data.is_some() { "data" } else { "zeros" }
             ),
             Record::Heartbeat => "HEARTBEAT".to_string(),
+            Record::DiskMap(m) => {
+                let zero: u64 = m.zero.iter().map(|w| w.count_ones() as u64).sum();
+                format!(
+                    "DISK_MAP disk {}, {} bytes, {} blocks: {} with data at file offset {:#x}, {} zero, {} from the parent",
+                    m.region,
+                    m.gpa,
+                    m.npages,
+                    m.present_count(),
+                    m.data_offset,
+                    zero,
+                    m.npages - m.present_count() - zero
+                )
+            }
             Record::FinalPass => "FINAL_PASS (the source paused its guest; the final pass follows)".to_string(),
             Record::SkippedOptional { rtype: t, len } => format!("optional record {t:#x} ({len} bytes), skipped"),
             Record::End => {

@@ -66,6 +66,8 @@ pub mod rtype {
     pub const DISK_BLOCKS: u32 = 0xf;
     /// Optional, empty: the writer is alive (checkpointed streams, between epochs).
     pub const HEARTBEAT: u32 = super::OPTIONAL | 0x10;
+    /// A disk's blocks in a snapshot file (format version 3 on): RAM_MAP's body, for a disk.
+    pub const DISK_MAP: u32 = 0x11;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -86,6 +88,7 @@ pub mod rtype {
             DISK_CONFIG => "DISK_CONFIG",
             DISK_BLOCKS => "DISK_BLOCKS",
             0x10 => "HEARTBEAT",
+            DISK_MAP => "DISK_MAP",
             _ => "unknown",
         }
     }

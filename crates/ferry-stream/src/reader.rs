@@ -47,6 +47,9 @@ pub enum Record<'a> {
     SnapshotInfo(SnapshotInfo),
     /// Snapshot files only.
     RamMap(RamMap),
+    /// Snapshot files only: where a disk's blocks are (RAM_MAP's body: `region` is the disk's
+    /// index, `gpa` its size in bytes, a "page" a 4 KiB block).
+    DiskMap(RamMap),
     End,
     /// An optional record of a type this Ferry does not know, skipped.
     SkippedOptional {
@@ -397,11 +400,20 @@ impl<R: Read> StreamReader<R> {
                     .into(),
             )),
             rtype::RAM_REFERENCE => Ok(Record::RamReference(crate::RamReference::decode(body).map_err(malformed)?)),
-            rtype::SNAPSHOT_INFO | rtype::RAM_MAP if !self.header.flags.contains(StreamFlags::SNAPSHOT) => {
+            rtype::SNAPSHOT_INFO | rtype::RAM_MAP | rtype::DISK_MAP
+                if !self.header.flags.contains(StreamFlags::SNAPSHOT) =>
+            {
                 Err(malformed("only snapshot files (header flag SNAPSHOT) carry this record".into()))
             }
             rtype::SNAPSHOT_INFO => Ok(Record::SnapshotInfo(SnapshotInfo::decode(body).map_err(malformed)?)),
             rtype::RAM_MAP => Ok(Record::RamMap(RamMap::decode(body).map_err(malformed)?)),
+            rtype::DISK_MAP => {
+                let m = RamMap::decode(body).map_err(malformed)?;
+                if m.npages != m.gpa.div_ceil(PAGE_SIZE as u64) || m.gpa % crate::DISK_SECTOR != 0 {
+                    return Err(malformed(format!("{} blocks for a disk of {} bytes", m.npages, m.gpa)));
+                }
+                Ok(Record::DiskMap(m))
+            }
             rtype::END => {
                 if !body.is_empty() {
                     return Err(malformed(format!("body of {} bytes, want 0", body.len())));

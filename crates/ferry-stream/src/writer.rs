@@ -238,6 +238,12 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::SNAPSHOT_INFO, &[&b])
     }
 
+    /// DISK_MAP (snapshot files): RAM_MAP's body for disk `m.region`, `m.gpa` its size in bytes.
+    pub fn disk_map(&mut self, m: &crate::RamMap) -> Result<(), StreamError> {
+        let b = m.encode()?;
+        self.record(rtype::DISK_MAP, &[&b])
+    }
+
     /// RAM_MAP (snapshot files).
     pub fn ram_map(&mut self, m: &crate::RamMap) -> Result<(), StreamError> {
         let b = m.encode()?;

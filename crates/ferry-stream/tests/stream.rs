@@ -113,6 +113,7 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
                 b.data.map(|d| format!("data {}", d[0])).unwrap_or_else(|| "zeros".into())
             ),
             Record::Heartbeat => "heartbeat".to_string(),
+            Record::DiskMap(m) => format!("disk_map {} {} bytes {} blocks", m.region, m.gpa, m.npages),
             Record::SkippedOptional { rtype, len } => format!("skipped {rtype:#x} {len}"),
             Record::End => {
                 out.push("end".into());
@@ -498,6 +499,69 @@ fn golden_v1_snapshot_fixture_is_what_this_version_writes_and_reads_back() {
     assert_eq!(decoded[1], "snapshot Incremental id aa parent bb crc 0x12345678 t 1700000000000 from \"base.snap\"");
     assert_eq!(decoded[2], "ram_map 0 gpa 0x0 70 pages at 0x200000 present [b, 1] zero [4, 2] crcs [11, 22, 33, 44]");
     assert_eq!(decoded.last().unwrap(), "end");
+}
+
+/// Version 3 snapshot metadata: a disk (DISK_CONFIG and its DISK_MAP: 3 blocks of a disk of
+/// 10 KiB, the last one short).
+fn golden_v3_snapshot_meta() -> Vec<u8> {
+    let h =
+        StreamHeader { format_version: 3, flags: StreamFlags::SNAPSHOT, page_size: 4096, writer_version: (0, 1, 0) };
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.machine_config(&MachineConfig { memory_bytes: 70 * 4096, vcpus: 1, regions: vec![(0, 70 * 4096)] }).unwrap();
+    w.snapshot_info(&SnapshotInfo {
+        id: [0xcc; 16],
+        parent_id: [0; 16],
+        parent_meta_crc: 0,
+        kind: SnapshotKind::Full,
+        created_unix_ms: 1_800_000_000_000,
+        parent_path: String::new(),
+    })
+    .unwrap();
+    w.ram_map(&sample_map()).unwrap();
+    w.disk_config(&DiskConfig { sectors: vec![20] }).unwrap();
+    w.disk_map(&RamMap {
+        region: 0,
+        gpa: 10240,
+        npages: 3,
+        data_offset: 0x400000,
+        present: vec![0b101],
+        zero: vec![0b010],
+        crcs: vec![0xaa, 0xbb],
+    })
+    .unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.end().unwrap();
+    w.into_inner()
+}
+
+#[test]
+fn golden_v3_snapshot_fixture_with_a_disk_is_what_this_version_writes_and_reads_back() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v3-snapshot-meta.bin");
+    let written = golden_v3_snapshot_meta();
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(path, &written).unwrap();
+    }
+    let fixture = std::fs::read(path).unwrap();
+
+    let decoded = read_all(&fixture).unwrap();
+
+    assert_eq!(written, fixture, "the writer no longer produces the v3 snapshot fixture byte for byte");
+    assert_eq!(decoded[3], "disks [20]");
+    assert_eq!(decoded[4], "disk_map 0 10240 bytes 3 blocks");
+    // A disk map whose block count does not fit its size is refused.
+    let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(StreamFlags::SNAPSHOT)).unwrap();
+    w.disk_map(&RamMap {
+        region: 0,
+        gpa: 10240,
+        npages: 2,
+        data_offset: 0,
+        present: vec![0],
+        zero: vec![0b11],
+        crcs: vec![],
+    })
+    .unwrap();
+    w.end().unwrap();
+    assert!(read_all(&w.into_inner()).unwrap_err().to_string().contains("2 blocks for a disk of 10240 bytes"));
 }
 
 #[test]

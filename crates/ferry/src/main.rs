@@ -438,12 +438,13 @@ fn restore(a: &RunArgs, path: &std::path::Path) -> Result<Arc<Vm>> {
     if a.kernel.is_some() || a.cmdline.is_some() {
         bail!("--restore takes the guest from the snapshot: --kernel and --cmdline do not apply");
     }
-    if !a.disk.is_empty() {
-        bail!("--restore does not take --disk: snapshots do not include disk images yet");
-    }
+    // The images the snapshot's disks are written into (locked: this machine runs on them).
+    let disks =
+        a.disk.iter().map(|d| DiskImage::open_locked(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
     let (vm, st) = ferry_migrate::snapshot::restore(
         path,
         a.memory,
+        disks,
         serial_sink(&a.serial)?,
         a.dirty_tracking()?,
         a.paused,
@@ -455,13 +456,14 @@ fn restore(a: &RunArgs, path: &std::path::Path) -> Result<Arc<Vm>> {
     )
     .with_context(|| format!("cannot restore {}; nothing was started", path.display()))?;
     eprintln!(
-        "ferry: restored {} ({} snapshot{} in the chain): {} data ({} mapped) and {} zero pages, {:.1} MiB read, {:.1} ms{}",
+        "ferry: restored {} ({} snapshot{} in the chain): {} data ({} mapped) and {} zero pages, {} disk blocks with data, {:.1} MiB read, {:.1} ms{}",
         path.display(),
         st.chain_len,
         if st.chain_len == 1 { "" } else { "s" },
         st.data_pages,
         st.mapped_pages,
         st.zero_pages,
+        st.disk_data_blocks,
         st.bytes_read as f64 / (1 << 20) as f64,
         st.total.as_secs_f64() * 1000.0,
         if a.paused { "; paused until the API resumes it" } else { "" }

@@ -30,9 +30,11 @@ use ferry_stream::{
     CpuModel, MachineConfig, PageBatch, RamMap, SnapshotInfo, SnapshotKind, StreamError, StreamFlags, StreamHeader,
     StreamReader, StreamWriter, PAGE_SIZE, SNAPSHOT_ID_LEN,
 };
+use ferry_vmm::devices::disk_dirty::BlockConsumer;
+use ferry_vmm::devices::disk_image::DiskImage;
 use ferry_vmm::devices::serial::SerialSink;
 use ferry_vmm::devices::virtio_blk::StartMode;
-use ferry_vmm::dirty_log::{ConsumerId, Initial};
+use ferry_vmm::dirty_log::{Bitmap, ConsumerId, Initial};
 use ferry_vmm::machine_state::MachineState;
 use ferry_vmm::memory::GuestRam;
 use ferry_vmm::vm::{create_machine, create_vcpu, DirtyTracking, Vm};
@@ -107,11 +109,22 @@ pub enum SnapshotError {
     NotTracked { asked: PathBuf, last: Option<PathBuf> },
     #[error("--live cannot be combined with --incremental-from yet")]
     LiveIncremental,
-    #[error(
-        "this machine has {0} disk(s): snapshots do not include disk images yet, so a restore would \
-         pair the memory of one moment with the disk of another; snapshot is refused"
-    )]
-    HasDisks(usize),
+    #[error("cannot read disk {disk} ({path}) for the snapshot")]
+    DiskRead {
+        disk: usize,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write disk {disk} ({path}) from the snapshot")]
+    DiskWrite {
+        disk: usize,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the dirty-block log of disk {0}")]
+    DiskDirty(usize, #[source] ferry_vmm::devices::disk_dirty::DiskDirtyError),
     #[error("the snapshot was cancelled")]
     Cancelled,
     #[error("snapshot metadata of {0} bytes does not fit the {1} bytes reserved for it")]
@@ -139,6 +152,8 @@ pub struct SnapshotParams {
 /// The dirty pages since the last snapshot, for the next incremental one.
 pub struct Tracker {
     consumer: ConsumerId,
+    /// Each disk's blocks written since.
+    blocks: Vec<BlockConsumer>,
     id: [u8; SNAPSHOT_ID_LEN],
     meta_crc: u32,
     path: PathBuf,
@@ -148,6 +163,9 @@ impl Tracker {
     /// Unregisters the tracker's consumer (the VM stops tracking for incrementals).
     pub fn release(self, vm: &Vm) {
         let _ = vm.dirty_unregister(self.consumer);
+        for (d, c) in vm.disks().iter().zip(&self.blocks) {
+            d.dirty_blocks().unregister(*c);
+        }
     }
 }
 
@@ -169,6 +187,9 @@ pub struct SnapshotSummary {
     pub parent_pages: u64,
     /// Bytes of page data written (a live snapshot rewrites re-dirtied pages).
     pub data_bytes_written: u64,
+    /// Disks in the snapshot, and their blocks with data in this file.
+    pub disks: u64,
+    pub disk_data_blocks: u64,
     pub metadata_bytes: u64,
     /// Bytes the file occupies on disk (it is sparse).
     pub allocated_bytes: u64,
@@ -249,6 +270,9 @@ struct Out<'a> {
     /// File offset of each region's data area.
     data_offsets: Vec<u64>,
     maps: Vec<RegionMap>,
+    /// File offset of each disk's data area, and its block map.
+    disk_offsets: Vec<u64>,
+    disk_maps: Vec<RegionMap>,
     bytes: u64,
     /// Buffer of the run of pages being gathered.
     run: Vec<u8>,
@@ -339,9 +363,51 @@ impl Out<'_> {
         Ok(())
     }
 
+    /// Writes the blocks set in `bits` of disk `di` in place in its data area: blocks with data
+    /// (read from the image, checksummed), all-zero blocks as zero bits. `data` lists the image's
+    /// byte ranges that may hold data (outside them it is not read).
+    fn write_blocks(&mut self, di: usize, bits: &Bitmap, data: &[(u64, u64)]) -> Result<(), SnapshotError> {
+        let img = self.vm.disks()[di].image();
+        let size = img.bytes();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for b in bits.iter_set() {
+            let off = b * PAGE;
+            if off >= size {
+                continue;
+            }
+            let len = (size - off).min(PAGE) as usize;
+            let has_data = data.iter().any(|&(a, e)| a < off + len as u64 && e > off);
+            let is_data = has_data && {
+                // A short last block is padded with zeros (its checksum covers the padding).
+                buf.fill(0);
+                img.read_at(off, &mut buf[..len]).map_err(|source| SnapshotError::DiskRead {
+                    disk: di,
+                    path: img.path().display().to_string(),
+                    source,
+                })?;
+                !is_zero(&buf)
+            };
+            if is_data {
+                self.disk_maps[di].set(b, Some(crc32c::crc32c(&buf)));
+                self.file.write_all_at(&buf, self.disk_offsets[di] + off).map_err(|e| self.werr(e))?;
+                self.bytes += PAGE;
+            } else {
+                if self.disk_maps[di].is_present(b) {
+                    self.punch_at(self.disk_offsets[di] + off)?;
+                }
+                self.disk_maps[di].set(b, None);
+            }
+        }
+        Ok(())
+    }
+
     /// Deallocates one page of a region's data area (it reads as zeros afterwards).
     fn punch(&self, ri: usize, page: u64) -> Result<(), SnapshotError> {
-        let off = self.data_offsets[ri] + page * PAGE;
+        self.punch_at(self.data_offsets[ri] + page * PAGE)
+    }
+
+    /// Deallocates the 4 KiB at `off` of the file.
+    fn punch_at(&self, off: u64) -> Result<(), SnapshotError> {
         // SAFETY: fallocate on an open file descriptor with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
@@ -405,6 +471,72 @@ impl Drop for Paused<'_> {
     }
 }
 
+/// The disks' quiesce, undone on drop (held requests complete to the guest then).
+struct DisksQuiesced<'a>(&'a Vm);
+
+impl Drop for DisksQuiesced<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.resume_disks() {
+            eprintln!("ferry: after the snapshot: {}", crate::destination::ErrorChain(&e));
+        }
+    }
+}
+
+/// One dirty-block consumer per disk, unregistered on drop unless kept.
+struct BlockConsumers<'a> {
+    vm: &'a Vm,
+    ids: Vec<BlockConsumer>,
+    keep: bool,
+}
+
+impl<'a> BlockConsumers<'a> {
+    fn register(vm: &'a Vm, name: &str, all_dirty: bool) -> Result<Self, SnapshotError> {
+        let mut c = BlockConsumers { vm, ids: Vec::new(), keep: false };
+        for (i, d) in vm.disks().iter().enumerate() {
+            c.ids.push(d.dirty_blocks().register(name, all_dirty).map_err(|e| SnapshotError::DiskDirty(i, e))?);
+        }
+        Ok(c)
+    }
+}
+
+impl Drop for BlockConsumers<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            for (d, c) in self.vm.disks().iter().zip(&self.ids) {
+                d.dirty_blocks().unregister(*c);
+            }
+        }
+    }
+}
+
+/// Blocks harvested from consumers, given back on drop unless kept (the snapshot landed).
+struct BlocksHarvested<'a> {
+    vm: &'a Vm,
+    ids: Vec<BlockConsumer>,
+    bits: Vec<Bitmap>,
+    keep: bool,
+}
+
+impl<'a> BlocksHarvested<'a> {
+    fn take(vm: &'a Vm, ids: &[BlockConsumer]) -> Result<Self, SnapshotError> {
+        let mut h = BlocksHarvested { vm, ids: ids.to_vec(), bits: Vec::new(), keep: false };
+        for (i, (d, c)) in vm.disks().iter().zip(ids).enumerate() {
+            h.bits.push(d.dirty_blocks().harvest(*c).map_err(|e| SnapshotError::DiskDirty(i, e))?);
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for BlocksHarvested<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            for ((d, c), b) in self.vm.disks().iter().zip(&self.ids).zip(&self.bits) {
+                let _ = d.dirty_blocks().give_back(*c, b);
+            }
+        }
+    }
+}
+
 /// Unregisters a consumer on drop unless kept.
 struct NewConsumer<'a> {
     vm: &'a Vm,
@@ -420,10 +552,14 @@ impl Drop for NewConsumer<'_> {
     }
 }
 
-fn layout(vm: &Vm) -> (u64, Vec<u64>) {
+/// The file's layout: metadata reserve, each RAM region's data area, each disk's data area.
+fn layout(vm: &Vm) -> (u64, Vec<u64>, Vec<u64>) {
     let regions = vm.ram().regions();
-    let index: u64 = regions.iter().map(|r| 64 + (r.size / PAGE).div_ceil(64) * 16 + (r.size / PAGE) * 4).sum();
-    let state = 64 * 1024 * (vm.vcpu_count() as u64 + 2) + 64 * 1024;
+    let map_bytes = |pages: u64| 64 + pages.div_ceil(64) * 16 + pages * 4;
+    let disk_blocks: Vec<u64> = vm.disks().iter().map(|d| d.image().bytes().div_ceil(PAGE)).collect();
+    let index: u64 = regions.iter().map(|r| map_bytes(r.size / PAGE)).sum::<u64>()
+        + disk_blocks.iter().map(|&b| map_bytes(b)).sum::<u64>();
+    let state = 64 * 1024 * (vm.vcpu_count() as u64 + 2) + 64 * 1024 * (1 + vm.disks().len() as u64);
     let meta = (index + state + (1 << 20)).next_multiple_of(1 << 21);
     let mut offs = Vec::new();
     let mut o = meta;
@@ -431,7 +567,12 @@ fn layout(vm: &Vm) -> (u64, Vec<u64>) {
         offs.push(o);
         o += r.size;
     }
-    (meta, offs)
+    let mut disk_offs = Vec::new();
+    for b in disk_blocks {
+        disk_offs.push(o);
+        o += b * PAGE;
+    }
+    (meta, offs, disk_offs)
 }
 
 /// The partial file's path.
@@ -453,9 +594,6 @@ pub fn snapshot(
     let t_start = Instant::now();
     if params.live && params.incremental_from.is_some() {
         return Err(SnapshotError::LiveIncremental);
-    }
-    if !vm.disks().is_empty() {
-        return Err(SnapshotError::HasDisks(vm.disks().len()));
     }
     let parent = match &params.incremental_from {
         Some(p) => {
@@ -501,17 +639,35 @@ fn write_file(
     tmp: &Path,
     t_start: Instant,
 ) -> Result<SnapshotSummary, SnapshotError> {
-    let (meta_reserve, data_offsets) = layout(vm);
-    let end =
-        data_offsets.last().copied().unwrap_or(meta_reserve) + vm.ram().regions().last().map(|r| r.size).unwrap_or(0);
+    let (meta_reserve, data_offsets, disk_offsets) = layout(vm);
+    let end = match (disk_offsets.last(), vm.disks().last()) {
+        (Some(&o), Some(d)) => o + d.image().bytes().div_ceil(PAGE) * PAGE,
+        _ => {
+            data_offsets.last().copied().unwrap_or(meta_reserve)
+                + vm.ram().regions().last().map(|r| r.size).unwrap_or(0)
+        }
+    };
     file.set_len(end).map_err(|source| SnapshotError::Write { path: tmp.to_path_buf(), source })?;
     let maps = vm.ram().regions().iter().map(|r| RegionMap::new(r.size / PAGE)).collect();
-    let mut out = Out { vm, file, path: tmp.to_path_buf(), data_offsets, maps, bytes: 0, run: Vec::new() };
+    let disk_maps = vm.disks().iter().map(|d| RegionMap::new(d.image().bytes().div_ceil(PAGE))).collect();
+    let mut out = Out {
+        vm,
+        file,
+        path: tmp.to_path_buf(),
+        data_offsets,
+        maps,
+        disk_offsets,
+        disk_maps,
+        bytes: 0,
+        run: Vec::new(),
+    };
+    let whole = |d: &ferry_vmm::devices::virtio_blk::BlockDevice| vec![(0, d.image().bytes())];
     let mut passes = 0;
 
     // Live: pre-copy into the file while the guest runs.
     let live = if params.live {
         let reg = vm.dirty_consumer("snapshot-live", Initial::AllDirty)?;
+        let blocks = BlockConsumers::register(vm, "snapshot-live", true)?;
         let mut last_pending = u64::MAX;
         loop {
             if cancel.load(Ordering::SeqCst) {
@@ -536,9 +692,15 @@ fn write_file(
             }
             let mut h = h;
             h.keep = true;
+            let mut hb = BlocksHarvested::take(vm, &blocks.ids)?;
+            for (di, (d, b)) in vm.disks().iter().zip(&hb.bits).enumerate() {
+                let data = if passes == 0 { d.image().data_ranges() } else { whole(d) };
+                out.write_blocks(di, b, &data)?;
+            }
+            hb.keep = true;
             passes += 1;
         }
-        Some(reg)
+        Some((reg, blocks))
     } else {
         None
     };
@@ -551,9 +713,14 @@ fn write_file(
     if !already_paused {
         vm.pause()?;
     }
+    // The disks stop taking and completing requests: what they wrote is in their logs, what is
+    // in flight goes in their state (a restore re-executes it). Resumed when this goes.
+    let disks_quiesced = DisksQuiesced(vm);
+    vm.quiesce_disks()?;
     // The next incremental snapshot's tracker starts now: everything before is in this one.
     let fresh = vm.dirty_register("snapshot", Initial::Clean)?;
     let mut fresh = NewConsumer { vm, id: fresh, keep: false };
+    let mut fresh_blocks = BlockConsumers::register(vm, "snapshot", false)?;
     vm.dirty_sync()?;
     let _in_this_snapshot = {
         let mut h = Harvested::take(vm, fresh.id)?;
@@ -561,13 +728,19 @@ fn write_file(
         h
     };
     let mut from_parent = None;
+    let mut blocks_from_parent = None;
     match (&live, &parent) {
-        (Some(reg), _) => {
+        (Some((reg, blocks)), _) => {
             let mut h = Harvested::take(vm, reg.id())?;
             for (ri, b) in &h.bits {
                 out.write_pages(*ri, 0, b, false)?;
             }
             h.keep = true;
+            let mut hb = BlocksHarvested::take(vm, &blocks.ids)?;
+            for (di, (d, b)) in vm.disks().iter().zip(&hb.bits).enumerate() {
+                out.write_blocks(di, b, &whole(d))?;
+            }
+            hb.keep = true;
             passes += 1;
         }
         (None, Some((_, _, _, consumer))) => {
@@ -577,12 +750,22 @@ fn write_file(
             }
             // Given back unless the whole snapshot lands.
             from_parent = Some(h);
+            let ids = tracker.as_ref().map(|t| t.blocks.clone()).unwrap_or_default();
+            let hb = BlocksHarvested::take(vm, &ids)?;
+            for (di, (d, b)) in vm.disks().iter().zip(&hb.bits).enumerate() {
+                out.write_blocks(di, b, &whole(d))?;
+            }
+            blocks_from_parent = Some(hb);
             passes += 1;
         }
         (None, None) => {
             for (ri, r) in vm.ram().regions().iter().enumerate() {
                 let all = vec![!0u64; (r.size / PAGE).div_ceil(64) as usize];
                 out.write_pages(ri, 0, &all, true)?;
+            }
+            for (di, d) in vm.disks().iter().enumerate() {
+                let all = Bitmap::new(d.image().bytes().div_ceil(PAGE), true);
+                out.write_blocks(di, &all, &d.image().data_ranges())?;
             }
             passes += 1;
         }
@@ -623,6 +806,16 @@ fn write_file(
         parent_pages += m.npages - d - z;
         w.ram_map(&m).map_err(werr)?;
     }
+    if !vm.disks().is_empty() {
+        w.disk_config(&crate::storage::disk_config(vm)).map_err(werr)?;
+    }
+    let mut disk_data_blocks = 0;
+    for (di, d) in vm.disks().iter().enumerate() {
+        let bytes = d.image().bytes();
+        let m = out.disk_maps[di].to_record(di as u32, bytes, bytes.div_ceil(PAGE), out.disk_offsets[di]);
+        disk_data_blocks += m.present_count();
+        w.disk_map(&m).map_err(werr)?;
+    }
     // The broken pages (the set as it is now, the guest paused): neither data nor zero.
     let broken: Vec<u64> = ram.poison().list().iter().map(|&(g, _)| g).collect();
     if !broken.is_empty() {
@@ -630,6 +823,7 @@ fn write_file(
     }
     write_sections(&mut w, &vm.save_state()?.sections()).map_err(werr)?;
     w.end().map_err(werr)?;
+    drop(disks_quiesced);
     let pause_ms = paused.since.elapsed().as_secs_f64() * 1000.0;
     // The guest runs on while the file is finished; with --stop it stays paused, but is resumed
     // if finishing the file fails.
@@ -659,11 +853,21 @@ fn write_file(
     if let Some(mut h) = from_parent {
         h.keep = true;
     }
+    if let Some(mut h) = blocks_from_parent {
+        h.keep = true;
+    }
     if let Some(old) = tracker.take() {
         old.release(vm);
     }
     fresh.keep = true;
-    *tracker = Some(Tracker { consumer: fresh.id, id, meta_crc: crc32c::crc32c(&meta), path: params.path.clone() });
+    fresh_blocks.keep = true;
+    *tracker = Some(Tracker {
+        consumer: fresh.id,
+        blocks: fresh_blocks.ids.clone(),
+        id,
+        meta_crc: crc32c::crc32c(&meta),
+        path: params.path.clone(),
+    });
     let st = std::fs::metadata(&params.path).ok();
     use std::os::unix::fs::MetadataExt;
     Ok(SnapshotSummary {
@@ -684,6 +888,8 @@ fn write_file(
         zero_pages,
         parent_pages,
         data_bytes_written: out.bytes,
+        disks: vm.disks().len() as u64,
+        disk_data_blocks,
         metadata_bytes: meta.len() as u64,
         allocated_bytes: st.as_ref().map(|m| m.blocks() * 512).unwrap_or(0),
         file_bytes: st.as_ref().map(|m| m.len()).unwrap_or(0),

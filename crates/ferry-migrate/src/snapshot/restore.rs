@@ -12,6 +12,8 @@ pub struct SnapshotMeta {
     pub cpu: CpuModel,
     pub info: SnapshotInfo,
     pub maps: Vec<RamMap>,
+    /// One per disk (DISK_MAP: `region` the disk, `gpa` its size in bytes, pages are blocks).
+    pub disks: Vec<RamMap>,
     pub state: MachineState,
     /// Guest frames broken when the snapshot was taken (sorted).
     pub broken: Vec<u64>,
@@ -24,6 +26,8 @@ pub struct SnapshotMeta {
 struct SnapshotSink {
     info: Option<SnapshotInfo>,
     maps: Vec<RamMap>,
+    disk_config: Option<ferry_stream::DiskConfig>,
+    disks: Vec<RamMap>,
     broken: Vec<u64>,
 }
 
@@ -48,6 +52,14 @@ impl RecordSink for SnapshotSink {
     }
     fn broken_pages(&mut self, gfns: Vec<u64>) -> Result<(), LoadError> {
         self.broken.extend(gfns);
+        Ok(())
+    }
+    fn disk_config(&mut self, c: ferry_stream::DiskConfig) -> Result<(), LoadError> {
+        self.disk_config = Some(c);
+        Ok(())
+    }
+    fn disk_map(&mut self, m: RamMap) -> Result<(), LoadError> {
+        self.disks.push(m);
         Ok(())
     }
     fn final_pass(&mut self) {}
@@ -83,11 +95,20 @@ fn read_meta_with(path: &Path, opts: &LoadOptions) -> Result<SnapshotMeta, Snaps
     {
         return Err(incomplete("its RAM_MAP records do not match MACHINE_CONFIG"));
     }
+    let disks = std::mem::take(&mut sink.disks);
+    let sectors = sink.disk_config.take().map(|c| c.sectors).unwrap_or_default();
+    if disks.len() != sectors.len()
+        || disks.iter().zip(&sectors).enumerate().any(|(i, (m, &s))| {
+            m.region as usize != i || m.gpa != s * ferry_stream::DISK_SECTOR || m.data_offset < meta_len
+        })
+    {
+        return Err(incomplete("its DISK_MAP records do not match its DISK_CONFIG"));
+    }
     let mut f = File::open(path).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
     let mut meta = vec![0u8; meta_len as usize];
     f.read_exact(&mut meta).map_err(|source| SnapshotError::Read { path: path.to_path_buf(), source })?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if maps.iter().any(|m| m.data_offset + m.npages * PAGE > len) {
+    if maps.iter().chain(&disks).any(|m| m.data_offset + m.npages * PAGE > len) {
         return Err(incomplete("the file is shorter than its page data areas (truncated?)"));
     }
     Ok(SnapshotMeta {
@@ -96,6 +117,7 @@ fn read_meta_with(path: &Path, opts: &LoadOptions) -> Result<SnapshotMeta, Snaps
         cpu: loaded.cpu,
         info,
         maps,
+        disks,
         state: loaded.state,
         broken: {
             let mut b = sink.broken;
@@ -146,6 +168,9 @@ fn chain_with(path: &Path, opts: &LoadOptions) -> Result<Vec<SnapshotMeta>, Snap
         if parent.config != child.config {
             return Err(wrong("it describes another machine".into()));
         }
+        if parent.disks.iter().map(|d| d.gpa).ne(child.disks.iter().map(|d| d.gpa)) {
+            return Err(wrong("its disks differ in number or size".into()));
+        }
         v.push(parent);
     }
 }
@@ -171,13 +196,20 @@ pub struct RestoreStats {
     pub bytes_read: u64,
     /// Pages the snapshot recorded broken, broken again here.
     pub broken_pages: u64,
+    /// Disk blocks written from the chain with data, and as zeros.
+    pub disk_data_blocks: u64,
+    pub disk_zero_blocks: u64,
     pub total: Duration,
 }
 
 /// Rebuilds a machine from a snapshot (following its chain) and starts it (paused if asked).
+/// `disks` are the images (opened, locked) the snapshot's disks are written into: as many as it
+/// has, of the same sizes.
+#[allow(clippy::too_many_arguments)]
 pub fn restore(
     path: &Path,
     memory: Option<u64>,
+    disks: Vec<DiskImage>,
     serial_out: SerialSink,
     dirty_tracking: DirtyTracking,
     paused: bool,
@@ -199,12 +231,39 @@ pub fn restore(
     if c.vcpus == 0 || c.vcpus > ferry_vmm::vm::MAX_VCPUS || ferry_vmm::memory::layout(c.memory_bytes) != c.regions {
         return Err(SnapshotError::Mismatch(path.to_path_buf(), "unsupported vCPU count or RAM layout".into()));
     }
+    if disks.len() != top.disks.len() {
+        return Err(SnapshotError::Mismatch(
+            path.to_path_buf(),
+            format!(
+                "it holds {} disk(s) and {} --disk image(s) were given: give one image per disk, of the same size, to \
+                 write it into",
+                top.disks.len(),
+                disks.len()
+            ),
+        ));
+    }
+    for (i, (img, m)) in disks.iter().zip(&top.disks).enumerate() {
+        if img.bytes() != m.gpa || img.readonly() {
+            return Err(SnapshotError::Mismatch(
+                img.path().to_path_buf(),
+                format!(
+                    "disk {i} of the snapshot has {} bytes; this image has {}{}",
+                    m.gpa,
+                    img.bytes(),
+                    if img.readonly() { " and is read-only" } else { "" }
+                ),
+            ));
+        }
+    }
     let mut ram = GuestRam::new(c.memory_bytes)?;
     let mut stats = RestoreStats { chain_len: chain.len(), ..Default::default() };
     let files = chain
         .iter()
         .map(|m| File::open(&m.path).map_err(|source| SnapshotError::Read { path: m.path.clone(), source }))
         .collect::<Result<Vec<_>, _>>()?;
+    for (di, img) in disks.iter().enumerate() {
+        restore_disk(di, img, &chain, &files, &mut stats)?;
+    }
     let base = chain.len() - 1;
     let mapped = mode == RestoreMode::Mmap;
     if mapped {
@@ -303,10 +362,94 @@ pub fn restore(
     }
     let machine = create_machine(ram, dirty_tracking)?;
     let fds = (0..c.vcpus).map(|id| create_vcpu(&machine, id, c.vcpus, &top.cpu)).collect::<Result<Vec<_>, _>>()?;
-    let vm = Vm::restore(machine, fds, top.cpu.clone(), &top.state, serial_out, Vec::new(), StartMode::Running, paused)
+    // The disks re-execute the requests that were in flight when the snapshot was taken.
+    let vm = Vm::restore(machine, fds, top.cpu.clone(), &top.state, serial_out, disks, StartMode::Running, paused)
         .map_err(SnapshotError::Restore)?;
     stats.total = t0.elapsed();
     Ok((vm, stats))
+}
+
+/// Writes disk `di` of the chain into `img`: each block from the newest snapshot that has it
+/// (read and checked against its crc32c), zero blocks as holes.
+fn restore_disk(
+    di: usize,
+    img: &DiskImage,
+    chain: &[SnapshotMeta],
+    files: &[File],
+    stats: &mut RestoreStats,
+) -> Result<(), SnapshotError> {
+    let size = img.bytes();
+    let blocks = size.div_ceil(PAGE);
+    let werr = |source| SnapshotError::DiskWrite { disk: di, path: img.path().display().to_string(), source };
+    let mut next_crc: Vec<usize> = vec![0; chain.len()];
+    let mut zero_run: Option<(u64, u64)> = None;
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for b in 0..blocks {
+        let src = chain.iter().enumerate().find_map(|(k, m)| {
+            let map = &m.disks[di];
+            if map.is_present(b) {
+                Some(Some(k))
+            } else if map.is_zero(b) {
+                Some(None)
+            } else {
+                None
+            }
+        });
+        let off = b * PAGE;
+        let len = (size - off).min(PAGE);
+        match src {
+            Some(Some(k)) => {
+                if let Some((o, l)) = zero_run.take() {
+                    img.zero_range(o, l).map_err(werr)?;
+                }
+                let f = &chain[k];
+                files[k]
+                    .read_exact_at(&mut buf, f.disks[di].data_offset + off)
+                    .map_err(|source| SnapshotError::Read { path: f.path.clone(), source })?;
+                let stored = f.disks[di].crcs.get(next_crc[k]).copied().unwrap_or(0);
+                let computed = crc32c::crc32c(&buf);
+                if computed != stored {
+                    return Err(SnapshotError::PageChecksum {
+                        path: f.path.clone(),
+                        region: di as u32,
+                        page: b,
+                        stored,
+                        computed,
+                    });
+                }
+                img.write_at(off, &buf[..len as usize]).map_err(werr)?;
+                stats.disk_data_blocks += 1;
+            }
+            Some(None) => {
+                zero_run = match zero_run {
+                    Some((o, l)) if o + l == off => Some((o, l + len)),
+                    other => {
+                        if let Some((o, l)) = other {
+                            img.zero_range(o, l).map_err(werr)?;
+                        }
+                        Some((off, len))
+                    }
+                };
+                stats.disk_zero_blocks += 1;
+            }
+            None => {
+                return Err(SnapshotError::Incomplete {
+                    path: chain[chain.len() - 1].path.clone(),
+                    what: format!("block {b} of disk {di} is in no snapshot of the chain"),
+                })
+            }
+        }
+        // Every present block of every file consumes its checksum in block order.
+        for (k, m) in chain.iter().enumerate() {
+            if m.disks[di].is_present(b) {
+                next_crc[k] += 1;
+            }
+        }
+    }
+    if let Some((o, l)) = zero_run {
+        img.zero_range(o, l).map_err(werr)?;
+    }
+    Ok(())
 }
 
 /// Reads `n` pages of chain file `k` into guest memory and checks their checksums.
