@@ -293,7 +293,7 @@ fn a_destination_reading_only_other_formats_fails_the_handshake_before_any_page_
     assert_eq!(&hello[..8], b"FERRYHLO");
     assert_ne!(code, 0);
     assert!(
-        err.contains("the source writes format versions 2 to 2, the destination reads 7 to 9"),
+        err.contains("the source writes format versions 3 to 3, the destination reads 7 to 9"),
         "the error does not name both sides' versions: {err}"
     );
     assert_eq!(after, 0, "the source sent {after} bytes after a failed handshake");

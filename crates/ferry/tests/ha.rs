@@ -67,7 +67,10 @@ fn standby(uri: &str, img: &Path, api: &Path, extra: &[&str]) -> Proc {
 }
 
 fn replicate(api: &Path, uri: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["replicate", "--api-socket", api.to_str().unwrap(), "--to", uri, "--interval-ms", "25"];
+    let mut args = vec!["replicate", "--api-socket", api.to_str().unwrap(), "--to", uri];
+    if !extra.contains(&"--interval-ms") {
+        args.extend_from_slice(&["--interval-ms", "25"]);
+    }
     args.extend_from_slice(extra);
     Command::new(FERRY).args(&args).output().unwrap()
 }
@@ -295,6 +298,43 @@ fn replicate_stop_ends_the_backup_without_a_failover() {
     assert_clean(&prim, "primary");
     assert_no_gap(&[&prim]);
     assert_eq!(api_status(&api)["replication"]["output_held_bytes"], 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A primary that stops sending (SIGSTOP: hung, not dead, its connection still open) is lost
+/// after `--heartbeat-timeout-ms`; one that is quiet between long epochs but sends heartbeats is
+/// not.
+#[test]
+fn a_silent_primary_is_lost_after_the_heartbeat_timeout_and_heartbeats_keep_a_slow_one_alive() {
+    if !kvm_available("a_silent_primary_is_lost_after_the_heartbeat_timeout_and_heartbeats_keep_a_slow_one_alive") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir("ha-heartbeat");
+    let (mut prim, api) = primary(&dir);
+    let uri = format!("unix:{}", dir.join("ha.sock").display());
+    let mut backup = standby(&uri, &image(&dir, "b.img"), &dir.join("b.sock"), &["--heartbeat-timeout-ms", "300"]);
+    // Epochs 1 s apart: only the heartbeats between them keep the backup from taking over.
+    let r = replicate(&api, &uri, &["--interval-ms", "1000"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(backup.child.try_wait().unwrap().is_none(), "the backup ended: {}", backup.stderr_text());
+    assert!(hb(&backup).is_empty(), "the backup took over from a live primary: {}", backup.stderr_text());
+
+    let t = Instant::now();
+    // SAFETY: (test) SIGSTOP to our own child process, by pid.
+    unsafe { libc::kill(prim.child.id() as i32, libc::SIGSTOP) };
+
+    assert!(backup.wait_stderr("the primary is lost", Duration::from_secs(5)), "{}", backup.stderr_text());
+    let took = t.elapsed();
+    prim.kill();
+    // Silence counts from the last byte, which came up to one heartbeat (100 ms) before the stop.
+    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "took over after {took:?}");
+    assert!(backup.stderr_text().contains("the primary sent nothing for 300 ms"), "{}", backup.stderr_text());
+    more_reports(&mut backup, 5, "the backup");
+    assert_clean(&prim, "primary");
+    assert_clean(&backup, "backup");
+    assert_no_gap(&[&prim, &backup]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

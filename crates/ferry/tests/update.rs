@@ -197,13 +197,11 @@ fn every_failure_before_the_new_ferry_holds_the_guest_leaves_it_running_in_the_o
     let dies_in_process =
         script(&dir, "dies", &format!("if [ \"$1\" = update-check ]; then exec {FERRY} update-check; fi\nexit 3"));
     let pid = g.vm.child.id();
+    let future_msg = format!("reads stream formats 7 to 9; this Ferry writes format {}", ferry_stream::FORMAT_VERSION);
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--binary".into(), dir.join("missing").display().to_string()], "cannot be started"),
         (vec!["--binary".into(), crashes.display().to_string()], "crashed at start (signal 11)"),
-        (
-            vec!["--binary".into(), future.display().to_string()],
-            "reads stream formats 7 to 9; this Ferry writes format 2",
-        ),
+        (vec!["--binary".into(), future.display().to_string()], &future_msg),
         (
             vec!["--binary".into(), fails_restore.display().to_string()],
             "the previous Ferry took the guest back and runs it",
