@@ -30,4 +30,5 @@ pub mod source;
 pub mod standby;
 pub mod storage;
 pub mod throttle;
+pub mod tls;
 pub mod transport;

@@ -74,6 +74,8 @@ pub struct ReplicateParams {
     pub ack_timeout: Duration,
     /// The initial copy fails when the backup takes no data for this long.
     pub stall_timeout: Duration,
+    /// Mutual TLS on a tcp: backup (crate::tls).
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 /// Replication's state, as the API and `--json` report it.
@@ -221,7 +223,8 @@ pub fn replicate(
     let t_start = Instant::now();
     lock(stats).report =
         ReplicationReport { to: params.to.to_string(), interval_ms: ms(params.interval), ..Default::default() };
-    let mut conn = Conn::connect(&params.to, params.stall_timeout).map_err(MigrateError::Transport)?;
+    let mut conn =
+        Conn::connect_with(&params.to, params.stall_timeout, params.tls.as_deref()).map_err(MigrateError::Transport)?;
     conn.set_read_timeout(Some(SEND_POLL)).map_err(|e| MigrateError::Transport(TransportError::Setup(e)))?;
     conn.set_write_timeout(Some(SEND_POLL)).map_err(|e| MigrateError::Transport(TransportError::Setup(e)))?;
     // The initial copy can be cancelled by replicate-stop; once protected, a stop is a clean end
@@ -307,6 +310,7 @@ fn run(
         auto_converge: false,
         stall_timeout: params.stall_timeout,
         copy_storage: true,
+        tls: None,
     };
     let mut summary = MigrationSummary::default();
     crate::source::precopy(&mut s, &initial, None, &mut summary, &mut |_| {})?;

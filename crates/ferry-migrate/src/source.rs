@@ -85,6 +85,8 @@ pub struct MigrateParams {
     pub stall_timeout: Duration,
     /// Send the disks' blocks too (the destination writes them into its own images).
     pub copy_storage: bool,
+    /// Mutual TLS on a tcp: destination (crate::tls).
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 /// Default for [`MigrateParams::stall_timeout`].
@@ -452,7 +454,7 @@ pub fn migrate(
 ) -> Result<MigrationSummary, MigrateError> {
     let t_start = Instant::now();
     // Bounded like every other wait on the destination (a cancel is seen once it ends).
-    let mut conn = Conn::connect(&params.to, params.stall_timeout)?;
+    let mut conn = Conn::connect_with(&params.to, params.stall_timeout, params.tls.as_deref())?;
     // Both sides' stream formats and features, before anything else: an incompatible pair
     // fails here, with both ranges named, before a page is sent.
     conn.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;

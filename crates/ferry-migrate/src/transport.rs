@@ -32,7 +32,14 @@ pub enum TransportError {
     },
     #[error("socket setup failed")]
     Setup(#[source] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("TLS applies to tcp: addresses only ({0} is a UNIX socket on this host)")]
+    TlsOnUnix(String),
 }
+
+/// How long a TLS handshake may take on an accepted connection.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a migration goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +80,8 @@ impl std::fmt::Display for Uri {
 pub enum Conn {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// TCP with mutual TLS (crate::tls); clones share the session.
+    Tls(crate::tls::TlsStream),
 }
 
 /// Socket buffer size asked for on both ends of a TCP connection (the kernel may cap it).
@@ -205,13 +214,28 @@ impl Conn {
     /// (about two minutes); a UNIX listener whose accept queue stays full fails after
     /// `timeout` too.
     pub fn connect(uri: &Uri, timeout: Duration) -> Result<Conn, TransportError> {
+        Self::connect_with(uri, timeout, None)
+    }
+
+    /// As [`Conn::connect`], then (with `tls`) the client side of a mutually authenticated TLS
+    /// handshake within `timeout`: nothing is sent before the destination is authenticated.
+    pub fn connect_with(uri: &Uri, timeout: Duration, tls: Option<&crate::tls::Tls>) -> Result<Conn, TransportError> {
         let err = |source| TransportError::Connect { uri: uri.to_string(), source };
-        let c = match uri {
-            Uri::Unix(p) => Conn::Unix(connect_unix(p, timeout).map_err(err)?),
-            Uri::Tcp(a) => {
+        let c = match (uri, tls) {
+            (Uri::Unix(_), Some(_)) => return Err(TransportError::TlsOnUnix(uri.to_string())),
+            (Uri::Unix(p), None) => Conn::Unix(connect_unix(p, timeout).map_err(err)?),
+            (Uri::Tcp(a), tls) => {
                 let s = connect_tcp(a, timeout).map_err(err)?;
                 s.set_nodelay(true).map_err(TransportError::Setup)?;
-                Conn::Tcp(s)
+                set_buffers(std::os::fd::AsRawFd::as_raw_fd(&s), SOCKET_BUFFER);
+                match tls {
+                    None => Conn::Tcp(s),
+                    Some(t) => {
+                        let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                        let host = host.trim_start_matches('[').trim_end_matches(']');
+                        Conn::Tls(t.connect(s, host, timeout)?)
+                    }
+                }
             }
         };
         c.set_buffers();
@@ -221,7 +245,7 @@ impl Conn {
     fn set_buffers(&self) {
         let size = match self {
             Conn::Unix(_) => UNIX_SOCKET_BUFFER,
-            Conn::Tcp(_) => SOCKET_BUFFER,
+            Conn::Tcp(_) | Conn::Tls(_) => SOCKET_BUFFER,
         };
         set_buffers(self.raw_fd(), size);
     }
@@ -231,18 +255,26 @@ impl Conn {
         match self {
             Conn::Unix(s) => s.as_raw_fd(),
             Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Tls(t) => t.sock().as_raw_fd(),
         }
+    }
+
+    /// Whether the connection is authenticated and encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
     }
 
     /// Whether the peer runs on this host: a UNIX socket, or TCP between loopback addresses or
     /// from this host's own address.
     pub fn is_local(&self) -> bool {
+        let tcp_local = |s: &TcpStream| match (s.peer_addr(), s.local_addr()) {
+            (Ok(p), Ok(l)) => p.ip().is_loopback() || p.ip() == l.ip(),
+            _ => false,
+        };
         match self {
             Conn::Unix(_) => true,
-            Conn::Tcp(s) => match (s.peer_addr(), s.local_addr()) {
-                (Ok(p), Ok(l)) => p.ip().is_loopback() || p.ip() == l.ip(),
-                _ => false,
-            },
+            Conn::Tcp(s) => tcp_local(s),
+            Conn::Tls(t) => tcp_local(t.sock()),
         }
     }
 
@@ -261,6 +293,7 @@ impl Conn {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Tls(t) => Conn::Tls(t.clone()),
         })
     }
 
@@ -268,6 +301,7 @@ impl Conn {
         match self {
             Conn::Unix(s) => s.set_read_timeout(t),
             Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Tls(s) => s.sock().set_read_timeout(t),
         }
     }
 
@@ -275,6 +309,7 @@ impl Conn {
         match self {
             Conn::Unix(s) => s.set_write_timeout(t),
             Conn::Tcp(s) => s.set_write_timeout(t),
+            Conn::Tls(s) => s.sock().set_write_timeout(t),
         }
     }
 
@@ -283,6 +318,10 @@ impl Conn {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tls(t) => {
+                t.close();
+                t.sock().shutdown(std::net::Shutdown::Both)
+            }
         };
     }
 }
@@ -292,6 +331,7 @@ impl Read for Conn {
         match self {
             Conn::Unix(s) => s.read(buf),
             Conn::Tcp(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
         }
     }
 }
@@ -301,10 +341,16 @@ impl Write for Conn {
         match self {
             Conn::Unix(s) => s.write(buf),
             Conn::Tcp(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
         }
     }
+    /// Plain sockets hold nothing back; a TLS session pushes what it holds (`WouldBlock` while
+    /// the socket is full: call again).
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        match self {
+            Conn::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -330,14 +376,30 @@ impl Listener {
 
     /// Waits for the source.
     pub fn accept(&self, uri: &Uri) -> Result<Conn, TransportError> {
+        self.accept_with(uri, None)
+    }
+
+    /// Waits for the source; with `tls`, for one that completes a mutually authenticated
+    /// handshake: a connection that fails it (no certificate, another CA, a name not allowed,
+    /// no TLS at all) is refused with the reason on stderr, before a byte of it is read as a
+    /// stream, and the wait goes on.
+    pub fn accept_with(&self, uri: &Uri, tls: Option<&crate::tls::Tls>) -> Result<Conn, TransportError> {
         let err = |source| TransportError::Accept { uri: uri.to_string(), source };
-        let c = match self {
-            Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(err)?.0),
-            Listener::Tcp(l) => {
+        let c = match (self, tls) {
+            (Listener::Unix(..), Some(_)) => return Err(TransportError::TlsOnUnix(uri.to_string())),
+            (Listener::Unix(l, _), None) => Conn::Unix(l.accept().map_err(err)?.0),
+            (Listener::Tcp(l), tls) => loop {
                 let s = l.accept().map_err(err)?.0;
                 s.set_nodelay(true).map_err(TransportError::Setup)?;
-                Conn::Tcp(s)
-            }
+                set_buffers(std::os::fd::AsRawFd::as_raw_fd(&s), SOCKET_BUFFER);
+                match tls {
+                    None => break Conn::Tcp(s),
+                    Some(t) => match t.accept(s, TLS_HANDSHAKE_TIMEOUT) {
+                        Ok(s) => break Conn::Tls(s),
+                        Err(e) => eprintln!("ferry: refused a connection on {uri}: {e}; still waiting"),
+                    },
+                }
+            },
         };
         c.set_buffers();
         Ok(c)
@@ -462,7 +524,7 @@ impl<C: std::io::Write> std::io::Write for StallWatch<'_, C> {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.conn.flush()
+        self.retry("took no data", |c| c.flush())
     }
 }
 
@@ -563,7 +625,7 @@ mod tests {
         let mut c = Conn::connect(&uri, Duration::from_millis(300)).unwrap();
         match &c {
             Conn::Unix(s) => assert_eq!(s.write_timeout().unwrap(), None),
-            Conn::Tcp(_) => panic!("a UNIX URI gave a TCP connection"),
+            Conn::Tcp(_) | Conn::Tls(_) => panic!("a UNIX URI gave a TCP connection"),
         }
         // The other queued connections first, then ours (the queue is FIFO).
         for _ in 1..queued.len() {

@@ -63,7 +63,9 @@ impl ApiContext {
 }
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
-pub fn serve(path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
+/// The socket file's mode is `mode` (0600 by default: the API controls the guest, its memory
+/// included, so only its owner may connect).
+pub fn serve(path: &Path, mode: u32, ctx: Arc<ApiContext>) -> Result<()> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         // Only a socket is ever replaced: anything else at the path is somebody's file.
@@ -77,6 +79,9 @@ pub fn serve(path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(path).with_context(|| format!("cannot bind API socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of API socket {}", path.display()))?;
     serve_listener(listener, path, ctx)
 }
 
@@ -215,6 +220,9 @@ const FIELDS: &[(&str, &[&str])] = &[
             "auto_converge",
             "stall_timeout_ms",
             "copy_storage",
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
         ],
     ),
     ("snapshot", &["to", "live", "stop", "incremental_from"]),
@@ -223,7 +231,10 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("memory-write", &["gpa", "hex"]),
     ("poison", &["gpa", "announce", "at"]),
     ("update", &["binary", "mode"]),
-    ("replicate", &["to", "interval_ms", "on_backup_loss", "ack_timeout_ms", "stall_timeout_ms"]),
+    (
+        "replicate",
+        &["to", "interval_ms", "on_backup_loss", "ack_timeout_ms", "stall_timeout_ms", "tls_cert", "tls_key", "tls_ca"],
+    ),
     ("replicate-stop", &[]),
 ];
 
@@ -276,7 +287,26 @@ fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
             None => ferry_migrate::source::DEFAULT_STALL_TIMEOUT,
         },
         copy_storage: opt_bool(req, "copy_storage")?.unwrap_or(false),
+        tls: tls_of(req)?,
     })
+}
+
+/// The TLS identity a request names (`tls_cert`, `tls_key`, `tls_ca`: all three or none),
+/// loaded in this process.
+fn tls_of(req: &Value) -> Result<Option<Arc<ferry_migrate::tls::Tls>>> {
+    match (opt_str(req, "tls_cert")?, opt_str(req, "tls_key")?, opt_str(req, "tls_ca")?) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(ca)) => {
+            let files = ferry_migrate::tls::TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+                ca: PathBuf::from(ca),
+                allow: Vec::new(),
+            };
+            Ok(Some(Arc::new(ferry_migrate::tls::Tls::load(&files)?)))
+        }
+        _ => bail!("TLS needs all three of \"tls_cert\", \"tls_key\" and \"tls_ca\""),
+    }
 }
 
 /// An optional field, read by `get`: absent or `null` is `None`; present with any other type
@@ -472,6 +502,7 @@ fn replicate(req: &Value, ctx: &ApiContext) -> Result<Value> {
         interval: Duration::from_millis(interval),
         ack_timeout: ms("ack_timeout_ms", 1000)?,
         stall_timeout: ms("stall_timeout_ms", 10_000)?,
+        tls: tls_of(req)?,
     };
     if ctx.paused.load(Ordering::SeqCst) {
         bail!("the VM is paused by the API; resume it before replicating");

@@ -54,6 +54,13 @@ enum DebugCmd {
     },
 }
 
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("'{s}' is not a file mode (octal, e.g. 600 or 660)")),
+    }
+}
+
 fn parse_u64_auto(s: &str) -> std::result::Result<u64, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(h) => u64::from_str_radix(h, 16),
@@ -195,9 +202,76 @@ struct MigrateArgs {
     /// migration included) into the destination's own --disk images, of the same sizes.
     #[arg(long)]
     copy_storage: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Plain TCP without TLS is intended (no warning).
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// Mutual TLS for a tcp: peer (docs/security.md): this Ferry's certificate and key, and the CA
+/// that signs its peers'. All three or none.
+#[derive(clap::Args, Clone, Default)]
+struct TlsArgs {
+    /// This Ferry's certificate (PEM; chain allowed).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) a peer's certificate must be signed by (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn given(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+
+    /// Adds the files to an API request, as absolute paths (the VM's Ferry has its own working
+    /// directory).
+    fn add_to(&self, req: &mut serde_json::Value) -> Result<()> {
+        for (k, p) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key), ("tls_ca", &self.tls_ca)] {
+            if let Some(p) = p {
+                let abs =
+                    std::fs::canonicalize(p).with_context(|| format!("--{}: {}", k.replace('_', "-"), p.display()))?;
+                req[k] = abs.display().to_string().into();
+            }
+        }
+        Ok(())
+    }
+
+    /// The loaded identity, with the names a peer must be valid for.
+    fn load(&self, allow: &[String]) -> Result<Option<Arc<ferry_migrate::tls::Tls>>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else {
+            if !allow.is_empty() {
+                bail!("--tls-allow-peer needs TLS: give --tls-cert, --tls-key and --tls-ca");
+            }
+            return Ok(None);
+        };
+        let files = ferry_migrate::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            allow: allow.to_vec(),
+        };
+        Ok(Some(Arc::new(ferry_migrate::tls::Tls::load(&files)?)))
+    }
+}
+
+/// A loud word on plain TCP: the stream is the whole guest.
+fn warn_plain_tcp(uri: &ferry_migrate::transport::Uri, tls: bool, insecure: bool) {
+    if matches!(uri, ferry_migrate::transport::Uri::Tcp(_)) && !tls && !insecure {
+        eprintln!(
+            "ferry: WARNING: {uri} is plain TCP: the guest's memory and disks cross the network unencrypted, and \
+             anyone who can reach it is trusted; give --tls-cert/--tls-key/--tls-ca (docs/security.md), or \
+             --insecure to say this is intended"
+        );
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -223,6 +297,11 @@ struct ReplicateArgs {
     /// The backup counts as lost when it does not acknowledge a checkpoint within this, ms.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     ack_timeout_ms: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Plain TCP without TLS is intended (no warning).
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure: bool,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -269,6 +348,9 @@ struct RunArgs {
     /// Control socket path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// The control socket's file mode, octal (default 600: only its owner may connect).
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    api_socket_mode: u32,
     /// Wait for an incoming migration on unix:PATH or tcp:HOST:PORT instead of booting.
     #[arg(long)]
     incoming: Option<String>,
@@ -313,6 +395,16 @@ struct RunArgs {
     /// With --standby: the primary counts as lost when it sends nothing for this many ms.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_timeout_ms: Option<u64>,
+    /// With --incoming tcp:…: mutual TLS; a source must present a certificate signed by
+    /// --tls-ca.
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// With TLS: a source's certificate must be valid for one of these names (repeatable).
+    #[arg(long)]
+    tls_allow_peer: Vec<String>,
+    /// With --incoming tcp:… without TLS: plain TCP is intended (no warning).
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure: bool,
     /// With --incoming or --restore (for tests of the CPU check): pretend this host lacks a
     /// CPUID feature bit, LEAF[.SUBLEAF].REG.BIT (e.g. 0x7.0.ebx.5 for AVX2). Repeatable.
     #[arg(long, hide = true)]
@@ -491,9 +583,11 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     };
     // Opened now (a missing image fails before anything waits), locked at the switch-over.
     let disks = a.disk.iter().map(|d| DiskImage::open(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
+    let tls = a.tls.load(&a.tls_allow_peer)?;
+    warn_plain_tcp(&uri, tls.is_some(), a.insecure);
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
-    eprintln!("ferry: waiting for an incoming migration on {uri}");
-    let conn = listener.accept(&uri)?;
+    eprintln!("ferry: waiting for an incoming migration on {uri}{}", if tls.is_some() { " (mutual TLS)" } else { "" });
+    let conn = listener.accept_with(&uri, tls.as_deref())?;
     drop(listener);
     let stall = std::time::Duration::from_millis(a.stall_timeout_ms.unwrap_or(10_000));
     let params = ferry_migrate::destination::IncomingParams {
@@ -531,9 +625,11 @@ fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
     // The backup's own images: locked now, written by the checkpoints, run by a failover.
     let disks =
         a.disk.iter().map(|d| DiskImage::open_locked(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
+    let tls = a.tls.load(&a.tls_allow_peer)?;
+    warn_plain_tcp(&uri, tls.is_some(), a.insecure);
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
-    eprintln!("ferry: standby: waiting for the primary on {uri}");
-    let conn = listener.accept(&uri)?;
+    eprintln!("ferry: standby: waiting for the primary on {uri}{}", if tls.is_some() { " (mutual TLS)" } else { "" });
+    let conn = listener.accept_with(&uri, tls.as_deref())?;
     drop(listener);
     let params = StandbyParams {
         serial_out: serial_sink(&a.serial)?,
@@ -736,7 +832,7 @@ fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::n
         ctx.paused.store(paused, Ordering::SeqCst);
         match listener {
             Some(l) => api::serve_listener(l, sock, ctx)?,
-            None => api::serve(sock, ctx)?,
+            None => api::serve(sock, a.api_socket_mode, ctx)?,
         }
     }
     let reason = vm.wait_exit();
@@ -877,6 +973,8 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
         "stall_timeout_ms": a.stall_timeout_ms,
         "copy_storage": a.copy_storage,
     });
+    a.tls.add_to(&mut req)?;
+    warn_plain_tcp(&ferry_migrate::transport::Uri::parse(&a.to)?, a.tls.given(), a.insecure);
     if let Some(b) = a.max_bandwidth {
         req["max_bandwidth_mib_s"] = b.into();
     }
@@ -956,6 +1054,9 @@ fn replicate(a: ReplicateArgs) -> Result<i32> {
         "on_backup_loss": match a.on_backup_loss { BackupLossArg::Stop => "stop", BackupLossArg::Continue => "continue" },
         "ack_timeout_ms": a.ack_timeout_ms,
     });
+    let mut req = req;
+    a.tls.add_to(&mut req)?;
+    warn_plain_tcp(&ferry_migrate::transport::Uri::parse(&a.to)?, a.tls.given(), a.insecure);
     let v = api::call(&a.api_socket, &req)?;
     print_replication(&v["replication"], a.json, "the guest is protected");
     Ok(0)

@@ -1,0 +1,291 @@
+//! Security (issue 23, docs/security.md) on real KVM. Mutual TLS for TCP migration and
+//! replication, with certificates made by the openssl tool: a migration with TLS on both sides;
+//! every refusal with its reason, before a byte of the stream is read, the source running on
+//! clean; a man in the middle presenting another CA's certificate refused. The API socket's
+//! mode.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const WORKLOAD: &str = "mib=32 rate=10 hb_us=2000 report_ms=200";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("the openssl tool");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Certificates in a directory: CAs `ca` and `evil`, and leaves made on demand.
+struct Pki(PathBuf);
+
+const EC: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let p = Pki(tmpdir(name));
+        for ca in ["ca", "evil"] {
+            let (subj, key, crt) = (format!("/CN={ca}"), format!("{ca}.key"), format!("{ca}.crt"));
+            let mut a = vec!["req", "-x509"];
+            a.extend_from_slice(&EC);
+            a.extend_from_slice(&["-nodes", "-days", "2", "-subj", &subj, "-keyout", &key, "-out", &crt]);
+            openssl(&p.0, &a);
+        }
+        p
+    }
+
+    /// A leaf `name` signed by `ca`, valid for DNS:name and IP 127.0.0.1, for `days` (0: it
+    /// expires the second it is made).
+    fn leaf(&self, name: &str, ca: &str, days: u32) {
+        let (subj, key, csr, crt) =
+            (format!("/CN={name}"), format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+        let mut a = vec!["req"];
+        a.extend_from_slice(&EC);
+        a.extend_from_slice(&["-nodes", "-subj", &subj, "-keyout", &key, "-out", &csr]);
+        openssl(&self.0, &a);
+        std::fs::write(self.0.join(format!("{name}.ext")), format!("subjectAltName=DNS:{name},IP:127.0.0.1\n"))
+            .unwrap();
+        let (cacrt, cakey, ext, days) =
+            (format!("{ca}.crt"), format!("{ca}.key"), format!("{name}.ext"), days.to_string());
+        openssl(
+            &self.0,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &cacrt,
+                "-CAkey",
+                &cakey,
+                "-CAcreateserial",
+                "-days",
+                &days,
+                "-extfile",
+                &ext,
+                "-out",
+                &crt,
+            ],
+        );
+    }
+
+    fn p(&self, f: &str) -> String {
+        self.0.join(f).display().to_string()
+    }
+
+    /// `--tls-cert/--tls-key/--tls-ca` for leaf `name`, trusting `ca`.
+    fn args(&self, name: &str, ca: &str) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.p(&format!("{name}.crt")),
+            "--tls-key".into(),
+            self.p(&format!("{name}.key")),
+            "--tls-ca".into(),
+            self.p(&format!("{ca}.crt")),
+        ]
+    }
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn source(dir: &Path, name: &str) -> (Proc, PathBuf) {
+    let api = dir.join(format!("{name}.sock"));
+    let mut p = Proc::spawn(&["run", "--memory", "128M", "--cmdline", WORKLOAD, "--api-socket", api.to_str().unwrap()]);
+    assert!(p.wait_reports(2, Duration::from_secs(40)), "{}", p.stderr_text());
+    assert!(wait_socket(&api, Duration::from_secs(5)));
+    (p, api)
+}
+
+fn destination(uri: &str, extra: &[String]) -> Proc {
+    let mut a = vec!["run".to_string(), "--incoming".into(), uri.into()];
+    a.extend_from_slice(extra);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = Proc::spawn(&a);
+    assert!(d.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)), "{}", d.stderr_text());
+    d
+}
+
+fn migrate(api: &Path, uri: &str, extra: &[String]) -> (bool, String) {
+    let mut a =
+        vec!["migrate".to_string(), "--api-socket".into(), api.display().to_string(), "--to".into(), uri.into()];
+    a.extend_from_slice(extra);
+    let out = Command::new(FERRY).args(&a).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_runs_clean(p: &mut Proc) {
+    let n = p.reports().len();
+    assert!(p.wait_reports(n + 3, Duration::from_secs(20)), "stopped: {} {}", p.tail(3), p.stderr_text());
+    assert!(p.reports().iter().all(|r| r.errors == 0), "{}", p.tail(3));
+}
+
+/// One destination, refusing every bad source by name and still waiting, then taking the good
+/// one: another CA, an expired certificate, no TLS at all, a name not on its allow-list; then a
+/// source with a certificate for an allowed name migrates, errors=0.
+#[test]
+fn a_tls_destination_refuses_each_bad_source_by_name_and_takes_the_authenticated_one() {
+    if !kvm_available("a_tls_destination_refuses_each_bad_source_by_name_and_takes_the_authenticated_one") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let pki = Pki::new("tls-refusals");
+    pki.leaf("dst", "ca", 2);
+    pki.leaf("src", "ca", 2);
+    pki.leaf("other", "ca", 2);
+    pki.leaf("intruder", "evil", 2);
+    pki.leaf("old", "ca", 0);
+    std::thread::sleep(Duration::from_millis(1100)); // "old" has expired now
+    let uri = format!("tcp:127.0.0.1:{}", port());
+    let mut dargs = pki.args("dst", "ca");
+    dargs.extend(["--tls-allow-peer".into(), "src".into()]);
+    let mut dst = destination(&uri, &dargs);
+    let (mut src, api) = source(&pki.0, "src");
+
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (pki.args("intruder", "ca"), "refused this Ferry's certificate", "unknown CA"),
+        (pki.args("old", "ca"), "refused this Ferry's certificate (expired)", "expired"),
+        (vec!["--insecure".into()], "", "does not speak TLS"),
+        (pki.args("other", "ca"), "", "not allowed"),
+    ];
+    for (i, (args, src_says, dst_says)) in cases.into_iter().enumerate() {
+        let refused = i + 1;
+        let (ok, err) = migrate(&api, &uri, &args);
+        assert!(!ok, "{args:?} migrated into a TLS destination");
+        assert!(err.contains(src_says), "{args:?}: the source says: {err}");
+        assert!(
+            wait_until(Duration::from_secs(5), || dst.stderr_text().matches("refused a connection").count() == refused),
+            "{args:?}: {}",
+            dst.stderr_text()
+        );
+        let said = dst.stderr_text().lines().rfind(|l| l.contains("refused a connection")).unwrap().to_string();
+        assert!(said.contains(dst_says), "{args:?}: the destination says: {said}");
+        assert!(dst.heartbeats().is_empty(), "the destination ran a guest");
+        assert_runs_clean(&mut src);
+    }
+
+    let (ok, err) = migrate(&api, &uri, &pki.args("src", "ca"));
+
+    assert!(ok, "{err}\n{}", dst.stderr_text());
+    assert!(src.wait_exit(Duration::from_secs(10)).is_some());
+    assert_runs_clean(&mut dst);
+    let _ = std::fs::remove_dir_all(&pki.0);
+}
+
+/// A man in the middle: something at the destination's address answers TLS with a certificate
+/// of another CA (openssl s_server). The source refuses it before a byte of the guest is sent.
+#[test]
+fn a_man_in_the_middle_with_another_certificate_is_refused_by_the_source() {
+    if !kvm_available("a_man_in_the_middle_with_another_certificate_is_refused_by_the_source") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let pki = Pki::new("tls-mitm");
+    pki.leaf("src", "ca", 2);
+    pki.leaf("mitm", "evil", 2);
+    let port = port();
+    let mut mitm = Command::new("openssl")
+        .current_dir(&pki.0)
+        .args(["s_server", "-quiet", "-accept", &port.to_string(), "-cert", "mitm.crt", "-key", "mitm.key"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    let (mut src, api) = source(&pki.0, "src");
+
+    let (ok, err) = migrate(&api, &format!("tcp:127.0.0.1:{port}"), &pki.args("src", "ca"));
+
+    let _ = mitm.kill();
+    let _ = mitm.wait();
+    let got = {
+        use std::io::Read;
+        let mut b = Vec::new();
+        let _ = mitm.stdout.take().unwrap().read_to_end(&mut b);
+        b
+    };
+    assert!(!ok);
+    assert!(err.contains("not signed by the CA given with --tls-ca (unknown CA)"), "{err}");
+    assert!(got.is_empty(), "the man in the middle got {} bytes of plaintext", got.len());
+    assert_runs_clean(&mut src);
+    let _ = std::fs::remove_dir_all(&pki.0);
+}
+
+/// Replication over TCP with mutual TLS: protected, then the primary dies and the backup takes
+/// over, clean.
+#[test]
+fn replication_runs_over_mutual_tls_and_the_backup_takes_over() {
+    if !kvm_available("replication_runs_over_mutual_tls_and_the_backup_takes_over") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let pki = Pki::new("tls-ha");
+    pki.leaf("primary", "ca", 2);
+    pki.leaf("backup", "ca", 2);
+    let uri = format!("tcp:127.0.0.1:{}", port());
+    let mut bargs = vec!["run".to_string(), "--incoming".into(), uri.clone(), "--standby".into()];
+    bargs.extend(pki.args("backup", "ca"));
+    let b: Vec<&str> = bargs.iter().map(String::as_str).collect();
+    let mut backup = Proc::spawn(&b);
+    assert!(
+        backup.wait_stderr("standby: waiting for the primary", Duration::from_secs(10)),
+        "{}",
+        backup.stderr_text()
+    );
+    assert!(backup.stderr_text().contains("(mutual TLS)"));
+    let (mut prim, api) = source(&pki.0, "primary");
+    let mut r = vec!["replicate".to_string(), "--api-socket".into(), api.display().to_string(), "--to".into(), uri];
+    r.extend(pki.args("primary", "ca"));
+    let out = Command::new(FERRY).args(&r).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_runs_clean(&mut prim);
+
+    prim.kill();
+
+    assert!(backup.wait_stderr("the guest resumes here", Duration::from_secs(5)), "{}", backup.stderr_text());
+    assert_runs_clean(&mut backup);
+    let _ = std::fs::remove_dir_all(&pki.0);
+}
+
+/// The API socket is its owner's alone (0600) unless `--api-socket-mode` says otherwise.
+#[test]
+fn the_api_socket_is_created_0600_or_with_the_mode_asked_for() {
+    if !kvm_available("the_api_socket_is_created_0600_or_with_the_mode_asked_for") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir("api-mode");
+    for (mode, want) in [(None, 0o600), (Some("660"), 0o660)] {
+        let api = dir.join(format!("{want:o}.sock"));
+        let mut a = vec![
+            "run",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "mib=8 rate=1 report_ms=500",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ];
+        if let Some(m) = mode {
+            a.extend_from_slice(&["--api-socket-mode", m]);
+        }
+        let mut p = Proc::spawn(&a);
+        assert!(wait_socket(&api, Duration::from_secs(20)), "{}", p.stderr_text());
+        let got = std::fs::metadata(&api).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, want, "API socket mode {got:o}");
+        p.kill();
+    }
+    let bad = Command::new(FERRY).args(["run", "--api-socket-mode", "999"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a file mode"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
