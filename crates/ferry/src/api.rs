@@ -85,29 +85,77 @@ pub fn serve(path: &Path, mode: u32, ctx: Arc<ApiContext>) -> Result<()> {
     serve_listener(listener, path, ctx)
 }
 
+/// Most API connections served at once (each has a thread); more are answered with an error
+/// and closed.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Longest request line (a `memory-write` of 1 MiB is 2 MiB of hex).
+pub const MAX_REQUEST: usize = 4 << 20;
+/// A client that takes no reply bytes for this long is dropped (its thread is freed).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves an already bound listener (one a live update handed over) on a background thread.
 pub fn serve_listener(listener: UnixListener, path: &Path, ctx: Arc<ApiContext>) -> Result<()> {
     use std::os::fd::AsRawFd;
     ctx.listener_fd.store(listener.as_raw_fd(), Ordering::SeqCst);
     let path: PathBuf = path.to_path_buf();
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new().name("api".into()).spawn(move || {
         for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let ctx = ctx.clone();
-            let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                let _ = handle_conn(conn, &ctx);
+            let Ok(mut conn) = conn else { continue };
+            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::SeqCst);
+                let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+                let msg = format!("{MAX_CONNECTIONS} API connections are open already; close one and retry");
+                let _ = writeln!(conn, "{}", json!({"ok": false, "error": msg}));
+                continue;
+            }
+            let (ctx, open) = (ctx.clone(), open.clone());
+            let spawned = std::thread::Builder::new().name("api-conn".into()).spawn({
+                let open = open.clone();
+                move || {
+                    let _ = handle_conn(conn, &ctx);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                }
             });
+            if spawned.is_err() {
+                open.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         let _ = std::fs::remove_file(path);
     })?;
     Ok(())
 }
 
+/// The next request line, at most [`MAX_REQUEST`] bytes: `None` at the end of the connection,
+/// an error for a longer line (the rest of it is never buffered).
+fn read_request<R: BufRead>(r: &mut R) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = std::io::Read::take(&mut *r, MAX_REQUEST as u64 + 1).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.len() > MAX_REQUEST {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a request line of more than {} MiB", MAX_REQUEST >> 20),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
 fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut out = conn.try_clone()?;
-    let reader = BufReader::new(conn);
-    for line in reader.lines() {
-        let line = line?;
+    let mut reader = BufReader::new(conn);
+    loop {
+        let line = match read_request(&mut reader) {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = writeln!(out, "{}", json!({"ok": false, "error": format!("refused: {e}")}));
+                break;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }

@@ -289,3 +289,168 @@ fn the_api_socket_is_created_0600_or_with_the_mode_asked_for() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a file mode"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+}
+
+/// What a local client can make the API hold is bounded: a 300 MiB request line is refused
+/// after 4 MiB (memory grows by less than 16 MiB), and 200 idle connections take at most 32
+/// threads (the rest are told why and closed). The API answers throughout.
+#[test]
+fn the_api_bounds_request_size_and_connections() {
+    if !kvm_available("the_api_bounds_request_size_and_connections") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir("api-bounds");
+    let api = dir.join("api.sock");
+    let mut p = Proc::spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mib=8 rate=1 report_ms=500",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    assert!(wait_socket(&api, Duration::from_secs(20)), "{}", p.stderr_text());
+    let pid = p.child.id();
+    let rss0 = rss_kib(pid);
+
+    let mut c = UnixStream::connect(&api).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0;
+    while sent < 300 && c.write_all(&chunk).is_ok() {
+        sent += 1;
+    }
+    let mut reply = String::new();
+    let _ = BufReader::new(&c).read_line(&mut reply);
+    assert!(sent < 300, "the API took a 300 MiB request line");
+    assert!(reply.contains("request line of more than 4 MiB"), "{reply}");
+    let grown = rss_kib(pid).saturating_sub(rss0);
+    assert!(grown < 16 << 10, "RSS grew by {grown} KiB");
+    drop(c);
+
+    let t0 = threads(pid);
+    let conns: Vec<UnixStream> = (0..200).map(|_| UnixStream::connect(&api).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t1 = threads(pid);
+    assert!(t1 <= t0 + 32, "200 idle connections made {} threads", t1 - t0);
+    let mut told = String::new();
+    let _ = BufReader::new(&conns[199]).read_line(&mut told);
+    assert!(told.contains("API connections are open already"), "{told}");
+    drop(conns);
+    assert!(
+        wait_until(Duration::from_secs(5), || common::api(&api, r#"{"cmd":"status"}"#)["ok"] == true),
+        "the API stopped answering"
+    );
+    p.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A destination fed garbage by whoever reaches it stays bounded: 1 GiB of random bytes is
+/// refused at the first 8; a record header claiming 64 MiB (a page batch of "2^63" pages) costs
+/// at most that record's buffer before it is refused; a million tiny records leave its memory
+/// flat.
+#[test]
+fn a_hostile_stream_is_refused_or_stays_within_its_memory_bound() {
+    if !kvm_available("a_hostile_stream_is_refused_or_stays_within_its_memory_bound") {
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir("hostile");
+    let sock = dir.join("in.sock");
+    let uri = format!("unix:{}", sock.display());
+    let hello = |c: &mut UnixStream| {
+        let mut h = [0u8; 32];
+        h[..8].copy_from_slice(b"FERRYHLO");
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
+        h[12..16].copy_from_slice(&ferry_stream::FORMAT_VERSION.to_le_bytes());
+        c.write_all(&h).unwrap();
+        let mut theirs = [0u8; 32];
+        c.read_exact(&mut theirs).unwrap();
+        c.write_all(&ferry_stream::StreamHeader::new(ferry_stream::StreamFlags::empty()).encode_for_tests()).unwrap();
+    };
+
+    // Random bytes: refused at once, whatever follows.
+    let mut d = destination(&uri, &[]);
+    let mut c = UnixStream::connect(&sock).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while sent < 1 << 30 {
+        for b in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+        }
+        if c.write_all(&buf).is_err() {
+            break;
+        }
+        sent += buf.len() as u64;
+    }
+    assert!(sent < 1 << 30, "the destination read 1 GiB of random bytes");
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
+    assert!(d.stderr_text().contains("not a Ferry stream"), "{}", d.stderr_text());
+
+    // A page batch of 64 MiB claiming 2^63 pages.
+    let mut d = destination(&uri, &[]);
+    let pid = d.child.id();
+    let rss0 = rss_kib(pid);
+    let mut c = UnixStream::connect(&sock).unwrap();
+    hello(&mut c);
+    let len = 64u32 << 20;
+    c.write_all(&[&2u32.to_le_bytes()[..], &len.to_le_bytes()].concat()).unwrap();
+    let mut body = vec![0u8; len as usize + 8];
+    body[..8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    c.write_all(&body[..body.len() - 1]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_kib(pid).saturating_sub(rss0);
+    assert!(grown < (64 + 16) << 10, "a 64 MiB record grew the destination by {grown} KiB");
+    let _ = c.write_all(&body[body.len() - 1..]);
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
+    assert!(
+        d.stderr_text().contains("checksum mismatch") || d.stderr_text().contains("pages (1 to 1024"),
+        "{}",
+        d.stderr_text()
+    );
+
+    // A million tiny records (HEARTBEAT, optional and empty): memory stays flat.
+    let mut d = destination(&uri, &[]);
+    let pid = d.child.id();
+    let mut c = UnixStream::connect(&sock).unwrap();
+    hello(&mut c);
+    let mut w = ferry_stream::StreamWriter::new(
+        Vec::new(),
+        &ferry_stream::StreamHeader::new(ferry_stream::StreamFlags::empty()),
+    )
+    .unwrap();
+    for _ in 0..4096 {
+        w.heartbeat().unwrap();
+    }
+    let block = w.into_inner()[ferry_stream::HEADER_LEN..].to_vec();
+    let mut rss = Vec::new();
+    for i in 0..256 {
+        c.write_all(&block).unwrap();
+        if i % 64 == 63 {
+            std::thread::sleep(Duration::from_millis(100));
+            rss.push(rss_kib(pid));
+        }
+    }
+    let spread = rss.iter().max().unwrap() - rss.iter().min().unwrap();
+    assert!(spread < 4 << 10, "RSS moved by {spread} KiB over a million tiny records: {rss:?}");
+    drop(c);
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
