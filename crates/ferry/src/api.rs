@@ -39,6 +39,11 @@ pub struct ApiContext {
     pub migrated: AtomicBool,
     /// The listening socket's descriptor (-1 before `serve`), for a live update to pass on.
     listener_fd: std::sync::atomic::AtomicI32,
+    /// Subscribers of `GET /api/v1/events` (crate::http).
+    events: Mutex<Vec<std::sync::mpsc::SyncSender<Value>>>,
+    /// The last migration's live status (`GET /api/v1/vm.migration`).
+    pub(crate) migration: Mutex<Value>,
+    started: std::time::Instant,
 }
 
 impl ApiContext {
@@ -53,6 +58,38 @@ impl ApiContext {
             snapshots: Mutex::new(None),
             migrated: AtomicBool::new(false),
             listener_fd: std::sync::atomic::AtomicI32::new(-1),
+            events: Mutex::new(Vec::new()),
+            migration: Mutex::new(json!({"status": "none"})),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Sends an event to every `GET /api/v1/events` follower (one that cannot keep up loses
+    /// it; one that went away is dropped).
+    pub(crate) fn publish(&self, mut ev: Value) {
+        ev["t_ms"] = json!(self.started.elapsed().as_millis() as u64);
+        if let Ok(mut subs) = self.events.lock() {
+            subs.retain(|s| !matches!(s.try_send(ev.clone()), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
+        }
+    }
+
+    /// A new follower of the events.
+    pub(crate) fn subscribe(&self) -> std::sync::mpsc::Receiver<Value> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+        if let Ok(mut subs) = self.events.lock() {
+            subs.push(tx);
+        }
+        rx
+    }
+
+    /// The VM's state for status replies and events.
+    pub(crate) fn state_name(&self) -> &'static str {
+        if self.migrated.load(Ordering::SeqCst) {
+            "migrated"
+        } else if self.paused.load(Ordering::SeqCst) {
+            "paused"
+        } else {
+            "running"
         }
     }
 
@@ -143,10 +180,11 @@ fn read_request<R: BufRead>(r: &mut R) -> std::io::Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
-fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
+fn handle_conn(conn: UnixStream, ctx: &Arc<ApiContext>) -> Result<()> {
     conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut out = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
+    let mut first = true;
     loop {
         let line = match read_request(&mut reader) {
             Ok(Some(l)) => l,
@@ -156,6 +194,11 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
                 break;
             }
         };
+        // A connection that opens with an HTTP request line speaks REST (crate::http).
+        if std::mem::take(&mut first) && crate::http::is_request_line(&line) {
+            crate::http::serve(&line, &mut reader, &mut out, ctx)?;
+            return Ok(());
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -178,7 +221,9 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
                 Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
             },
             Ok(req) if req["cmd"] == "migrate" => {
-                let reply = migrate(&req, ctx, &mut out);
+                let reply = migrate(&req, ctx, &mut |v| {
+                    let _ = writeln!(out, "{v}");
+                });
                 let done = reply["ok"] == json!(true);
                 // A client that went away (killed mid-migration) changes nothing: the guest
                 // left, so this Ferry ends either way.
@@ -206,8 +251,9 @@ fn handle_conn(conn: UnixStream, ctx: &ApiContext) -> Result<()> {
     Ok(())
 }
 
-/// Runs a migration on this connection: progress events as JSON lines, then the final reply.
-fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
+/// Runs a migration: progress events go to `progress` (JSON lines on the connection that asked,
+/// or nowhere for HTTP), to the live status and to the event followers; returns the final reply.
+pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&Value)) -> Value {
     if ctx.migrated.load(Ordering::SeqCst) {
         return json!({"ok": false, "error": "the guest has migrated away; this Ferry is exiting"});
     }
@@ -229,9 +275,16 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
             bail!("the VM is paused by the API; resume it before migrating");
         }
         let params = migrate_params(req, to)?;
+        set_migration(ctx, json!({"status": "active", "to": to, "iteration": 0}));
+        ctx.publish(json!({"event": "migration-started", "to": to}));
         let mut progress = |p: &Progress| {
             if let Ok(v) = serde_json::to_value(p) {
-                let _ = writeln!(out, "{v}");
+                progress(&v);
+                update_migration(ctx, &v);
+                let mut ev = v.clone();
+                ev["progress"] = ev["event"].take();
+                ev["event"] = json!("migration-progress");
+                ctx.publish(ev);
             }
         };
         let summary = ferry_migrate::source::migrate(&ctx.vm, &params, &ctx.cancel, &mut progress)?;
@@ -243,11 +296,79 @@ fn migrate(req: &Value, ctx: &ApiContext, out: &mut UnixStream) -> Value {
     ctx.migrating.store(false, Ordering::SeqCst);
     match r {
         Ok(mut v) => {
+            set_migration(ctx, json!({"status": "completed", "summary": v["summary"]}));
+            ctx.publish(json!({"event": "migration-completed", "summary": v["summary"]}));
             v["ok"] = json!(true);
             v
         }
-        Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let status = if ctx.cancel.load(Ordering::SeqCst) { "cancelled" } else { "failed" };
+            if ctx.migration.lock().map(|m| m["status"] == "active").unwrap_or(false) {
+                set_migration(ctx, json!({"status": status, "error": msg}));
+                ctx.publish(json!({"event": format!("migration-{status}"), "error": msg}));
+            }
+            json!({"ok": false, "error": msg})
+        }
     }
+}
+
+fn set_migration(ctx: &ApiContext, v: Value) {
+    if let Ok(mut m) = ctx.migration.lock() {
+        *m = v;
+    }
+}
+
+/// Folds a progress event into the live migration status (`query-migrate`'s figures).
+fn update_migration(ctx: &ApiContext, ev: &Value) {
+    let Ok(mut m) = ctx.migration.lock() else { return };
+    match ev["event"].as_str() {
+        Some("iteration") => {
+            m["iteration"] = ev["iteration"].clone();
+            let add = |m: &mut Value, k: &str, v: &Value| {
+                m[k] = json!(m[k].as_u64().unwrap_or(0) + v.as_u64().unwrap_or(0));
+            };
+            add(&mut m, "pages_sent", &ev["pages_sent"]);
+            add(&mut m, "bytes_sent", &ev["bytes"]);
+            m["bandwidth_mib_s"] = ev["bandwidth_mib_s"].clone();
+            m["dirty_rate_pages_s"] = ev["dirty_rate_pages_s"].clone();
+            m["expected_downtime_ms"] = ev["estimated_downtime_ms"].clone();
+            m["remaining_pages"] = ev["pages_dirtied"].clone();
+        }
+        Some("switchover") => {
+            m["phase"] = json!("switchover");
+            m["remaining_pages"] = ev["pending_pages"].clone();
+            m["expected_downtime_ms"] = ev["estimated_downtime_ms"].clone();
+        }
+        Some("throttle") => m["throttle_percent"] = ev["percent"].clone(),
+        _ => {}
+    }
+}
+
+/// Runs one command of the JSON API (the HTTP routes use it): fields checked, then run.
+pub(crate) fn run_command(req: &Value, ctx: &ApiContext) -> Result<Value> {
+    check_fields(req)?;
+    handle(req, ctx)
+}
+
+/// Checks a `migrate` request before it starts in the background (HTTP): its fields, and that
+/// nothing else holds the guest.
+pub(crate) fn check_migrate(req: &Value, ctx: &ApiContext) -> Result<()> {
+    check_fields(req)?;
+    if ctx.replicating.load(Ordering::SeqCst) {
+        bail!("replication to a backup is running; migrate after `ferry replicate-stop`");
+    }
+    if ctx.migrated.load(Ordering::SeqCst) {
+        bail!("the guest has migrated away; this Ferry is exiting");
+    }
+    if ctx.migrating.load(Ordering::SeqCst) {
+        bail!("a migration is already running");
+    }
+    if ctx.paused.load(Ordering::SeqCst) {
+        bail!("the VM is paused by the API; resume it before migrating");
+    }
+    let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("migrate needs \"to\" (a string)"))?;
+    migrate_params(req, to).map(|_| ())
 }
 
 /// The fields each command takes besides `cmd`.
@@ -434,6 +555,7 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
         "pause" => {
             ctx.vm.pause()?;
             ctx.paused.store(true, Ordering::SeqCst);
+            ctx.publish(json!({"event": "state", "state": "paused"}));
             Ok(json!({}))
         }
         "resume" => {
@@ -442,6 +564,7 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             ctx.vm.set_output_commit(false);
             ctx.vm.resume()?;
             ctx.paused.store(false, Ordering::SeqCst);
+            ctx.publish(json!({"event": "state", "state": "running"}));
             Ok(json!({}))
         }
         "migrate-cancel" => {

@@ -3,6 +3,7 @@
 mod api;
 mod demo;
 mod guest;
+mod http;
 mod report;
 mod update;
 
@@ -207,6 +208,10 @@ struct MigrateArgs {
     /// Plain TCP without TLS is intended (no warning).
     #[arg(long, conflicts_with = "tls_cert")]
     insecure: bool,
+    /// Also draw the migration as an SVG picture (passes: pages, bandwidth, dirty rate; the
+    /// pause and where it went) into this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -1000,6 +1005,11 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
         println!("{summary}");
     } else {
         print!("{}", report::summary_text(summary));
+    }
+    if let Some(path) = &a.report {
+        std::fs::write(path, report::svg(summary))
+            .with_context(|| format!("cannot write the report {}", path.display()))?;
+        eprintln!("ferry: report written to {}", path.display());
     }
     Ok(0)
 }

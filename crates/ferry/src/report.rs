@@ -100,3 +100,156 @@ pub fn summary_text(s: &Value) -> String {
     o += &format!("    commit / resume      {:>8.2} ms\n", f(d, "commit_ms"));
     o
 }
+
+/// A migration drawn as an SVG picture: one bar per pass (width its duration, height the pages
+/// it sent; data pages dark, zero pages light), the bandwidth and the guest's dirty rate as
+/// lines over the passes, and the pause at the end with where it went.
+pub fn svg(s: &Value) -> String {
+    use std::fmt::Write;
+    let empty = Vec::new();
+    let iters = s["iterations"].as_array().unwrap_or(&empty);
+    let (w, h, left, top, plot_h) = (900.0f64, 420.0f64, 70.0f64, 40.0f64, 280.0f64);
+    let plot_w = w - left - 40.0;
+    let total_ms: f64 = iters.iter().map(|i| f(i, "duration_ms")).sum::<f64>() + f(s, "downtime_ms");
+    let total_ms = total_ms.max(1e-3);
+    let max_pages = iters.iter().map(|i| u(i, "pages_sent")).max().unwrap_or(1).max(1) as f64;
+    let max_bw = iters.iter().map(|i| f(i, "bandwidth_mib_s")).fold(1.0, f64::max);
+    let max_dirty = iters.iter().map(|i| f(i, "dirty_rate_pages_s") * 4096.0 / 1048576.0).fold(1.0, f64::max);
+    let max_rate = max_bw.max(max_dirty);
+    let x = |ms: f64| left + ms / total_ms * plot_w;
+    let y_pages = |p: f64| top + plot_h - p / max_pages * plot_h;
+    let y_rate = |r: f64| top + plot_h - r / max_rate * plot_h;
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect x="0" y="0" width="{w}" height="{h}" fill="white"/>
+<text x="{left}" y="22" font-size="15">Ferry migration to {} — {:.0} ms total, {:.1} ms paused, {:.1} MiB</text>
+"#,
+        esc(s["to"].as_str().unwrap_or("?")),
+        f(s, "total_ms"),
+        f(s, "downtime_ms"),
+        f(s, "bytes") / 1048576.0
+    );
+    // Grid and axes.
+    for k in 0..=4 {
+        let yy = top + plot_h * k as f64 / 4.0;
+        let _ =
+            writeln!(o, r##"<line x1="{left}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, left + plot_w);
+        let _ = writeln!(
+            o,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">{:.0}</text>"##,
+            left - 6.0,
+            yy + 4.0,
+            max_pages * (4 - k) as f64 / 4.0
+        );
+    }
+    let _ = writeln!(o, r##"<line x1="{left}" y1="{top}" x2="{left}" y2="{:.1}" stroke="#333"/>"##, top + plot_h);
+    let _ = writeln!(
+        o,
+        r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#333"/>"##,
+        top + plot_h,
+        left + plot_w,
+        top + plot_h
+    );
+    // Passes.
+    let mut t = 0.0;
+    let (mut bw, mut dirty) = (Vec::new(), Vec::new());
+    for i in iters {
+        let d = f(i, "duration_ms");
+        let (x0, x1) = (x(t), x(t + d).max(x(t) + 1.0));
+        let normal = u(i, "normal_pages") as f64;
+        let sent = u(i, "pages_sent") as f64;
+        let _ = writeln!(
+            o,
+            r##"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#c6dbef"><title>pass {}: {} pages ({} zero), {:.0} ms</title></rect>"##,
+            y_pages(sent),
+            x1 - x0,
+            top + plot_h - y_pages(sent),
+            u(i, "iteration"),
+            u(i, "pages_sent"),
+            u(i, "zero_pages"),
+            d
+        );
+        let _ = writeln!(
+            o,
+            r##"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#3182bd"/>"##,
+            y_pages(normal),
+            x1 - x0,
+            top + plot_h - y_pages(normal)
+        );
+        let mid = (x0 + x1) / 2.0;
+        bw.push(format!("{mid:.1},{:.1}", y_rate(f(i, "bandwidth_mib_s"))));
+        dirty.push(format!("{mid:.1},{:.1}", y_rate(f(i, "dirty_rate_pages_s") * 4096.0 / 1048576.0)));
+        t += d;
+    }
+    for (pts, color) in [(&bw, "#e6550d"), (&dirty, "#31a354")] {
+        let _ =
+            writeln!(o, r##"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"##, pts.join(" "));
+        for p in pts.iter() {
+            if let Some((cx, cy)) = p.split_once(',') {
+                let _ = writeln!(o, r##"<circle cx="{cx}" cy="{cy}" r="3" fill="{color}"/>"##);
+            }
+        }
+    }
+    // The pause.
+    let (px0, px1) = (x(t), x(total_ms));
+    let _ = writeln!(
+        o,
+        r##"<rect x="{px0:.1}" y="{top}" width="{:.1}" height="{plot_h}" fill="#de2d26" opacity="0.35"><title>paused {:.1} ms</title></rect>"##,
+        (px1 - px0).max(2.0),
+        f(s, "downtime_ms")
+    );
+    let b = &s["downtime_breakdown"];
+    let _ = writeln!(
+        o,
+        r##"<text x="{left}" y="{:.1}">pause {:.2} ms: stop {:.2}, sync {:.2}, last pages {} in {:.2}, state {:.2}, destination load {:.2}, ACK wait {:.2}, COMMIT {:.2}</text>"##,
+        top + plot_h + 40.0,
+        f(s, "downtime_ms"),
+        f(b, "pause_ms"),
+        f(b, "final_sync_ms"),
+        u(b, "final_pages"),
+        f(b, "final_pages_ms"),
+        f(b, "state_ms"),
+        f(b, "dest_load_ms"),
+        f(b, "ack_wait_ms"),
+        f(b, "commit_ms")
+    );
+    let _ = writeln!(
+        o,
+        r##"<text x="{left}" y="{:.1}"><tspan fill="#3182bd">■ data pages</tspan>  <tspan fill="#9ecae1">■ zero pages</tspan>  <tspan fill="#e6550d">— bandwidth MiB/s</tspan>  <tspan fill="#31a354">— guest dirty rate MiB/s</tspan> (right scale max {:.0} MiB/s)  <tspan fill="#de2d26">■ pause</tspan></text>"##,
+        top + plot_h + 62.0,
+        max_rate
+    );
+    o.push_str("</svg>\n");
+    o
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod svg_tests {
+    use super::*;
+
+    #[test]
+    fn the_report_draws_each_pass_the_rates_and_the_pause() {
+        let s = serde_json::json!({
+            "to": "unix:/x<y>", "total_ms": 500.0, "downtime_ms": 3.0, "bytes": 1048576,
+            "iterations": [
+                {"iteration": 1, "duration_ms": 400.0, "pages_sent": 1000, "normal_pages": 600, "zero_pages": 400,
+                 "bandwidth_mib_s": 900.0, "dirty_rate_pages_s": 0.0},
+                {"iteration": 2, "duration_ms": 50.0, "pages_sent": 100, "normal_pages": 100, "zero_pages": 0,
+                 "bandwidth_mib_s": 700.0, "dirty_rate_pages_s": 5000.0}
+            ],
+            "downtime_breakdown": {"pause_ms": 0.1}
+        });
+        let svg = svg(&s);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<title>pass").count(), 2);
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("paused 3.0 ms"));
+        assert!(svg.contains("unix:/x&lt;y&gt;"), "the target is not escaped");
+    }
+}

@@ -1,0 +1,285 @@
+//! REST over the API socket: HTTP/1.1 on the same UNIX socket as the JSON-lines protocol
+//! (docs/api/openapi.yaml is the contract; `curl --unix-socket S http://localhost/api/v1/vm.info`).
+//!
+//! A connection whose first line is an HTTP request line is served here, one request per
+//! connection (`Connection: close`); anything else is the JSON-lines protocol (api.rs). Each
+//! route maps onto the same commands the JSON API runs, so both stay one implementation.
+//! Requests: a JSON body of at most [`crate::api::MAX_REQUEST`] bytes (`Content-Length`;
+//! chunked bodies are refused), unknown fields refused. Errors: 4xx with `{"error": "..."}`.
+//!
+//! The parsing is written here rather than taken from a server crate: the socket is shared with
+//! the JSON-lines protocol, so the server must be handed a connection whose first line it has
+//! already read, which the threaded servers (tiny_http, micro_http) do not take; what is parsed
+//! is a request line, `Content-Length` and a body.
+
+use std::io::{BufRead, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::api::{ApiContext, MAX_REQUEST};
+
+/// Every route served: (method, path, the JSON command it runs or what it is).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/vm.info"),
+    ("PUT", "/api/v1/vm.pause"),
+    ("PUT", "/api/v1/vm.resume"),
+    ("PUT", "/api/v1/vm.shutdown"),
+    ("PUT", "/api/v1/vm.migrate"),
+    ("GET", "/api/v1/vm.migration"),
+    ("PUT", "/api/v1/vm.migrate-cancel"),
+    ("PUT", "/api/v1/vm.snapshot"),
+    ("GET", "/api/v1/vm.dirty-rate"),
+    ("PUT", "/api/v1/vm.replicate"),
+    ("PUT", "/api/v1/vm.replicate-stop"),
+    ("GET", "/api/v1/events"),
+];
+
+/// Whether `line` is an HTTP/1.x request line.
+pub fn is_request_line(line: &str) -> bool {
+    let mut it = line.trim_end().split(' ');
+    matches!(
+        (it.next(), it.next(), it.next(), it.next()),
+        (Some(m), Some(p), Some(v), None)
+            if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) && p.starts_with('/') && v.starts_with("HTTP/1.")
+    )
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        501 => "Not Implemented",
+        _ => "Error",
+    }
+}
+
+fn respond(out: &mut UnixStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let b = body.to_string();
+    write!(
+        out,
+        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        reason(code),
+        b.len()
+    )?;
+    out.flush()
+}
+
+fn error(out: &mut UnixStream, code: u16, msg: impl std::fmt::Display) -> std::io::Result<()> {
+    respond(out, code, &json!({ "error": msg.to_string() }))
+}
+
+/// The status of an error from a command: a state conflict (409) or a bad request (400).
+fn status_of(msg: &str) -> u16 {
+    let conflict = ["is running", "already running", "is paused", "migrated away", "no migration", "no replication"];
+    if conflict.iter().any(|c| msg.contains(c)) {
+        409
+    } else {
+        400
+    }
+}
+
+/// Serves one HTTP request whose request line is `first`.
+pub fn serve(
+    first: &str,
+    reader: &mut impl BufRead,
+    out: &mut UnixStream,
+    ctx: &Arc<ApiContext>,
+) -> std::io::Result<()> {
+    let mut parts = first.trim_end().split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    // Headers: Content-Length only matters; chunked bodies are not taken.
+    let mut len: Option<usize> = None;
+    let mut chunked = false;
+    for _ in 0..100 {
+        let mut h = String::new();
+        if std::io::Read::take(&mut *reader, 16 << 10).read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "content-length" {
+                len = v.parse().ok();
+                if len.is_none() {
+                    return error(out, 400, format!("Content-Length '{v}' is not a number"));
+                }
+            } else if k == "transfer-encoding" && !v.eq_ignore_ascii_case("identity") {
+                chunked = true;
+            }
+        }
+    }
+    if chunked {
+        return error(out, 411, "chunked request bodies are not taken: send Content-Length");
+    }
+    let n = len.unwrap_or(0);
+    if n > MAX_REQUEST {
+        return error(out, 413, format!("a body of {n} bytes; at most {MAX_REQUEST}"));
+    }
+    let mut body = vec![0u8; n];
+    reader.read_exact(&mut body)?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let known: Vec<&str> = ROUTES.iter().filter(|r| r.1 == path).map(|r| r.0).collect();
+    if known.is_empty() {
+        return error(out, 404, format!("no such path {path} (see docs/api/openapi.yaml)"));
+    }
+    if !known.contains(&method) {
+        return error(out, 405, format!("{path} takes {}, not {method}", known.join(", ")));
+    }
+    let mut fields = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(v) => return error(out, 400, format!("the body must be a JSON object, not {v}")),
+            Err(e) => return error(out, 400, format!("the body is not JSON: {e}")),
+        }
+    };
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        fields[k] = v.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(v));
+    }
+    let cmd = match path.trim_start_matches("/api/v1/") {
+        "vm.info" => return respond(out, 200, &info(ctx)),
+        "vm.migration" => {
+            let m = ctx.migration.lock().map(|m| m.clone()).unwrap_or(Value::Null);
+            return respond(out, 200, &m);
+        }
+        "events" => return events(out, ctx),
+        "vm.migrate" => return migrate(out, ctx, fields),
+        "vm.shutdown" => "quit",
+        other => other.trim_start_matches("vm."),
+    };
+    fields["cmd"] = json!(cmd);
+    match crate::api::run_command(&fields, ctx) {
+        Ok(mut v) => {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("ok");
+            }
+            respond(out, 200, &v)?;
+            if cmd == "quit" {
+                ctx.vm.request_exit(ferry_vmm::ExitReason::Stopped);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            error(out, status_of(&msg), msg)
+        }
+    }
+}
+
+fn info(ctx: &ApiContext) -> Value {
+    json!({
+        "state": ctx.state_name(),
+        "migrating": ctx.migrating.load(Ordering::SeqCst),
+        "vcpus": ctx.vm.vcpu_count(),
+        "memory": ctx.vm.ram().size(),
+        "disks": ctx.vm.disks().iter().map(|d| json!({
+            "path": d.image().path().display().to_string(),
+            "bytes": d.image().bytes(),
+            "readonly": d.image().readonly(),
+        })).collect::<Vec<_>>(),
+        "ferry_version": env!("CARGO_PKG_VERSION"),
+        "stream_format": {"writes": ferry_stream::FORMAT_VERSION, "reads": [ferry_stream::MIN_FORMAT_VERSION, ferry_stream::FORMAT_VERSION]},
+    })
+}
+
+/// Starts a migration and answers 202 at once; `GET vm.migration` and the events follow it.
+/// After it completes Ferry answers for [`LINGER`] more (the guest runs elsewhere), then exits.
+fn migrate(out: &mut UnixStream, ctx: &Arc<ApiContext>, mut fields: Value) -> std::io::Result<()> {
+    fields["cmd"] = json!("migrate");
+    if let Err(e) = crate::api::check_migrate(&fields, ctx) {
+        let msg = format!("{e:#}");
+        return error(out, status_of(&msg), msg);
+    }
+    let to = fields["to"].clone();
+    let ctx2 = ctx.clone();
+    let started = std::thread::Builder::new().name("migrate".into()).spawn(move || {
+        let reply = crate::api::migrate(&fields, &ctx2, &mut |_| {});
+        if reply["ok"] == json!(true) {
+            std::thread::sleep(LINGER);
+            ctx2.vm.request_exit(ferry_vmm::ExitReason::Migrated);
+        }
+    });
+    if let Err(e) = started {
+        return error(out, 409, format!("cannot start the migration: {e}"));
+    }
+    respond(out, 202, &json!({"status": "active", "to": to}))
+}
+
+/// How long a source whose guest left answers before it exits (for `GET vm.migration`).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// `GET /api/v1/events`: one JSON event a line, as they happen, until the client goes.
+fn events(out: &mut UnixStream, ctx: &ApiContext) -> std::io::Result<()> {
+    let rx = ctx.subscribe();
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
+    )?;
+    writeln!(out, "{}", json!({"event": "state", "state": ctx.state_name()}))?;
+    out.flush()?;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(ev) => {
+                writeln!(out, "{ev}")?;
+                out.flush()?;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Finds a client that went away (the write fails) and ends with the machine.
+                if ctx.vm.exit_reason().is_some() {
+                    return Ok(());
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No drift: the OpenAPI document names exactly the routes served, with their methods.
+    #[test]
+    fn the_openapi_document_names_every_route_and_no_other() {
+        let doc = include_str!("../../../docs/api/openapi.yaml");
+        let mut documented = Vec::new();
+        let mut path = None;
+        for l in doc.lines() {
+            if let Some(p) = l.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
+                path = Some(format!("/{p}"));
+            } else if !l.starts_with("    ") && !l.starts_with("  /") && !l.trim().is_empty() {
+                path = None;
+            }
+            if let (Some(p), Some(m)) = (&path, l.strip_prefix("    ").and_then(|m| m.strip_suffix(':'))) {
+                if ["get", "put", "post", "delete", "patch"].contains(&m) {
+                    documented.push((m.to_ascii_uppercase(), p.clone()));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served, "docs/api/openapi.yaml and http::ROUTES differ");
+    }
+
+    #[test]
+    fn request_lines_are_told_from_json_lines() {
+        assert!(is_request_line("GET /api/v1/vm.info HTTP/1.1\r\n"));
+        assert!(is_request_line("PUT /api/v1/vm.pause HTTP/1.0\n"));
+        assert!(!is_request_line("{\"cmd\":\"status\"}\n"));
+        assert!(!is_request_line("GET /x\n"));
+        assert!(!is_request_line("get /x HTTP/1.1\n"));
+    }
+}
