@@ -29,6 +29,9 @@ pub struct ApiContext {
     replication: Mutex<Option<Replication>>,
     /// Replication's epochs are running: nothing else may pause, resume or move the guest.
     replicating: Arc<AtomicBool>,
+    /// Held by every command that checks the machine's state and changes it (api::handle), and
+    /// by a migration while it checks and claims the machine.
+    state_lock: Mutex<()>,
     /// A migration is running (one at a time).
     pub migrating: AtomicBool,
     /// Set by `migrate-cancel`; the running migration stops at its next step.
@@ -53,6 +56,7 @@ impl ApiContext {
             paused: Arc::new(AtomicBool::new(false)),
             replication: Mutex::new(None),
             replicating: Arc::new(AtomicBool::new(false)),
+            state_lock: Mutex::new(()),
             migrating: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             snapshots: Mutex::new(None),
@@ -254,11 +258,16 @@ fn handle_conn(conn: UnixStream, ctx: &Arc<ApiContext>) -> Result<()> {
 /// Runs a migration: progress events go to `progress` (JSON lines on the connection that asked,
 /// or nowhere for HTTP), to the live status and to the event followers; returns the final reply.
 pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&Value)) -> Value {
-    if ctx.migrated.load(Ordering::SeqCst) {
-        return json!({"ok": false, "error": "the guest has migrated away; this Ferry is exiting"});
-    }
-    if ctx.migrating.swap(true, Ordering::SeqCst) {
-        return json!({"ok": false, "error": "a migration is already running"});
+    {
+        // Claimed under the state lock: a pause or resume is either done before this or sees
+        // the migration running.
+        let _state = ctx.state_lock.lock();
+        if ctx.migrated.load(Ordering::SeqCst) {
+            return json!({"ok": false, "error": "the guest has migrated away; this Ferry is exiting"});
+        }
+        if ctx.migrating.swap(true, Ordering::SeqCst) {
+            return json!({"ok": false, "error": "a migration is already running"});
+        }
     }
     ctx.cancel.store(false, Ordering::SeqCst);
     // A snapshot pauses and resumes the guest too: one or the other at a time.
@@ -504,7 +513,18 @@ fn field_u64(req: &Value, name: &str) -> Result<u64> {
 }
 
 fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
-    let cmd = req.get("cmd").and_then(Value::as_str).ok_or_else(|| anyhow!("request has no \"cmd\""))?;
+    let cmd = match req.get("cmd") {
+        None => bail!("request has no \"cmd\""),
+        Some(c) => c.as_str().ok_or_else(|| anyhow!("\"cmd\" must be a string naming a command, not {c}"))?,
+    };
+    // One state change at a time: the checks below and the change they guard happen under the
+    // lock a migration takes to start, so neither can slip between the other's check and act.
+    // Queries (status, dirty-rate, memory-read) never wait for it.
+    let _state = if matches!(cmd, "pause" | "resume" | "snapshot" | "memory-write" | "replicate") {
+        Some(ctx.state_lock.lock().map_err(|_| anyhow!("the API's state lock is poisoned"))?)
+    } else {
+        None
+    };
     // Running or stopping the guest while it is moving (or after it moved) would let it run in
     // two places, or run after its final pass was taken.
     if matches!(cmd, "pause" | "resume" | "snapshot" | "memory-write" | "migrate" | "update" | "replicate")
@@ -742,14 +762,23 @@ fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Hex digits to bytes. Works on bytes, not `str` slices: a non-ASCII character (several
+/// bytes) is an error naming its offset, never a slice through the middle of it.
 fn hex_decode(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(2) {
         bail!("hex string has an odd length");
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| anyhow!("bad hex at offset {i}")))
-        .collect()
+    let digit = |i: usize| -> Result<u8> {
+        let c = b[i];
+        (c as char).to_digit(16).filter(|_| c.is_ascii()).map(|d| d as u8).ok_or_else(|| {
+            anyhow!(
+                "bad hex at offset {i}: {}",
+                if c.is_ascii() { format!("'{}'", c as char) } else { "a non-ASCII byte".into() }
+            )
+        })
+    };
+    (0..b.len()).step_by(2).map(|i| Ok(digit(i)? << 4 | digit(i + 1)?)).collect()
 }
 
 /// Sends a request and calls `line` for every reply line until the final one (the one with

@@ -147,3 +147,95 @@ fn every_documented_path_answers_and_a_migration_runs_over_http() {
 fn api_json(sock: &Path, req: &str) -> serde_json::Value {
     common::api(sock, req)
 }
+
+/// The bugs a new user hit: a non-ASCII `hex` in memory-write (once a panic of the connection's
+/// thread), `{"cmd":5}` (once "request has no cmd"); and pause/resume racing a migration's start
+/// (they are serialised with it under one lock: each is done before the migration claims the
+/// machine, or refused while it runs; the migration completes clean either way).
+#[test]
+fn bad_requests_are_named_and_pause_resume_cannot_race_a_migration() {
+    if !kvm_available("bad_requests_are_named_and_pause_resume_cannot_race_a_migration") {
+        return;
+    }
+    let dir = tmpdir("api-bugs");
+    let api = dir.join("api.sock");
+    let mut src = Proc::spawn(&[
+        "run",
+        "--memory",
+        "128M",
+        "--cmdline",
+        "mib=32 rate=10 hb_us=2000 report_ms=200",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    assert!(src.wait_reports(2, Duration::from_secs(30)), "{}", src.stderr_text());
+
+    let mut c = UnixStream::connect(&api).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut ask = |req: &str| {
+        writeln!(c, "{req}").unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        serde_json::from_str::<serde_json::Value>(&l).unwrap()
+    };
+    let v = ask(r#"{"cmd":"memory-write","gpa":4096,"hex":"aéb"}"#);
+    assert!(v["error"].as_str().unwrap().contains("bad hex at offset 1: a non-ASCII byte"), "{v}");
+    let v = ask(r#"{"cmd":5}"#);
+    assert!(v["error"].as_str().unwrap().contains("\"cmd\" must be a string naming a command, not 5"), "{v}");
+    assert_eq!(ask(r#"{"cmd":"status"}"#)["ok"], true, "the connection died");
+
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Proc::spawn(&["run", "--incoming", &uri]);
+    assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)));
+    let storm = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            for i in 0..400 {
+                let cmd = if i % 2 == 0 { "pause" } else { "resume" };
+                let Ok(mut c) = UnixStream::connect(&api) else { break };
+                if writeln!(c, r#"{{"cmd":"{cmd}"}}"#).is_err() {
+                    break;
+                }
+                let mut l = String::new();
+                if BufReader::new(c).read_line(&mut l).is_err() || l.is_empty() {
+                    break;
+                }
+                answers.push(l);
+            }
+            answers
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let mut mig = None;
+    for _ in 0..200 {
+        // The storm may have the guest paused at the moment: a migration is refused then.
+        let out = std::process::Command::new(FERRY)
+            .args(["migrate", "--api-socket", api.to_str().unwrap(), "--to", &uri])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            mig = Some(err);
+            break;
+        }
+        assert!(err.contains("paused by the API"), "{err}");
+    }
+    assert!(mig.is_some(), "no migration got in between the pauses");
+    let answers = storm.join().unwrap();
+    for a in &answers {
+        let v: serde_json::Value = serde_json::from_str(a).unwrap();
+        assert!(
+            v["ok"] == true
+                || v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("a migration is running") || e.contains("migrated away")),
+            "{v}"
+        );
+    }
+    let n = dst.reports().len();
+    assert!(dst.wait_reports(n + 3, Duration::from_secs(20)), "{}", dst.stderr_text());
+    assert!(dst.reports().iter().all(|r| r.errors == 0), "{}", dst.tail(2));
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
