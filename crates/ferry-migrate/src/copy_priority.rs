@@ -80,8 +80,8 @@ impl IdleCopy {
         }
         if set_policy(libc::SCHED_OTHER) {
             self.applied = false;
-            eprintln!(
-                "ferry: the copy waited {:.0} of {:.0} ms for a CPU in the idle class: other load took the spare CPU; copying at normal priority",
+            tracing::info!(
+                "the copy waited {:.0} ms of a {:.0} ms window for a CPU in the idle class: other load took the spare CPU; copying at normal priority",
                 waited * 1e3,
                 elapsed.as_secs_f64() * 1e3
             );
@@ -134,7 +134,7 @@ fn set_policy(policy: libc::c_int) -> bool {
 impl Drop for IdleCopy {
     fn drop(&mut self) {
         if self.applied && !set_policy(libc::SCHED_OTHER) {
-            eprintln!("ferry: warning: cannot leave the idle scheduling class: {}", std::io::Error::last_os_error());
+            tracing::warn!("cannot leave the idle scheduling class: {}", std::io::Error::last_os_error());
         }
     }
 }

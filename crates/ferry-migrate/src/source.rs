@@ -227,7 +227,7 @@ impl Drop for PauseGuard<'_> {
                 }
                 // Someone else holds a disk's image (a destination that did get COMMIT):
                 // resuming here could run the guest twice.
-                Err(e) => eprintln!("ferry: {}: the source guest stays paused", crate::destination::ErrorChain(&e)),
+                Err(e) => tracing::error!("{}: the source guest stays paused", crate::destination::ErrorChain(&e)),
             }
         }
     }
@@ -820,7 +820,7 @@ fn handover(
     bd.commit_ms = ms(t.elapsed());
     guard.committed = true;
     if !summary.disk_lock_released_before_commit && !vm.disks_release_when_idle(Duration::from_secs(60)) {
-        eprintln!("ferry: a disk request still executes 60 s after the handover; the lock passes when Ferry exits");
+        tracing::warn!("a disk request still executes 60 s after the handover; the lock passes when Ferry exits");
     }
     let (held, writes) = vm.disks_held();
     summary.disk_completed_after_quiesce = summary.disk_completed_after_quiesce.max(held);

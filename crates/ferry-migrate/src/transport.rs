@@ -396,7 +396,7 @@ impl Listener {
                     None => break Conn::Tcp(s),
                     Some(t) => match t.accept(s, TLS_HANDSHAKE_TIMEOUT) {
                         Ok(s) => break Conn::Tls(s),
-                        Err(e) => eprintln!("ferry: refused a connection on {uri}: {e}; still waiting"),
+                        Err(e) => tracing::warn!("refused a connection on {uri}: {e}; still waiting"),
                     },
                 }
             },

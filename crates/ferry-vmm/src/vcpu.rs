@@ -377,12 +377,28 @@ enum Step {
     Stop(ExitReason),
 }
 
+/// vCPU exits of this process by kind (port I/O, MMIO, halt or interrupt, other), for metrics.
+static EXITS: [std::sync::atomic::AtomicU64; 4] = [const { std::sync::atomic::AtomicU64::new(0) }; 4];
+
+/// vCPU exits so far: (port I/O, MMIO, halt/interrupted, other).
+pub fn exit_counts() -> [u64; 4] {
+    EXITS.each_ref().map(|a| a.load(Ordering::Relaxed))
+}
+
 /// Runs the vCPU once and handles the exit.
 fn run_once(vcpu: &mut VcpuFd, env: &VcpuEnv) -> Step {
     let (id, bus) = (env.id, &*env.bus);
     // A broken page the guest touched: (guest-physical address, how it showed).
     let mut broken: Option<(u64, PoisonCause)> = None;
-    let r = match vcpu.run() {
+    let exit = vcpu.run();
+    let kind = match &exit {
+        Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::IoIn(..)) => 0,
+        Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => 1,
+        Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Err(_) => 2,
+        Ok(_) => 3,
+    };
+    EXITS[kind].fetch_add(1, Ordering::Relaxed);
+    let r = match exit {
         // Emulated (ring-0) guest code touching a broken page exits as MMIO inside RAM: the
         // read gets zeros, never the page's data, and the guest a machine check.
         Ok(VcpuExit::MmioRead(gpa, data)) if env.memory.is_ram(gpa) => {

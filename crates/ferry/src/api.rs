@@ -21,12 +21,23 @@ use ferry_migrate::transport::Uri;
 use ferry_vmm::{ExitReason, Vm};
 use serde_json::{json, Value};
 
+/// What `GET /metrics` counts besides what the machine keeps.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Counters {
+    pub migrations_completed: u64,
+    pub migrations_failed: u64,
+    pub migrations_cancelled: u64,
+    pub migration_bytes: u64,
+    pub last_downtime_ms: f64,
+    pub last_dirty_rate_pages_s: f64,
+}
+
 /// Shared state the API acts on.
 pub struct ApiContext {
     pub vm: Arc<Vm>,
     pub paused: Arc<AtomicBool>,
     /// Replication to a backup (one at a time; kept after it ended, for its figures).
-    replication: Mutex<Option<Replication>>,
+    pub(crate) replication: Mutex<Option<Replication>>,
     /// Replication's epochs are running: nothing else may pause, resume or move the guest.
     replicating: Arc<AtomicBool>,
     /// Held by every command that checks the machine's state and changes it (api::handle), and
@@ -46,6 +57,8 @@ pub struct ApiContext {
     events: Mutex<Vec<std::sync::mpsc::SyncSender<Value>>>,
     /// The last migration's live status (`GET /api/v1/vm.migration`).
     pub(crate) migration: Mutex<Value>,
+    /// Counters for `GET /metrics`.
+    pub(crate) counters: Mutex<Counters>,
     started: std::time::Instant,
 }
 
@@ -64,6 +77,7 @@ impl ApiContext {
             listener_fd: std::sync::atomic::AtomicI32::new(-1),
             events: Mutex::new(Vec::new()),
             migration: Mutex::new(json!({"status": "none"})),
+            counters: Mutex::new(Counters::default()),
             started: std::time::Instant::now(),
         }
     }
@@ -305,6 +319,11 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
     ctx.migrating.store(false, Ordering::SeqCst);
     match r {
         Ok(mut v) => {
+            if let Ok(mut c) = ctx.counters.lock() {
+                c.migrations_completed += 1;
+                c.migration_bytes += v["summary"]["bytes"].as_u64().unwrap_or(0);
+                c.last_downtime_ms = v["summary"]["downtime_ms"].as_f64().unwrap_or(0.0);
+            }
             set_migration(ctx, json!({"status": "completed", "summary": v["summary"]}));
             ctx.publish(json!({"event": "migration-completed", "summary": v["summary"]}));
             v["ok"] = json!(true);
@@ -313,6 +332,13 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
         Err(e) => {
             let msg = format!("{e:#}");
             let status = if ctx.cancel.load(Ordering::SeqCst) { "cancelled" } else { "failed" };
+            if let Ok(mut c) = ctx.counters.lock() {
+                if status == "cancelled" {
+                    c.migrations_cancelled += 1;
+                } else {
+                    c.migrations_failed += 1;
+                }
+            }
             if ctx.migration.lock().map(|m| m["status"] == "active").unwrap_or(false) {
                 set_migration(ctx, json!({"status": status, "error": msg}));
                 ctx.publish(json!({"event": format!("migration-{status}"), "error": msg}));
@@ -341,6 +367,9 @@ fn update_migration(ctx: &ApiContext, ev: &Value) {
             add(&mut m, "bytes_sent", &ev["bytes"]);
             m["bandwidth_mib_s"] = ev["bandwidth_mib_s"].clone();
             m["dirty_rate_pages_s"] = ev["dirty_rate_pages_s"].clone();
+            if let Ok(mut c) = ctx.counters.lock() {
+                c.last_dirty_rate_pages_s = ev["dirty_rate_pages_s"].as_f64().unwrap_or(0.0);
+            }
             m["expected_downtime_ms"] = ev["estimated_downtime_ms"].clone();
             m["remaining_pages"] = ev["pages_dirtied"].clone();
         }
@@ -647,14 +676,14 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
 }
 
 /// A replication started by the API: its thread, stop flag and figures.
-struct Replication {
+pub(crate) struct Replication {
     stop: Arc<AtomicBool>,
     stats: Arc<Mutex<ferry_migrate::replicate::ReplicationStats>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Replication {
-    fn report(&self, vm: &Vm) -> ferry_migrate::replicate::ReplicationReport {
+    pub(crate) fn report(&self, vm: &Vm) -> ferry_migrate::replicate::ReplicationReport {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).report(vm)
     }
 }

@@ -36,6 +36,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vm.replicate"),
     ("PUT", "/api/v1/vm.replicate-stop"),
     ("GET", "/api/v1/events"),
+    ("GET", "/metrics"),
 ];
 
 /// Whether `line` is an HTTP/1.x request line.
@@ -148,6 +149,9 @@ pub fn serve(
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         fields[k] = v.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(v));
     }
+    if path == "/metrics" {
+        return metrics(out, ctx);
+    }
     let cmd = match path.trim_start_matches("/api/v1/") {
         "vm.info" => return respond(out, 200, &info(ctx)),
         "vm.migration" => {
@@ -203,6 +207,10 @@ fn migrate(out: &mut UnixStream, ctx: &Arc<ApiContext>, mut fields: Value) -> st
         return error(out, status_of(&msg), msg);
     }
     let to = fields["to"].clone();
+    // Active from the answer on: a GET right after the 202 must not see the previous status.
+    if let Ok(mut m) = ctx.migration.lock() {
+        *m = json!({"status": "active", "to": to, "iteration": 0});
+    }
     let ctx2 = ctx.clone();
     let started = std::thread::Builder::new().name("migrate".into()).spawn(move || {
         let reply = crate::api::migrate(&fields, &ctx2, &mut |_| {});
@@ -215,6 +223,113 @@ fn migrate(out: &mut UnixStream, ctx: &Arc<ApiContext>, mut fields: Value) -> st
         return error(out, 409, format!("cannot start the migration: {e}"));
     }
     respond(out, 202, &json!({"status": "active", "to": to}))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+fn metrics(out: &mut UnixStream, ctx: &ApiContext) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let mut m = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(m, "{name}{labels} {v}");
+        }
+    };
+    let c = ctx.counters.lock().map(|c| c.clone()).unwrap_or_default();
+    metric("ferry_up", "gauge", "1 while this Ferry serves", &[("", 1.0)]);
+    metric(
+        "ferry_vm_paused",
+        "gauge",
+        "1 when the API paused the guest",
+        &[("", ctx.paused.load(Ordering::SeqCst) as u8 as f64)],
+    );
+    metric("ferry_guest_memory_bytes", "gauge", "guest RAM", &[("", ctx.vm.ram().size() as f64)]);
+    metric("ferry_vcpus", "gauge", "vCPUs", &[("", ctx.vm.vcpu_count() as f64)]);
+    let e = ferry_vmm::vcpu::exit_counts();
+    metric(
+        "ferry_vcpu_exits_total",
+        "counter",
+        "vCPU exits by kind",
+        &[
+            ("{kind=\"pio\"}", e[0] as f64),
+            ("{kind=\"mmio\"}", e[1] as f64),
+            ("{kind=\"halt_or_interrupt\"}", e[2] as f64),
+            ("{kind=\"other\"}", e[3] as f64),
+        ],
+    );
+    metric(
+        "ferry_migrations_total",
+        "counter",
+        "migrations by result",
+        &[
+            ("{result=\"completed\"}", c.migrations_completed as f64),
+            ("{result=\"failed\"}", c.migrations_failed as f64),
+            ("{result=\"cancelled\"}", c.migrations_cancelled as f64),
+        ],
+    );
+    metric(
+        "ferry_migration_bytes_total",
+        "counter",
+        "stream bytes of completed migrations",
+        &[("", c.migration_bytes as f64)],
+    );
+    metric("ferry_migration_downtime_ms", "gauge", "the last completed migration's pause", &[("", c.last_downtime_ms)]);
+    metric(
+        "ferry_dirty_rate_pages_per_second",
+        "gauge",
+        "the guest's dirty rate at the last migration pass",
+        &[("", c.last_dirty_rate_pages_s)],
+    );
+    let disks = ctx.vm.disk_stats();
+    let per_disk = |f: fn(&ferry_vmm::devices::virtio_blk::BlockStats) -> u64| -> Vec<(String, f64)> {
+        disks.iter().enumerate().map(|(i, d)| (format!("{{disk=\"{i}\"}}"), f(d) as f64)).collect()
+    };
+    for (name, help, f) in [
+        (
+            "ferry_disk_requests_total",
+            "virtio-blk requests",
+            (|d: &ferry_vmm::devices::virtio_blk::BlockStats| d.requests) as fn(&_) -> u64,
+        ),
+        ("ferry_disk_read_bytes_total", "bytes read by the guest", |d| d.bytes_read),
+        ("ferry_disk_written_bytes_total", "bytes written by the guest", |d| d.bytes_written),
+    ] {
+        let v = per_disk(f);
+        let s: Vec<(&str, f64)> = v.iter().map(|(l, x)| (l.as_str(), *x)).collect();
+        metric(name, "counter", help, &s);
+    }
+    metric(
+        "ferry_broken_pages",
+        "gauge",
+        "guest pages known broken (poisoned)",
+        &[("", ctx.vm.ram().poison().list().len() as f64)],
+    );
+    if let Some(r) = ctx.replication.lock().ok().and_then(|r| r.as_ref().map(|r| r.report(&ctx.vm))) {
+        metric(
+            "ferry_replication_protected",
+            "gauge",
+            "1 while every checkpoint is acknowledged",
+            &[("", r.protected as u8 as f64)],
+        );
+        metric("ferry_replication_epochs_total", "counter", "checkpoints acknowledged", &[("", r.epochs as f64)]);
+        metric(
+            "ferry_replication_pause_ms",
+            "gauge",
+            "guest pause per epoch",
+            &[("{quantile=\"0.5\"}", r.pause_ms_p50), ("{quantile=\"0.99\"}", r.pause_ms_p99)],
+        );
+        metric(
+            "ferry_replication_output_held_bytes",
+            "gauge",
+            "console output held for output commit",
+            &[("", r.output_held_bytes as f64)],
+        );
+    }
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{m}",
+        m.len()
+    )?;
+    out.flush()
 }
 
 /// How long a source whose guest left answers before it exits (for `GET vm.migration`).

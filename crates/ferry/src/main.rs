@@ -4,6 +4,7 @@ mod api;
 mod demo;
 mod guest;
 mod http;
+mod logging;
 mod report;
 mod update;
 
@@ -26,6 +27,12 @@ use ferry_vmm::{ExitReason, Vm, VmConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// What Ferry's libraries log on stderr (RUST_LOG, if set, takes precedence).
+    #[arg(long, global = true, value_enum, default_value = "info")]
+    log_level: logging::LogLevel,
+    /// `text` (ferry: lines) or `json` (one object a line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -1095,6 +1102,7 @@ fn print_replication(r: &serde_json::Value, json: bool, what: &str) {
 fn main() {
     MAIN_START_NS.get_or_init(update::monotonic_ns);
     let cli = Cli::parse();
+    logging::init(cli.log_level, cli.log_format);
     let r = match cli.cmd {
         Cmd::Run(a) => run(*a),
         Cmd::Migrate(a) => migrate(a),

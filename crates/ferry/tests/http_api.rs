@@ -78,6 +78,16 @@ fn every_documented_path_answers_and_a_migration_runs_over_http() {
             assert!(text.contains("no_such_field"), "{m} {p}: {text}");
         }
     }
+    // Metrics, in Prometheus text.
+    let (c, m) = http(&api, "GET", "/metrics", None);
+    assert_eq!(c, 200);
+    let exits: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_vcpu_exits_total{kind=\"pio\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(exits > 0.0, "{m}");
+    assert!(m.contains("# TYPE ferry_migrations_total counter"), "{m}");
     // Wrong method, unknown path, bad JSON, a field of the wrong type: 4xx naming it.
     assert_eq!(http(&api, "GET", "/api/v1/vm.pause", None).0, 405);
     assert_eq!(http(&api, "GET", "/api/v1/no.such", None).0, 404);

@@ -477,7 +477,7 @@ struct DisksQuiesced<'a>(&'a Vm);
 impl Drop for DisksQuiesced<'_> {
     fn drop(&mut self) {
         if let Err(e) = self.0.resume_disks() {
-            eprintln!("ferry: after the snapshot: {}", crate::destination::ErrorChain(&e));
+            tracing::warn!("after the snapshot: {}", crate::destination::ErrorChain(&e));
         }
     }
 }

@@ -55,7 +55,7 @@ pub(super) fn complete_to_guest(inner: &Inner, st: &mut Shared, req: &Request, s
 
 /// Stops serving the queue until the driver resets the device (NEEDS_RESET, config interrupt).
 fn needs_reset(inner: &Inner, st: &mut Shared, why: &str) {
-    eprintln!("ferry: disk {}: {why}; device needs a reset", inner.index);
+    tracing::warn!("disk {}: {why}; device needs a reset", inner.index);
     st.broken = true;
     st.t.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
     st.t.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
@@ -99,7 +99,7 @@ pub(super) fn device_thread(inner: &Inner, jobs: Sender<Job>, done: Receiver<Don
                     Err(e) => {
                         // Waiting is never unsafe; executing without the lock would be.
                         if since.elapsed() > LOCK_WAIT {
-                            eprintln!("ferry: disk {}: {e}; still waiting for the source to release it", inner.index);
+                            tracing::warn!("disk {}: {e}; still waiting for the source to release it", inner.index);
                             st.mode = Mode::AwaitLock(Instant::now());
                         }
                         continue;
@@ -295,8 +295,8 @@ pub(super) fn execute(inner: &Inner, req: &Request) -> (u8, u32) {
         VIRTIO_BLK_T_OUT => {
             if img.readonly() {
                 if inner.refused_logged.fetch_add(1, Ordering::Relaxed) == 0 {
-                    eprintln!(
-                        "ferry: disk {} ({}) is read-only: refused a write of {} bytes at sector {} (the guest gets an I/O error; later refusals are counted, not logged)",
+                    tracing::warn!(
+                        "disk {} ({}) is read-only: refused a write of {} bytes at sector {} (the guest gets an I/O error; later refusals are counted, not logged)",
                         inner.index,
                         img.path().display(),
                         len,

@@ -489,7 +489,7 @@ impl BlockDevice {
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-        eprintln!("ferry: disk {}: a request still executes 30 s after the guest reset the device", self.inner.index);
+        tracing::warn!("disk {}: a request still executes 30 s after the guest reset the device", self.inner.index);
     }
 
     /// Stops taking requests and completing them (the machine's vCPUs are paused). Returns the
