@@ -992,10 +992,15 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     let sock = a.api_socket.clone();
     let mut cancelled = false;
+    // On a terminal (and not --json): a live line instead of one line per event.
+    let bar = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(report::progress_bar);
     let reply = api::call_streaming(
         &a.api_socket,
         &req,
-        &mut |ev| eprintln!("ferry: {}", report::progress_line(ev)),
+        &mut |ev| match &bar {
+            Some(b) => report::update_bar(b, ev),
+            None => eprintln!("ferry: {}", report::progress_line(ev)),
+        },
         &mut || {
             if INTERRUPTED.load(Ordering::SeqCst) && !cancelled {
                 cancelled = true;
@@ -1004,6 +1009,9 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
             }
         },
     )?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
     if reply["ok"] != serde_json::json!(true) {
         bail!("migration failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
     }

@@ -101,6 +101,44 @@ pub fn summary_text(s: &Value) -> String {
     o
 }
 
+/// The live progress line `ferry migrate` shows on a terminal.
+pub fn progress_bar() -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new_spinner();
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    b.set_message("connecting");
+    b.enable_steady_tick(std::time::Duration::from_millis(100));
+    b
+}
+
+/// Folds a progress event into the live line: pass, what remains, MiB/s, the guest's dirty
+/// rate, the pause expected if it switched over now.
+pub fn update_bar(b: &indicatif::ProgressBar, ev: &Value) {
+    let mib = |pages: f64| pages * 4096.0 / 1048576.0;
+    match ev["event"].as_str().unwrap_or("") {
+        "connected" => b.set_message(format!("connected to {}; pass 1 (every page)", ev["to"].as_str().unwrap_or("?"))),
+        "iteration" => b.set_message(format!(
+            "pass {} done: {:.1} MiB sent at {:.0} MiB/s | remaining {:.1} MiB | dirty {:.1} MiB/s | expected downtime {:.1} ms{}",
+            u(ev, "iteration"),
+            f(ev, "bytes") / 1048576.0,
+            f(ev, "bandwidth_mib_s"),
+            mib(f(ev, "pages_dirtied") - f(ev, "pages_sent")).max(0.0),
+            mib(f(ev, "dirty_rate_pages_s")),
+            f(ev, "estimated_downtime_ms"),
+            if u(ev, "throttle_percent") > 0 { format!(" | throttle {}%", u(ev, "throttle_percent")) } else { String::new() }
+        )),
+        "switchover" => b.set_message(format!(
+            "switching over: {:.1} MiB left, expected downtime {:.1} ms",
+            mib(f(ev, "pending_pages")),
+            f(ev, "estimated_downtime_ms")
+        )),
+        "throttle" => b.set_message(format!("throttling the guest to {}%", u(ev, "percent"))),
+        _ => {}
+    }
+}
+
 /// A migration drawn as an SVG picture: one bar per pass (width its duration, height the pages
 /// it sent; data pages dark, zero pages light), the bandwidth and the guest's dirty rate as
 /// lines over the passes, and the pause at the end with where it went.
@@ -108,8 +146,8 @@ pub fn svg(s: &Value) -> String {
     use std::fmt::Write;
     let empty = Vec::new();
     let iters = s["iterations"].as_array().unwrap_or(&empty);
-    let (w, h, left, top, plot_h) = (900.0f64, 420.0f64, 70.0f64, 40.0f64, 280.0f64);
-    let plot_w = w - left - 40.0;
+    let (w, h, left, top, plot_h) = (900.0f64, 430.0f64, 70.0f64, 40.0f64, 280.0f64);
+    let plot_w = w - left - 50.0;
     let total_ms: f64 = iters.iter().map(|i| f(i, "duration_ms")).sum::<f64>() + f(s, "downtime_ms");
     let total_ms = total_ms.max(1e-3);
     let max_pages = iters.iter().map(|i| u(i, "pages_sent")).max().unwrap_or(1).max(1) as f64;
@@ -143,7 +181,29 @@ pub fn svg(s: &Value) -> String {
             yy + 4.0,
             max_pages * (4 - k) as f64 / 4.0
         );
+        // Right scale: MiB/s of the two lines.
+        let _ = writeln!(
+            o,
+            r##"<text x="{:.1}" y="{:.1}" fill="#e6550d">{:.0}</text>"##,
+            left + plot_w + 4.0,
+            yy + 4.0,
+            max_rate * (4 - k) as f64 / 4.0
+        );
+        // Time axis.
+        let tx = left + plot_w * k as f64 / 4.0;
+        let _ = writeln!(
+            o,
+            r##"<text x="{tx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{:.0} ms</text>"##,
+            top + plot_h + 16.0,
+            total_ms * k as f64 / 4.0
+        );
     }
+    let _ = writeln!(
+        o,
+        r##"<text x="12" y="{:.1}" fill="#555" transform="rotate(-90 12 {:.1})">pages sent per pass</text>"##,
+        top + plot_h / 2.0 + 50.0,
+        top + plot_h / 2.0 + 50.0
+    );
     let _ = writeln!(o, r##"<line x1="{left}" y1="{top}" x2="{left}" y2="{:.1}" stroke="#333"/>"##, top + plot_h);
     let _ = writeln!(
         o,

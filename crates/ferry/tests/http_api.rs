@@ -249,3 +249,48 @@ fn bad_requests_are_named_and_pause_resume_cannot_race_a_migration() {
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On a terminal (a pty, through `script`), `ferry migrate` keeps one live line (pass, MiB sent
+/// and MiB/s, remaining, dirty rate, expected downtime) instead of a line per event; piped, it
+/// prints the lines.
+#[test]
+fn ferry_migrate_shows_a_live_progress_line_on_a_terminal() {
+    if !kvm_available("ferry_migrate_shows_a_live_progress_line_on_a_terminal") {
+        return;
+    }
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED ferry_migrate_shows_a_live_progress_line_on_a_terminal: no script(1) to make a pty with");
+        return;
+    }
+    let dir = tmpdir("progress-pty");
+    let api = dir.join("api.sock");
+    let mut src = Proc::spawn(&[
+        "run",
+        "--memory",
+        "256M",
+        "--cmdline",
+        "mib=64 rate=20 hb_us=2000 report_ms=200",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    assert!(src.wait_reports(3, Duration::from_secs(30)), "{}", src.stderr_text());
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Proc::spawn(&["run", "--incoming", &uri]);
+    assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)));
+
+    let cmd = format!("{FERRY} migrate --api-socket {} --to {uri} --max-bandwidth 40", api.display());
+    let out = std::process::Command::new("script").args(["-qefc", &cmd, "/dev/null"]).output().unwrap();
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("pass 1 done:") && text.contains("MiB/s | remaining"), "no live line: {text}");
+    assert!(text.contains("expected downtime"), "{text}");
+    assert!(text.contains('\r') || text.contains("\x1b["), "the line is not redrawn in place: {text:?}");
+    assert!(!text.contains("ferry: iteration 1:"), "event lines on a terminal: {text}");
+    assert!(text.contains("downtime"), "no summary: {text}");
+    let n = dst.reports().len();
+    assert!(dst.wait_reports(n + 2, Duration::from_secs(20)));
+    assert!(dst.reports().iter().all(|r| r.errors == 0));
+    let _ = src.wait_exit(Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
