@@ -1,10 +1,11 @@
-//! The control socket (`--api-socket`): one JSON object per line in, one per line out.
+//! The control socket (`--api-socket`): one JSON object per line in, one per line out; a
+//! connection that opens with an HTTP request line is served as REST instead (crate::http).
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"quit"}`,
 //! `{"cmd":"memory-read","gpa":N,"len":N}`, `{"cmd":"memory-write","gpa":N,"hex":"..."}`,
-//! `{"cmd":"dirty-rate","window_ms":N}`.
+//! `{"cmd":"dirty-rate","window_ms":N}`, `migrate`, `snapshot`, `replicate`, `update`, ….
 //! Every reply has `"ok": true|false`; failures carry `"error"`. The protocol is documented in
-//! docs/api.md.
+//! docs/cli.md ("Control socket"); the REST routes in docs/api/openapi.yaml.
 
 use std::io::{BufRead, BufReader, Write};
 use std::num::NonZeroU64;
