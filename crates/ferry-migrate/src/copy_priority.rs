@@ -80,9 +80,12 @@ impl IdleCopy {
         }
         if set_policy(libc::SCHED_OTHER) {
             self.applied = false;
+            // The run delay is charged when the thread next runs, so it can cover more than the
+            // window (a wait that began before it): what is said is the share of the window.
+            let share = (waited / elapsed.as_secs_f64()).min(1.0);
             tracing::info!(
-                "the copy waited {:.0} ms of a {:.0} ms window for a CPU in the idle class: other load took the spare CPU; copying at normal priority",
-                waited * 1e3,
+                "the copy in the idle scheduling class spent {:.0} % of the last {:.0} ms waiting for a CPU (other load took the spare one): copying at normal priority",
+                share * 100.0,
                 elapsed.as_secs_f64() * 1e3
             );
             return true;

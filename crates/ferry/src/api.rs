@@ -22,6 +22,21 @@ use ferry_migrate::transport::Uri;
 use ferry_vmm::{ExitReason, Vm};
 use serde_json::{json, Value};
 
+/// The followers of the events, shareable with threads that outlive a request (replication).
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<std::sync::mpsc::SyncSender<Value>>>>);
+
+impl Events {
+    /// Sends `ev` (stamped with ms since `started`) to every follower; one that cannot keep up
+    /// loses it, one that went away is dropped.
+    fn publish(&self, started: std::time::Instant, mut ev: Value) {
+        ev["t_ms"] = json!(started.elapsed().as_millis() as u64);
+        if let Ok(mut subs) = self.0.lock() {
+            subs.retain(|s| !matches!(s.try_send(ev.clone()), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
+        }
+    }
+}
+
 /// What `GET /metrics` counts besides what the machine keeps.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Counters {
@@ -55,7 +70,7 @@ pub struct ApiContext {
     /// The listening socket's descriptor (-1 before `serve`), for a live update to pass on.
     listener_fd: std::sync::atomic::AtomicI32,
     /// Subscribers of `GET /api/v1/events` (crate::http).
-    events: Mutex<Vec<std::sync::mpsc::SyncSender<Value>>>,
+    events: Events,
     /// The last migration's live status (`GET /api/v1/vm.migration`).
     pub(crate) migration: Mutex<Value>,
     /// Counters for `GET /metrics`.
@@ -76,7 +91,7 @@ impl ApiContext {
             snapshots: Mutex::new(None),
             migrated: AtomicBool::new(false),
             listener_fd: std::sync::atomic::AtomicI32::new(-1),
-            events: Mutex::new(Vec::new()),
+            events: Events::default(),
             migration: Mutex::new(json!({"status": "none"})),
             counters: Mutex::new(Counters::default()),
             started: std::time::Instant::now(),
@@ -85,17 +100,14 @@ impl ApiContext {
 
     /// Sends an event to every `GET /api/v1/events` follower (one that cannot keep up loses
     /// it; one that went away is dropped).
-    pub(crate) fn publish(&self, mut ev: Value) {
-        ev["t_ms"] = json!(self.started.elapsed().as_millis() as u64);
-        if let Ok(mut subs) = self.events.lock() {
-            subs.retain(|s| !matches!(s.try_send(ev.clone()), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
-        }
+    pub(crate) fn publish(&self, ev: Value) {
+        self.events.publish(self.started, ev);
     }
 
     /// A new follower of the events.
     pub(crate) fn subscribe(&self) -> std::sync::mpsc::Receiver<Value> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1024);
-        if let Ok(mut subs) = self.events.lock() {
+        if let Ok(mut subs) = self.events.0.lock() {
             subs.push(tx);
         }
         rx
@@ -740,25 +752,37 @@ fn replicate(req: &Value, ctx: &ApiContext) -> Result<Value> {
     let (tx, rx) = std::sync::mpsc::channel::<Result<Value, String>>();
     ctx.replicating.store(true, Ordering::SeqCst);
     let (vm, paused, replicating) = (ctx.vm.clone(), ctx.paused.clone(), ctx.replicating.clone());
+    let (events, started) = (ctx.events.clone(), ctx.started);
+    let publish = move |ev: Value| events.publish(started, ev);
     let (stop2, stats2) = (stop.clone(), stats.clone());
     let thread = std::thread::Builder::new().name("replicate".into()).spawn(move || {
         let mut was_protected = false;
         let r = repl::replicate(&vm, &params, &stop2, &stats2, &mut |report| {
             was_protected = true;
+            publish(json!({"event": "replication-protected", "to": report.to}));
             let _ = tx.send(Ok(json!({ "replication": report })));
         });
         let set = |s: ReplState, e: Option<String>| stats2.lock().unwrap_or_else(|p| p.into_inner()).set_state(s, e);
         match r {
-            Ok(()) => vm.set_output_commit(false),
+            Ok(()) => {
+                vm.set_output_commit(false);
+                publish(json!({"event": "replication-stopped"}));
+            }
             Err(e) if !was_protected => {
                 vm.set_output_commit(false);
                 let msg = format!("{:#}", anyhow::Error::new(e));
                 set(ReplState::Failed, Some(msg.clone()));
+                publish(json!({"event": "replication-failed", "error": msg}));
                 let _ = tx.send(Err(msg));
             }
             Err(e) => {
                 let msg = format!("{:#}", anyhow::Error::new(e));
                 set(ReplState::Unprotected, Some(msg.clone()));
+                publish(json!({
+                    "event": "replication-backup-lost",
+                    "error": msg,
+                    "policy": if policy == BackupLoss::Stop { "stop" } else { "continue" },
+                }));
                 match policy {
                     BackupLoss::Stop => {
                         let _ = vm.pause();

@@ -475,9 +475,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
         Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
         Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&s[..i], 1 << 40),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G, 1T)"))?;
     n.checked_mul(mul).ok_or_else(|| format!("'{s}' is too large"))
 }
 
@@ -678,8 +679,37 @@ fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
     }
 }
 
+/// The host's RAM (MemTotal), if /proc/meminfo says.
+fn host_ram() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// Refuses a `--disk` image given twice (the second would only say "in use by another
+/// process", which is this one).
+fn check_disks_distinct(disks: &[DiskSpec]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for d in disks {
+        let key = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
+        if !seen.insert(key) {
+            bail!("--disk {} is given twice: each image can back one disk", d.path.display());
+        }
+    }
+    Ok(())
+}
+
 fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
     let memory = a.memory.unwrap_or(1 << 30);
+    check_disks_distinct(&a.disk)?;
+    if let Some(host) = host_ram().filter(|&h| memory > h) {
+        eprintln!(
+            "ferry: warning: --memory {} MiB is more than this host's {} MiB of RAM: the guest's memory is allocated \
+             as it is touched, and touching it all will swap or fail",
+            memory >> 20,
+            host >> 20
+        );
+    }
     let (kernel, cmdline) = match &a.kernel {
         Some(p) => {
             let img = ferry_vmm::boot::read_image(p).with_context(|| format!("kernel {}", p.display()))?;

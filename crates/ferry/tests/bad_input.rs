@@ -187,3 +187,20 @@ fn zero_iterations_without_forced_switchover_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("--max-iterations 0") && err.contains("--force-switchover"), "{err}");
 }
+
+/// The same image given twice is named as such (it used to fail as "in use by another
+/// process", which was this one); sizes take a T suffix.
+#[test]
+fn the_same_disk_twice_is_named_and_sizes_take_t() {
+    let dir = tmpdir("disk-twice");
+    let img = dir.join("d.img");
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let same = dir.join(".").join("d.img");
+    let (code, err) = run_ferry(&["run", "--disk", img.to_str().unwrap(), "--disk", same.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is given twice"), "{err}");
+    let (code, err) = run_ferry(&["run", "--memory", "2X"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("e.g. 512M, 1G, 1T"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

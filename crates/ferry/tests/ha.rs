@@ -274,6 +274,22 @@ fn replicate_stop_ends_the_backup_without_a_failover() {
     let (mut prim, api) = primary(&dir);
     let uri = format!("unix:{}", dir.join("ha.sock").display());
     let mut backup = standby(&uri, &image(&dir, "b.img"), &dir.join("b.sock"), &[]);
+    // The events feed follows replication too.
+    let mut ev = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    write!(ev, "GET /api/v1/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let events = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for l in std::io::BufReader::new(ev).lines() {
+            let Ok(l) = l else { break };
+            let done = l.contains("replication-stopped");
+            seen.push(l);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
     let r = replicate(&api, &uri, &["--json"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let started: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
@@ -298,6 +314,9 @@ fn replicate_stop_ends_the_backup_without_a_failover() {
     assert_clean(&prim, "primary");
     assert_no_gap(&[&prim]);
     assert_eq!(api_status(&api)["replication"]["output_held_bytes"], 0);
+    let seen = events.join().unwrap();
+    assert!(seen.iter().any(|l| l.contains("replication-protected")), "{seen:?}");
+    assert!(seen.last().unwrap().contains("replication-stopped"), "{seen:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
