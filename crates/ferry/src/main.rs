@@ -94,6 +94,9 @@ enum Cmd {
     MigrateCancel {
         #[arg(long)]
         api_socket: PathBuf,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Save the VM behind an API socket to a snapshot file (restore with `ferry run --restore`).
     Snapshot(SnapshotArgs),
@@ -154,6 +157,14 @@ enum Cmd {
         #[arg(long, default_value = "mib=256 rate=50")]
         cmdline: String,
     },
+    /// Shell completions for this CLI, on stdout (e.g. `ferry completions bash >
+    /// /etc/bash_completion.d/ferry`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff), on stdout (e.g. `ferry man | man -l -`).
+    Man,
     /// Migration streams and snapshot files.
     Stream {
         #[command(subcommand)]
@@ -169,7 +180,12 @@ enum Cmd {
 #[derive(Subcommand)]
 enum StreamCmd {
     /// Print a stream record by record (and check it).
-    Inspect { path: PathBuf },
+    Inspect {
+        path: PathBuf,
+        /// Print only the totals, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -877,7 +893,11 @@ fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::n
             None => api::serve(sock, a.api_socket_mode, ctx)?,
         }
     }
+    // The guest runs (booted, restored, or resumed after an incoming migration or a failover)
+    // and the API answers: a supervisor may go on.
+    sd_notify(&format!("READY=1\nSTATUS=guest running, {} MiB, {} vCPU(s)", vm.ram().size() >> 20, vm.vcpu_count()));
     let reason = vm.wait_exit();
+    sd_notify("STOPPING=1");
     let _ = std::io::stdout().flush();
     match &reason {
         ExitReason::GuestShutdown(c) => eprintln!("ferry: guest shut down with status {c}"),
@@ -890,6 +910,47 @@ fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::n
         let _ = std::fs::remove_file(sock);
     }
     Ok(exit_code(&reason))
+}
+
+/// Tells a supervisor (systemd's `Type=notify`, or anything speaking its protocol) about this
+/// Ferry: one datagram to `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket). Without
+/// the variable nothing is sent; a supervisor that went away is not an error.
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = path.as_encoded_bytes();
+    let _ = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+        }
+        None => sock.send_to(msg.as_bytes(), &path),
+    };
+}
+
+/// `stream inspect --json`: the stream checked whole, its totals as one JSON object.
+fn inspect_json(path: &std::path::Path) -> Result<i32> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open(path)?, &mut head)
+        .context("the file is shorter than a header")?;
+    let s = ferry_stream::inspect(&mut std::io::BufReader::new(f), &mut std::io::sink())
+        .with_context(|| format!("{} is not a valid Ferry stream", path.display()))?;
+    let flags = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+    println!(
+        "{}",
+        serde_json::json!({
+            "format_version": u32::from_le_bytes([head[8], head[9], head[10], head[11]]),
+            "snapshot": flags & ferry_stream::StreamFlags::SNAPSHOT.0 != 0,
+            "checkpointed": flags & ferry_stream::StreamFlags::CHECKPOINTED.0 != 0,
+            "records": s.records,
+            "bytes": s.bytes,
+            "pages": {"normal": s.normal, "zero": s.zero, "broken": s.broken, "discarded": s.discarded},
+            "checkpoints": s.checkpoints,
+            "complete": s.ended,
+        })
+    );
+    Ok(0)
 }
 
 fn inspect(path: &std::path::Path) -> Result<i32> {
@@ -1147,9 +1208,24 @@ fn main() {
         Cmd::Demo { memory, cpus, cmdline } => {
             demo::run(demo::DemoArgs { memory, cpus, cmdline, after: std::time::Duration::from_secs(60) })
         }
-        Cmd::Stream { cmd: StreamCmd::Inspect { path } } => inspect(&path),
-        Cmd::MigrateCancel { api_socket } => {
-            api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| 0)
+        Cmd::Stream { cmd: StreamCmd::Inspect { path, json: false } } => inspect(&path),
+        Cmd::Stream { cmd: StreamCmd::Inspect { path, json: true } } => inspect_json(&path),
+        Cmd::MigrateCancel { api_socket, json } => {
+            api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| {
+                if json {
+                    println!("{}", serde_json::json!({"cancelled": true}));
+                }
+                0
+            })
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).map(|_| 0).map_err(Into::into)
         }
         Cmd::Snapshot(a) => snapshot(a),
         Cmd::Replicate(a) => replicate(a),

@@ -294,3 +294,54 @@ fn ferry_migrate_shows_a_live_progress_line_on_a_terminal() {
     let _ = src.wait_exit(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What a supervisor and a shell get: READY=1 on $NOTIFY_SOCKET once the guest runs and the API
+/// answers; completions and a man page from the CLI definition; `stream inspect --json`.
+#[test]
+fn supervisors_shells_and_scripts_get_what_they_need() {
+    if !kvm_available("supervisors_shells_and_scripts_get_what_they_need") {
+        return;
+    }
+    let dir = tmpdir("operator");
+    let notify = dir.join("notify.sock");
+    let rx = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let api = dir.join("api.sock");
+    let mut child = std::process::Command::new(FERRY)
+        .args([
+            "run",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "mib=8 rate=1 report_ms=500",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("no READY=1 from ferry run");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("READY=1\n") && msg.contains("STATUS=guest running"), "{msg}");
+    assert_eq!(common::api(&api, r#"{"cmd":"status"}"#)["ok"], true, "READY before the API answers");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let out = std::process::Command::new(FERRY).args(["completions", "bash"]).output().unwrap();
+    let comp = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && comp.contains("_ferry") && comp.contains("replicate-stop"), "{comp}");
+    let out = std::process::Command::new(FERRY).arg("man").output().unwrap();
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && man.contains(".TH ferry") && man.contains("migrate"), "{man}");
+
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v2-migration-stream.bin");
+    let out = std::process::Command::new(FERRY).args(["stream", "inspect", "--json", fixture]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["format_version"], 2, "{v}");
+    assert_eq!(v["complete"], true, "{v}");
+    assert!(v["records"].as_u64().unwrap() > 3 && v["pages"]["normal"].as_u64().unwrap() > 0, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
