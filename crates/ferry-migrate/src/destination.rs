@@ -214,7 +214,9 @@ pub struct IncomingParams {
     pub load: LoadOptions,
 }
 
-/// Receives a machine on `conn`. Returns the running machine once the source committed. A
+/// Receives a machine on `conn`. Returns the machine once the source committed, its disks
+/// handed over and its vCPUs still paused: the caller resumes it (after anything it has to say,
+/// so that no message cuts the guest's first line in a merged console). A
 /// source that sends nothing for `stall` before the stream's END fails the load; the wait for
 /// COMMIT after the ACK has no bound (see there).
 pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats), IncomingError> {
@@ -280,7 +282,6 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats)
             // The disks take their image locks (once the source released them) and re-execute
             // the requests that were in flight at the stop, in order, before anything new.
             vm.disks_handover().map_err(IncomingError::Start)?;
-            vm.resume().map_err(IncomingError::Start)?;
             Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }))
         }
         Err(e) => {

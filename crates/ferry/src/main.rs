@@ -640,6 +640,9 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
         stats.load.as_secs_f64() * 1000.0,
         stats.restore.as_secs_f64() * 1000.0
     );
+    // Resumed only now: a message written while the guest's first line is half out would cut
+    // that line in a console that merges stderr and stdout.
+    vm.resume().context("cannot resume the migrated guest")?;
     Ok(Arc::new(vm))
 }
 
@@ -795,6 +798,15 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
             disks,
             &mut || update::ready(h),
         )?;
+        // Said before the guest runs: a line it is printing when it resumes must not be cut
+        // by this one in a console that merges stderr and stdout.
+        eprintln!(
+            "ferry: {} the guest over ({} mode): {} bytes of state, {} MiB of RAM in place",
+            if a.handover_failed.is_some() { "took back" } else { "took" },
+            if h.mode == update::Mode::Exec { "exec" } else { "process" },
+            stats.stream_bytes,
+            stats.ram_bytes >> 20
+        );
         if !h.paused {
             vm.resume()?;
         }
@@ -839,14 +851,6 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
     };
     update::reply(h, &reply);
     update::acknowledge(h);
-    eprintln!(
-        "ferry: {} the guest over ({} mode): {:.2} ms paused, {} bytes of state, {} MiB of RAM in place",
-        if a.handover_failed.is_some() { "took back" } else { "took" },
-        if h.mode == update::Mode::Exec { "exec" } else { "process" },
-        pause_ms,
-        stats.stream_bytes,
-        stats.ram_bytes >> 20
-    );
     Ok((Arc::new(vm), listener))
 }
 
