@@ -242,8 +242,9 @@ pub fn send_nack(w: &mut impl Write, msg: &str) -> std::io::Result<()> {
     w.flush()
 }
 
-/// Reads the destination's answer.
-pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
+/// Reads one return-path frame: (type, body), the body at most [`MAX_NACK`] bytes. A NACK is
+/// returned as the refusal it carries.
+fn read_frame(r: &mut impl Read) -> Result<(u32, Vec<u8>), ProtocolError> {
     let mut h = [0u8; 8];
     r.read_exact(&mut h)?;
     let t = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
@@ -253,6 +254,16 @@ pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
     }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body)?;
+    if t == FRAME_NACK {
+        return Err(ProtocolError::Refused(String::from_utf8_lossy(&body).into_owned()));
+    }
+    Ok((t, body))
+}
+
+/// Reads the destination's answer.
+pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
+    let (t, body) = read_frame(r)?;
+    let len = body.len();
     match t {
         FRAME_ACK if len == 16 || len == 24 => {
             let word = |i: usize| {
@@ -263,7 +274,6 @@ pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
             let disk_replay = if len == 24 { word(2) } else { 0 };
             Ok(Ack { load_us: word(0), restore_us: word(1), disk_replay })
         }
-        FRAME_NACK => Err(ProtocolError::Refused(String::from_utf8_lossy(&body).into_owned())),
         other => Err(ProtocolError::BadFrame(other)),
     }
 }
@@ -280,23 +290,13 @@ pub fn send_checkpoint_ack(w: &mut impl Write, seq: u64) -> std::io::Result<()> 
 
 /// Primary: the standby's acknowledgement of a checkpoint (or its refusal).
 pub fn read_checkpoint_ack(r: &mut impl Read) -> Result<u64, ProtocolError> {
-    let mut h = [0u8; 8];
-    r.read_exact(&mut h)?;
-    let t = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
-    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    if len > MAX_NACK {
-        return Err(ProtocolError::TooLong(len));
-    }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
-    match t {
-        FRAME_CHECKPOINT_ACK if len == 8 => {
+    match read_frame(r)? {
+        (FRAME_CHECKPOINT_ACK, body) if body.len() == 8 => {
             let mut w = [0u8; 8];
             w.copy_from_slice(&body);
             Ok(u64::from_le_bytes(w))
         }
-        FRAME_NACK => Err(ProtocolError::Refused(String::from_utf8_lossy(&body).into_owned())),
-        other => Err(ProtocolError::BadFrame(other)),
+        (other, _) => Err(ProtocolError::BadFrame(other)),
     }
 }
 
