@@ -53,6 +53,12 @@ pub enum IncomingError {
     Start(#[source] ferry_vmm::vm::VmError),
     #[error("the disks")]
     Storage(#[from] crate::storage::StorageError),
+    #[error("post-copy needs userfaultfd, which this host does not give")]
+    NoUffd(#[source] ferry_vmm::uffd::UffdError),
+    #[error("post-copy lists frame {0:#x}, which is not guest RAM or is broken")]
+    PostcopyFrame(u64),
+    #[error("cannot start post-copy")]
+    PostcopyStart(#[source] std::io::Error),
 }
 
 /// Timings of the load, reported in the ACK and to the caller.
@@ -81,6 +87,11 @@ pub(crate) struct Pending {
     pub(crate) written: Vec<Bitmap>,
     /// Fills missing pages without zeroing them first (None: userfaultfd unavailable).
     pub(crate) uffd: Option<Uffd>,
+    /// Pages may exist without this load having written them (`--prefault`, or no
+    /// userfaultfd): post-copy drops every page it lists, not only those written here.
+    pub(crate) prefaulted: bool,
+    /// Post-copy: the session and, per region, the pages still at the source.
+    pub(crate) postcopy: Option<(u64, Vec<Bitmap>)>,
 }
 
 impl Pending {
@@ -212,14 +223,21 @@ pub struct IncomingParams {
     pub stall: Duration,
     /// What the load checks besides the stream (`--memory` is in `ram`).
     pub load: LoadOptions,
+    /// Post-copy: where a source whose link failed comes back (None: a failed post-copy link
+    /// loses the guest).
+    pub recover: Option<crate::postcopy::Recover>,
 }
+
+/// A post-copy still running after [`receive`] returned: it ends once every page is in place.
+pub type PostcopyRun =
+    std::thread::JoinHandle<Result<crate::postcopy::IncomingPostcopyStats, crate::postcopy::PostcopyError>>;
 
 /// Receives a machine on `conn`. Returns the machine once the source committed, its disks
 /// handed over and its vCPUs still paused: the caller resumes it (after anything it has to say,
 /// so that no message cuts the guest's first line in a merged console). A
 /// source that sends nothing for `stall` before the stream's END fails the load; the wait for
 /// COMMIT after the ACK has no bound (see there).
-pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats), IncomingError> {
+pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats, Option<PostcopyRun>), IncomingError> {
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
@@ -236,9 +254,25 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats)
         Err(e) => return Err(IncomingError::Handshake(e)),
     };
     let stream = std::io::Cursor::new(opening).chain(watched);
-    let IncomingParams { ram, serial_out, dirty_tracking, disks, load: opts, .. } = params;
+    let IncomingParams { ram, serial_out, dirty_tracking, disks, load: opts, recover, .. } = params;
     match load(stream, local, ram, dirty_tracking, &disks, opts) {
-        Ok((pending, loaded, stats)) => {
+        Ok((mut pending, loaded, stats, rest)) => {
+            // Post-copy: from here a touch of a page still at the source waits for it.
+            let postcopy = match (pending.postcopy.take(), pending.uffd.take()) {
+                (Some((session, missing)), Some(uffd)) => {
+                    let regions = pending.machine.ram.regions().to_vec();
+                    let poison = pending.machine.ram.poison().clone();
+                    match crate::postcopy::PostcopyIncoming::start(uffd, regions, poison, missing, session) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            let e = IncomingError::PostcopyStart(e);
+                            let _ = protocol::send_nack(&mut reply, &format!("{}", ErrorChain(&e)));
+                            return Err(e);
+                        }
+                    }
+                }
+                _ => None,
+            };
             // The machine is built from its state; vCPU threads start paused, COMMIT resumes
             // them. This counts as load time.
             let t = Instant::now();
@@ -279,10 +313,24 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats)
             let mut c = commit_conn;
             c.set_read_timeout(None).map_err(IncomingError::Reply)?;
             protocol::read_commit(&mut c).map_err(IncomingError::Commit)?;
+            // Post-copy: the source sends the missing pages from now on (the disks' replay
+            // below may already wait for some).
+            let run = match postcopy {
+                Some(p) => {
+                    let stream: Box<dyn Read + Send> = Box::new(rest);
+                    Some(
+                        std::thread::Builder::new()
+                            .name("postcopy-in".into())
+                            .spawn(move || p.run(stream, c, recover))
+                            .map_err(IncomingError::PostcopyStart)?,
+                    )
+                }
+                None => None,
+            };
             // The disks take their image locks (once the source released them) and re-execute
             // the requests that were in flight at the stop, in order, before anything new.
             vm.disks_handover().map_err(IncomingError::Start)?;
-            Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }))
+            Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }, run))
         }
         Err(e) => {
             let _ = reply.set_write_timeout(None);
@@ -345,8 +393,10 @@ impl RecordSink for MigrationSink<'_> {
         let disk_threads = self.disks.iter().map(|d| d.spec().busy_threads()).sum();
         drop(self.idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus, disk_threads)));
         self.first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
+        let prefaulted = uffd.is_none();
         let machine = create_machine(ram, self.dirty_tracking)?;
-        self.pending = Some(Pending { machine, vcpus: c.vcpus, fds: Vec::new(), written, uffd });
+        self.pending =
+            Some(Pending { machine, vcpus: c.vcpus, fds: Vec::new(), written, uffd, prefaulted, postcopy: None });
         Ok(())
     }
 
@@ -374,6 +424,53 @@ impl RecordSink for MigrationSink<'_> {
 
     fn disk_blocks(&mut self, b: ferry_stream::DiskBlocks<'_>) -> Result<(), IncomingError> {
         Ok(self.storage.apply(&b)?)
+    }
+
+    /// The switch-over is to post-copy: the listed pages' data is still at the source. What
+    /// this load wrote there is stale: it is dropped, so that a touch waits for the page.
+    fn postcopy(&mut self, session: u64, runs: Vec<(u64, u64)>) -> Result<(), IncomingError> {
+        let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("POSTCOPY before MACHINE_CONFIG"))?;
+        let ram = &p.machine.ram;
+        if p.uffd.is_none() {
+            let mut u = Uffd::new().map_err(IncomingError::NoUffd)?;
+            for r in ram.regions() {
+                u.register(r.host_addr, r.size).map_err(IncomingError::NoUffd)?;
+            }
+            p.uffd = Some(u);
+        }
+        let mut missing: Vec<Bitmap> =
+            ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
+        for (first, n) in runs {
+            let mut g = first;
+            while g < first + n {
+                let (ri, page) = ram.page_location(g * PAGE_SIZE as u64).ok_or(IncomingError::PostcopyFrame(g))?;
+                // The part of the run in this region, split where this load wrote pages.
+                let end = (first + n).min(g + (ram.regions()[ri].size / PAGE_SIZE as u64 - page));
+                let mut i = g;
+                while i < end {
+                    let pg = page + (i - g);
+                    if ram.poison().contains(i) {
+                        return Err(IncomingError::PostcopyFrame(i));
+                    }
+                    let exists = p.prefaulted || p.written[ri].get(pg);
+                    let mut j = i + 1;
+                    while j < end && (p.prefaulted || p.written[ri].get(page + (j - g))) == exists {
+                        j += 1;
+                    }
+                    if exists {
+                        ram.punch(i * PAGE_SIZE as u64, (j - i) * PAGE_SIZE as u64)?;
+                    }
+                    for k in i..j {
+                        missing[ri].set(page + (k - g));
+                        p.written[ri].clear(page + (k - g));
+                    }
+                    i = j;
+                }
+                g = end;
+            }
+        }
+        p.postcopy = Some((session, missing));
+        Ok(())
     }
 
     fn snapshot_info(&mut self, _: SnapshotInfo) -> Result<(), IncomingError> {
@@ -456,15 +553,16 @@ pub(crate) fn apply_pages<'d>(
     Ok(())
 }
 
-/// Reads the stream into a new machine's RAM; returns the machine's parts and its state.
-fn load(
-    stream: impl Read,
+/// Reads the stream into a new machine's RAM; returns the machine's parts and its state, and
+/// the connection's reader after END (a post-copy page stream follows there).
+fn load<R: Read>(
+    stream: R,
     local: bool,
     ram: IncomingRam,
     dirty_tracking: DirtyTracking,
     disks: &[DiskImage],
     mut opts: LoadOptions,
-) -> Result<(Pending, crate::records::Loaded, IncomingStats), IncomingError> {
+) -> Result<(Pending, crate::records::Loaded, IncomingStats, BufReader<R>), IncomingError> {
     if let IncomingRam::Fresh(Some(m)) = &ram {
         opts.memory = Some(*m);
     }
@@ -491,11 +589,15 @@ fn load(
     let mut stats = sink.stats;
     stats.bytes = loaded.bytes;
     let mut p = sink.pending.ok_or(LoadError::NoConfig("END"))?;
-    if let Some(mut u) = p.uffd.take() {
-        u.unregister_all().map_err(IncomingError::Uffd)?;
+    // Without post-copy, guest memory is ordinary from here; with it, the fault handler takes
+    // the userfaultfd over.
+    if p.postcopy.is_none() {
+        if let Some(mut u) = p.uffd.take() {
+            u.unregister_all().map_err(IncomingError::Uffd)?;
+        }
     }
     stats.load = t_end.elapsed();
-    Ok((p, loaded, stats))
+    Ok((p, loaded, stats, r.into_inner()))
 }
 
 #[cfg(test)]

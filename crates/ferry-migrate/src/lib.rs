@@ -22,6 +22,7 @@
 pub mod copy_priority;
 pub mod destination;
 pub mod handover;
+pub mod postcopy;
 pub mod protocol;
 pub mod records;
 pub mod replicate;

@@ -23,6 +23,18 @@ pub const FRAME_ACK: u32 = 1;
 pub const FRAME_NACK: u32 = 2;
 /// Replication: the standby has applied a checkpoint (body: sequence u64).
 pub const FRAME_CHECKPOINT_ACK: u32 = 3;
+/// Post-copy, destination to source: pages a vCPU (or a device) waits for (body: count u32,
+/// reserved u32, count × frame u64; count ≤ [`MAX_REQUEST_PAGES`]).
+pub const FRAME_PAGE_REQUEST: u32 = 4;
+/// Post-copy, destination to source: every page is in place (body: [`PostcopyDone`]).
+pub const FRAME_POSTCOPY_DONE: u32 = 5;
+/// Post-copy recovery, destination to source on a new connection: the session and the pages it
+/// still lacks (body: session u64, count u32, reserved u32, count × (first frame u64, frames u64)).
+pub const FRAME_POSTCOPY_RESUME: u32 = 6;
+/// Most frames in one PAGE_REQUEST.
+pub const MAX_REQUEST_PAGES: usize = 256;
+/// Longest POSTCOPY_RESUME body (every run of a fragmented 1 TiB guest fits).
+const MAX_RESUME: u32 = 64 << 20;
 /// What the source sends to hand the guest over.
 pub const COMMIT: &[u8; 8] = b"FERRYCMT";
 /// Longest NACK message accepted.
@@ -67,8 +79,10 @@ pub mod features {
     pub const FINAL_PASS: u64 = 1 << 1;
     /// Disk requests in flight replayed by the destination (the ACK reports how many).
     pub const DISK_REPLAY: u64 = 1 << 2;
+    /// Post-copy: the POSTCOPY record, the post-copy page stream and its return-path frames.
+    pub const POSTCOPY: u64 = 1 << 3;
     /// Everything this Ferry serves.
-    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY;
+    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY | POSTCOPY;
 }
 
 /// One side's HELLO.
@@ -242,14 +256,14 @@ pub fn send_nack(w: &mut impl Write, msg: &str) -> std::io::Result<()> {
     w.flush()
 }
 
-/// Reads one return-path frame: (type, body), the body at most [`MAX_NACK`] bytes. A NACK is
-/// returned as the refusal it carries.
-fn read_frame(r: &mut impl Read) -> Result<(u32, Vec<u8>), ProtocolError> {
+/// Reads one return-path frame: (type, body), the body at most [`MAX_NACK`] bytes (a
+/// POSTCOPY_RESUME at most [`MAX_RESUME`]). A NACK is returned as the refusal it carries.
+pub(crate) fn read_frame(r: &mut impl Read) -> Result<(u32, Vec<u8>), ProtocolError> {
     let mut h = [0u8; 8];
     r.read_exact(&mut h)?;
     let t = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
     let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    if len > MAX_NACK {
+    if len > if t == FRAME_POSTCOPY_RESUME { MAX_RESUME } else { MAX_NACK } {
         return Err(ProtocolError::TooLong(len));
     }
     let mut body = vec![0u8; len as usize];
@@ -297,6 +311,122 @@ pub fn read_checkpoint_ack(r: &mut impl Read) -> Result<u64, ProtocolError> {
             Ok(u64::from_le_bytes(w))
         }
         (other, _) => Err(ProtocolError::BadFrame(other)),
+    }
+}
+
+/// What the post-copy destination reports once every page is in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PostcopyDone {
+    /// Pages that arrived in the post-copy page stream.
+    pub pages: u64,
+    /// Faults on pages that were still at the source (each one a request).
+    pub remote_faults: u64,
+    /// Faults on pages that were zero (filled here).
+    pub zero_faults: u64,
+    /// Fault to page in place, over the remote faults: median, 99th percentile, longest (µs).
+    pub fault_p50_us: u64,
+    pub fault_p99_us: u64,
+    pub fault_max_us: u64,
+}
+
+impl PostcopyDone {
+    const LEN: usize = 48;
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        let words =
+            [self.pages, self.remote_faults, self.zero_faults, self.fault_p50_us, self.fault_p99_us, self.fault_max_us];
+        for (i, w) in words.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(w)
+}
+
+fn send_frame(w: &mut impl Write, t: u32, body: &[u8]) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(8 + body.len());
+    b.extend_from_slice(&t.to_le_bytes());
+    b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    b.extend_from_slice(body);
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Post-copy destination: asks for `gfns` (at most [`MAX_REQUEST_PAGES`]).
+pub fn send_page_request(w: &mut impl Write, gfns: &[u64]) -> std::io::Result<()> {
+    let gfns = &gfns[..gfns.len().min(MAX_REQUEST_PAGES)];
+    let mut b = Vec::with_capacity(8 + 8 * gfns.len());
+    b.extend_from_slice(&(gfns.len() as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for g in gfns {
+        b.extend_from_slice(&g.to_le_bytes());
+    }
+    send_frame(w, FRAME_PAGE_REQUEST, &b)
+}
+
+pub fn send_postcopy_done(w: &mut impl Write, d: &PostcopyDone) -> std::io::Result<()> {
+    send_frame(w, FRAME_POSTCOPY_DONE, &d.encode())
+}
+
+/// Post-copy recovery: the destination's session and the runs of pages it still lacks.
+pub fn send_postcopy_resume(w: &mut impl Write, session: u64, runs: &[(u64, u64)]) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(16 + 16 * runs.len());
+    b.extend_from_slice(&session.to_le_bytes());
+    b.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for &(f, n) in runs {
+        b.extend_from_slice(&f.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+    }
+    send_frame(w, FRAME_POSTCOPY_RESUME, &b)
+}
+
+/// A frame the post-copy source reads from its destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostcopyFrame {
+    Request(Vec<u64>),
+    Done(PostcopyDone),
+    Resume { session: u64, runs: Vec<(u64, u64)> },
+}
+
+/// Reads one post-copy return-path frame.
+pub fn read_postcopy_frame(r: &mut impl Read) -> Result<PostcopyFrame, ProtocolError> {
+    let (t, body) = read_frame(r)?;
+    let bad = || ProtocolError::BadFrame(t);
+    let counted = |hdr: usize, each: usize| -> Result<usize, ProtocolError> {
+        if body.len() < hdr {
+            return Err(bad());
+        }
+        let n = u32::from_le_bytes([body[hdr - 8], body[hdr - 7], body[hdr - 6], body[hdr - 5]]) as usize;
+        if body[hdr - 4..hdr] != [0; 4] || body.len() != hdr + n * each {
+            return Err(bad());
+        }
+        Ok(n)
+    };
+    match t {
+        FRAME_PAGE_REQUEST => {
+            let n = counted(8, 8)?;
+            Ok(PostcopyFrame::Request((0..n).map(|i| u64_at(&body, 8 + 8 * i)).collect()))
+        }
+        FRAME_POSTCOPY_DONE if body.len() == PostcopyDone::LEN => Ok(PostcopyFrame::Done(PostcopyDone {
+            pages: u64_at(&body, 0),
+            remote_faults: u64_at(&body, 8),
+            zero_faults: u64_at(&body, 16),
+            fault_p50_us: u64_at(&body, 24),
+            fault_p99_us: u64_at(&body, 32),
+            fault_max_us: u64_at(&body, 40),
+        })),
+        FRAME_POSTCOPY_RESUME => {
+            let n = counted(16, 16)?;
+            let runs = (0..n).map(|i| (u64_at(&body, 16 + 16 * i), u64_at(&body, 24 + 16 * i))).collect();
+            Ok(PostcopyFrame::Resume { session: u64_at(&body, 0), runs })
+        }
+        other => Err(ProtocolError::BadFrame(other)),
     }
 }
 
@@ -389,6 +519,38 @@ mod tests {
         let e = read_answer(&mut buf.as_slice()).unwrap_err().to_string();
 
         assert!(e.contains("memory size differs"), "{e}");
+    }
+
+    #[test]
+    fn postcopy_frames_round_trip_and_bad_counts_are_refused() {
+        let mut buf = Vec::new();
+        send_page_request(&mut buf, &[7, 0x1234]).unwrap();
+        let done = PostcopyDone {
+            pages: 9,
+            remote_faults: 3,
+            zero_faults: 2,
+            fault_p50_us: 40,
+            fault_p99_us: 90,
+            fault_max_us: 120,
+        };
+        send_postcopy_done(&mut buf, &done).unwrap();
+        send_postcopy_resume(&mut buf, 0xfeed, &[(0x10, 4), (0x100, 1)]).unwrap();
+        let mut r = buf.as_slice();
+        assert_eq!(read_postcopy_frame(&mut r).unwrap(), PostcopyFrame::Request(vec![7, 0x1234]));
+        assert_eq!(read_postcopy_frame(&mut r).unwrap(), PostcopyFrame::Done(done));
+        assert_eq!(
+            read_postcopy_frame(&mut r).unwrap(),
+            PostcopyFrame::Resume { session: 0xfeed, runs: vec![(0x10, 4), (0x100, 1)] }
+        );
+        // A request whose count claims more frames than its body has.
+        let mut bad = Vec::new();
+        send_page_request(&mut bad, &[1]).unwrap();
+        bad[8] = 2;
+        assert!(matches!(read_postcopy_frame(&mut bad.as_slice()), Err(ProtocolError::BadFrame(FRAME_PAGE_REQUEST))));
+        // The ACK is not a post-copy frame.
+        let mut ack = Vec::new();
+        send_ack(&mut ack, Ack::default()).unwrap();
+        assert!(matches!(read_postcopy_frame(&mut ack.as_slice()), Err(ProtocolError::BadFrame(FRAME_ACK))));
     }
 
     #[test]

@@ -172,6 +172,10 @@ pub trait RecordSink {
     }
     /// BROKEN_PAGES (snapshot files): frames broken on the machine saved.
     fn broken_pages(&mut self, gfns: Vec<u64>) -> Result<(), Self::Error>;
+    /// Post-copy: these frames' data comes after the switch-over (live migration only).
+    fn postcopy(&mut self, _session: u64, _runs: Vec<(u64, u64)>) -> Result<(), Self::Error> {
+        Err(LoadError::Unexpected("POSTCOPY", "this stream").into())
+    }
     /// The source paused its guest (the optional FINAL_PASS record).
     fn final_pass(&mut self);
     /// The first state section arrived (the final pass has begun).
@@ -337,6 +341,10 @@ pub fn load_records<R: Read, S: RecordSink>(
             Record::DiskMap(m) => {
                 p.only_in(kind, StreamKind::Snapshot, "DISK_MAP", sink)?;
                 sink.disk_map(m)?;
+            }
+            Record::Postcopy { session, runs } => {
+                p.only_in(kind, StreamKind::Migration, "POSTCOPY", sink)?;
+                sink.postcopy(session, runs)?;
             }
             Record::BrokenPages(g) => {
                 p.only_in(kind, StreamKind::Snapshot, "BROKEN_PAGES", sink)?;

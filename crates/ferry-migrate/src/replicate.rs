@@ -311,6 +311,7 @@ fn run(
         stall_timeout: params.stall_timeout,
         copy_storage: true,
         tls: None,
+        postcopy: None,
     };
     let mut summary = MigrationSummary::default();
     crate::source::precopy(&mut s, &initial, None, &mut summary, &mut |_| {})?;

@@ -67,6 +67,18 @@ pub enum MigrateError {
         #[source]
         source: ferry_vmm::memory::MemoryError,
     },
+    #[error("the destination does not serve post-copy (a Ferry without it)")]
+    NoPostcopy,
+    #[error("post-copy: {} page(s) still here are too scattered for one POSTCOPY record", .0)]
+    PostcopyTooScattered(u64),
+    /// The guest runs on the destination; `pending` holds what it is still owed, for
+    /// `migrate-resume`.
+    #[error("post-copy interrupted")]
+    PostcopyInterrupted {
+        #[source]
+        error: crate::postcopy::PostcopyError,
+        pending: Box<crate::postcopy::PostcopySource>,
+    },
 }
 
 /// What the caller asks for.
@@ -87,6 +99,8 @@ pub struct MigrateParams {
     pub copy_storage: bool,
     /// Mutual TLS on a tcp: destination (crate::tls).
     pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
+    /// Switch to post-copy (crate::postcopy) instead of stopping for the last pass.
+    pub postcopy: Option<crate::postcopy::PostcopyMode>,
 }
 
 /// Default for [`MigrateParams::stall_timeout`].
@@ -199,16 +213,31 @@ pub struct MigrationSummary {
     pub broken_pages: u64,
     /// Disk blocks sent (`--copy-storage`), all passes.
     pub storage: crate::storage::StorageCounts,
+    /// The post-copy phase, if the migration switched to post-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
 }
 
 /// Progress reports while the migration runs.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Progress {
-    Connected { to: String },
+    Connected {
+        to: String,
+    },
     Iteration(IterationStats),
-    Switchover { pending_pages: u64, estimated_downtime_ms: f64 },
-    Throttle { percent: u32 },
+    Switchover {
+        pending_pages: u64,
+        estimated_downtime_ms: f64,
+    },
+    Throttle {
+        percent: u32,
+    },
+    /// The switch-over was to post-copy: these pages follow while the destination runs.
+    PostcopyStarted {
+        pages: u64,
+    },
+    Postcopy(crate::postcopy::PostcopyProgress),
 }
 
 /// Resumes the disks (completing what they held) and then the vCPUs on drop unless committed:
@@ -460,9 +489,16 @@ pub fn migrate(
     conn.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
     conn.set_write_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
     let hs = protocol::source_handshake(&mut StallWatch::to_destination(&mut conn, cancel, params.stall_timeout));
-    if let Err(e) = hs {
+    let theirs = match hs {
+        Ok(h) => h,
+        Err(e) => {
+            conn.shutdown();
+            return Err(if cancelled_io(&e) { MigrateError::Cancelled } else { MigrateError::Handshake(e) });
+        }
+    };
+    if params.postcopy.is_some() && theirs.features & protocol::features::POSTCOPY == 0 {
         conn.shutdown();
-        return Err(if cancelled_io(&e) { MigrateError::Cancelled } else { MigrateError::Handshake(e) });
+        return Err(MigrateError::NoPostcopy);
     }
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
@@ -660,20 +696,34 @@ fn run<'s>(
         ..Default::default()
     };
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
-    precopy(&mut s, params, throttle.as_ref(), &mut summary, progress)?;
-    handover(&mut s, params, throttle.as_mut(), reply, &mut summary)?;
+    let post = precopy(&mut s, params, throttle.as_ref(), &mut summary, progress)?;
+    let owed = handover(&mut s, params, throttle.as_mut(), reply, &mut summary, post)?;
+    drop(throttle);
+    if let Some(mut pc) = owed {
+        // The guest runs on the destination now: serve it the pages it is still owed.
+        progress(&Progress::PostcopyStarted { pages: pc.left() });
+        let conn = reply.try_clone().map_err(TransportError::Setup)?;
+        let served = pc.serve(vm, conn, &mut |p| progress(&Progress::Postcopy(p.clone())));
+        summary.bytes += pc.stats.bytes;
+        summary.postcopy = Some(pc.stats.clone());
+        if let Err(error) = served {
+            return Err(MigrateError::PostcopyInterrupted { error, pending: Box::new(pc) });
+        }
+    }
     summary.total_ms = ms(t_start.elapsed());
     Ok(summary)
 }
 
-/// The passes while the guest runs, until the policy says switch over (or gives up).
+/// The passes while the guest runs, until the policy says switch over (or gives up). Returns
+/// whether the switch-over is to post-copy.
 pub(crate) fn precopy(
     s: &mut Sender<'_>,
     params: &MigrateParams,
     throttle: Option<&crate::throttle::Throttle<'_>>,
     summary: &mut MigrationSummary,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<(), MigrateError> {
+) -> Result<bool, MigrateError> {
+    use crate::postcopy::PostcopyMode;
     let vm = s.vm;
     let mut policy = Convergence::new(params.downtime_limit);
     // Pre-copy runs in the idle class where there is a spare CPU (copy_priority.rs); it returns
@@ -687,10 +737,24 @@ pub(crate) fn precopy(
         let pending = vm.dirty_pending(s.consumer)? + s.storage.as_ref().map_or(0, |st| st.pending());
         let estimate_ms = policy.estimate_ms(pending);
         let can_throttle = throttle.is_some_and(|t| t.can_step_up());
-        match policy.decide(pending, can_throttle, params) {
+        let decision = policy.decide(pending, can_throttle, params);
+        // Post-copy instead of a stop-and-copy: after the passes asked for (unless the pause
+        // would be tiny anyway), or (auto) once pre-copy is seen not to converge.
+        let tiny = estimate_ms <= policy.limit_ms.min(TARGET_DOWNTIME_MS);
+        let post = match (params.postcopy, &decision) {
+            (Some(PostcopyMode::After(n)), _) => policy.iteration > n.max(1) && !tiny,
+            (Some(PostcopyMode::Auto), Decision::GiveUp) => true,
+            (Some(PostcopyMode::Auto), Decision::Iterate { throttle_up: Some(_) }) => policy.iteration > 1,
+            _ => false,
+        };
+        if post {
+            progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
+            return Ok(true);
+        }
+        match decision {
             Decision::SwitchOver => {
                 progress(&Progress::Switchover { pending_pages: pending, estimated_downtime_ms: estimate_ms });
-                return Ok(());
+                return Ok(false);
             }
             Decision::GiveUp => return Err(policy.not_converged(pending, params)),
             Decision::Iterate { throttle_up } => {
@@ -745,16 +809,19 @@ pub(crate) fn precopy(
 }
 
 /// The switch-over: stop the guest (a throttle ends with it paused), quiesce the disks, send
-/// the last dirty pages and the machine's state, wait for the ACK, pass the disk locks, COMMIT.
-/// Until COMMIT is sent, any failure resumes the guest here (the pause guard).
+/// the last dirty pages (or, for post-copy, the list of them) and the machine's state, wait for
+/// the ACK, pass the disk locks, COMMIT. Until COMMIT is sent, any failure resumes the guest
+/// here (the pause guard) with its dirty bits given back. Returns, for post-copy, the pages the
+/// destination is still owed.
 fn handover(
     s: &mut Sender<'_>,
     params: &MigrateParams,
     throttle: Option<&mut crate::throttle::Throttle<'_>>,
     reply: &mut Conn,
     summary: &mut MigrationSummary,
-) -> Result<(), MigrateError> {
-    let (vm, cancel) = (s.vm, s.cancel);
+    postcopy: bool,
+) -> Result<Option<crate::postcopy::PostcopySource>, MigrateError> {
+    let vm = s.vm;
     // The final pass runs at normal priority.
     drop(s.idle.take());
     let t_pause = Instant::now();
@@ -777,7 +844,40 @@ fn handover(
     let t = Instant::now();
     let b0 = s.w.bytes_written();
     s.limit = None;
+    if postcopy {
+        let owed = s.harvest_owed()?;
+        let session = crate::postcopy::new_session();
+        let r = finish_handover(s, params, reply, summary, bd, (t_pause, t), Some((&owed, session)));
+        if r.is_err() {
+            // Nothing of these pages reached the destination: their bits go back.
+            for (ri, m) in owed.iter().enumerate() {
+                let _ = vm.dirty_give_back(s.consumer, ri, 0, m.words());
+            }
+        }
+        r?;
+        guard.committed = true;
+        let pc = crate::postcopy::PostcopySource::new(session, owed, params.stall_timeout);
+        return Ok(Some(pc));
+    }
     let (final_pages, _, _) = s.send_pending(t, b0)?;
+    bd.final_pages = final_pages;
+    finish_handover(s, params, reply, summary, bd, (t_pause, t), None)?;
+    guard.committed = true;
+    Ok(None)
+}
+
+/// The switch-over after the last pages: disk blocks, broken pages, (post-copy) the pages still
+/// owed, state, END, ACK, the disk locks, COMMIT.
+fn finish_handover(
+    s: &mut Sender<'_>,
+    params: &MigrateParams,
+    reply: &mut Conn,
+    summary: &mut MigrationSummary,
+    mut bd: DowntimeBreakdown,
+    (t_pause, t): (Instant, Instant),
+    owed: Option<(&Vec<Bitmap>, u64)>,
+) -> Result<(), MigrateError> {
+    let (vm, cancel) = (s.vm, s.cancel);
     // The disks are quiesced: what the guest wrote is all in their logs now. Requests still
     // executing are in the device state and written again by the destination.
     if let Some(st) = s.storage.as_mut() {
@@ -786,7 +886,13 @@ fn handover(
     // The final re-check of page types (seed 001, step 8): every page known broken now goes
     // again as BROKEN, including those that broke after their data was sent.
     summary.broken_pages = s.send_broken_pages()?;
-    bd.final_pages = final_pages;
+    if let Some((owed, session)) = owed {
+        let runs = crate::postcopy::runs_of(vm.ram().regions(), owed);
+        if runs.len() > ferry_stream::MAX_POSTCOPY_RUNS as usize {
+            return Err(MigrateError::PostcopyTooScattered(owed.iter().map(Bitmap::count).sum()));
+        }
+        s.w.postcopy(session, &runs).map_err(MigrateError::Send)?;
+    }
     bd.final_pages_ms = ms(t.elapsed());
 
     let t = Instant::now();
@@ -818,7 +924,6 @@ fn handover(
     reply.set_write_timeout(None).map_err(TransportError::Setup)?;
     protocol::send_commit(reply).map_err(ProtocolError::Io)?;
     bd.commit_ms = ms(t.elapsed());
-    guard.committed = true;
     if !summary.disk_lock_released_before_commit && !vm.disks_release_when_idle(Duration::from_secs(60)) {
         tracing::warn!("a disk request still executes 60 s after the handover; the lock passes when Ferry exits");
     }
@@ -830,6 +935,47 @@ fn handover(
     summary.bytes = s.w.bytes_written();
     summary.pages = s.counts;
     Ok(())
+}
+
+impl Sender<'_> {
+    /// Post-copy's switch: harvests every page still dirty into per-region bitmaps (cleared in
+    /// KVM; given back by the caller on failure). Broken pages are not owed: they go as
+    /// BROKEN in the final pass.
+    fn harvest_owed(&mut self) -> Result<Vec<Bitmap>, MigrateError> {
+        let ram = self.vm.ram();
+        let mut owed = Vec::with_capacity(ram.regions().len());
+        for (ri, region) in ram.regions().iter().enumerate() {
+            let npages = region.size / PAGE_SIZE as u64;
+            let mut words = Vec::with_capacity(npages.div_ceil(64) as usize);
+            let mut first = 0;
+            while first < npages {
+                let count = HARVEST_PAGES.min(npages - first);
+                match self.vm.dirty_harvest(self.consumer, ri, first, count) {
+                    Ok(bits) => words.extend(bits),
+                    Err(e) => {
+                        // Give back what was harvested so far, this region and the earlier ones.
+                        let _ = self.vm.dirty_give_back(self.consumer, ri, 0, &words);
+                        for (rj, m) in owed.iter().enumerate() {
+                            let _ = self.vm.dirty_give_back(self.consumer, rj, 0, Bitmap::words(m));
+                        }
+                        return Err(e.into());
+                    }
+                }
+                first += count;
+            }
+            let mut m = Bitmap::new(npages, false);
+            m.or_words(&words);
+            for (gfn, _) in ram.poison().list() {
+                if let Some((rj, page)) = ram.page_location(gfn * PAGE_SIZE as u64) {
+                    if rj == ri {
+                        m.clear(page);
+                    }
+                }
+            }
+            owed.push(m);
+        }
+        Ok(owed)
+    }
 }
 
 #[cfg(test)]

@@ -187,7 +187,15 @@ impl RecordSink for StandbySink<'_> {
         let written = ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
         let machine = create_machine(ram, self.dirty_tracking)?;
         self.vcpus = c.vcpus;
-        self.pending = Some(Pending { machine, vcpus: c.vcpus, fds: Vec::new(), written, uffd: None });
+        self.pending = Some(Pending {
+            machine,
+            vcpus: c.vcpus,
+            fds: Vec::new(),
+            written,
+            uffd: None,
+            prefaulted: false,
+            postcopy: None,
+        });
         Ok(())
     }
 

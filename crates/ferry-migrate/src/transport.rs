@@ -374,6 +374,31 @@ impl Listener {
         })
     }
 
+    /// Waits up to `timeout` for a connection to accept; false if none came.
+    pub fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one valid pollfd that outlives the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match r {
+            r if r > 0 => Ok(true),
+            0 => Ok(false),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Waits for the source.
     pub fn accept(&self, uri: &Uri) -> Result<Conn, TransportError> {
         self.accept_with(uri, None)

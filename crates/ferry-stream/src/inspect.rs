@@ -122,6 +122,11 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                 "RAM_REFERENCE region {} gpa {:#x}, {} bytes in fd {} at offset {:#x}",
                 r.region, r.gpa, r.size, r.fd, r.offset
             ),
+            Record::Postcopy { runs, .. } => format!(
+                "POSTCOPY {} runs, {} frames after the switch-over",
+                runs.len(),
+                runs.iter().map(|r| r.1).sum::<u64>()
+            ),
             Record::BrokenPages(g) => {
                 s.broken += g.len() as u64;
                 format!("BROKEN_PAGES {} frames {:#x?}", g.len(), &g[..g.len().min(8)])

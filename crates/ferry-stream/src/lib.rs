@@ -68,6 +68,10 @@ pub mod rtype {
     pub const HEARTBEAT: u32 = super::OPTIONAL | 0x10;
     /// A disk's blocks in a snapshot file (format version 3 on): RAM_MAP's body, for a disk.
     pub const DISK_MAP: u32 = 0x11;
+    /// Post-copy (format version 3 on, to destinations that announce post-copy): the runs of
+    /// guest frames whose current data is not in this stream; they come after the switch-over
+    /// in a page stream of their own (header flag POSTCOPY).
+    pub const POSTCOPY: u32 = 0x12;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -89,6 +93,7 @@ pub mod rtype {
             DISK_BLOCKS => "DISK_BLOCKS",
             0x10 => "HEARTBEAT",
             DISK_MAP => "DISK_MAP",
+            POSTCOPY => "POSTCOPY",
             _ => "unknown",
         }
     }
@@ -141,8 +146,11 @@ impl StreamFlags {
     /// A live-update handover between two Ferry processes on one host: RAM comes as
     /// RAM_REFERENCE records naming file descriptors, never over a network.
     pub const HANDOVER: StreamFlags = StreamFlags(4);
+    /// A post-copy page stream: after a migration stream's switch-over, the pages its POSTCOPY
+    /// record listed, in PAGE_BATCH records only, then END.
+    pub const POSTCOPY: StreamFlags = StreamFlags(8);
     /// Every flag this version knows.
-    pub const KNOWN: u32 = 7;
+    pub const KNOWN: u32 = 15;
 
     pub fn empty() -> StreamFlags {
         StreamFlags(0)
@@ -298,6 +306,8 @@ pub const DISK_SECTOR: u64 = 512;
 
 /// Most frames one BROKEN_PAGES record may list.
 pub const MAX_BROKEN_PAGES: u32 = 1 << 20;
+/// Most runs in one POSTCOPY record (its body stays under [`MAX_RECORD_BODY`]).
+pub const MAX_POSTCOPY_RUNS: u32 = (MAX_RECORD_BODY - 16) / 16;
 
 /// Most RAM regions a MACHINE_CONFIG may list.
 pub const MAX_REGIONS: u32 = 64;

@@ -39,6 +39,12 @@ pub enum Record<'a> {
     CpuModel(crate::CpuModel),
     /// Broken guest frames (snapshot files).
     BrokenPages(Vec<u64>),
+    /// Post-copy: the session, and the runs `(first frame, frames)` whose data comes after the
+    /// switch-over (none: every page is here, only the state was sent at the switch).
+    Postcopy {
+        session: u64,
+        runs: Vec<(u64, u64)>,
+    },
     /// A RAM region handed over in place (handover streams only).
     RamReference(crate::RamReference),
     /// Optional marker: the source paused the guest, the final pass follows (migration streams).
@@ -165,6 +171,12 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
+    /// The reader the stream came from, positioned right after the last record read (a
+    /// post-copy page stream follows a migration stream's END on the same connection).
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+
     pub fn header(&self) -> &StreamHeader {
         &self.header
     }
@@ -242,6 +254,13 @@ impl<R: Read> StreamReader<R> {
                 Ok(())
             }
         };
+        if self.header.flags.contains(StreamFlags::POSTCOPY)
+            && t & OPTIONAL == 0
+            && t != rtype::PAGE_BATCH
+            && t != rtype::END
+        {
+            return Err(malformed("a post-copy page stream carries only PAGE_BATCH and END".into()));
+        }
         match t {
             rtype::MACHINE_CONFIG => {
                 need(16)?;
@@ -393,6 +412,35 @@ impl<R: Read> StreamReader<R> {
                     return Err(StreamError::Reserved { what: "BROKEN_PAGES header", offset: start + 12 });
                 }
                 Ok(Record::BrokenPages((0..count as usize).map(|i| u64_at(body, 8 + 8 * i)).collect()))
+            }
+            rtype::POSTCOPY if self.header.format_version < 3 => {
+                Err(malformed("POSTCOPY needs format version 3 or later".into()))
+            }
+            rtype::POSTCOPY
+                if self.header.flags.0
+                    & (StreamFlags::SNAPSHOT.0
+                        | StreamFlags::CHECKPOINTED.0
+                        | StreamFlags::HANDOVER.0
+                        | StreamFlags::POSTCOPY.0)
+                    != 0 =>
+            {
+                Err(malformed("only a live migration stream carries POSTCOPY".into()))
+            }
+            rtype::POSTCOPY => {
+                need(16)?;
+                let count = u32_at(body, 8);
+                if count > crate::MAX_POSTCOPY_RUNS || body.len() != 16 + 16 * count as usize {
+                    return Err(malformed(format!("{count} runs in a body of {} bytes", body.len())));
+                }
+                if u32_at(body, 12) != 0 {
+                    return Err(StreamError::Reserved { what: "POSTCOPY header", offset: start + 20 });
+                }
+                let runs: Vec<(u64, u64)> =
+                    (0..count as usize).map(|i| (u64_at(body, 16 + 16 * i), u64_at(body, 24 + 16 * i))).collect();
+                if let Some(&(first, n)) = runs.iter().find(|&&(f, n)| n == 0 || f.checked_add(n).is_none()) {
+                    return Err(malformed(format!("run of {n} frames from {first:#x}")));
+                }
+                Ok(Record::Postcopy { session: u64_at(body, 0), runs })
             }
             rtype::RAM_REFERENCE if !self.header.flags.contains(StreamFlags::HANDOVER) => Err(malformed(
                 "a RAM reference is only valid in a local live-update handover (header flag HANDOVER), \

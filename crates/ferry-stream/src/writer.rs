@@ -174,6 +174,23 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::BROKEN_PAGES, &[&b])
     }
 
+    /// POSTCOPY: the post-copy session and the runs `(first frame, frames)` whose data comes
+    /// after the switch-over.
+    pub fn postcopy(&mut self, session: u64, runs: &[(u64, u64)]) -> Result<(), StreamError> {
+        if runs.len() > crate::MAX_POSTCOPY_RUNS as usize || runs.iter().any(|&(_, n)| n == 0) {
+            return Err(StreamError::Invalid(format!("{} post-copy runs (or an empty one)", runs.len())));
+        }
+        let mut b = Vec::with_capacity(16 + 16 * runs.len());
+        b.extend_from_slice(&session.to_le_bytes());
+        b.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for &(first, n) in runs {
+            b.extend_from_slice(&first.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+        self.record(rtype::POSTCOPY, &[&b])
+    }
+
     /// FINAL_PASS (optional, empty): the guest is paused, the final pass follows.
     pub fn final_pass(&mut self) -> Result<(), StreamError> {
         self.record(rtype::FINAL_PASS, &[])

@@ -102,6 +102,7 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
             ),
             Record::CpuModel(m) => format!("cpu {} kHz xsave {} cpuid {:x?}", m.tsc_khz, m.xsave_size, m.cpuid),
             Record::BrokenPages(g) => format!("broken {g:x?}"),
+            Record::Postcopy { session, runs } => format!("postcopy {session:#x} {runs:x?}"),
             Record::RamReference(r) => format!("ramref {r:?}"),
             Record::FinalPass => "final pass".to_string(),
             Record::DiskConfig(c) => format!("disks {:?}", c.sectors),

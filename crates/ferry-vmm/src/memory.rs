@@ -62,6 +62,12 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot drop guest pages from {gpa:#x}")]
+    Punch {
+        gpa: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("guest address range {gpa:#x}+{len:#x} is not RAM")]
     OutOfRange { gpa: u64, len: u64 },
     #[error("guest page {gpa:#x} is broken (machine-check poisoned): it is never read")]
@@ -500,6 +506,37 @@ impl GuestRam {
                 source: std::io::Error::from_raw_os_error(libc::EEXIST),
             },
         })
+    }
+
+    /// Drops the data of the pages `[gpa, gpa+len)` (page aligned, one memfd-backed region)
+    /// from the memfd: they read as missing again (a registered userfaultfd sees a fault
+    /// there), as zero otherwise. The post-copy destination does this to pages whose data it
+    /// got before the source's guest changed them again.
+    pub fn punch(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let (ri, page) = self.page_location(gpa).ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let r = self.regions[ri];
+        if !gpa.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || page * PAGE_SIZE + len > r.size
+            || !self.memfd_backed[ri]
+        {
+            return Err(MemoryError::OutOfRange { gpa, len });
+        }
+        let off = r.file_offset + page * PAGE_SIZE;
+        // SAFETY: fallocate on our memfd over a range of one region; it frees those pages and
+        // unmaps them from every mapping (KVM follows through its MMU notifier).
+        let rc = unsafe {
+            libc::fallocate(
+                self.memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Punch { gpa, source: std::io::Error::last_os_error() });
+        }
+        Ok(())
     }
 
     /// Host address of a guest-physical page range, if it lies inside one region.

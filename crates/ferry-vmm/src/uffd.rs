@@ -1,7 +1,9 @@
 //! userfaultfd, for filling guest memory without the kernel zeroing every page first:
 //! `UFFDIO_COPY` allocates a page and copies into it in one step, where a plain write to a
 //! fresh memfd page makes the kernel clear it and then we copy over it. The crate `userfaultfd`
-//! needs bindgen (libclang) at build time; three ioctls do not justify that, so they are here.
+//! needs bindgen (libclang) at build time; a handful of ioctls do not justify that, so they are
+//! here. Post-copy uses the same descriptor with a handler: [`Uffd::read_faults`] reports the
+//! pages vCPUs (and Ferry's own threads) wait for, and a copy or [`Uffd::wake`] releases them.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -13,7 +15,13 @@ const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 /// `_IOWR(0xAA, 0x08, struct uffdio_poison)` (Linux 6.6).
 const UFFDIO_POISON: libc::c_ulong = 0xc020_aa08;
+/// `_IOR(0xAA, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `uffd_msg.event` of a page fault.
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// Size of `struct uffd_msg`.
+const UFFD_MSG_LEN: usize = 32;
 /// `UFFD_FEATURE_POISON`: UFFDIO_POISON is allowed.
 const UFFD_FEATURE_POISON: u64 = 1 << 14;
 
@@ -190,6 +198,62 @@ impl Uffd {
             }
         }
         Err(UffdError::Ioctl { what: "copy", source: std::io::Error::from_raw_os_error(libc::EAGAIN) })
+    }
+
+    /// Waits up to `timeout` for page faults in the registered ranges and appends the
+    /// page-aligned host address of each to `out` (a page can come more than once: several
+    /// threads waiting on it). The waiting threads stay blocked until the page is filled
+    /// ([`Uffd::copy`]) or woken ([`Uffd::wake`]).
+    pub fn read_faults(&self, out: &mut Vec<u64>, timeout: std::time::Duration) -> Result<(), UffdError> {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one valid pollfd that outlives the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                return Ok(());
+            }
+            return Err(UffdError::Ioctl { what: "poll", source: e });
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        let mut buf = [0u8; UFFD_MSG_LEN * 64];
+        loop {
+            // SAFETY: read into a buffer we own, of its length; the fd is non-blocking.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
+                    _ => Err(UffdError::Ioctl { what: "read", source: e }),
+                };
+            }
+            let n = n as usize;
+            for m in buf[..n].chunks_exact(UFFD_MSG_LEN) {
+                if m[0] == UFFD_EVENT_PAGEFAULT {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(&m[16..24]);
+                    out.push(u64::from_ne_bytes(a) & !0xfff);
+                }
+            }
+            if n < buf.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Wakes the threads waiting on `[addr, addr+len)` (a page that was filled by someone
+    /// else's copy, which found it existing).
+    pub fn wake(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        let mut range = UffdioRange { start: addr, len };
+        // SAFETY: UFFDIO_WAKE with a range of a registered area; it only wakes waiters.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut range) };
+        if r < 0 {
+            return Err(UffdError::Ioctl { what: "wake", source: std::io::Error::last_os_error() });
+        }
+        Ok(())
     }
 
     /// Unregisters every range (faults are ordinary again).

@@ -75,6 +75,9 @@ pub struct ApiContext {
     pub(crate) migration: Mutex<Value>,
     /// Counters for `GET /metrics`.
     pub(crate) counters: Mutex<Counters>,
+    /// A post-copy whose link failed: the pages the destination is still owed, kept for
+    /// `migrate-resume`.
+    postcopy: Mutex<Option<Box<ferry_migrate::postcopy::PostcopySource>>>,
     started: std::time::Instant,
 }
 
@@ -94,6 +97,7 @@ impl ApiContext {
             events: Events::default(),
             migration: Mutex::new(json!({"status": "none"})),
             counters: Mutex::new(Counters::default()),
+            postcopy: Mutex::new(None),
             started: std::time::Instant::now(),
         }
     }
@@ -251,10 +255,15 @@ fn handle_conn(conn: UnixStream, ctx: &Arc<ApiContext>) -> Result<()> {
                 Ok(v) => (v, false),
                 Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
             },
-            Ok(req) if req["cmd"] == "migrate" => {
-                let reply = migrate(&req, ctx, &mut |v| {
+            Ok(req) if req["cmd"] == "migrate" || req["cmd"] == "migrate-resume" => {
+                let mut progress = |v: &Value| {
                     let _ = writeln!(out, "{v}");
-                });
+                };
+                let reply = if req["cmd"] == "migrate" {
+                    migrate(&req, ctx, &mut progress)
+                } else {
+                    migrate_resume(&req, ctx, &mut progress)
+                };
                 let done = reply["ok"] == json!(true);
                 // A client that went away (killed mid-migration) changes nothing: the guest
                 // left, so this Ferry ends either way.
@@ -323,7 +332,17 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
                 ctx.publish(ev);
             }
         };
-        let summary = ferry_migrate::source::migrate(&ctx.vm, &params, &ctx.cancel, &mut progress)?;
+        let summary = match ferry_migrate::source::migrate(&ctx.vm, &params, &ctx.cancel, &mut progress) {
+            Ok(s) => s,
+            Err(ferry_migrate::source::MigrateError::PostcopyInterrupted { error, pending }) => {
+                // The guest runs on the destination: it must never run here again, and this
+                // Ferry stays to serve the pages it is still owed once the link is back.
+                ctx.migrated.store(true, Ordering::SeqCst);
+                postcopy_paused(ctx, pending);
+                return Err(anyhow::Error::new(error));
+            }
+            Err(e) => return Err(e.into()),
+        };
         // The destination runs the guest now: nothing may resume it here (the flag is set
         // before `migrating` drops, so no request slips in between).
         ctx.migrated.store(true, Ordering::SeqCst);
@@ -361,6 +380,52 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
     }
 }
 
+/// Keeps an interrupted post-copy for `migrate-resume` and says so.
+fn postcopy_paused(ctx: &ApiContext, pending: Box<ferry_migrate::postcopy::PostcopySource>) {
+    let left = pending.left();
+    set_migration(ctx, json!({"status": "postcopy-paused", "pages_left": left, "postcopy": pending.stats}));
+    ctx.publish(json!({"event": "postcopy-paused", "pages_left": left}));
+    if let Ok(mut p) = ctx.postcopy.lock() {
+        *p = Some(pending);
+    }
+}
+
+/// `migrate-resume`: finishes an interrupted post-copy over a new connection.
+pub(crate) fn migrate_resume(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&Value)) -> Value {
+    let pending = ctx.postcopy.lock().ok().and_then(|mut p| p.take());
+    let Some(mut pc) = pending else {
+        return json!({"ok": false, "error": "no interrupted post-copy here to resume"});
+    };
+    let r = (|| -> Result<()> {
+        let to = Uri::parse(opt_str(req, "to")?.ok_or_else(|| anyhow!("migrate-resume needs \"to\""))?)?;
+        let tls = tls_of(req)?;
+        set_migration(ctx, json!({"status": "postcopy-active", "to": to.to_string(), "pages_left": pc.left()}));
+        ctx.publish(json!({"event": "postcopy-resumed", "to": to.to_string(), "pages_left": pc.left()}));
+        let mut progress = |p: &ferry_migrate::postcopy::PostcopyProgress| {
+            if let Ok(mut v) = serde_json::to_value(p) {
+                v["event"] = json!("postcopy");
+                progress(&v);
+                update_migration(ctx, &v);
+            }
+        };
+        ferry_migrate::postcopy::resume(&ctx.vm, &mut pc, &to, tls.as_deref(), &mut progress)?;
+        Ok(())
+    })();
+    match r {
+        Ok(()) => {
+            let summary = json!({"postcopy": pc.stats});
+            set_migration(ctx, json!({"status": "completed", "summary": summary}));
+            ctx.publish(json!({"event": "migration-completed", "summary": summary}));
+            json!({"ok": true, "summary": summary})
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            postcopy_paused(ctx, pc);
+            json!({"ok": false, "error": msg})
+        }
+    }
+}
+
 fn set_migration(ctx: &ApiContext, v: Value) {
     if let Ok(mut m) = ctx.migration.lock() {
         *m = v;
@@ -392,6 +457,16 @@ fn update_migration(ctx: &ApiContext, ev: &Value) {
             m["expected_downtime_ms"] = ev["estimated_downtime_ms"].clone();
         }
         Some("throttle") => m["throttle_percent"] = ev["percent"].clone(),
+        Some("postcopy-started") => {
+            m["phase"] = json!("postcopy");
+            m["remaining_pages"] = ev["pages"].clone();
+        }
+        Some("postcopy") => {
+            m["phase"] = json!("postcopy");
+            m["remaining_pages"] = ev["remaining_pages"].clone();
+            m["postcopy_requested_pages"] = ev["requested_pages"].clone();
+            m["postcopy_pushed_pages"] = ev["pushed_pages"].clone();
+        }
         _ => {}
     }
 }
@@ -443,8 +518,11 @@ const FIELDS: &[(&str, &[&str])] = &[
             "tls_cert",
             "tls_key",
             "tls_ca",
+            "postcopy",
+            "postcopy_after_iterations",
         ],
     ),
+    ("migrate-resume", &["to", "tls_cert", "tls_key", "tls_ca"]),
     ("snapshot", &["to", "live", "stop", "incremental_from"]),
     ("dirty-rate", &["window_ms"]),
     ("memory-read", &["gpa", "len"]),
@@ -508,6 +586,24 @@ fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
         },
         copy_storage: opt_bool(req, "copy_storage")?.unwrap_or(false),
         tls: tls_of(req)?,
+        postcopy: {
+            use ferry_migrate::postcopy::PostcopyMode;
+            let after = match opt_u64(req, "postcopy_after_iterations")? {
+                Some(n @ 1..=0xffff_ffff) => Some(n as u32),
+                Some(n) => bail!("\"postcopy_after_iterations\" must be 1 to {}, not {n}", u32::MAX),
+                None => None,
+            };
+            match (opt_str(req, "postcopy")?, after) {
+                (None, None) => None,
+                (None | Some("always"), Some(n)) => Some(PostcopyMode::After(n)),
+                (Some("always"), None) => Some(PostcopyMode::After(1)),
+                (Some("auto"), None) => Some(PostcopyMode::Auto),
+                (Some("auto"), Some(_)) => {
+                    bail!("\"postcopy\": \"auto\" decides when to switch itself: it takes no \"postcopy_after_iterations\"")
+                }
+                (Some(o), _) => bail!("\"postcopy\" must be \"always\" or \"auto\", not \"{o}\""),
+            }
+        },
     })
 }
 

@@ -90,6 +90,21 @@ enum Cmd {
     },
     /// Live-migrate the VM behind an API socket to a destination started with `ferry run --incoming`.
     Migrate(MigrateArgs),
+    /// Finish a post-copy whose link failed, over a new connection to the destination (which
+    /// waits with its guest running: `ferry run --incoming` takes the new connection on the
+    /// same URI).
+    MigrateResume {
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// The destination: the URI it listens on.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel the migration running in the VM behind an API socket (the source keeps running).
     MigrateCancel {
         #[arg(long)]
@@ -235,9 +250,27 @@ struct MigrateArgs {
     /// pause and where it went) into this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Post-copy (docs/migration.md): after the first pass the guest runs on the destination
+    /// at once and the pages it still lacks follow (those it touches first). `--postcopy auto`
+    /// switches to post-copy only when pre-copy does not converge (a guest that dirties faster
+    /// than the link carries). If the link fails during post-copy, the guest waits on the
+    /// destination until `ferry migrate-resume` finishes over a new connection.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "always")]
+    postcopy: Option<PostcopyArg>,
+    /// Post-copy after this many pre-copy passes (instead of after the first).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    postcopy_after_iterations: Option<u32>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum PostcopyArg {
+    /// After the first pass (or --postcopy-after-iterations).
+    Always,
+    /// When pre-copy does not converge.
+    Auto,
 }
 
 /// Mutual TLS for a tcp: peer (docs/security.md): this Ferry's certificate and key, and the CA
@@ -416,6 +449,11 @@ struct RunArgs {
     /// reset. Default 10000.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_ms: Option<u64>,
+    /// With --incoming, during a post-copy: how long to wait for the source to come back
+    /// (`ferry migrate-resume`) after the link failed, before the guest, whose missing pages
+    /// only the source has, is given up (Ferry then exits with status 1).
+    #[arg(long, default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    postcopy_recover_timeout_ms: u64,
     /// With --incoming: be the backup of a replicated guest (`ferry replicate` on the primary):
     /// hold the last checkpoint and resume the guest from it when the primary is lost.
     #[arg(long)]
@@ -617,7 +655,13 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
     eprintln!("ferry: waiting for an incoming migration on {uri}{}", if tls.is_some() { " (mutual TLS)" } else { "" });
     let conn = listener.accept_with(&uri, tls.as_deref())?;
-    drop(listener);
+    // Kept for a post-copy whose link fails: the source comes back here (`migrate-resume`).
+    let recover = ferry_migrate::postcopy::Recover {
+        listener,
+        uri: uri.clone(),
+        tls: tls.clone(),
+        timeout: std::time::Duration::from_millis(a.postcopy_recover_timeout_ms),
+    };
     let stall = std::time::Duration::from_millis(a.stall_timeout_ms.unwrap_or(10_000));
     let params = ferry_migrate::destination::IncomingParams {
         ram,
@@ -626,8 +670,9 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
         disks,
         stall,
         load: a.load_options(),
+        recover: Some(recover),
     };
-    let (vm, stats) =
+    let (vm, stats, postcopy) =
         ferry_migrate::destination::receive(conn, params).context("incoming migration failed; nothing was started")?;
     if stats.disk_replayed > 0 {
         eprintln!("ferry: re-executing {} disk request(s) that were in flight at the stop", stats.disk_replayed);
@@ -640,6 +685,36 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
         stats.load.as_secs_f64() * 1000.0,
         stats.restore.as_secs_f64() * 1000.0
     );
+    if let Some(run) = postcopy {
+        eprintln!("ferry: post-copy: the guest runs here; the pages it still lacks follow from the source");
+        std::thread::Builder::new()
+            .name("postcopy-wait".into())
+            .spawn(move || match run.join() {
+                Ok(Ok(s)) => eprintln!(
+                    "ferry: post-copy complete in {:.1} ms: {} pages; {} faults on missing pages (p50 {} us, p99 {} us, \
+                     max {} us), {} on zero pages, {} link recoveries",
+                    s.duration.as_secs_f64() * 1000.0,
+                    s.done.pages,
+                    s.done.remote_faults,
+                    s.done.fault_p50_us,
+                    s.done.fault_p99_us,
+                    s.done.fault_max_us,
+                    s.done.zero_faults,
+                    s.recoveries
+                ),
+                Ok(Err(e)) => {
+                    // Only the source had these pages: the guest cannot go on, and a vCPU
+                    // waiting on one cannot be stopped but by ending the process.
+                    eprintln!("ferry: post-copy failed: {:#}", anyhow::Error::new(e));
+                    std::process::exit(1);
+                }
+                Err(_) => {
+                    eprintln!("ferry: post-copy failed: its thread panicked");
+                    std::process::exit(1);
+                }
+            })
+            .context("cannot start the post-copy waiter")?;
+    }
     // Resumed only now: a message written while the guest's first line is half out would cut
     // that line in a console that merges stderr and stdout.
     vm.resume().context("cannot resume the migrated guest")?;
@@ -1085,6 +1160,17 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     if let Some(b) = a.max_bandwidth {
         req["max_bandwidth_mib_s"] = b.into();
     }
+    match (a.postcopy, a.postcopy_after_iterations) {
+        (Some(PostcopyArg::Auto), Some(_)) => {
+            bail!("--postcopy auto decides when to switch itself: it takes no --postcopy-after-iterations")
+        }
+        (Some(PostcopyArg::Auto), None) => req["postcopy"] = "auto".into(),
+        (Some(PostcopyArg::Always), n) | (None, n @ Some(_)) => {
+            req["postcopy"] = "always".into();
+            req["postcopy_after_iterations"] = n.unwrap_or(1).into();
+        }
+        (None, None) => {}
+    }
     let sock = a.api_socket.clone();
     let mut cancelled = false;
     // On a terminal (and not --json): a live line instead of one line per event.
@@ -1120,6 +1206,24 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
         std::fs::write(path, report::svg(summary))
             .with_context(|| format!("cannot write the report {}", path.display()))?;
         eprintln!("ferry: report written to {}", path.display());
+    }
+    Ok(0)
+}
+
+fn migrate_resume(api_socket: &std::path::Path, to: &str, tls: &TlsArgs, json: bool) -> Result<i32> {
+    ferry_migrate::transport::Uri::parse(to)?;
+    let mut req = serde_json::json!({"cmd": "migrate-resume", "to": to});
+    tls.add_to(&mut req)?;
+    let reply =
+        api::call_streaming(api_socket, &req, &mut |ev| eprintln!("ferry: {}", report::progress_line(ev)), &mut || {})?;
+    if reply["ok"] != serde_json::json!(true) {
+        bail!("post-copy resume failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
+    }
+    let summary = &reply["summary"];
+    if json {
+        println!("{summary}");
+    } else {
+        print!("{}", report::summary_text(summary));
     }
     Ok(0)
 }
@@ -1214,6 +1318,7 @@ fn main() {
         }
         Cmd::Stream { cmd: StreamCmd::Inspect { path, json: false } } => inspect(&path),
         Cmd::Stream { cmd: StreamCmd::Inspect { path, json: true } } => inspect_json(&path),
+        Cmd::MigrateResume { api_socket, to, tls, json } => migrate_resume(&api_socket, &to, &tls, json),
         Cmd::MigrateCancel { api_socket, json } => {
             api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| {
                 if json {

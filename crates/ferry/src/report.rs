@@ -32,8 +32,44 @@ pub fn progress_line(ev: &Value) -> String {
             f(ev, "estimated_downtime_ms")
         ),
         "throttle" => format!("dirty set stopped shrinking: throttling the vCPUs to {}%", u(ev, "percent")),
+        "postcopy-started" => {
+            format!("post-copy: the guest runs on the destination; {} pages follow", u(ev, "pages"))
+        }
+        "postcopy" => postcopy_text(ev),
         _ => ev.to_string(),
     }
+}
+
+fn postcopy_text(ev: &Value) -> String {
+    format!(
+        "post-copy: {} pages left ({} asked for by the destination, {} pushed)",
+        u(ev, "remaining_pages"),
+        u(ev, "requested_pages"),
+        u(ev, "pushed_pages")
+    )
+}
+
+/// The post-copy part of a summary, if the migration switched to post-copy.
+fn postcopy_summary(pc: &Value) -> String {
+    if !pc.is_object() {
+        return String::new();
+    }
+    let d = &pc["destination"];
+    format!(
+        "  post-copy       {} pages after the switch, in {:.1} ms: {} asked for, {} pushed; {} link recover{}\n  \
+         destination     {} faults on missing pages (fault to page: p50 {} us, p99 {} us, max {} us), {} on zero pages\n",
+        u(pc, "pages_at_switch"),
+        f(pc, "duration_ms"),
+        u(pc, "requested_pages"),
+        u(pc, "pushed_pages"),
+        u(pc, "recoveries"),
+        if u(pc, "recoveries") == 1 { "y" } else { "ies" },
+        u(d, "remote_faults"),
+        u(d, "fault_p50_us"),
+        u(d, "fault_p99_us"),
+        u(d, "fault_max_us"),
+        u(d, "zero_faults")
+    )
 }
 
 /// ", vCPUs throttled to P% (held off Q%)" for an iteration that ran throttled, else nothing.
@@ -47,6 +83,10 @@ fn throttle_text(it: &Value) -> String {
 /// The summary as text.
 pub fn summary_text(s: &Value) -> String {
     let mut o = String::new();
+    if s.get("iterations").is_none() {
+        // A resumed post-copy: only its own figures.
+        return format!("post-copy complete\n{}", postcopy_summary(&s["postcopy"]));
+    }
     let p = &s["pages"];
     let d = &s["downtime_breakdown"];
     o += &format!("migration to {} complete\n", s["to"].as_str().unwrap_or("?"));
@@ -98,6 +138,7 @@ pub fn summary_text(s: &Value) -> String {
     );
     o += &format!("    wait for ACK         {:>8.2} ms\n", f(d, "ack_wait_ms"));
     o += &format!("    commit / resume      {:>8.2} ms\n", f(d, "commit_ms"));
+    o += &postcopy_summary(&s["postcopy"]);
     o
 }
 
@@ -135,6 +176,7 @@ pub fn update_bar(b: &indicatif::ProgressBar, ev: &Value) {
             f(ev, "estimated_downtime_ms")
         )),
         "throttle" => b.set_message(format!("throttling the guest to {}%", u(ev, "percent"))),
+        "postcopy-started" | "postcopy" => b.set_message(progress_line(ev)),
         _ => {}
     }
 }
