@@ -173,6 +173,9 @@ pub struct PostcopySource {
     pub stats: PostcopyStats,
     t_switch: Instant,
     stall: Duration,
+    /// Bytes per second the background push keeps to (`--max-bandwidth`); requested pages go
+    /// at once.
+    limit: Option<std::num::NonZeroU64>,
 }
 
 /// Post-copy progress.
@@ -184,7 +187,12 @@ pub struct PostcopyProgress {
 }
 
 impl PostcopySource {
-    pub(crate) fn new(session: u64, remaining: Vec<Bitmap>, stall: Duration) -> Self {
+    pub(crate) fn new(
+        session: u64,
+        remaining: Vec<Bitmap>,
+        stall: Duration,
+        limit: Option<std::num::NonZeroU64>,
+    ) -> Self {
         let left = remaining.iter().map(Bitmap::count).sum();
         PostcopySource {
             session,
@@ -194,6 +202,7 @@ impl PostcopySource {
             stats: PostcopyStats { pages_at_switch: left, ..Default::default() },
             t_switch: Instant::now(),
             stall,
+            limit,
         }
     }
 
@@ -250,6 +259,7 @@ impl PostcopySource {
         let mut last_progress = Instant::now();
         let mut buf = vec![0u8; PUSH_PAGES * PAGE_SIZE];
         let b0 = w.bytes_written();
+        let t0 = Instant::now();
         let take = |f: Result<PostcopyFrame, ProtocolError>,
                     urgent: &mut Vec<u64>,
                     done: &mut Option<PostcopyDone>,
@@ -281,8 +291,14 @@ impl PostcopySource {
                 continue;
             }
             let queued = w.get_mut().get_ref().conn.unread_bytes().map_err(|e| interrupted(self.left, Box::new(e)))?;
-            if queued > IN_FLIGHT {
-                match rx.recv_timeout(Duration::from_micros(200)) {
+            // Ahead of the bandwidth cap: wait (for a request, at most until due).
+            let ahead = self.limit.map_or(Duration::ZERO, |l| {
+                Duration::from_secs_f64((w.bytes_written() - b0) as f64 / l.get() as f64).saturating_sub(t0.elapsed())
+            });
+            if queued > IN_FLIGHT || !ahead.is_zero() {
+                let wait =
+                    if ahead.is_zero() { Duration::from_micros(200) } else { ahead.min(Duration::from_millis(5)) };
+                match rx.recv_timeout(wait) {
                     Ok(f) => take(f, &mut urgent, &mut done, self.left)?,
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -851,7 +867,9 @@ fn is_link_error(e: &ferry_stream::StreamError) -> bool {
         }
         cur = c.source();
     }
-    matches!(e, ferry_stream::StreamError::MissingEnd { .. })
+    use ferry_stream::StreamError as E;
+    // A stream cut short is a link that failed (the bytes that came were good).
+    matches!(e, E::MissingEnd { .. } | E::TruncatedRecord { .. } | E::TruncatedHeader(_))
 }
 
 #[cfg(test)]
@@ -883,7 +901,7 @@ mod tests {
         }
         let mut b = Bitmap::new(64, false);
         b.set(5);
-        let mut pc = PostcopySource::new(1, vec![a, b], Duration::from_secs(1));
+        let mut pc = PostcopySource::new(1, vec![a, b], Duration::from_secs(1), None);
         assert_eq!(pc.left(), 5);
         let first = pc.next_background(3);
         assert_eq!(first, vec![(0, 0), (0, 1), (0, 70)]);
@@ -897,7 +915,7 @@ mod tests {
         let regions = [region(0, 1 << 20)];
         let mut a = Bitmap::new(256, false);
         a.set(9);
-        let mut pc = PostcopySource::new(1, vec![a], Duration::from_secs(1));
+        let mut pc = PostcopySource::new(1, vec![a], Duration::from_secs(1), None);
         // Page 9 was sent but lost in flight; 10-12 too.
         pc.owe_exactly(&regions, &[(9, 4)]).unwrap();
         assert_eq!(pc.left(), 4);

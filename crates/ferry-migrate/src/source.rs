@@ -856,7 +856,7 @@ fn handover(
         }
         r?;
         guard.committed = true;
-        let pc = crate::postcopy::PostcopySource::new(session, owed, params.stall_timeout);
+        let pc = crate::postcopy::PostcopySource::new(session, owed, params.stall_timeout, params.max_bandwidth);
         return Ok(Some(pc));
     }
     let (final_pages, _, _) = s.send_pending(t, b0)?;

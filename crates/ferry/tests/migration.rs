@@ -589,4 +589,127 @@ with_both_trackings!(
     truncated_stream_is_refused_by_the_destination_and_a_retry_works,
     byte_flipped_in_a_page_batch_is_caught_by_its_checksum_and_a_retry_works,
     cancelled_migration_leaves_the_source_running_and_the_destination_discards,
+    postcopy_moves_a_flat_out_guest_with_nothing_lost,
 );
+
+/// Runs a post-copy scenario once (bitmap tracking), alone on the machine.
+fn postcopy_scenario(name: &str, f: fn()) {
+    if !kvm_available(name) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    f();
+}
+
+/// Checks a post-copy summary: every page owed at the switch went (asked for or pushed), and
+/// the destination saw faults on missing pages (a flat-out guest touches them at once).
+fn assert_postcopy_summary(s: &serde_json::Value) -> serde_json::Value {
+    let pc = s["postcopy"].clone();
+    assert!(pc.is_object(), "no post-copy in the summary: {s}");
+    let owed = pc["pages_at_switch"].as_u64().unwrap();
+    assert!(owed > 1000, "a flat-out guest left only {owed} pages for post-copy: {pc}");
+    let (asked, pushed) = (pc["requested_pages"].as_u64().unwrap(), pc["pushed_pages"].as_u64().unwrap());
+    assert!(asked + pushed >= owed, "{asked} asked + {pushed} pushed < {owed} owed: {pc}");
+    assert!(pc["destination"]["remote_faults"].as_u64().unwrap() > 0, "{pc}");
+    pc
+}
+
+/// `--postcopy`: after the first pass the guest runs on the destination at once, its missing
+/// pages arriving while it runs; the destination's verifier re-reads the whole working set.
+fn postcopy_moves_a_flat_out_guest_with_nothing_lost(t: Tracking) {
+    let src = source(t, "postcopy", "mib=256 rate=0 hb_us=1000 report_ms=300");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri, t);
+
+    let o = migrate(&src.api, &uri, &["--postcopy"]);
+
+    assert_eq!(o.code, 0, "post-copy migration failed: {}", o.stderr);
+    let s = o.summary.expect("--json summary");
+    assert_postcopy_summary(&s);
+    assert_eq!(s["iterations"].as_array().unwrap().len(), 1, "--postcopy switches after the first pass: {s}");
+    assert_destination_clean(&src, &mut dst, 256 * 256);
+    assert!(dst.wait_stderr("post-copy complete", Duration::from_secs(10)), "{}", dst.stderr_text());
+}
+
+/// The link fails while the guest already runs on the destination: the source keeps what it
+/// still owes, the destination's guest waits for it, and `migrate-resume` finishes over a new
+/// connection straight to the destination, nothing lost.
+#[test]
+fn postcopy_link_cut_is_resumed_over_a_new_connection_with_nothing_lost() {
+    postcopy_scenario("postcopy_link_cut", || {
+        let mut src = source("bitmap", "pc-cut", "mib=256 rate=0 hb_us=1000 report_ms=300");
+        let dst_sock = src.dir.join("dst.sock");
+        let dst_uri = format!("unix:{}", dst_sock.display());
+        let mut dst = destination(&dst_uri, "bitmap");
+        let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::CutInPostcopy { after_bytes: 8 << 20 });
+
+        let o = migrate(&src.api, &proxy.uri, &["--postcopy"]);
+
+        assert_ne!(o.code, 0, "the post-copy through a cut link reported success");
+        assert!(o.stderr.contains("migrate-resume"), "the error should say how to go on: {}", o.stderr);
+        assert!(dst.wait_stderr("waiting up to", Duration::from_secs(20)), "{}", dst.stderr_text());
+        // The source stays to serve the rest; it must not run the guest.
+        assert!(src.vm.wait_exit(Duration::from_millis(500)).is_none(), "the source exited with pages still owed");
+        let st = api(&src.api, r#"{"cmd":"resume"}"#);
+        assert_eq!(st["ok"], false, "the source resumed a guest that runs on the destination: {st}");
+
+        let mut r =
+            Proc::spawn(&["migrate-resume", "--api-socket", src.api.to_str().unwrap(), "--to", &dst_uri, "--json"]);
+        let code = r.wait_exit(Duration::from_secs(120));
+
+        assert_eq!(code, Some(0), "migrate-resume failed: {}", r.stderr_text());
+        let s: serde_json::Value = serde_json::from_str(r.text().trim()).expect("--json summary");
+        assert_eq!(s["postcopy"]["recoveries"], 1, "{s}");
+        assert_destination_clean(&src, &mut dst, 256 * 256);
+        assert_eq!(
+            src.vm.wait_exit(Duration::from_secs(20)),
+            Some(0),
+            "the source should exit once the guest is whole"
+        );
+    });
+}
+
+/// A post-copy whose source dies: only the source had the missing pages, so the destination
+/// waits for it as long as it was told, then fails loudly (exit status 1, naming the loss).
+#[test]
+fn postcopy_destination_gives_up_loudly_when_the_source_never_comes_back() {
+    postcopy_scenario("postcopy_source_dies", || {
+        let mut src = source("bitmap", "pc-dies", "mib=256 rate=0 hb_us=1000 report_ms=300");
+        let dst_sock = src.dir.join("dst.sock");
+        let dst_uri = format!("unix:{}", dst_sock.display());
+        let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--postcopy-recover-timeout-ms", "3000"]);
+        assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)));
+        let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::CutInPostcopy { after_bytes: 8 << 20 });
+        let o = migrate(&src.api, &proxy.uri, &["--postcopy"]);
+        assert_ne!(o.code, 0);
+
+        src.vm.kill();
+        let code = dst.wait_exit(Duration::from_secs(30));
+
+        assert_eq!(code, Some(1), "the destination should fail: {}", dst.stderr_text());
+        let err = dst.stderr_text();
+        assert!(err.contains("post-copy failed") && err.contains("the source never came back"), "{err}");
+    });
+}
+
+/// `--postcopy auto` on a link the guest out-dirties: pre-copy is seen not to converge after
+/// the first pass, and post-copy finishes the move (the cap holds for its push too).
+#[test]
+fn postcopy_auto_moves_a_guest_that_a_capped_link_cannot_converge() {
+    postcopy_scenario("postcopy_auto", || {
+        let src = source("bitmap", "pc-auto", "mib=128 rate=0 hb_us=1000 report_ms=300");
+        let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+        let mut dst = destination(&uri, "bitmap");
+
+        let o = migrate(&src.api, &uri, &["--max-bandwidth", "64", "--postcopy", "auto"]);
+
+        assert_eq!(o.code, 0, "auto post-copy failed: {}", o.stderr);
+        let s = o.summary.expect("--json summary");
+        let pc = assert_postcopy_summary(&s);
+        // 128 MiB again at 64 MiB/s: about 2 s; the cap holds for the push (not much faster).
+        let pushed_mib = pc["pushed_pages"].as_u64().unwrap() as f64 / 256.0;
+        let secs = pc["duration_ms"].as_f64().unwrap() / 1000.0;
+        assert!(pushed_mib / secs < 64.0 * 1.5, "push ran at {:.0} MiB/s over a 64 MiB/s cap", pushed_mib / secs);
+        assert_destination_clean(&src, &mut dst, 128 * 256);
+    });
+}

@@ -40,6 +40,10 @@ pub enum Fault {
     /// connections in the middle of the next epoch's VM_STATE record (its header and half its
     /// body forwarded): an epoch that never completes.
     CutInEpoch { checkpoints: u64 },
+    /// A post-copy: forward the stream, COMMIT and `after_bytes` of the post-copy page stream,
+    /// then cut both connections (a link that fails while the guest already runs on the
+    /// destination).
+    CutInPostcopy { after_bytes: u64 },
 }
 
 pub struct Proxy {
@@ -185,6 +189,13 @@ impl Proxy {
                             std::thread::sleep(std::time::Duration::from_millis(hold_ms));
                             let _ = dst.write_all(&commit);
                         }
+                    }
+                    if let Fault::CutInPostcopy { after_bytes } = fault {
+                        let _ = std::io::copy(&mut (&mut src).take(8 + after_bytes), &mut dst);
+                        mark();
+                        let _ = dst.shutdown(Shutdown::Both);
+                        let _ = src.shutdown(Shutdown::Both);
+                        return;
                     }
                     let _ = std::io::copy(&mut src, &mut dst);
                     let _ = dst.shutdown(Shutdown::Write);
