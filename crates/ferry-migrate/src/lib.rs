@@ -16,6 +16,10 @@
 //!  exit (guest moved)
 //! ```
 //!
+//! With post-copy (`postcopy.rs`) the final pass sends a POSTCOPY record (the pages still dirty)
+//! instead of those pages; after COMMIT the source serves them in a page stream on the same
+//! connection, the ones the destination's vCPUs wait for first.
+//!
 //! Until the source has sent COMMIT it owns the guest: any failure before that point resumes the
 //! source with its dirty bits intact, and the destination discards what it received.
 

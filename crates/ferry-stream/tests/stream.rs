@@ -631,3 +631,82 @@ fn a_ram_reference_is_refused_outside_a_handover_stream_and_read_inside_one() {
     assert!(e.contains("only valid in a local live-update handover"), "{e}");
     assert_eq!(ok[0], format!("ramref {r:?}"));
 }
+
+/// A migration stream that switches to post-copy, then the post-copy page stream that follows
+/// it on the connection.
+fn golden_v3_postcopy() -> (Vec<u8>, Vec<u8>) {
+    let h = |flags| StreamHeader { format_version: 3, flags, page_size: 4096, writer_version: (0, 1, 0) };
+    let mut w = StreamWriter::new(Vec::new(), &h(StreamFlags::empty())).unwrap();
+    w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 1, regions: vec![(0, 64 << 20)] }).unwrap();
+    w.cpu_model(&CpuModel { tsc_khz: 2_100_000, xsave_size: 4096, cpuid: vec![] }).unwrap();
+    w.page_batch(&[(0x10, PageType::Normal), (0x11, PageType::Zero)], &[&page(3)]).unwrap();
+    w.final_pass().unwrap();
+    w.page_batch(&[(0x20, PageType::Broken)], &[]).unwrap();
+    w.postcopy(0x5e55_1011, &[(0x10, 2), (0x100, 1)]).unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.vcpu_state(0, 2, b"vcpu").unwrap();
+    w.end().unwrap();
+    let migration = w.into_inner();
+    let mut w = StreamWriter::new(Vec::new(), &h(StreamFlags::POSTCOPY)).unwrap();
+    w.page_batch(&[(0x100, PageType::Normal)], &[&page(5)]).unwrap();
+    w.page_batch(&[(0x10, PageType::Normal), (0x11, PageType::Zero)], &[&page(6)]).unwrap();
+    w.end().unwrap();
+    (migration, w.into_inner())
+}
+
+#[test]
+fn golden_v3_postcopy_fixtures_are_what_this_version_writes_and_reads_back() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let (migration, pages) = golden_v3_postcopy();
+    let paths = [format!("{dir}/v3-postcopy.bin"), format!("{dir}/v3-postcopy-pages.bin")];
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(&paths[0], &migration).unwrap();
+        std::fs::write(&paths[1], &pages).unwrap();
+    }
+    let fixtures = [std::fs::read(&paths[0]).unwrap(), std::fs::read(&paths[1]).unwrap()];
+
+    assert_eq!(migration, fixtures[0], "the writer no longer produces the v3 post-copy fixture byte for byte");
+    assert_eq!(pages, fixtures[1], "the writer no longer produces the v3 page-stream fixture byte for byte");
+    assert_eq!(
+        read_all(&fixtures[0]).unwrap()[2..],
+        [
+            "batch 0x10:Normal:3,34,65,96 0x11:Zero:",
+            "final pass",
+            "batch 0x20:Broken:",
+            "postcopy 0x5e551011 [(10, 2), (100, 1)]",
+            "vm v1 vm",
+            "vcpu 0 v2 vcpu",
+            "end",
+        ]
+    );
+    assert_eq!(
+        read_all(&fixtures[1]).unwrap(),
+        ["batch 0x100:Normal:5,36,67,98", "batch 0x10:Normal:6,37,68,99 0x11:Zero:", "end"]
+    );
+}
+
+#[test]
+fn postcopy_is_refused_outside_a_v3_migration_stream_and_a_page_stream_carries_only_pages() {
+    let with = |version: u32, flags: StreamFlags, f: &dyn Fn(&mut StreamWriter<Vec<u8>>)| {
+        let h = StreamHeader { format_version: version, flags, page_size: 4096, writer_version: (0, 1, 0) };
+        let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+        f(&mut w);
+        w.end().unwrap();
+        read_all(&w.into_inner()).map_err(|e| e.to_string())
+    };
+    let pc = |w: &mut StreamWriter<Vec<u8>>| w.postcopy(1, &[(0, 1)]).unwrap();
+
+    assert!(with(3, StreamFlags::empty(), &pc).is_ok());
+    for (v, f) in [(2, StreamFlags::empty()), (3, StreamFlags::SNAPSHOT), (3, StreamFlags::CHECKPOINTED)] {
+        let e = with(v, f, &pc).unwrap_err();
+        assert!(e.contains("POSTCOPY"), "{e}");
+    }
+    let e = with(3, StreamFlags::POSTCOPY, &|w| w.vm_state(1, b"vm").unwrap()).unwrap_err();
+    assert!(e.contains("only PAGE_BATCH and END"), "{e}");
+    // A run that wraps around the frame space.
+    let e = with(3, StreamFlags::empty(), &|w| w.postcopy(1, &[(u64::MAX, 2)]).unwrap()).unwrap_err();
+    assert!(e.contains("run of 2 frames"), "{e}");
+    // The writer refuses an empty run.
+    let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(StreamFlags::empty())).unwrap();
+    assert!(w.postcopy(1, &[(5, 0)]).is_err());
+}

@@ -380,6 +380,13 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
     }
 }
 
+impl ApiContext {
+    /// Whether an interrupted post-copy waits for `migrate-resume`.
+    pub(crate) fn postcopy_pending(&self) -> bool {
+        self.postcopy.lock().map(|p| p.is_some()).unwrap_or(false)
+    }
+}
+
 /// Keeps an interrupted post-copy for `migrate-resume` and says so.
 fn postcopy_paused(ctx: &ApiContext, pending: Box<ferry_migrate::postcopy::PostcopySource>) {
     let left = pending.left();
@@ -540,7 +547,7 @@ const FIELDS: &[(&str, &[&str])] = &[
 /// misspelt option, say `"max_bandwidth"` for `"max_bandwidth_mib_s"`, would otherwise be
 /// ignored and the command run with the default). An unknown or missing `cmd` is left to the
 /// dispatch, which names it.
-fn check_fields(req: &Value) -> Result<()> {
+pub(crate) fn check_fields(req: &Value) -> Result<()> {
     let Some(obj) = req.as_object() else { bail!("a request must be a JSON object, not {req}") };
     let Some(cmd) = obj.get("cmd").and_then(Value::as_str) else { return Ok(()) };
     let Some((_, allowed)) = FIELDS.iter().find(|(c, _)| *c == cmd) else { return Ok(()) };

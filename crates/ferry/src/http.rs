@@ -31,6 +31,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vm.migrate"),
     ("GET", "/api/v1/vm.migration"),
     ("PUT", "/api/v1/vm.migrate-cancel"),
+    ("PUT", "/api/v1/vm.migrate-resume"),
     ("PUT", "/api/v1/vm.snapshot"),
     ("GET", "/api/v1/vm.dirty-rate"),
     ("PUT", "/api/v1/vm.replicate"),
@@ -160,6 +161,7 @@ pub fn serve(
         }
         "events" => return events(out, ctx),
         "vm.migrate" => return migrate(out, ctx, fields),
+        "vm.migrate-resume" => return migrate_resume(out, ctx, fields),
         "vm.shutdown" => "quit",
         other => other.trim_start_matches("vm."),
     };
@@ -223,6 +225,34 @@ fn migrate(out: &mut UnixStream, ctx: &Arc<ApiContext>, mut fields: Value) -> st
         return error(out, 409, format!("cannot start the migration: {e}"));
     }
     respond(out, 202, &json!({"status": "active", "to": to}))
+}
+
+/// Resumes an interrupted post-copy over a new connection; answers 202 at once (`GET
+/// vm.migration` and the events follow it), 409 when there is none to resume.
+fn migrate_resume(out: &mut UnixStream, ctx: &Arc<ApiContext>, mut fields: Value) -> std::io::Result<()> {
+    fields["cmd"] = json!("migrate-resume");
+    if let Err(e) = crate::api::check_fields(&fields) {
+        return error(out, 400, format!("{e:#}"));
+    }
+    if !ctx.postcopy_pending() {
+        return error(out, 409, "no interrupted post-copy here to resume");
+    }
+    if fields["to"].as_str().is_none() {
+        return error(out, 400, "migrate-resume needs \"to\" (a string)");
+    }
+    let to = fields["to"].clone();
+    let ctx2 = ctx.clone();
+    let started = std::thread::Builder::new().name("migrate-resume".into()).spawn(move || {
+        let reply = crate::api::migrate_resume(&fields, &ctx2, &mut |_| {});
+        if reply["ok"] == json!(true) {
+            std::thread::sleep(LINGER);
+            ctx2.vm.request_exit(ferry_vmm::ExitReason::Migrated);
+        }
+    });
+    if let Err(e) = started {
+        return error(out, 409, format!("cannot resume the post-copy: {e}"));
+    }
+    respond(out, 202, &json!({"status": "postcopy-active", "to": to}))
 }
 
 /// `GET /metrics`: Prometheus text exposition.
