@@ -317,6 +317,10 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
             // below may already wait for some).
             let run = match postcopy {
                 Some(p) => {
+                    // The page stream's reads are watched for silence again (the commit wait
+                    // cleared the socket's timeout), and a TLS session's reader must not hold
+                    // it for good: the fault thread writes requests on it.
+                    c.set_read_timeout(Some(SEND_POLL)).map_err(IncomingError::Reply)?;
                     let stream: Box<dyn Read + Send> = Box::new(rest);
                     Some(
                         std::thread::Builder::new()
@@ -408,6 +412,10 @@ impl RecordSink for MigrationSink<'_> {
 
     fn page_batch(&mut self, batch: PageBatch<'_>) -> Result<(), IncomingError> {
         let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("PAGE_BATCH before MACHINE_CONFIG"))?;
+        if p.postcopy.is_some() {
+            // Its pages are the post-copy page stream's, after COMMIT.
+            return Err(IncomingError::Unexpected("PAGE_BATCH after POSTCOPY"));
+        }
         self.first_pass_left = self.first_pass_left.saturating_sub(batch.len() as u64);
         if self.first_pass_left == 0 && !self.local {
             drop(self.idle_copy.take());
@@ -430,6 +438,9 @@ impl RecordSink for MigrationSink<'_> {
     /// this load wrote there is stale: it is dropped, so that a touch waits for the page.
     fn postcopy(&mut self, session: u64, runs: Vec<(u64, u64)>) -> Result<(), IncomingError> {
         let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("POSTCOPY before MACHINE_CONFIG"))?;
+        if p.postcopy.is_some() {
+            return Err(IncomingError::Unexpected("a second POSTCOPY"));
+        }
         let ram = &p.machine.ram;
         if p.uffd.is_none() {
             let mut u = Uffd::new().map_err(IncomingError::NoUffd)?;
@@ -443,7 +454,10 @@ impl RecordSink for MigrationSink<'_> {
         for (first, n) in runs {
             let mut g = first;
             while g < first + n {
-                let (ri, page) = ram.page_location(g * PAGE_SIZE as u64).ok_or(IncomingError::PostcopyFrame(g))?;
+                let (ri, page) = g
+                    .checked_mul(PAGE_SIZE as u64)
+                    .and_then(|gpa| ram.page_location(gpa))
+                    .ok_or(IncomingError::PostcopyFrame(g))?;
                 // The part of the run in this region, split where this load wrote pages.
                 let end = (first + n).min(g + (ram.regions()[ri].size / PAGE_SIZE as u64 - page));
                 let mut i = g;

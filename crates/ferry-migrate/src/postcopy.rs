@@ -219,22 +219,30 @@ impl PostcopySource {
         conn: Conn,
         progress: &mut dyn FnMut(&PostcopyProgress),
     ) -> Result<(), PostcopyError> {
-        let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
+        let reply = conn.try_clone().map_err(TransportError::Setup)?;
         let shut = conn.try_clone().map_err(TransportError::Setup)?;
-        // Requests come whenever a destination vCPU faults: the reader blocks for them.
-        reply.set_read_timeout(None).map_err(TransportError::Setup)?;
+        // Requests come whenever a destination vCPU faults, so silence is normal: the reader
+        // waits without a stall limit, but in SEND_POLL steps (a TLS session's reader must let
+        // the writer in between) until the push is over.
+        reply.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
         conn.set_write_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
         let (tx, rx) = mpsc::channel::<Result<PostcopyFrame, ProtocolError>>();
+        let over = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            scope.spawn(move || loop {
-                let f = protocol::read_postcopy_frame(&mut reply);
-                let end = !matches!(f, Ok(PostcopyFrame::Request(_)));
-                if tx.send(f).is_err() || end {
-                    return;
+            let over = &over;
+            scope.spawn(move || {
+                let mut r = StallWatch::to_destination(reply, over, Duration::from_secs(1 << 40));
+                loop {
+                    let f = protocol::read_postcopy_frame(&mut r);
+                    let end = !matches!(f, Ok(PostcopyFrame::Request(_)));
+                    if tx.send(f).is_err() || end {
+                        return;
+                    }
                 }
             });
             let r = self.push(vm, conn, &rx, progress);
             // Ends the reader (done or failed, the link is finished with).
+            over.store(true, Ordering::SeqCst);
             shut.shutdown();
             r
         })
@@ -257,6 +265,8 @@ impl PostcopySource {
         let mut urgent: Vec<u64> = Vec::new();
         let mut done: Option<PostcopyDone> = None;
         let mut last_progress = Instant::now();
+        // The backlog's last fall: one that stops draining for the stall timeout is a dead link.
+        let (mut last_queued, mut queued_since) = (u64::MAX, Instant::now());
         let mut buf = vec![0u8; PUSH_PAGES * PAGE_SIZE];
         let b0 = w.bytes_written();
         let t0 = Instant::now();
@@ -285,6 +295,11 @@ impl PostcopySource {
                     .into_iter()
                     .map(|g| locate(regions, g).ok_or(PostcopyError::BadFrame(g)))
                     .collect::<Result<Vec<_>, _>>()?;
+                // The push goes on from the last page asked for: a guest that touches memory
+                // in order finds the next pages on their way.
+                if let Some(&(ri, page)) = pages.last() {
+                    self.cursor = (ri, page + 1);
+                }
                 let n = self.send_pages(vm, &mut w, &mut buf, pages.into_iter())?;
                 self.stats.requested_pages += n;
                 w.flush().map_err(|e| interrupted(self.left, Box::new(e)))?;
@@ -295,6 +310,14 @@ impl PostcopySource {
             let ahead = self.limit.map_or(Duration::ZERO, |l| {
                 Duration::from_secs_f64((w.bytes_written() - b0) as f64 / l.get() as f64).saturating_sub(t0.elapsed())
             });
+            if queued < last_queued || queued <= IN_FLIGHT {
+                (last_queued, queued_since) = (queued, Instant::now());
+            } else if queued_since.elapsed() >= self.stall {
+                return Err(interrupted(
+                    self.left,
+                    format!("the destination took no data for {:.1} s", self.stall.as_secs_f64()).into(),
+                ));
+            }
             if queued > IN_FLIGHT || !ahead.is_zero() {
                 let wait =
                     if ahead.is_zero() { Duration::from_micros(200) } else { ahead.min(Duration::from_millis(5)) };
@@ -342,7 +365,18 @@ impl PostcopySource {
     /// Up to `n` owed pages `(region, page)` from the cursor on.
     fn next_background(&mut self, n: usize) -> Vec<(usize, u64)> {
         let mut out = Vec::with_capacity(n);
-        while out.len() < n && self.cursor.0 < self.remaining.len() {
+        // The cursor follows requests forward, so it wraps around (once a call) for what it
+        // jumped over.
+        let mut wrapped = false;
+        while out.len() < n && (out.len() as u64) < self.left {
+            if self.cursor.0 >= self.remaining.len() {
+                if wrapped {
+                    break;
+                }
+                wrapped = true;
+                self.cursor = (0, 0);
+                continue;
+            }
             let (ri, page) = self.cursor;
             let m = &self.remaining[ri];
             if page >= m.npages() {
@@ -540,7 +574,12 @@ impl Dest {
                         Ok(CopyOutcome::Exists) => {
                             let _ = self.uffd.wake(hva, PAGE_SIZE as u64);
                         }
-                        Err(e) => tracing::error!("post-copy: zero fill: {}", crate::destination::ErrorChain(&e)),
+                        Err(e) => {
+                            // Never leave the faulting thread waiting: it faults again and the
+                            // next try fills the page.
+                            tracing::warn!("post-copy: zero fill: {}", crate::destination::ErrorChain(&e));
+                            let _ = self.uffd.wake(hva, PAGE_SIZE as u64);
+                        }
                     }
                 }
                 if !ask.is_empty() {
@@ -561,7 +600,9 @@ impl Dest {
             if gfns.chunks(protocol::MAX_REQUEST_PAGES).try_for_each(|g| protocol::send_page_request(c, g)).is_ok() {
                 return;
             }
-            // The link failed: the receiver notices and waits for a new one.
+            // The link failed (or a request stood for the stall timeout): the receiver sees
+            // it shut and waits for a new one.
+            c.shutdown();
             *reply = None;
         }
         drop(reply);
@@ -569,15 +610,11 @@ impl Dest {
     }
 
     /// Puts the pages of one batch in place.
-    fn apply<'d>(
-        &self,
-        pages: impl Iterator<Item = (u64, PageType, Option<&'d [u8]>)>,
-        received: &mut u64,
-    ) -> Result<(), PostcopyError> {
+    fn apply<'d>(&self, pages: impl Iterator<Item = (u64, PageType, Option<&'d [u8]>)>) -> Result<(), PostcopyError> {
         let mut p = self.lock();
         for (gfn, ty, data) in pages {
             let (ri, page) = locate(&self.regions, gfn).ok_or(PostcopyError::PageOutside(gfn))?;
-            *received += 1;
+            p.done.pages += 1;
             if !p.missing[ri].get(page) {
                 // Sent twice (a request and the push crossed, or a resumed link): the first won.
                 continue;
@@ -586,7 +623,26 @@ impl Dest {
             match (ty, data) {
                 (PageType::Broken, _) => {
                     self.poison.mark(gfn, PoisonCause::Stream);
-                    self.uffd.poison(hva).map_err(|source| PostcopyError::MarkBroken { gfn, source })?;
+                    if self.uffd.can_poison() {
+                        self.uffd.poison(hva).map_err(|source| PostcopyError::MarkBroken { gfn, source })?;
+                    } else {
+                        // A kernel without UFFDIO_POISON: a page in place, then real hardware
+                        // poisoning (CONFIG_MEMORY_FAILURE), as GuestRam::poison_host_page does.
+                        // SAFETY: as for a zero page below.
+                        unsafe { self.uffd.copy(hva, ZERO_PAGE.as_ptr(), PAGE_SIZE as u64) }
+                            .map_err(|source| PostcopyError::MarkBroken { gfn, source })?;
+                        // SAFETY: MADV_HWPOISON on one page of guest RAM that Ferry mapped.
+                        let rc = unsafe { libc::madvise(hva as *mut libc::c_void, PAGE_SIZE, libc::MADV_HWPOISON) };
+                        if rc != 0 {
+                            return Err(PostcopyError::MarkBroken {
+                                gfn,
+                                source: ferry_vmm::uffd::UffdError::Ioctl {
+                                    what: "MADV_HWPOISON",
+                                    source: std::io::Error::last_os_error(),
+                                },
+                            });
+                        }
+                    }
                 }
                 (PageType::Normal, Some(d)) => {
                     // SAFETY: `d` is one page; `hva` is a missing page of a registered range.
@@ -719,7 +775,9 @@ impl PostcopyIncoming {
                     }
                 }
             };
-            // Requests go on this link from now on (those waiting first).
+            // Requests go on this link from now on (those waiting first). A request that does
+            // not go out within the stall timeout means the link is dead.
+            let _ = reply.set_write_timeout(Some(Duration::from_secs(10)));
             let waiting: Vec<u64> = {
                 let mut p = self.dest.lock();
                 let mut w: Vec<u64> = p.requested.keys().copied().collect();
@@ -732,51 +790,69 @@ impl PostcopyIncoming {
                 self.dest.send_requests(waiting);
             }
             match self.receive(stream) {
-                Ok(received) => {
-                    let mut done = {
-                        let mut p = self.dest.lock();
-                        let mut l = std::mem::take(&mut p.latencies_us);
-                        l.sort_unstable();
-                        let pct = |q: f64| l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)));
-                        let (p50, p99) = (pct(0.5).copied().unwrap_or(0), pct(0.99).copied().unwrap_or(0));
-                        p.done.fault_p50_us = p50 as u64;
-                        p.done.fault_p99_us = p99 as u64;
-                        p.done.fault_max_us = l.last().copied().unwrap_or(0) as u64;
-                        p.done
-                    };
-                    done.pages = received;
-                    let mut r = reply;
-                    let _ = r.set_write_timeout(Some(Duration::from_secs(10)));
-                    if let Err(e) = protocol::send_postcopy_done(&mut r, &done) {
-                        // Every page is here: the guest is whole whatever the source hears.
-                        tracing::warn!("post-copy: cannot tell the source it is done: {e}");
-                    }
-                    break Ok(IncomingPostcopyStats { done, duration: t0.elapsed(), recoveries });
-                }
-                Err(PostcopyError::Interrupted { source, .. }) => {
-                    tracing::warn!("post-copy link: {source}");
-                    *self.dest.reply.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(()) => break Ok(self.done(reply, t0, recoveries)),
+                Err(e) => {
+                    // Shut first: a request write stuck on the dead link holds the reply lock.
                     reply.shutdown();
-                    continue;
+                    *self.dest.reply.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    if self.left() == 0 {
+                        // Every page came; only END (or the link after it) was lost.
+                        tracing::warn!(
+                            "post-copy link failed after the last page: {}",
+                            crate::destination::ErrorChain(&e)
+                        );
+                        break Ok(self.done(reply, t0, recoveries));
+                    }
+                    // Whatever went wrong with this link (cut, silent, a stream that is not
+                    // the page stream), the source may still come back with a good one.
+                    tracing::warn!("post-copy link: {}", crate::destination::ErrorChain(&e));
+                    if recover.is_none() {
+                        break Err(e);
+                    }
                 }
-                Err(e) => break Err(e),
             }
         };
-        self.finish();
+        match &result {
+            Ok(_) => self.finish(),
+            // Pages only the source had are lost: the guest must never run on without them.
+            // The userfaultfd stays registered (whoever waits on a missing page keeps waiting)
+            // until the caller ends the process.
+            Err(_) => std::mem::forget(self.dest.clone()),
+        }
         result
     }
 
+    /// Every page is in place: the destination's figures, told to the source.
+    fn done(&self, reply: Conn, t0: Instant, recoveries: u32) -> IncomingPostcopyStats {
+        let done = {
+            let mut p = self.dest.lock();
+            let mut l = std::mem::take(&mut p.latencies_us);
+            l.sort_unstable();
+            let pct = |q: f64| l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)));
+            let (p50, p99) = (pct(0.5).copied().unwrap_or(0), pct(0.99).copied().unwrap_or(0));
+            p.done.fault_p50_us = p50 as u64;
+            p.done.fault_p99_us = p99 as u64;
+            p.done.fault_max_us = l.last().copied().unwrap_or(0) as u64;
+            p.done
+        };
+        let mut r = reply;
+        if let Err(e) = protocol::send_postcopy_done(&mut r, &done) {
+            // Every page is here: the guest is whole whatever the source hears.
+            tracing::warn!("post-copy: cannot tell the source it is done: {e}");
+        }
+        IncomingPostcopyStats { done, duration: t0.elapsed(), recoveries }
+    }
+
     /// Reads one link's page stream to its END. A link failure is `Interrupted`.
-    fn receive(&self, stream: Box<dyn Read + Send>) -> Result<u64, PostcopyError> {
+    fn receive(&self, stream: Box<dyn Read + Send>) -> Result<(), PostcopyError> {
         let link = |e: ferry_stream::StreamError| PostcopyError::Interrupted { left: 0, source: Box::new(e) };
         let mut r = StreamReader::new(stream).map_err(link)?;
         if !r.header().flags.contains(StreamFlags::POSTCOPY) {
             return Err(PostcopyError::NotPageStream(r.header().flags.0));
         }
-        let mut received = 0;
         loop {
             match r.next_record() {
-                Ok(ferry_stream::Record::PageBatch(b)) => self.dest.apply(b.iter(), &mut received)?,
+                Ok(ferry_stream::Record::PageBatch(b)) => self.dest.apply(b.iter())?,
                 Ok(ferry_stream::Record::End) => break,
                 Ok(_) => {}
                 Err(e) if is_link_error(&e) => return Err(link(e)),
@@ -784,7 +860,7 @@ impl PostcopyIncoming {
             }
         }
         match self.left() {
-            0 => Ok(received),
+            0 => Ok(()),
             n => Err(PostcopyError::EndedEarly(n)),
         }
     }
@@ -828,7 +904,10 @@ impl PostcopyIncoming {
         let stall = Duration::from_secs(10);
         let mut watched = StallWatch::from_source(conn, stall);
         match protocol::destination_handshake(&mut watched) {
-            Ok(protocol::Opening::Hello(_)) => {}
+            Ok(protocol::Opening::Hello(h)) if h.features & protocol::features::POSTCOPY != 0 => {}
+            Ok(protocol::Opening::Hello(_)) => {
+                return Err(PostcopyError::Handshake(ProtocolError::NoHandshake("a source without post-copy".into())))
+            }
             Ok(protocol::Opening::Stream(_)) => {
                 return Err(PostcopyError::Handshake(ProtocolError::NoHandshake("a stream, not a resume".into())))
             }
@@ -893,6 +972,17 @@ mod tests {
         assert_eq!(runs, vec![(3, 2), (63, 3), (255, 1), ((4 << 30) / 4096, 1)]);
     }
 
+    /// `n` pages of the background push, taken as sending them does.
+    fn push(pc: &mut PostcopySource, n: usize) -> Vec<(usize, u64)> {
+        let got = pc.next_background(n);
+        for &(ri, page) in &got {
+            assert!(pc.remaining[ri].get(page), "({ri}, {page}) pushed twice");
+            pc.remaining[ri].clear(page);
+            pc.left -= 1;
+        }
+        got
+    }
+
     #[test]
     fn the_background_push_visits_every_owed_page_once_in_order() {
         let mut a = Bitmap::new(200, false);
@@ -903,11 +993,17 @@ mod tests {
         b.set(5);
         let mut pc = PostcopySource::new(1, vec![a, b], Duration::from_secs(1), None);
         assert_eq!(pc.left(), 5);
-        let first = pc.next_background(3);
-        assert_eq!(first, vec![(0, 0), (0, 1), (0, 70)]);
-        let rest = pc.next_background(10);
-        assert_eq!(rest, vec![(0, 199), (1, 5)]);
-        assert!(pc.next_background(10).is_empty());
+        assert_eq!(push(&mut pc, 3), vec![(0, 0), (0, 1), (0, 70)]);
+        assert_eq!(push(&mut pc, 10), vec![(0, 199), (1, 5)]);
+        assert!(push(&mut pc, 10).is_empty());
+        // A request moved the cursor past an owed page: the push comes back for it.
+        let mut a = Bitmap::new(200, false);
+        a.set(3);
+        a.set(150);
+        let mut pc = PostcopySource::new(1, vec![a], Duration::from_secs(1), None);
+        pc.cursor = (0, 100);
+        assert_eq!(push(&mut pc, 10), vec![(0, 150), (0, 3)]);
+        assert_eq!(pc.left(), 0);
     }
 
     #[test]

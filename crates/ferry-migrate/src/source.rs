@@ -697,12 +697,13 @@ fn run<'s>(
     };
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
     let post = precopy(&mut s, params, throttle.as_ref(), &mut summary, progress)?;
+    // Taken before COMMIT: nothing after it may fail but the post-copy's link itself.
+    let serve_conn = if post { Some(reply.try_clone().map_err(TransportError::Setup)?) } else { None };
     let owed = handover(&mut s, params, throttle.as_mut(), reply, &mut summary, post)?;
     drop(throttle);
-    if let Some(mut pc) = owed {
+    if let (Some(mut pc), Some(conn)) = (owed, serve_conn) {
         // The guest runs on the destination now: serve it the pages it is still owed.
         progress(&Progress::PostcopyStarted { pages: pc.left() });
-        let conn = reply.try_clone().map_err(TransportError::Setup)?;
         let served = pc.serve(vm, conn, &mut |p| progress(&Progress::Postcopy(p.clone())));
         summary.bytes += pc.stats.bytes;
         summary.postcopy = Some(pc.stats.clone());
@@ -887,7 +888,14 @@ fn finish_handover(
     // again as BROKEN, including those that broke after their data was sent.
     summary.broken_pages = s.send_broken_pages()?;
     if let Some((owed, session)) = owed {
-        let runs = crate::postcopy::runs_of(vm.ram().regions(), owed);
+        // A page that broke since the harvest went as BROKEN just now: it is not owed.
+        let mut listed = owed.clone();
+        for (gfn, _) in vm.ram().poison().list() {
+            if let Some((ri, page)) = vm.ram().page_location(gfn * PAGE_SIZE as u64) {
+                listed[ri].clear(page);
+            }
+        }
+        let runs = crate::postcopy::runs_of(vm.ram().regions(), &listed);
         if runs.len() > ferry_stream::MAX_POSTCOPY_RUNS as usize {
             return Err(MigrateError::PostcopyTooScattered(owed.iter().map(Bitmap::count).sum()));
         }

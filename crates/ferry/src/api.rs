@@ -48,6 +48,20 @@ pub(crate) struct Counters {
     pub last_dirty_rate_pages_s: f64,
 }
 
+/// A post-copy *into* this Ferry is still running: pages of the guest are still at the source
+/// (holes in guest memory, filled as they come). Nothing may copy, hand over or stop the
+/// guest meanwhile: a snapshot or migration would take those holes for zero pages, an update
+/// would hand them over as such, and a vCPU waiting on a page cannot be paused.
+pub static POSTCOPY_INCOMING: AtomicBool = AtomicBool::new(false);
+
+/// Refuses `cmd` while a post-copy into this Ferry runs.
+pub(crate) fn refuse_during_postcopy(cmd: &str) -> Result<()> {
+    if POSTCOPY_INCOMING.load(Ordering::SeqCst) {
+        bail!("the guest's memory is still arriving (post-copy into this Ferry); {cmd} after it completes");
+    }
+    Ok(())
+}
+
 /// Shared state the API acts on.
 pub struct ApiContext {
     pub vm: Arc<Vm>,
@@ -250,11 +264,13 @@ fn handle_conn(conn: UnixStream, ctx: &Arc<ApiContext>) -> Result<()> {
                     false,
                 )
             }
-            Ok(req) if req["cmd"] == "update" => match crate::update::update(&req, ctx, &out) {
-                // Only failures come back: on success the new Ferry answers on this connection.
-                Ok(v) => (v, false),
-                Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
-            },
+            Ok(req) if req["cmd"] == "update" => {
+                match refuse_during_postcopy("update").and_then(|()| crate::update::update(&req, ctx, &out)) {
+                    // Only failures come back: on success the new Ferry answers on this connection.
+                    Ok(v) => (v, false),
+                    Err(e) => (json!({"ok": false, "error": format!("{e:#}")}), false),
+                }
+            }
             Ok(req) if req["cmd"] == "migrate" || req["cmd"] == "migrate-resume" => {
                 let mut progress = |v: &Value| {
                     let _ = writeln!(out, "{v}");
@@ -315,6 +331,7 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
         }
     };
     let r = (|| -> Result<Value> {
+        refuse_during_postcopy("migrate")?;
         let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("migrate needs \"to\""))?;
         if ctx.paused.load(Ordering::SeqCst) {
             bail!("the VM is paused by the API; resume it before migrating");
@@ -488,6 +505,7 @@ pub(crate) fn run_command(req: &Value, ctx: &ApiContext) -> Result<Value> {
 /// nothing else holds the guest.
 pub(crate) fn check_migrate(req: &Value, ctx: &ApiContext) -> Result<()> {
     check_fields(req)?;
+    refuse_during_postcopy("migrate")?;
     if ctx.replicating.load(Ordering::SeqCst) {
         bail!("replication to a backup is running; migrate after `ferry replicate-stop`");
     }
@@ -676,6 +694,9 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
         && ctx.replicating.load(Ordering::SeqCst)
     {
         bail!("replication to a backup is running; {cmd} after `ferry replicate-stop`");
+    }
+    if matches!(cmd, "pause" | "snapshot" | "replicate" | "update") {
+        refuse_during_postcopy(cmd)?;
     }
     if matches!(cmd, "pause" | "resume" | "snapshot" | "memory-write" | "replicate") {
         if ctx.migrated.load(Ordering::SeqCst) {

@@ -687,10 +687,13 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     );
     if let Some(run) = postcopy {
         eprintln!("ferry: post-copy: the guest runs here; the pages it still lacks follow from the source");
+        api::POSTCOPY_INCOMING.store(true, std::sync::atomic::Ordering::SeqCst);
         std::thread::Builder::new()
             .name("postcopy-wait".into())
             .spawn(move || match run.join() {
-                Ok(Ok(s)) => eprintln!(
+                Ok(Ok(s)) => {
+                    api::POSTCOPY_INCOMING.store(false, std::sync::atomic::Ordering::SeqCst);
+                    eprintln!(
                     "ferry: post-copy complete in {:.1} ms: {} pages; {} faults on missing pages (p50 {} us, p99 {} us, \
                      max {} us), {} on zero pages, {} link recoveries",
                     s.duration.as_secs_f64() * 1000.0,
@@ -700,8 +703,9 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
                     s.done.fault_p99_us,
                     s.done.fault_max_us,
                     s.done.zero_faults,
-                    s.recoveries
-                ),
+                        s.recoveries
+                    )
+                }
                 Ok(Err(e)) => {
                     // Only the source had these pages: the guest cannot go on, and a vCPU
                     // waiting on one cannot be stopped but by ending the process.

@@ -640,7 +640,9 @@ fn postcopy_link_cut_is_resumed_over_a_new_connection_with_nothing_lost() {
         let mut src = source("bitmap", "pc-cut", "mib=256 rate=0 hb_us=1000 report_ms=300");
         let dst_sock = src.dir.join("dst.sock");
         let dst_uri = format!("unix:{}", dst_sock.display());
-        let mut dst = destination(&dst_uri, "bitmap");
+        let dst_api = src.dir.join("dst-api.sock");
+        let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--api-socket", dst_api.to_str().unwrap()]);
+        assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)), "{}", dst.stderr_text());
         let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::CutInPostcopy { after_bytes: 8 << 20 });
 
         let o = migrate(&src.api, &proxy.uri, &["--postcopy"]);
@@ -652,6 +654,13 @@ fn postcopy_link_cut_is_resumed_over_a_new_connection_with_nothing_lost() {
         assert!(src.vm.wait_exit(Duration::from_millis(500)).is_none(), "the source exited with pages still owed");
         let st = api(&src.api, r#"{"cmd":"resume"}"#);
         assert_eq!(st["ok"], false, "the source resumed a guest that runs on the destination: {st}");
+        // Nothing copies the destination's guest while its memory is still arriving (a
+        // snapshot would take the missing pages for zero pages).
+        assert!(wait_socket(&dst_api, Duration::from_secs(5)));
+        let snap = src.dir.join("early.snap");
+        let st = api(&dst_api, &format!(r#"{{"cmd":"snapshot","to":"{}"}}"#, snap.display()));
+        assert_eq!(st["ok"], false, "{st}");
+        assert!(st["error"].as_str().unwrap().contains("still arriving"), "{st}");
 
         let mut r =
             Proc::spawn(&["migrate-resume", "--api-socket", src.api.to_str().unwrap(), "--to", &dst_uri, "--json"]);
