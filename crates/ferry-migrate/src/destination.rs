@@ -255,7 +255,7 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
     };
     let stream = std::io::Cursor::new(opening).chain(watched);
     let IncomingParams { ram, serial_out, dirty_tracking, disks, load: opts, recover, .. } = params;
-    match load(stream, local, ram, dirty_tracking, &disks, opts) {
+    match load(stream, reply.try_clone().ok(), local, ram, dirty_tracking, &disks, opts) {
         Ok((mut pending, loaded, stats, rest)) => {
             // Post-copy: from here a touch of a page still at the source waits for it.
             let postcopy = match (pending.postcopy.take(), pending.uffd.take()) {
@@ -374,6 +374,10 @@ struct MigrationSink<'a> {
     stats: IncomingStats,
     /// The disks' blocks, when the stream carries them (`--copy-storage`).
     storage: crate::storage::StorageReceiver<'a>,
+    /// The return path, for POSTCOPY_LISTED.
+    reply: Option<Conn>,
+    /// The source paused its guest (FINAL_PASS came).
+    final_pass: bool,
 }
 
 impl RecordSink for MigrationSink<'_> {
@@ -412,9 +416,21 @@ impl RecordSink for MigrationSink<'_> {
 
     fn page_batch(&mut self, batch: PageBatch<'_>) -> Result<(), IncomingError> {
         let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("PAGE_BATCH before MACHINE_CONFIG"))?;
-        if p.postcopy.is_some() {
-            // Its pages are the post-copy page stream's, after COMMIT.
-            return Err(IncomingError::Unexpected("PAGE_BATCH after POSTCOPY"));
+        if let Some((_, missing)) = &mut p.postcopy {
+            // After a POSTCOPY record only pages not listed come with data; a listed page that
+            // broke meanwhile comes as BROKEN and is owed no more.
+            for (gfn, ty) in batch.entries() {
+                let Some((ri, page)) = gfn.checked_mul(PAGE_SIZE as u64).and_then(|g| p.machine.ram.page_location(g))
+                else {
+                    continue;
+                };
+                if missing[ri].get(page) {
+                    if *ty != PageType::Broken {
+                        return Err(IncomingError::Unexpected("data for a page listed in POSTCOPY"));
+                    }
+                    missing[ri].clear(page);
+                }
+            }
         }
         self.first_pass_left = self.first_pass_left.saturating_sub(batch.len() as u64);
         if self.first_pass_left == 0 && !self.local {
@@ -438,10 +454,15 @@ impl RecordSink for MigrationSink<'_> {
     /// this load wrote there is stale: it is dropped, so that a touch waits for the page.
     fn postcopy(&mut self, session: u64, runs: Vec<(u64, u64)>) -> Result<(), IncomingError> {
         let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("POSTCOPY before MACHINE_CONFIG"))?;
-        if p.postcopy.is_some() {
-            return Err(IncomingError::Unexpected("a second POSTCOPY"));
-        }
         let ram = &p.machine.ram;
+        // Several records of one session add up: the source lists most pages while its guest
+        // still runs (their stale data is dropped here outside the pause), the rest in the
+        // final pass.
+        let mut missing = match p.postcopy.take() {
+            Some((s, m)) if s == session => m,
+            Some(_) => return Err(IncomingError::Unexpected("POSTCOPY of another session")),
+            None => ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect(),
+        };
         if p.uffd.is_none() {
             let mut u = Uffd::new().map_err(IncomingError::NoUffd)?;
             for r in ram.regions() {
@@ -449,8 +470,6 @@ impl RecordSink for MigrationSink<'_> {
             }
             p.uffd = Some(u);
         }
-        let mut missing: Vec<Bitmap> =
-            ram.regions().iter().map(|r| Bitmap::new(r.size / PAGE_SIZE as u64, false)).collect();
         for (first, n) in runs {
             let mut g = first;
             while g < first + n {
@@ -484,6 +503,11 @@ impl RecordSink for MigrationSink<'_> {
             }
         }
         p.postcopy = Some((session, missing));
+        if !self.final_pass {
+            // The source waits for this before it pauses its guest.
+            let r = self.reply.as_mut().ok_or(IncomingError::Unexpected("POSTCOPY before the final pass"))?;
+            protocol::send_postcopy_listed(r, session).map_err(IncomingError::Reply)?;
+        }
         Ok(())
     }
 
@@ -502,6 +526,7 @@ impl RecordSink for MigrationSink<'_> {
     // The source paused its guest: the final pass is the pause, at full priority.
     fn final_pass(&mut self) {
         drop(self.idle_copy.take());
+        self.final_pass = true;
     }
 
     fn state_begins(&mut self) {
@@ -571,6 +596,7 @@ pub(crate) fn apply_pages<'d>(
 /// the connection's reader after END (a post-copy page stream follows there).
 fn load<R: Read>(
     stream: R,
+    reply: Option<Conn>,
     local: bool,
     ram: IncomingRam,
     dirty_tracking: DirtyTracking,
@@ -597,6 +623,8 @@ fn load<R: Read>(
         first_pass_left: u64::MAX,
         stats: IncomingStats::default(),
         storage: crate::storage::StorageReceiver::new(disks),
+        reply,
+        final_pass: false,
     };
     let loaded = load_records(&mut r, StreamKind::Migration, &opts, &mut sink)?;
     let t_end = Instant::now();

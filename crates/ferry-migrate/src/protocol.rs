@@ -31,6 +31,9 @@ pub const FRAME_POSTCOPY_DONE: u32 = 5;
 /// Post-copy recovery, destination to source on a new connection: the session and the pages it
 /// still lacks (body: session u64, count u32, reserved u32, count × (first frame u64, frames u64)).
 pub const FRAME_POSTCOPY_RESUME: u32 = 6;
+/// Post-copy, destination to source during pre-copy: the pages of a POSTCOPY record that came
+/// before the final pass are dropped here (body: session u64); the source may pause now.
+pub const FRAME_POSTCOPY_LISTED: u32 = 7;
 /// Most frames in one PAGE_REQUEST.
 pub const MAX_REQUEST_PAGES: usize = 256;
 /// Longest POSTCOPY_RESUME body (every run of a fragmented 1 TiB guest fits).
@@ -384,6 +387,18 @@ pub fn send_postcopy_resume(w: &mut impl Write, session: u64, runs: &[(u64, u64)
         b.extend_from_slice(&n.to_le_bytes());
     }
     send_frame(w, FRAME_POSTCOPY_RESUME, &b)
+}
+
+pub fn send_postcopy_listed(w: &mut impl Write, session: u64) -> std::io::Result<()> {
+    send_frame(w, FRAME_POSTCOPY_LISTED, &session.to_le_bytes())
+}
+
+/// Source: the destination dropped the pages of the POSTCOPY record of `session` (or refused).
+pub fn read_postcopy_listed(r: &mut impl Read, session: u64) -> Result<(), ProtocolError> {
+    match read_frame(r)? {
+        (FRAME_POSTCOPY_LISTED, b) if b.len() == 8 && u64_at(&b, 0) == session => Ok(()),
+        (t, _) => Err(ProtocolError::BadFrame(t)),
+    }
 }
 
 /// A frame the post-copy source reads from its destination.

@@ -699,7 +699,8 @@ fn run<'s>(
     let post = precopy(&mut s, params, throttle.as_ref(), &mut summary, progress)?;
     // Taken before COMMIT: nothing after it may fail but the post-copy's link itself.
     let serve_conn = if post { Some(reply.try_clone().map_err(TransportError::Setup)?) } else { None };
-    let owed = handover(&mut s, params, throttle.as_mut(), reply, &mut summary, post)?;
+    let early = if post { Some(list_owed_early(&mut s, params, reply)?) } else { None };
+    let owed = handover(&mut s, params, throttle.as_mut(), reply, &mut summary, early)?;
     drop(throttle);
     if let (Some(mut pc), Some(conn)) = (owed, serve_conn) {
         // The guest runs on the destination now: serve it the pages it is still owed.
@@ -820,7 +821,7 @@ fn handover(
     throttle: Option<&mut crate::throttle::Throttle<'_>>,
     reply: &mut Conn,
     summary: &mut MigrationSummary,
-    postcopy: bool,
+    postcopy: Option<(u64, Vec<Bitmap>)>,
 ) -> Result<Option<crate::postcopy::PostcopySource>, MigrateError> {
     let vm = s.vm;
     // The final pass runs at normal priority.
@@ -845,15 +846,34 @@ fn handover(
     let t = Instant::now();
     let b0 = s.w.bytes_written();
     s.limit = None;
-    if postcopy {
-        let owed = s.harvest_owed()?;
-        let session = crate::postcopy::new_session();
-        let r = finish_handover(s, params, reply, summary, bd, (t_pause, t), Some((&owed, session)));
+    if let Some((session, early)) = postcopy {
+        let consumer = s.consumer;
+        let give_back = |owed: &[Bitmap]| {
+            for (ri, m) in owed.iter().enumerate() {
+                let _ = vm.dirty_give_back(consumer, ri, 0, m.words());
+            }
+        };
+        // What the guest dirtied since the early list: listed now, in the pause (mostly pages
+        // listed already, whose data the destination dropped then).
+        let late = match s.harvest_owed() {
+            Ok(l) => l,
+            Err(e) => {
+                give_back(&early);
+                return Err(e);
+            }
+        };
+        let mut owed = early.clone();
+        let mut new = late.clone();
+        for (ri, (o, n)) in owed.iter_mut().zip(new.iter_mut()).enumerate() {
+            o.or_words(late[ri].words());
+            for p in early[ri].iter_set() {
+                n.clear(p);
+            }
+        }
+        let r = finish_handover(s, params, reply, summary, bd, (t_pause, t), Some((&new, session)));
         if r.is_err() {
             // Nothing of these pages reached the destination: their bits go back.
-            for (ri, m) in owed.iter().enumerate() {
-                let _ = vm.dirty_give_back(s.consumer, ri, 0, m.words());
-            }
+            give_back(&owed);
         }
         r?;
         guard.committed = true;
@@ -943,6 +963,41 @@ fn finish_handover(
     summary.bytes = s.w.bytes_written();
     summary.pages = s.counts;
     Ok(())
+}
+
+/// Post-copy, before the pause: lists every page dirty now as owed (a POSTCOPY record), so that
+/// the destination drops their stale data while the guest still runs here, and waits until it
+/// has. Returns the session and the pages listed (their bits are given back on failure).
+fn list_owed_early(
+    s: &mut Sender<'_>,
+    params: &MigrateParams,
+    reply: &mut Conn,
+) -> Result<(u64, Vec<Bitmap>), MigrateError> {
+    let (vm, cancel) = (s.vm, s.cancel);
+    vm.dirty_sync()?;
+    let owed = s.harvest_owed()?;
+    let session = crate::postcopy::new_session();
+    let r = (|| -> Result<(), MigrateError> {
+        let runs = crate::postcopy::runs_of(vm.ram().regions(), &owed);
+        if runs.len() > ferry_stream::MAX_POSTCOPY_RUNS as usize {
+            return Err(MigrateError::PostcopyTooScattered(owed.iter().map(Bitmap::count).sum()));
+        }
+        s.w.postcopy(session, &runs).map_err(MigrateError::Send)?;
+        s.w.flush().map_err(MigrateError::Send)?;
+        reply.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
+        protocol::read_postcopy_listed(
+            &mut StallWatch::to_destination(&mut *reply, cancel, params.stall_timeout),
+            session,
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        for (ri, m) in owed.iter().enumerate() {
+            let _ = vm.dirty_give_back(s.consumer, ri, 0, m.words());
+        }
+        return Err(e);
+    }
+    Ok((session, owed))
 }
 
 impl Sender<'_> {
