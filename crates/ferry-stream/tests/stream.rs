@@ -640,9 +640,10 @@ fn golden_v3_postcopy() -> (Vec<u8>, Vec<u8>) {
     w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 1, regions: vec![(0, 64 << 20)] }).unwrap();
     w.cpu_model(&CpuModel { tsc_khz: 2_100_000, xsave_size: 4096, cpuid: vec![] }).unwrap();
     w.page_batch(&[(0x10, PageType::Normal), (0x11, PageType::Zero)], &[&page(3)]).unwrap();
+    w.postcopy(0x5e55_1011, &[(0x10, 2)]).unwrap();
     w.final_pass().unwrap();
     w.page_batch(&[(0x20, PageType::Broken)], &[]).unwrap();
-    w.postcopy(0x5e55_1011, &[(0x10, 2), (0x100, 1)]).unwrap();
+    w.postcopy(0x5e55_1011, &[(0x100, 1)]).unwrap();
     w.vm_state(1, b"vm").unwrap();
     w.vcpu_state(0, 2, b"vcpu").unwrap();
     w.end().unwrap();
@@ -671,9 +672,10 @@ fn golden_v3_postcopy_fixtures_are_what_this_version_writes_and_reads_back() {
         read_all(&fixtures[0]).unwrap()[2..],
         [
             "batch 0x10:Normal:3,34,65,96 0x11:Zero:",
+            "postcopy 0x5e551011 [(10, 2)]",
             "final pass",
             "batch 0x20:Broken:",
-            "postcopy 0x5e551011 [(10, 2), (100, 1)]",
+            "postcopy 0x5e551011 [(100, 1)]",
             "vm v1 vm",
             "vcpu 0 v2 vcpu",
             "end",
