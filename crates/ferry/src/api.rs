@@ -355,8 +355,9 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
                 // The guest runs on the destination: it must never run here again, and this
                 // Ferry stays to serve the pages it is still owed once the link is back.
                 ctx.migrated.store(true, Ordering::SeqCst);
-                postcopy_paused(ctx, pending);
-                return Err(anyhow::Error::new(error));
+                let e = anyhow::Error::new(error);
+                postcopy_paused(ctx, pending, &format!("{e:#}"));
+                return Err(e);
             }
             Err(e) => return Err(e.into()),
         };
@@ -404,11 +405,44 @@ impl ApiContext {
     }
 }
 
+/// Puts broken pages and machine checks on the events feed: `page-broken` (gpa, cause) when a
+/// page joins the machine's poison set, `machine-check` (count so far) when a vCPU touched a
+/// broken page and the guest got a machine check. Both happen in signal handlers and vCPU
+/// threads, where nothing may block on a follower: a thread looks every 100 ms.
+pub fn watch_machine_checks(ctx: Arc<ApiContext>) {
+    let spawned = std::thread::Builder::new().name("mce-events".into()).spawn(move || {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut mces = ferry_vmm::poison::sigbus_stats().vcpu_faults;
+        for (g, _) in ctx.vm.ram().poison().list() {
+            seen.insert(g);
+        }
+        while ctx.vm.exit_reason().is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+            for (g, cause) in ctx.vm.ram().poison().list() {
+                if seen.insert(g) {
+                    ctx.publish(json!({"event": "page-broken", "gpa": g * 4096, "cause": cause}));
+                }
+            }
+            let now = ferry_vmm::poison::sigbus_stats().vcpu_faults;
+            if now > mces {
+                ctx.publish(json!({"event": "machine-check", "new": now - mces, "total": now}));
+                mces = now;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("no machine-check events: {e}");
+    }
+}
+
 /// Keeps an interrupted post-copy for `migrate-resume` and says so.
-fn postcopy_paused(ctx: &ApiContext, pending: Box<ferry_migrate::postcopy::PostcopySource>) {
+fn postcopy_paused(ctx: &ApiContext, pending: Box<ferry_migrate::postcopy::PostcopySource>, error: &str) {
     let left = pending.left();
-    set_migration(ctx, json!({"status": "postcopy-paused", "pages_left": left, "postcopy": pending.stats}));
-    ctx.publish(json!({"event": "postcopy-paused", "pages_left": left}));
+    set_migration(
+        ctx,
+        json!({"status": "postcopy-paused", "pages_left": left, "postcopy": pending.stats, "error": error}),
+    );
+    ctx.publish(json!({"event": "postcopy-paused", "pages_left": left, "error": error}));
     if let Ok(mut p) = ctx.postcopy.lock() {
         *p = Some(pending);
     }
@@ -430,6 +464,10 @@ pub(crate) fn migrate_resume(req: &Value, ctx: &ApiContext, progress: &mut dyn F
                 v["event"] = json!("postcopy");
                 progress(&v);
                 update_migration(ctx, &v);
+                let mut ev = v.clone();
+                ev["progress"] = ev["event"].take();
+                ev["event"] = json!("migration-progress");
+                ctx.publish(ev);
             }
         };
         ferry_migrate::postcopy::resume(&ctx.vm, &mut pc, &to, tls.as_deref(), &mut progress)?;
@@ -444,7 +482,7 @@ pub(crate) fn migrate_resume(req: &Value, ctx: &ApiContext, progress: &mut dyn F
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            postcopy_paused(ctx, pc);
+            postcopy_paused(ctx, pc, &msg);
             json!({"ok": false, "error": msg})
         }
     }
@@ -957,38 +995,6 @@ fn hex_decode(s: &str) -> Result<Vec<u8>> {
         })
     };
     (0..b.len()).step_by(2).map(|i| Ok(digit(i)? << 4 | digit(i + 1)?)).collect()
-}
-
-/// Sends a request and calls `line` for every reply line until the final one (the one with
-/// `"ok"`), which is returned. `tick` runs whenever no line came for 200 ms.
-pub fn call_streaming(
-    socket: &Path,
-    req: &Value,
-    line: &mut dyn FnMut(&Value),
-    tick: &mut dyn FnMut(),
-) -> Result<Value> {
-    let conn =
-        UnixStream::connect(socket).with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
-    let mut w = conn.try_clone()?;
-    writeln!(w, "{req}")?;
-    conn.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut r = BufReader::new(conn);
-    let mut buf = String::new();
-    loop {
-        match r.read_line(&mut buf) {
-            Ok(0) => bail!("Ferry closed the API connection before answering (did the source process die?)"),
-            Ok(_) => {
-                let v: Value = serde_json::from_str(&buf).with_context(|| format!("bad reply from Ferry: {buf:?}"))?;
-                buf.clear();
-                if v.get("ok").is_some() {
-                    return Ok(v);
-                }
-                line(&v);
-            }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => tick(),
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// Sends one request and returns the reply (errors become `Err`).

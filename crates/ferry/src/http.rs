@@ -83,7 +83,16 @@ fn error(out: &mut UnixStream, code: u16, msg: impl std::fmt::Display) -> std::i
 
 /// The status of an error from a command: a state conflict (409) or a bad request (400).
 fn status_of(msg: &str) -> u16 {
-    let conflict = ["is running", "already running", "is paused", "migrated away", "no migration", "no replication"];
+    let conflict = [
+        "is running",
+        "already running",
+        "is paused",
+        "migrated away",
+        "no migration",
+        "no replication",
+        "still arriving",
+        "no interrupted post-copy",
+    ];
     if conflict.iter().any(|c| msg.contains(c)) {
         409
     } else {

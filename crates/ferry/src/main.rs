@@ -1,6 +1,7 @@
 //! `ferry`: run a VM, migrate it, inspect streams.
 
 mod api;
+mod client;
 mod demo;
 mod guest;
 mod http;
@@ -85,7 +86,8 @@ enum Cmd {
     Api {
         #[arg(long)]
         api_socket: PathBuf,
-        /// status | pause | resume | quit
+        /// status | pause | resume | quit | migration (over the REST API: GET vm.info, PUT vm.pause,
+        /// vm.resume, vm.shutdown, GET vm.migration)
         command: String,
     },
     /// Live-migrate the VM behind an API socket to a destination started with `ferry run --incoming`.
@@ -454,6 +456,10 @@ struct RunArgs {
     /// only the source has, is given up (Ferry then exits with status 1).
     #[arg(long, default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
     postcopy_recover_timeout_ms: u64,
+    /// At exit, say how the run ended as one JSON object on stderr (status, reason, detail),
+    /// instead of a sentence; stdout stays the guest's console.
+    #[arg(long)]
+    json: bool,
     /// With --incoming: be the backup of a replicated guest (`ferry replicate` on the primary):
     /// hold the last checkpoint and resume the guest from it when the primary is lost.
     #[arg(long)]
@@ -971,6 +977,7 @@ fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::n
             None => a.paused,
         };
         ctx.paused.store(paused, Ordering::SeqCst);
+        api::watch_machine_checks(ctx.clone());
         match listener {
             Some(l) => api::serve_listener(l, sock, ctx)?,
             None => api::serve(sock, a.api_socket_mode, ctx)?,
@@ -982,12 +989,17 @@ fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::n
     let reason = vm.wait_exit();
     sd_notify("STOPPING=1");
     let _ = std::io::stdout().flush();
-    match &reason {
-        ExitReason::GuestShutdown(c) => eprintln!("ferry: guest shut down with status {c}"),
-        ExitReason::GuestReset(m) => eprintln!("ferry: guest reset: {m}"),
-        ExitReason::KvmError(m) => eprintln!("ferry: KVM error: {m}"),
-        ExitReason::Stopped => eprintln!("ferry: stopped"),
-        ExitReason::Migrated => eprintln!("ferry: guest migrated away"),
+    let (what, detail) = match &reason {
+        ExitReason::GuestShutdown(c) => ("guest-shutdown", format!("guest shut down with status {c}")),
+        ExitReason::GuestReset(m) => ("guest-reset", format!("guest reset: {m}")),
+        ExitReason::KvmError(m) => ("kvm-error", format!("KVM error: {m}")),
+        ExitReason::Stopped => ("stopped", "stopped".to_string()),
+        ExitReason::Migrated => ("migrated", "guest migrated away".to_string()),
+    };
+    if a.json {
+        eprintln!("{}", serde_json::json!({"exit_status": exit_code(&reason), "reason": what, "detail": detail}));
+    } else {
+        eprintln!("ferry: {detail}");
     }
     if let Some(sock) = &a.api_socket {
         let _ = std::fs::remove_file(sock);
@@ -1076,11 +1088,11 @@ fn inspect(path: &std::path::Path) -> Result<i32> {
 
 fn snapshot(a: SnapshotArgs) -> Result<i32> {
     let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut req = serde_json::json!({"cmd": "snapshot", "to": abs(&a.to), "live": a.live, "stop": a.stop});
+    let mut req = serde_json::json!({"to": abs(&a.to), "live": a.live, "stop": a.stop});
     if let Some(p) = &a.incremental_from {
         req["incremental_from"] = serde_json::json!(abs(p));
     }
-    let v = api::call(&a.api_socket, &req)?;
+    let v = client::request(&a.api_socket, "PUT", "/api/v1/vm.snapshot", Some(&req))?;
     let s = &v["summary"];
     if a.json {
         println!("{s}");
@@ -1102,7 +1114,7 @@ fn snapshot(a: SnapshotArgs) -> Result<i32> {
 }
 
 fn dirty_rate(api_socket: &std::path::Path, window_ms: u64, json: bool) -> Result<i32> {
-    let v = api::call(api_socket, &serde_json::json!({"cmd": "dirty-rate", "window_ms": window_ms}))?;
+    let v = client::request(api_socket, "GET", &format!("/api/v1/vm.dirty-rate?window_ms={window_ms}"), None)?;
     let r = &v["dirty_rate"];
     if json {
         println!("{r}");
@@ -1175,32 +1187,17 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
         }
         (None, None) => {}
     }
-    let sock = a.api_socket.clone();
-    let mut cancelled = false;
-    // On a terminal (and not --json): a live line instead of one line per event.
-    let bar = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(report::progress_bar);
-    let reply = api::call_streaming(
-        &a.api_socket,
-        &req,
-        &mut |ev| match &bar {
-            Some(b) => report::update_bar(b, ev),
-            None => eprintln!("ferry: {}", report::progress_line(ev)),
-        },
-        &mut || {
-            if INTERRUPTED.load(Ordering::SeqCst) && !cancelled {
-                cancelled = true;
-                eprintln!("ferry: cancelling the migration (the source keeps running)");
-                let _ = api::call(&sock, &serde_json::json!({"cmd": "migrate-cancel"}));
-            }
-        },
-    )?;
-    if let Some(b) = &bar {
-        b.finish_and_clear();
+    if let Some(o) = req.as_object_mut() {
+        o.remove("cmd");
     }
-    if reply["ok"] != serde_json::json!(true) {
-        bail!("migration failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
-    }
-    let summary = &reply["summary"];
+    // Through the REST API, as `curl` would: the events feed first (so that nothing is
+    // missed), then the request; the migration runs in the VM's Ferry whatever becomes of
+    // this client.
+    let mut events = client::Events::open(&a.api_socket)?;
+    client::request(&a.api_socket, "PUT", "/api/v1/vm.migrate", Some(&req))
+        .map_err(|e| anyhow::anyhow!("migration failed: {e:#}"))?;
+    let summary = follow(&a.api_socket, &mut events, a.json)?;
+    let summary = &summary;
     if a.json {
         println!("{summary}");
     } else {
@@ -1214,16 +1211,44 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// Follows the migration on the events feed (a live line on a terminal, one line per event
+/// otherwise; Ctrl-C cancels it) and returns its summary.
+fn follow(socket: &std::path::Path, events: &mut client::Events, json: bool) -> Result<serde_json::Value> {
+    let mut cancelled = false;
+    // On a terminal (and not --json): a live line instead of one line per event.
+    let bar = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(report::progress_bar);
+    let outcome = client::follow_migration(
+        events,
+        &mut |ev| match &bar {
+            Some(b) => report::update_bar(b, ev),
+            None => eprintln!("ferry: {}", report::progress_line(ev)),
+        },
+        &mut || {
+            if INTERRUPTED.load(Ordering::SeqCst) && !cancelled {
+                cancelled = true;
+                eprintln!("ferry: cancelling the migration (the source keeps running)");
+                let _ = client::request(socket, "PUT", "/api/v1/vm.migrate-cancel", None);
+            }
+        },
+    );
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match outcome? {
+        client::Outcome::Completed(summary) => Ok(summary),
+        client::Outcome::Failed(msg) => bail!("migration failed: {msg}"),
+    }
+}
+
 fn migrate_resume(api_socket: &std::path::Path, to: &str, tls: &TlsArgs, json: bool) -> Result<i32> {
     ferry_migrate::transport::Uri::parse(to)?;
-    let mut req = serde_json::json!({"cmd": "migrate-resume", "to": to});
+    let mut req = serde_json::json!({"to": to});
     tls.add_to(&mut req)?;
-    let reply =
-        api::call_streaming(api_socket, &req, &mut |ev| eprintln!("ferry: {}", report::progress_line(ev)), &mut || {})?;
-    if reply["ok"] != serde_json::json!(true) {
-        bail!("post-copy resume failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
-    }
-    let summary = &reply["summary"];
+    let mut events = client::Events::open(api_socket)?;
+    client::request(api_socket, "PUT", "/api/v1/vm.migrate-resume", Some(&req))
+        .map_err(|e| anyhow::anyhow!("post-copy resume failed: {e:#}"))?;
+    let summary = follow(api_socket, &mut events, json)?;
+    let summary = &summary;
     if json {
         println!("{summary}");
     } else {
@@ -1357,10 +1382,26 @@ fn main() {
         Cmd::Debug(DebugCmd::Poison { api_socket, gpa, unannounced, at_final_pass }) => {
             debug_poison(&api_socket, gpa, unannounced, at_final_pass)
         }
-        Cmd::Api { api_socket, command } => api::call(&api_socket, &serde_json::json!({ "cmd": command })).map(|v| {
-            println!("{v}");
-            0
-        }),
+        Cmd::Api { api_socket, command } => {
+            let (method, path) = match command.as_str() {
+                "status" | "info" => ("GET", "/api/v1/vm.info"),
+                "pause" => ("PUT", "/api/v1/vm.pause"),
+                "resume" => ("PUT", "/api/v1/vm.resume"),
+                "quit" | "shutdown" => ("PUT", "/api/v1/vm.shutdown"),
+                "migration" => ("GET", "/api/v1/vm.migration"),
+                other => {
+                    eprintln!(
+                        "ferry: error: unknown API command {other:?} (status, pause, resume, quit, migration; the \
+                         rest has its own subcommand or a REST route: docs/api/openapi.yaml)"
+                    );
+                    std::process::exit(2);
+                }
+            };
+            client::request(&api_socket, method, path, None).map(|v| {
+                println!("{v}");
+                0
+            })
+        }
         Cmd::Guest { cmd: GuestCmd::Export { path } } => std::fs::write(&path, guest::GUEST_ELF)
             .with_context(|| format!("cannot write {}", path.display()))
             .map(|_| 0),

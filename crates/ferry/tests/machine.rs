@@ -133,6 +133,38 @@ fn api_quit_ends_ferry_with_status_zero() {
     assert_eq!(code, Some(0));
 }
 
+/// `--json`: how the run ended, as one JSON object on stderr.
+#[test]
+fn run_with_json_says_how_it_ended_as_json() {
+    if !kvm_available("run_with_json_says_how_it_ended_as_json") {
+        return;
+    }
+    let dir = tmpdir("json-exit");
+    let sock = dir.join("api.sock");
+    let mut vm = Proc::spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mib=8",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(vm.wait_line("HB 10", Duration::from_secs(20)).is_some());
+    assert!(wait_socket(&sock, Duration::from_secs(5)));
+
+    api(&sock, r#"{"cmd":"quit"}"#);
+    let code = vm.wait_exit(Duration::from_secs(10));
+
+    assert_eq!(code, Some(0));
+    let err = vm.stderr_text();
+    let last = err.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(v["exit_status"], 0, "{v}");
+    assert_eq!(v["reason"], "stopped", "{v}");
+}
+
 #[test]
 fn sigterm_stops_ferry_with_status_zero_and_removes_its_api_socket() {
     if !kvm_available("sigterm_stops_ferry_with_status_zero_and_removes_its_api_socket") {

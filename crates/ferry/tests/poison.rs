@@ -74,6 +74,27 @@ fn assert_mce_exactly(p: &mut Proc, others: &[u64], want: &BTreeSet<u64>, what: 
     assert_eq!(all.len(), set.len(), "{what}: a page gave more than one MCE line: {all:x?}");
 }
 
+/// The lines of `GET /api/v1/events` as they come, from a thread.
+fn follow_events(api: &Path) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, Write};
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut c = std::os::unix::net::UnixStream::connect(api).unwrap();
+    write!(c, "GET /api/v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut r = std::io::BufReader::new(c);
+    let mut first = String::new();
+    // Headers, then the first event (the state): subscribed from here on.
+    while r.read_line(&mut first).unwrap() > 0 && !first.starts_with('{') {
+        first.clear();
+    }
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        for l in r.lines().map_while(Result::ok) {
+            l2.lock().unwrap().push(l);
+        }
+    });
+    lines
+}
+
 fn status(socket: &Path) -> serde_json::Value {
     api(socket, r#"{"cmd":"status"}"#)
 }
@@ -92,10 +113,20 @@ fn a_page_broken_under_a_running_guest_gives_it_one_machine_check_and_no_error()
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut g = guest("poison-src", "mib=64 rate=20 report_ms=200");
     let page = g.ws + 4096 * 3000;
+    let events = follow_events(&g.api);
 
     poison(&g.api, page, &[]);
 
     assert_mce_exactly(&mut g.vm, &[], &BTreeSet::from([page]), "source");
+    // The operator hears of it on the events feed: the page, then the machine check.
+    let seen = |kind: &str| events.lock().unwrap().iter().any(|l| l.contains(&format!("\"event\":\"{kind}\"")));
+    assert!(
+        wait_until(Duration::from_secs(5), || seen("page-broken") && seen("machine-check")),
+        "{:?}",
+        events.lock().unwrap()
+    );
+    let broken = events.lock().unwrap().iter().find(|l| l.contains("page-broken")).cloned().unwrap();
+    assert!(broken.contains(&format!("\"gpa\":{page}")), "{broken}");
     let n = g.vm.reports().len();
     assert!(g.vm.wait_reports(n + 3, Duration::from_secs(10)), "the guest stopped after its machine check");
     let last = g.vm.reports().last().unwrap().line.clone();
