@@ -113,6 +113,26 @@ pub struct GuestRam {
     poison: std::sync::Arc<PoisonSet>,
 }
 
+/// Deallocates `len` bytes at `offset` of `file` (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): they
+/// read as zeros (or, for a memfd under userfaultfd, as missing) and take no space.
+pub fn punch_hole(file: &impl AsRawFd, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on an open descriptor with plain integer arguments; no memory of ours
+    // is touched (pages of the file that are mapped are unmapped by the kernel).
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The RAM layout for `size` bytes: `(gpa, len)` pairs.
 pub fn layout(size: u64) -> Vec<(u64, u64)> {
     let low = size.min(MMIO_HOLE_START);
@@ -522,21 +542,10 @@ impl GuestRam {
         {
             return Err(MemoryError::OutOfRange { gpa, len });
         }
-        let off = r.file_offset + page * PAGE_SIZE;
-        // SAFETY: fallocate on our memfd over a range of one region; it frees those pages and
-        // unmaps them from every mapping (KVM follows through its MMU notifier).
-        let rc = unsafe {
-            libc::fallocate(
-                self.memfd.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            return Err(MemoryError::Punch { gpa, source: std::io::Error::last_os_error() });
-        }
-        Ok(())
+        // Frees those pages of the memfd and unmaps them from every mapping (KVM follows
+        // through its MMU notifier).
+        punch_hole(&self.memfd, r.file_offset + page * PAGE_SIZE, len)
+            .map_err(|source| MemoryError::Punch { gpa, source })
     }
 
     /// Host address of a guest-physical page range, if it lies inside one region.

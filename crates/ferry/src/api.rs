@@ -341,12 +341,7 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
         ctx.publish(json!({"event": "migration-started", "to": to}));
         let mut progress = |p: &Progress| {
             if let Ok(v) = serde_json::to_value(p) {
-                progress(&v);
-                update_migration(ctx, &v);
-                let mut ev = v.clone();
-                ev["progress"] = ev["event"].take();
-                ev["event"] = json!("migration-progress");
-                ctx.publish(ev);
+                report_progress(ctx, progress, v);
             }
         };
         let summary = match ferry_migrate::source::migrate(&ctx.vm, &params, &ctx.cancel, &mut progress) {
@@ -462,12 +457,7 @@ pub(crate) fn migrate_resume(req: &Value, ctx: &ApiContext, progress: &mut dyn F
         let mut progress = |p: &ferry_migrate::postcopy::PostcopyProgress| {
             if let Ok(mut v) = serde_json::to_value(p) {
                 v["event"] = json!("postcopy");
-                progress(&v);
-                update_migration(ctx, &v);
-                let mut ev = v.clone();
-                ev["progress"] = ev["event"].take();
-                ev["event"] = json!("migration-progress");
-                ctx.publish(ev);
+                report_progress(ctx, progress, v);
             }
         };
         ferry_migrate::postcopy::resume(&ctx.vm, &mut pc, &to, tls.as_deref(), &mut progress)?;
@@ -486,6 +476,17 @@ pub(crate) fn migrate_resume(req: &Value, ctx: &ApiContext, progress: &mut dyn F
             json!({"ok": false, "error": msg})
         }
     }
+}
+
+/// A progress event (`{"event":"iteration",…}`): to the caller, the live status and the events
+/// feed (as `migration-progress`).
+fn report_progress(ctx: &ApiContext, progress: &mut dyn FnMut(&Value), v: Value) {
+    progress(&v);
+    update_migration(ctx, &v);
+    let mut ev = v;
+    ev["progress"] = ev["event"].take();
+    ev["event"] = json!("migration-progress");
+    ctx.publish(ev);
 }
 
 fn set_migration(ctx: &ApiContext, v: Value) {

@@ -20,7 +20,6 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -408,16 +407,7 @@ impl Out<'_> {
 
     /// Deallocates the 4 KiB at `off` of the file.
     fn punch_at(&self, off: u64) -> Result<(), SnapshotError> {
-        // SAFETY: fallocate on an open file descriptor with plain integer arguments.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                PAGE as libc::off_t,
-            )
-        };
-        if r != 0 {
+        if ferry_vmm::memory::punch_hole(&self.file, off, PAGE).is_err() {
             // Without hole punching, write the zeros.
             self.file.write_all_at(&[0u8; PAGE_SIZE], off).map_err(|e| self.werr(e))?;
         }

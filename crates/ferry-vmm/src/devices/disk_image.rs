@@ -229,16 +229,7 @@ impl DiskImage {
     /// Makes `len` bytes at `offset` read as zeros: a hole punched where the file system can,
     /// zeros written where it cannot (a block device, say).
     pub fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on an open fd; no memory is touched.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
+        if crate::memory::punch_hole(&self.file, offset, len).is_ok() {
             return Ok(());
         }
         let zeros = vec![0u8; (len.min(1 << 20)) as usize];
