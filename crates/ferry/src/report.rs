@@ -190,9 +190,12 @@ pub fn svg(s: &Value) -> String {
     let iters = s["iterations"].as_array().unwrap_or(&empty);
     let (w, h, left, top, plot_h) = (900.0f64, 430.0f64, 70.0f64, 40.0f64, 280.0f64);
     let plot_w = w - left - 50.0;
-    let total_ms: f64 = iters.iter().map(|i| f(i, "duration_ms")).sum::<f64>() + f(s, "downtime_ms");
+    let pc = &s["postcopy"];
+    let total_ms: f64 =
+        iters.iter().map(|i| f(i, "duration_ms")).sum::<f64>() + f(s, "downtime_ms") + f(pc, "duration_ms");
     let total_ms = total_ms.max(1e-3);
-    let max_pages = iters.iter().map(|i| u(i, "pages_sent")).max().unwrap_or(1).max(1) as f64;
+    let max_pages =
+        iters.iter().map(|i| u(i, "pages_sent")).max().unwrap_or(1).max(u(pc, "pages_at_switch")).max(1) as f64;
     let max_bw = iters.iter().map(|i| f(i, "bandwidth_mib_s")).fold(1.0, f64::max);
     let max_dirty = iters.iter().map(|i| f(i, "dirty_rate_pages_s") * 4096.0 / 1048576.0).fold(1.0, f64::max);
     let max_rate = max_bw.max(max_dirty);
@@ -295,13 +298,49 @@ pub fn svg(s: &Value) -> String {
         }
     }
     // The pause.
-    let (px0, px1) = (x(t), x(total_ms));
+    let (px0, px1) = (x(t), x(t + f(s, "downtime_ms")));
     let _ = writeln!(
         o,
         r##"<rect x="{px0:.1}" y="{top}" width="{:.1}" height="{plot_h}" fill="#de2d26" opacity="0.35"><title>paused {:.1} ms</title></rect>"##,
         (px1 - px0).max(2.0),
         f(s, "downtime_ms")
     );
+    // Post-copy: the guest runs on the destination while the owed pages follow (those it asked
+    // for darker).
+    if pc.is_object() {
+        let (x0, x1) = (px1, x(total_ms));
+        let (owed, asked) = (u(pc, "pages_at_switch") as f64, u(pc, "requested_pages") as f64);
+        let _ = writeln!(
+            o,
+            r##"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#bcbddc"><title>post-copy: {} pages in {:.0} ms ({} asked for by the destination, {} pushed)</title></rect>"##,
+            y_pages(owed),
+            (x1 - x0).max(1.0),
+            top + plot_h - y_pages(owed),
+            u(pc, "pages_at_switch"),
+            f(pc, "duration_ms"),
+            u(pc, "requested_pages"),
+            u(pc, "pushed_pages")
+        );
+        let _ = writeln!(
+            o,
+            r##"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#756bb1"/>"##,
+            y_pages(asked),
+            (x1 - x0).max(1.0),
+            top + plot_h - y_pages(asked)
+        );
+        let d = &pc["destination"];
+        let _ = writeln!(
+            o,
+            r##"<text x="{left}" y="{:.1}"><tspan fill="#756bb1">■ asked for</tspan> <tspan fill="#bcbddc">■ pushed</tspan>: post-copy {:.0} ms, {} pages after the switch, {} asked for; faults p50 {} us, p99 {} us, max {} us</text>"##,
+            top + plot_h + 84.0,
+            f(pc, "duration_ms"),
+            u(pc, "pages_at_switch"),
+            u(pc, "requested_pages"),
+            u(d, "fault_p50_us"),
+            u(d, "fault_p99_us"),
+            u(d, "fault_max_us")
+        );
+    }
     let b = &s["downtime_breakdown"];
     let _ = writeln!(
         o,
@@ -353,5 +392,23 @@ mod svg_tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("paused 3.0 ms"));
         assert!(svg.contains("unix:/x&lt;y&gt;"), "the target is not escaped");
+        assert!(!svg.contains("post-copy"), "a pre-copy migration drew a post-copy phase");
+    }
+
+    #[test]
+    fn a_post_copy_migration_draws_its_phase_after_the_pause() {
+        let s = serde_json::json!({
+            "to": "unix:/x", "total_ms": 900.0, "downtime_ms": 5.0, "bytes": 1048576,
+            "iterations": [{"iteration": 1, "duration_ms": 400.0, "pages_sent": 1000, "normal_pages": 600,
+                "zero_pages": 400, "bandwidth_mib_s": 900.0, "dirty_rate_pages_s": 0.0}],
+            "downtime_breakdown": {},
+            "postcopy": {"pages_at_switch": 3000, "requested_pages": 40, "pushed_pages": 2960, "duration_ms": 495.0,
+                "destination": {"fault_p50_us": 150, "fault_p99_us": 800, "fault_max_us": 900}}
+        });
+        let svg = svg(&s);
+        assert!(svg.contains("<title>post-copy: 3000 pages in 495 ms (40 asked for"), "{svg}");
+        assert!(svg.contains("p99 800 us"), "{svg}");
+        // The time axis covers the post-copy phase: its last label is the whole 900 ms.
+        assert!(svg.contains(">900 ms</text>"), "{svg}");
     }
 }
