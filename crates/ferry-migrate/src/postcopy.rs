@@ -679,7 +679,8 @@ impl Dest {
 pub struct Recover {
     pub listener: Listener,
     pub uri: Uri,
-    pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Who may come back (the same as the first connection).
+    pub admit: crate::transport::Admission,
     /// How long to wait for the source to come back before the guest is given up.
     pub timeout: Duration,
 }
@@ -880,7 +881,7 @@ impl PostcopyIncoming {
                 Ok(false) => continue,
                 Err(e) => return Err(PostcopyError::NoLink(e)),
             }
-            let conn = match rc.listener.accept_with(&rc.uri, rc.tls.as_deref()) {
+            let conn = match rc.listener.accept_with(&rc.uri, &rc.admit) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("post-copy: refused a connection: {}", crate::destination::ErrorChain(&e));

@@ -36,6 +36,38 @@ pub enum TransportError {
     Tls(#[from] crate::tls::TlsError),
     #[error("TLS applies to tcp: addresses only ({0} is a UNIX socket on this host)")]
     TlsOnUnix(String),
+    #[error("a peer uid restriction applies to unix: addresses only ({0} is TCP: restrict its peers with TLS)")]
+    UidOnTcp(String),
+}
+
+/// Who a listener lets in: over TCP, with `tls`, a source that completes a mutually
+/// authenticated handshake (its names checked against the allow-list the identity was loaded
+/// with); over a UNIX socket, with `peer_uid`, a process of that user only (the kernel's
+/// SO_PEERCRED, taken at connect).
+#[derive(Clone, Default)]
+pub struct Admission {
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
+    pub peer_uid: Option<u32>,
+}
+
+/// The uid and pid of the process at the other end of a UNIX stream (as of its connect).
+pub fn unix_peer(s: &UnixStream) -> std::io::Result<(u32, i32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred we own, of the length given; the result is checked.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.pid))
 }
 
 /// How long a TLS handshake may take on an accepted connection.
@@ -401,23 +433,34 @@ impl Listener {
 
     /// Waits for the source.
     pub fn accept(&self, uri: &Uri) -> Result<Conn, TransportError> {
-        self.accept_with(uri, None)
+        self.accept_with(uri, &Admission::default())
     }
 
-    /// Waits for the source; with `tls`, for one that completes a mutually authenticated
-    /// handshake: a connection that fails it (no certificate, another CA, a name not allowed,
-    /// no TLS at all) is refused with the reason on stderr, before a byte of it is read as a
-    /// stream, and the wait goes on.
-    pub fn accept_with(&self, uri: &Uri, tls: Option<&crate::tls::Tls>) -> Result<Conn, TransportError> {
+    /// Waits for a source that `admit` lets in: a connection it refuses (over TCP with TLS: no
+    /// certificate, another CA, a name not allowed, no TLS at all; over UNIX with a peer uid:
+    /// another user's process) is closed with the reason on stderr, before a byte of it is read
+    /// as a stream, and the wait goes on.
+    pub fn accept_with(&self, uri: &Uri, admit: &Admission) -> Result<Conn, TransportError> {
         let err = |source| TransportError::Accept { uri: uri.to_string(), source };
-        let c = match (self, tls) {
-            (Listener::Unix(..), Some(_)) => return Err(TransportError::TlsOnUnix(uri.to_string())),
-            (Listener::Unix(l, _), None) => Conn::Unix(l.accept().map_err(err)?.0),
-            (Listener::Tcp(l), tls) => loop {
+        let c = match self {
+            Listener::Unix(..) if admit.tls.is_some() => return Err(TransportError::TlsOnUnix(uri.to_string())),
+            Listener::Tcp(_) if admit.peer_uid.is_some() => return Err(TransportError::UidOnTcp(uri.to_string())),
+            Listener::Unix(l, _) => loop {
+                let s = l.accept().map_err(err)?.0;
+                let Some(want) = admit.peer_uid else { break Conn::Unix(s) };
+                match unix_peer(&s) {
+                    Ok((uid, _)) if uid == want => break Conn::Unix(s),
+                    Ok((uid, pid)) => tracing::warn!(
+                        "refused a connection on {uri}: its process (pid {pid}) runs as uid {uid}, not the allowed uid {want}; still waiting"
+                    ),
+                    Err(e) => tracing::warn!("refused a connection on {uri}: its peer's credentials cannot be read: {e}; still waiting"),
+                }
+            },
+            Listener::Tcp(l) => loop {
                 let s = l.accept().map_err(err)?.0;
                 s.set_nodelay(true).map_err(TransportError::Setup)?;
                 set_buffers(std::os::fd::AsRawFd::as_raw_fd(&s), SOCKET_BUFFER);
-                match tls {
+                match &admit.tls {
                     None => break Conn::Tcp(s),
                     Some(t) => match t.accept(s, TLS_HANDSHAKE_TIMEOUT) {
                         Ok(s) => break Conn::Tls(s),

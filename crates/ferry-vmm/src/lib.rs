@@ -16,6 +16,7 @@ pub mod machine_state;
 pub mod memory;
 pub mod persist;
 pub mod poison;
+pub mod seccomp;
 pub mod state_codec;
 pub mod testing;
 pub mod uffd;

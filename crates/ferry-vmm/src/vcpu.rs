@@ -200,6 +200,7 @@ impl VcpuHandle {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     crate::poison::mark_vcpu_thread();
+                    crate::seccomp::install_or_warn(crate::seccomp::ThreadKind::Vcpu);
                     let env = VcpuEnv { id, bus, rings, memory };
                     vcpu_loop(&env, fd, ctl, RunPtr(kvm_run), exit)
                 })

@@ -598,6 +598,7 @@ const FIELDS: &[(&str, &[&str])] = &[
         &["to", "interval_ms", "on_backup_loss", "ack_timeout_ms", "stall_timeout_ms", "tls_cert", "tls_key", "tls_ca"],
     ),
     ("replicate-stop", &[]),
+    ("seccomp-probe", &["thread"]),
 ];
 
 /// Refuses a request that is not an object, or that has a field its command does not take (a
@@ -766,6 +767,17 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
                 let _ = t.join();
             }
             Ok(json!({ "replication": r.report(&ctx.vm) }))
+        }
+        "seccomp-probe" => {
+            use ferry_vmm::seccomp::ThreadKind;
+            let kind = match opt_str(req, "thread")? {
+                Some("vcpu") => ThreadKind::Vcpu,
+                Some("device") => ThreadKind::Device,
+                Some("process") => ThreadKind::Process,
+                other => bail!("\"thread\" must be vcpu, device or process, not {other:?}"),
+            };
+            let r = ferry_vmm::seccomp::probe(kind).context("cannot start the probe thread")?;
+            Ok(json!({ "result": r, "mode": format!("{:?}", ferry_vmm::seccomp::mode()).to_lowercase() }))
         }
         "poison" => {
             let gpa = field_u64(req, "gpa")?;

@@ -61,6 +61,26 @@ enum DebugCmd {
         #[arg(long)]
         at_final_pass: bool,
     },
+    /// Make a call the seccomp filter of a thread kind forbids, from a new thread of that kind
+    /// (tests of the filters): with `--seccomp kill` the VM's Ferry is killed (SIGSYS), with
+    /// `log` the kernel logs the call.
+    SeccompProbe {
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// vcpu | device | process
+        #[arg(long)]
+        thread: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum SeccompArg {
+    /// No filters.
+    Off,
+    /// A call outside a thread's filter is logged by the kernel (dmesg: type=1326) and made.
+    Log,
+    /// A call outside a thread's filter kills Ferry.
+    Kill,
 }
 
 fn parse_mode(s: &str) -> std::result::Result<u32, String> {
@@ -337,6 +357,20 @@ fn warn_plain_tcp(uri: &ferry_migrate::transport::Uri, tls: bool, insecure: bool
     }
 }
 
+/// Who an incoming listener lets in; a uid restriction on a TCP address is refused up front.
+fn admission(
+    uri: &ferry_migrate::transport::Uri,
+    tls: Option<Arc<ferry_migrate::tls::Tls>>,
+    peer_uid: Option<u32>,
+) -> Result<ferry_migrate::transport::Admission> {
+    if peer_uid.is_some() && matches!(uri, ferry_migrate::transport::Uri::Tcp(_)) {
+        bail!(
+            "--allow-peer-uid applies to unix: addresses; restrict a tcp: listener's peers with TLS (--tls-allow-peer)"
+        );
+    }
+    Ok(ferry_migrate::transport::Admission { tls, peer_uid })
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum BackupLossArg {
     Stop,
@@ -456,6 +490,11 @@ struct RunArgs {
     /// only the source has, is given up (Ferry then exits with status 1).
     #[arg(long, default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
     postcopy_recover_timeout_ms: u64,
+    /// seccomp filters per thread kind (docs/security.md): the process-wide one, tighter ones for
+    /// vCPU and disk threads. `kill` (default): a call outside them kills Ferry; `log`: the
+    /// kernel logs it (dmesg) and lets it through; `off`: none.
+    #[arg(long, value_enum, default_value_t = SeccompArg::Kill)]
+    seccomp: SeccompArg,
     /// At exit, say how the run ended as one JSON object on stderr (status, reason, detail),
     /// instead of a sentence; stdout stays the guest's console.
     #[arg(long)]
@@ -477,6 +516,10 @@ struct RunArgs {
     /// With --incoming tcp:… without TLS: plain TCP is intended (no warning).
     #[arg(long, conflicts_with = "tls_cert")]
     insecure: bool,
+    /// With --incoming unix:…: take the stream only from a process running as this uid (the
+    /// kernel's peer credentials); connections from other users are refused and logged.
+    #[arg(long)]
+    allow_peer_uid: Option<u32>,
     /// With --incoming or --restore (for tests of the CPU check): pretend this host lacks a
     /// CPUID feature bit, LEAF[.SUBLEAF].REG.BIT (e.g. 0x7.0.ebx.5 for AVX2). Repeatable.
     #[arg(long, hide = true)]
@@ -561,6 +604,14 @@ fn exit_code(r: &ExitReason) -> i32 {
 }
 
 fn run(a: RunArgs) -> Result<i32> {
+    // Before any thread starts: the process-wide filter reaches every thread (a Ferry exec'd
+    // by a live update keeps the one it inherited).
+    ferry_vmm::seccomp::set_mode(match a.seccomp {
+        SeccompArg::Off => ferry_vmm::seccomp::Mode::Off,
+        SeccompArg::Log => ferry_vmm::seccomp::Mode::Log,
+        SeccompArg::Kill => ferry_vmm::seccomp::Mode::Kill,
+    });
+    ferry_vmm::seccomp::install(ferry_vmm::seccomp::ThreadKind::Process)?;
     // A live update: the machine comes from the Ferry before this one, nothing else applies.
     if let Some(h) = a.handover.clone() {
         let (vm, listener) = handover_in(&a, &h)?;
@@ -657,15 +708,19 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     // Opened now (a missing image fails before anything waits), locked at the switch-over.
     let disks = a.disk.iter().map(|d| DiskImage::open(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
     let tls = a.tls.load(&a.tls_allow_peer)?;
-    warn_plain_tcp(&uri, tls.is_some(), a.insecure);
+    let admit = admission(&uri, tls, a.allow_peer_uid)?;
+    warn_plain_tcp(&uri, admit.tls.is_some(), a.insecure);
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
-    eprintln!("ferry: waiting for an incoming migration on {uri}{}", if tls.is_some() { " (mutual TLS)" } else { "" });
-    let conn = listener.accept_with(&uri, tls.as_deref())?;
+    eprintln!(
+        "ferry: waiting for an incoming migration on {uri}{}",
+        if admit.tls.is_some() { " (mutual TLS)" } else { "" }
+    );
+    let conn = listener.accept_with(&uri, &admit)?;
     // Kept for a post-copy whose link fails: the source comes back here (`migrate-resume`).
     let recover = ferry_migrate::postcopy::Recover {
         listener,
         uri: uri.clone(),
-        tls: tls.clone(),
+        admit,
         timeout: std::time::Duration::from_millis(a.postcopy_recover_timeout_ms),
     };
     let stall = std::time::Duration::from_millis(a.stall_timeout_ms.unwrap_or(10_000));
@@ -743,10 +798,14 @@ fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
     let disks =
         a.disk.iter().map(|d| DiskImage::open_locked(d).map_err(anyhow::Error::new)).collect::<Result<Vec<_>>>()?;
     let tls = a.tls.load(&a.tls_allow_peer)?;
-    warn_plain_tcp(&uri, tls.is_some(), a.insecure);
+    let admit = admission(&uri, tls, a.allow_peer_uid)?;
+    warn_plain_tcp(&uri, admit.tls.is_some(), a.insecure);
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
-    eprintln!("ferry: standby: waiting for the primary on {uri}{}", if tls.is_some() { " (mutual TLS)" } else { "" });
-    let conn = listener.accept_with(&uri, tls.as_deref())?;
+    eprintln!(
+        "ferry: standby: waiting for the primary on {uri}{}",
+        if admit.tls.is_some() { " (mutual TLS)" } else { "" }
+    );
+    let conn = listener.accept_with(&uri, &admit)?;
     drop(listener);
     let params = StandbyParams {
         serial_out: serial_sink(&a.serial)?,
@@ -1381,6 +1440,12 @@ fn main() {
         }
         Cmd::Debug(DebugCmd::Poison { api_socket, gpa, unannounced, at_final_pass }) => {
             debug_poison(&api_socket, gpa, unannounced, at_final_pass)
+        }
+        Cmd::Debug(DebugCmd::SeccompProbe { api_socket, thread }) => {
+            api::call(&api_socket, &serde_json::json!({"cmd": "seccomp-probe", "thread": thread})).map(|v| {
+                println!("{v}");
+                0
+            })
         }
         Cmd::Api { api_socket, command } => {
             let (method, path) = match command.as_str() {

@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -452,5 +452,151 @@ fn a_hostile_stream_is_refused_or_stays_within_its_memory_bound() {
     assert!(spread < 4 << 10, "RSS moved by {spread} KiB over a million tiny records: {rss:?}");
     drop(c);
     assert!(d.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits for `p` to end; the signal that ended it, if one did.
+fn ended_by_signal(p: &mut Proc, timeout: Duration) -> Option<Option<i32>> {
+    use std::os::unix::process::ExitStatusExt;
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Ok(Some(s)) = p.child.try_wait() {
+            return Some(s.signal());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// The seccomp filters (docs/security.md): every thread runs under the process-wide filter,
+/// the vCPU and disk threads under one of their own as well, and a call outside a thread's
+/// filter kills Ferry (SIGSYS) by default, or is let through and logged with `--seccomp log`.
+/// The rest of the suite runs with the filters on (the default).
+#[test]
+fn each_thread_kind_runs_under_its_seccomp_filter_and_a_call_outside_it_kills_ferry() {
+    if !kvm_available("each_thread_kind_runs_under_its_seccomp_filter_and_a_call_outside_it_kills_ferry") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir("seccomp");
+    let img = dir.join("d.img");
+    std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    let start = |name: &str, mode: &str| {
+        let api = dir.join(format!("{name}.sock"));
+        let mut vm = Proc::spawn(&[
+            "run",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "mib=8 rate=5 disk=1 disk_mib=4 report_ms=300",
+            "--disk",
+            img.to_str().unwrap(),
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--seccomp",
+            mode,
+        ]);
+        assert!(vm.wait_reports(2, Duration::from_secs(60)), "{}", vm.stderr_text());
+        assert!(wait_socket(&api, Duration::from_secs(5)));
+        (vm, api)
+    };
+    let probe = |api: &std::path::Path, kind: &str| {
+        Command::new(FERRY)
+            .args(["debug", "seccomp-probe", "--api-socket", api.to_str().unwrap(), "--thread", kind])
+            .output()
+            .unwrap()
+    };
+
+    // Which filters each thread carries (the kernel counts them per thread).
+    let (mut vm, _api) = start("count", "kill");
+    let pid = vm.child.id();
+    let mut filters = std::collections::BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let n = status.lines().find_map(|l| l.strip_prefix("Seccomp_filters:")).map(|v| v.trim().to_string());
+        filters.insert(comm, n.unwrap_or_default());
+    }
+    for (thread, want) in [("vcpu0", "2"), ("disk0", "2"), ("disk0-io0", "2"), ("api", "1"), ("serial-out", "1")] {
+        assert_eq!(filters.get(thread).map(String::as_str), Some(want), "{thread}: {filters:?}");
+    }
+    vm.kill();
+
+    // A forbidden call from each kind ends Ferry with SIGSYS; the guest's disk image is left
+    // as it was (the lock goes with the process).
+    for kind in ["vcpu", "device", "process"] {
+        let (mut vm, api) = start(kind, "kill");
+        let _ = probe(&api, kind);
+        assert_eq!(
+            ended_by_signal(&mut vm, Duration::from_secs(10)),
+            Some(Some(libc::SIGSYS)),
+            "{kind}: {}",
+            vm.stderr_text()
+        );
+    }
+
+    // With `log` the same calls go through (the kernel logs them) and the guest runs on.
+    let (mut vm, api) = start("log", "log");
+    for kind in ["vcpu", "device", "process"] {
+        let out = probe(&api, kind);
+        assert!(out.status.success(), "{kind}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["mode"], "log", "{v}");
+    }
+    let n = vm.reports().len();
+    assert!(vm.wait_reports(n + 2, Duration::from_secs(10)), "the guest stopped: {}", vm.stderr_text());
+    assert_eq!(vm.reports().last().unwrap().errors, 0);
+}
+
+/// This test process's uid (the sources it starts run as it).
+fn own_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// An incoming UNIX listener restricted to one peer uid: a source running as another user is
+/// refused by name (its uid and pid) before a byte of its stream is read, the destination waits
+/// on and runs nothing, and the source's guest runs on clean; a destination that allows the
+/// source's uid takes it, errors=0. The restriction on a tcp: address is refused up front.
+#[test]
+fn an_incoming_unix_listener_takes_only_the_allowed_peer_uid() {
+    if !kvm_available("an_incoming_unix_listener_takes_only_the_allowed_peer_uid") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tmpdir("peer-uid");
+    let uid = own_uid();
+    let stranger = if uid == 4242 { 4343 } else { 4242 };
+    let (mut src, api) = source(&dir, "src");
+
+    let refusing = format!("unix:{}", dir.join("refusing.sock").display());
+    let mut dst = destination(&refusing, &["--allow-peer-uid".into(), stranger.to_string()]);
+    let (ok, err) = migrate(&api, &refusing, &[]);
+    assert!(!ok, "a source of uid {uid} migrated into a destination that allows only uid {stranger}");
+    assert!(
+        wait_until(Duration::from_secs(5), || dst.stderr_text().contains("refused a connection")),
+        "{}",
+        dst.stderr_text()
+    );
+    let said = dst.stderr_text().lines().rfind(|l| l.contains("refused a connection")).unwrap().to_string();
+    assert!(said.contains(&format!("runs as uid {uid}, not the allowed uid {stranger}")), "{said}");
+    assert!(said.contains(&format!("(pid {})", src.child.id())), "the refusal names the source's process: {said}");
+    assert!(dst.heartbeats().is_empty(), "the destination ran a guest");
+    assert!(dst.child.try_wait().unwrap().is_none(), "the destination stopped waiting: {}", dst.stderr_text());
+    assert_runs_clean(&mut src);
+    eprintln!("source says: {err}");
+
+    let out =
+        Command::new(FERRY).args(["run", "--incoming", "tcp:127.0.0.1:1", "--allow-peer-uid", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-peer-uid applies to unix: addresses"));
+
+    let allowing = format!("unix:{}", dir.join("allowing.sock").display());
+    let mut dst2 = destination(&allowing, &["--allow-peer-uid".into(), uid.to_string()]);
+    let (ok, err) = migrate(&api, &allowing, &[]);
+    assert!(ok, "{err}\n{}", dst2.stderr_text());
+    assert!(src.wait_exit(Duration::from_secs(10)).is_some());
+    assert_runs_clean(&mut dst2);
     let _ = std::fs::remove_dir_all(&dir);
 }

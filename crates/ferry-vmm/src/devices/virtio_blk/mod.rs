@@ -343,7 +343,10 @@ impl BlockDevice {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("disk{index}-io{w}"))
-                    .spawn(move || io_thread(&inner, w, &rx, &tx))
+                    .spawn(move || {
+                        crate::seccomp::install_or_warn(crate::seccomp::ThreadKind::Device);
+                        io_thread(&inner, w, &rx, &tx)
+                    })
                     .map_err(|e| BlockError::Spawn(index, e))?,
             );
         }
@@ -352,7 +355,10 @@ impl BlockDevice {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name(format!("disk{index}"))
-                .spawn(move || device_thread(&inner, job_tx, done_rx))
+                .spawn(move || {
+                    crate::seccomp::install_or_warn(crate::seccomp::ThreadKind::Device);
+                    device_thread(&inner, job_tx, done_rx)
+                })
                 .map_err(|e| BlockError::Spawn(index, e))?
         };
         Ok(BlockDevice { inner, thread: Some(thread), workers })
