@@ -625,7 +625,11 @@ fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
     let force_switchover = opt_bool(req, "force_switchover")?.unwrap_or(false);
     Ok(MigrateParams {
         to: Uri::parse(to)?,
-        downtime_limit: Duration::from_millis(opt_u64(req, "downtime_ms")?.unwrap_or(300)),
+        downtime_limit: match opt_u64(req, "downtime_ms")? {
+            // Stopping and restarting a guest takes time: a pause of no time cannot be honoured.
+            Some(0) => bail!("\"downtime_ms\" must be at least 1: no switch-over can pause the guest for 0 ms"),
+            v => Duration::from_millis(v.unwrap_or(300)),
+        },
         max_bandwidth: match opt_u64(req, "max_bandwidth_mib_s")? {
             // The CLI's range: 1 MiB/s to 2^40 MiB/s (2^60 bytes/s, far beyond any link).
             Some(m @ 1..=MAX_BANDWIDTH_MIB_S) => NonZeroU64::new(m << 20),
@@ -1059,6 +1063,7 @@ mod tests {
             (json!({"max_iterations": -1}), "max_iterations"),
             (json!({"max_iterations": 1u64 << 32}), "max_iterations"),
             (json!({"downtime_ms": 1.5}), "downtime_ms"),
+            (json!({"downtime_ms": 0}), "downtime_ms"),
             (json!({"force_switchover": "yes"}), "force_switchover"),
             (json!({"auto_converge": 1}), "auto_converge"),
             (json!({"max_bandwidth_mib_s": 0}), "max_bandwidth_mib_s"),

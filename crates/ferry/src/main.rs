@@ -222,6 +222,11 @@ enum StreamCmd {
         /// Print only the totals, as JSON.
         #[arg(long)]
         json: bool,
+        /// A snapshot file: also read every data page and disk block of every file of its chain
+        /// and check it against its crc32c (what `--restore-mode read` checks and `mmap` does
+        /// not). A migration stream's page data is covered by its records' checksums always.
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -239,8 +244,9 @@ struct MigrateArgs {
     /// Destination: unix:PATH or tcp:HOST:PORT.
     #[arg(long)]
     to: String,
-    /// Longest acceptable pause of the guest, in ms.
-    #[arg(long, default_value_t = 300)]
+    /// Longest acceptable pause of the guest, in ms (at least 1): the switch happens once the
+    /// final pass is estimated to fit it.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     downtime_ms: u64,
     /// Bandwidth cap in MiB/s (default: none).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=api::MAX_BANDWIDTH_MIB_S))]
@@ -998,16 +1004,18 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
     Ok((Arc::new(vm), listener))
 }
 
-static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The stop signal received (0: none).
+static STOP_REQUESTED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    STOP_REQUESTED.store(true, Ordering::SeqCst);
+extern "C" fn on_stop_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_REQUESTED.store(sig, Ordering::SeqCst);
 }
 
-/// SIGTERM and SIGINT stop the machine the way the API's `quit` does (the API socket is removed,
-/// exit status 0), instead of killing the process with its socket left behind.
+/// SIGTERM, SIGINT and SIGHUP (a closed terminal) stop the machine the way the API's `quit`
+/// does (the API socket is removed, exit status 0), instead of killing the process with its
+/// socket left behind.
 fn stop_on_signals(vm: &Arc<Vm>) -> Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
             .map_err(|e| anyhow!("cannot handle signal {sig}: {e}"))?;
     }
@@ -1018,8 +1026,15 @@ fn stop_on_signals(vm: &Arc<Vm>) -> Result<()> {
         if vm.exit_reason().is_some() {
             return;
         }
-        if STOP_REQUESTED.load(Ordering::SeqCst) {
-            eprintln!("ferry: stopping on a signal");
+        let sig = STOP_REQUESTED.load(Ordering::SeqCst);
+        if sig != 0 {
+            let name = match sig {
+                libc::SIGTERM => "SIGTERM",
+                libc::SIGINT => "SIGINT",
+                libc::SIGHUP => "SIGHUP",
+                _ => "a signal",
+            };
+            eprintln!("ferry: stopping on {name} (exit status 0)");
             vm.request_exit(ExitReason::Stopped);
             return;
         }
@@ -1083,7 +1098,7 @@ fn sd_notify(msg: &str) {
 }
 
 /// `stream inspect --json`: the stream checked whole, its totals as one JSON object.
-fn inspect_json(path: &std::path::Path) -> Result<i32> {
+fn inspect_json(path: &std::path::Path, verify: bool) -> Result<i32> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut head = [0u8; 16];
     std::io::Read::read_exact(&mut std::fs::File::open(path)?, &mut head)
@@ -1091,9 +1106,16 @@ fn inspect_json(path: &std::path::Path) -> Result<i32> {
     let s = ferry_stream::inspect(&mut std::io::BufReader::new(f), &mut std::io::sink())
         .with_context(|| format!("{} is not a valid Ferry stream", path.display()))?;
     let flags = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+    let verified = if verify && flags & ferry_stream::StreamFlags::SNAPSHOT.0 != 0 {
+        let (v, _) = verify_chain(path)?;
+        serde_json::json!({"ram_pages": v.ram_pages, "disk_blocks": v.disk_blocks})
+    } else {
+        serde_json::Value::Null
+    };
     println!(
         "{}",
         serde_json::json!({
+            "verified": verified,
             "format_version": u32::from_le_bytes([head[8], head[9], head[10], head[11]]),
             "snapshot": flags & ferry_stream::StreamFlags::SNAPSHOT.0 != 0,
             "checkpointed": flags & ferry_stream::StreamFlags::CHECKPOINTED.0 != 0,
@@ -1107,7 +1129,28 @@ fn inspect_json(path: &std::path::Path) -> Result<i32> {
     Ok(0)
 }
 
-fn inspect(path: &std::path::Path) -> Result<i32> {
+/// Every data page and disk block of every file of the snapshot chain at `path`, checked against
+/// its crc32c: the totals, and a line per file.
+fn verify_chain(path: &std::path::Path) -> Result<(ferry_migrate::snapshot::VerifiedData, Vec<String>)> {
+    let chain =
+        ferry_migrate::snapshot::chain(path).with_context(|| format!("the chain of {} is broken", path.display()))?;
+    let mut total = ferry_migrate::snapshot::VerifiedData::default();
+    let mut lines = Vec::new();
+    for m in &chain {
+        let v = ferry_migrate::snapshot::verify_data(m).with_context(|| format!("{} is corrupt", m.path.display()))?;
+        lines.push(format!(
+            "  {}: {} data pages and {} disk blocks match their crc32c",
+            m.path.display(),
+            v.ram_pages,
+            v.disk_blocks
+        ));
+        total.ram_pages += v.ram_pages;
+        total.disk_blocks += v.disk_blocks;
+    }
+    Ok((total, lines))
+}
+
+fn inspect(path: &std::path::Path, verify: bool) -> Result<i32> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = std::io::stdout().lock();
     let mut r = std::io::BufReader::new(f);
@@ -1124,11 +1167,14 @@ fn inspect(path: &std::path::Path) -> Result<i32> {
     // A snapshot file: show its chain, every link checked as a restore would.
     let chain =
         ferry_migrate::snapshot::chain(path).with_context(|| format!("the chain of {} is broken", path.display()))?;
+    // The links are the metadata (ids, checksums, machine); the page data is checked by
+    // --verify (and by a read restore), not here.
     writeln!(
         out,
-        "chain: {} snapshot{} (newest first), every link checked",
+        "chain: {} snapshot{} (newest first), every link's metadata checked{}",
         chain.len(),
-        if chain.len() == 1 { "" } else { "s" }
+        if chain.len() == 1 { "" } else { "s" },
+        if verify { "" } else { "; page data not read (--verify checks every page)" }
     )?;
     for m in &chain {
         let data: u64 = m.maps.iter().map(|x| x.present_count()).sum();
@@ -1140,6 +1186,17 @@ fn inspect(path: &std::path::Path) -> Result<i32> {
             m.info.kind,
             data,
             m.meta_crc
+        )?;
+    }
+    if verify {
+        let (v, lines) = verify_chain(path)?;
+        for l in lines {
+            writeln!(out, "{l}")?;
+        }
+        writeln!(
+            out,
+            "verified: {} data pages, {} disk blocks, every one matching its crc32c",
+            v.ram_pages, v.disk_blocks
         )?;
     }
     Ok(0)
@@ -1404,8 +1461,8 @@ fn main() {
         Cmd::Demo { memory, cpus, cmdline } => {
             demo::run(demo::DemoArgs { memory, cpus, cmdline, after: std::time::Duration::from_secs(60) })
         }
-        Cmd::Stream { cmd: StreamCmd::Inspect { path, json: false } } => inspect(&path),
-        Cmd::Stream { cmd: StreamCmd::Inspect { path, json: true } } => inspect_json(&path),
+        Cmd::Stream { cmd: StreamCmd::Inspect { path, json: false, verify } } => inspect(&path, verify),
+        Cmd::Stream { cmd: StreamCmd::Inspect { path, json: true, verify } } => inspect_json(&path, verify),
         Cmd::MigrateResume { api_socket, to, tls, json } => migrate_resume(&api_socket, &to, &tls, json),
         Cmd::MigrateCancel { api_socket, json } => {
             api::call(&api_socket, &serde_json::json!({"cmd": "migrate-cancel"})).map(|_| {

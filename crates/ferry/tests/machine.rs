@@ -166,22 +166,26 @@ fn run_with_json_says_how_it_ended_as_json() {
 }
 
 #[test]
-fn sigterm_stops_ferry_with_status_zero_and_removes_its_api_socket() {
-    if !kvm_available("sigterm_stops_ferry_with_status_zero_and_removes_its_api_socket") {
+fn sigterm_sigint_and_sighup_stop_ferry_with_status_zero_and_remove_its_api_socket() {
+    if !kvm_available("sigterm_sigint_and_sighup_stop_ferry_with_status_zero_and_remove_its_api_socket") {
         return;
     }
-    let dir = tmpdir("sigterm");
-    let sock = dir.join("api.sock");
-    let mut vm = Proc::spawn(&["run", "--memory", "64M", "--cmdline", "mib=8", "--api-socket", sock.to_str().unwrap()]);
-    assert!(vm.wait_line("HB 10", Duration::from_secs(20)).is_some());
-    assert!(wait_socket(&sock, Duration::from_secs(5)));
+    for (name, sig) in [("SIGTERM", libc::SIGTERM), ("SIGINT", libc::SIGINT), ("SIGHUP", libc::SIGHUP)] {
+        let dir = tmpdir(&format!("stop-{name}"));
+        let sock = dir.join("api.sock");
+        let mut vm =
+            Proc::spawn(&["run", "--memory", "64M", "--cmdline", "mib=8", "--api-socket", sock.to_str().unwrap()]);
+        assert!(vm.wait_line("HB 10", Duration::from_secs(20)).is_some());
+        assert!(wait_socket(&sock, Duration::from_secs(5)));
 
-    // SAFETY: (test) SIGTERM to the child this test started.
-    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
-    let code = vm.wait_exit(Duration::from_secs(10));
+        // SAFETY: (test) a signal to the child this test started.
+        unsafe { libc::kill(vm.child.id() as i32, sig) };
+        let code = vm.wait_exit(Duration::from_secs(10));
 
-    assert_eq!(code, Some(0), "{}", vm.stderr_text());
-    assert!(!sock.exists(), "the API socket was left behind");
+        assert_eq!(code, Some(0), "{name}: {}", vm.stderr_text());
+        assert!(vm.stderr_text().contains(&format!("stopping on {name}")), "{name}: {}", vm.stderr_text());
+        assert!(!sock.exists(), "{name}: the API socket was left behind");
+    }
 }
 
 #[test]

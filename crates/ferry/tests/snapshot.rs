@@ -374,6 +374,31 @@ fn corrupt_truncated_and_unchained_snapshots_are_refused_with_clear_errors() {
     f.set_len(m.data_offset + m.npages * 2048).unwrap();
 
     restore_fails(&p("page.snap"), "is corrupt");
+    // inspect reads the metadata only and says so; --verify reads every page and names the bad one.
+    let inspect = |path: &Path, verify: bool| {
+        let mut a = vec!["stream", "inspect", path.to_str().unwrap()];
+        if verify {
+            a.push("--verify");
+        }
+        let out = Command::new(FERRY).args(&a).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, _) = inspect(&p("page.snap"), false);
+    assert!(ok && out.contains("page data not read (--verify checks every page)"), "{out}");
+    let (ok, out, err) = inspect(&p("page.snap"), true);
+    assert!(!ok, "inspect --verify passed a flipped data page: {out}");
+    assert!(err.contains(&format!("page {first_data} of region 0")) && err.contains("is corrupt"), "{err}");
+    let (ok, out, err) = inspect(&p("inc.snap"), true);
+    assert!(ok, "{err}");
+    let data: u64 = [&meta, &read_meta(&p("inc.snap")).unwrap()]
+        .iter()
+        .map(|m| m.maps.iter().map(|x| x.present_count()).sum::<u64>())
+        .sum();
+    assert!(out.contains(&format!("verified: {data} data pages")), "expected {data} pages: {out}");
     restore_fails(&p("meta.snap"), "checksum mismatch");
     restore_fails(&p("trunc.snap"), "truncated");
     std::fs::rename(p("base.snap"), p("base.moved")).unwrap();

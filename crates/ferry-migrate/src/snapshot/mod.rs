@@ -43,7 +43,7 @@ use crate::records::{load_records, write_sections, LoadError, LoadOptions, Recor
 use crate::source::is_zero;
 
 mod restore;
-pub use restore::{chain, read_meta, restore, RestoreMode, RestoreStats, SnapshotMeta};
+pub use restore::{chain, read_meta, restore, verify_data, RestoreMode, RestoreStats, SnapshotMeta, VerifiedData};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Longest chain of incremental snapshots followed on restore.
@@ -88,6 +88,8 @@ pub enum SnapshotError {
     Incomplete { path: PathBuf, what: String },
     #[error("page {page} of region {region} in {path} is corrupt (checksum {stored:#010x}, data {computed:#010x})")]
     PageChecksum { path: PathBuf, region: u32, page: u64, stored: u32, computed: u32 },
+    #[error("block {block} of disk {disk} in {path} is corrupt (checksum {stored:#010x}, data {computed:#010x})")]
+    BlockChecksum { path: PathBuf, disk: u32, block: u64, stored: u32, computed: u32 },
     #[error("parent snapshot {parent} of {child} is missing")]
     MissingParent {
         parent: PathBuf,
