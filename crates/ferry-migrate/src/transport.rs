@@ -36,6 +36,8 @@ pub enum TransportError {
     Tls(#[from] crate::tls::TlsError),
     #[error("TLS applies to tcp: addresses only ({0} is a UNIX socket on this host)")]
     TlsOnUnix(String),
+    #[error("{0} exists and is not a socket: it is left alone (give a path that is free, or a stale socket)")]
+    NotASocket(String),
     #[error("a peer uid restriction applies to unix: addresses only ({0} is TCP: restrict its peers with TLS)")]
     UidOnTcp(String),
 }
@@ -397,8 +399,16 @@ impl Listener {
         let err = |source| TransportError::Listen { uri: uri.to_string(), source };
         Ok(match uri {
             Uri::Unix(p) => {
-                if p.exists() && UnixStream::connect(p).is_err() {
-                    let _ = std::fs::remove_file(p);
+                // Only a stale socket is replaced (one no process listens on any more): never a
+                // file of another kind, never a live listener.
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    if !m.file_type().is_socket() {
+                        return Err(TransportError::NotASocket(p.display().to_string()));
+                    }
+                    if UnixStream::connect(p).is_err() {
+                        let _ = std::fs::remove_file(p);
+                    }
                 }
                 Listener::Unix(UnixListener::bind(p).map_err(err)?, p.clone())
             }

@@ -189,8 +189,8 @@ fn sigterm_sigint_and_sighup_stop_ferry_with_status_zero_and_remove_its_api_sock
 }
 
 #[test]
-fn a_regular_file_at_the_api_socket_path_is_never_replaced() {
-    if !kvm_available("a_regular_file_at_the_api_socket_path_is_never_replaced") {
+fn a_file_that_is_not_ours_is_never_replaced_by_a_socket_or_a_snapshot() {
+    if !kvm_available("a_file_that_is_not_ours_is_never_replaced_by_a_socket_or_a_snapshot") {
         return;
     }
     let dir = tmpdir("precious");
@@ -203,6 +203,33 @@ fn a_regular_file_at_the_api_socket_path_is_never_replaced() {
     assert_ne!(code, Some(0));
     assert!(vm.stderr_text().contains("exists and is not a socket"), "{}", vm.stderr_text());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious data\n");
+
+    // Nor at an incoming migration's socket path.
+    let incoming = format!("unix:{}", path.display());
+    let mut dst = Proc::spawn(&["run", "--incoming", &incoming]);
+    let code = dst.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0));
+    assert!(dst.stderr_text().contains("exists and is not a socket"), "{}", dst.stderr_text());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious data\n");
+
+    // A snapshot to the VM's own API socket is refused; the VM stays manageable.
+    let sock = dir.join("api.sock");
+    let mut vm = Proc::spawn(&["run", "--memory", "64M", "--cmdline", "mib=8", "--api-socket", sock.to_str().unwrap()]);
+    assert!(vm.wait_line("HB 5", Duration::from_secs(20)).is_some());
+    assert!(wait_socket(&sock, Duration::from_secs(5)));
+    let out = std::process::Command::new(FERRY)
+        .args(["snapshot", "--api-socket", sock.to_str().unwrap(), "--to", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a regular file"), "{err}");
+    let status = std::process::Command::new(FERRY)
+        .args(["api", "status", "--api-socket", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "the API socket no longer answers: {}", String::from_utf8_lossy(&status.stderr));
+    vm.kill();
 }
 
 /// `ferry dirty-rate` measures the rate the guest writes at (told 40 MiB/s; compared with the

@@ -88,6 +88,8 @@ pub enum SnapshotError {
     Incomplete { path: PathBuf, what: String },
     #[error("page {page} of region {region} in {path} is corrupt (checksum {stored:#010x}, data {computed:#010x})")]
     PageChecksum { path: PathBuf, region: u32, page: u64, stored: u32, computed: u32 },
+    #[error("{0} exists and is not a regular file (a socket, a directory, a device): a snapshot never replaces it")]
+    NotAFile(PathBuf),
     #[error("block {block} of disk {disk} in {path} is corrupt (checksum {stored:#010x}, data {computed:#010x})")]
     BlockChecksum { path: PathBuf, disk: u32, block: u64, stored: u32, computed: u32 },
     #[error("parent snapshot {parent} of {child} is missing")]
@@ -604,6 +606,13 @@ pub fn snapshot(
         }
         None => None,
     };
+    // A snapshot replaces only a regular file (an older snapshot): renaming over a socket (the
+    // VM's own API socket, say), a directory or a device would take it away from its owner.
+    if let Ok(m) = std::fs::symlink_metadata(&params.path) {
+        if !m.file_type().is_file() {
+            return Err(SnapshotError::NotAFile(params.path.clone()));
+        }
+    }
     let tmp = partial(&params.path);
     let file = std::fs::OpenOptions::new()
         .read(true)
