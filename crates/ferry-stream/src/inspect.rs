@@ -125,7 +125,7 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
             Record::Postcopy { runs, .. } => format!(
                 "POSTCOPY {} runs, {} frames after the switch-over",
                 runs.len(),
-                runs.iter().map(|r| r.1).sum::<u64>()
+                runs.iter().fold(0u64, |a, r| a.saturating_add(r.1))
             ),
             Record::BrokenPages(g) => {
                 s.broken += g.len() as u64;

@@ -9,6 +9,8 @@
 //! [`MIN_FORMAT_VERSION`] to [`FORMAT_VERSION`] (older ones through explicit upgrade code).
 
 mod cpu_model;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inspect;
 mod reader;
 mod snapshot;

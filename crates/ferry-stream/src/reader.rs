@@ -213,11 +213,21 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::TooLong { index, offset: start, len, max: MAX_RECORD_BODY });
         }
         let total = len as usize + pad_len(len) + 8;
-        if self.buf.len() < total {
-            self.buf.resize(total, 0);
+        // The buffer grows with the bytes that arrive, 1 MiB at a time, not with what the
+        // header claims: a truncated or lying record costs what was actually sent.
+        let mut n = 0;
+        while n < total {
+            let want = (total - n).min(1 << 20);
+            if self.buf.len() < n + want {
+                self.buf.resize(n + want, 0);
+            }
+            let got = read_full(&mut self.r, &mut self.buf[n..n + want])
+                .map_err(|source| StreamError::Read { offset: start + 8 + n as u64, source })?;
+            n += got;
+            if got < want {
+                break;
+            }
         }
-        let n = read_full(&mut self.r, &mut self.buf[..total])
-            .map_err(|source| StreamError::Read { offset: start + 8, source })?;
         if n < total {
             return Err(StreamError::TruncatedRecord { index, name, offset: start });
         }

@@ -11,6 +11,8 @@ pub mod devices;
 pub mod dirty_log;
 pub mod dirty_rate;
 pub mod dirty_ring;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kvm_ext;
 pub mod machine_state;
 pub mod memory;

@@ -80,6 +80,14 @@ impl PoisonSet {
         self.pages.lock().map(|p| p.contains_key(&gfn)).unwrap_or(true)
     }
 
+    /// Whether any frame of `first..=last` is broken (one lookup, whatever the range's size).
+    pub fn any_in(&self, first: u64, last: u64) -> bool {
+        if self.count.load(Ordering::Acquire) == 0 || first > last {
+            return false;
+        }
+        self.pages.lock().map(|p| p.range(first..=last).next().is_some()).unwrap_or(true)
+    }
+
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }

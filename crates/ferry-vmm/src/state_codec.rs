@@ -23,7 +23,13 @@ pub enum StateCodecError {
     Duplicate(u32),
     #[error("non-zero padding after state field {0:#x}")]
     Padding(u32),
+    #[error("state section has more than {MAX_FIELDS} fields")]
+    TooManyFields,
 }
+
+/// Most fields a section may have (the largest, a vCPU's, has a few dozen): a section of
+/// millions of empty fields is refused before it costs more than this.
+pub const MAX_FIELDS: usize = 4096;
 
 /// Writes fields.
 #[derive(Debug, Default)]
@@ -65,6 +71,7 @@ impl<'a> Decoder<'a> {
     /// Splits `b` into fields, checking every length against what is there.
     pub fn parse(b: &'a [u8]) -> Result<Self, StateCodecError> {
         let mut fields: Vec<(u32, &'a [u8])> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut o = 0usize;
         while o < b.len() {
             let h = b.get(o..o + 8).ok_or(StateCodecError::Truncated(o))?;
@@ -78,8 +85,11 @@ impl<'a> Decoder<'a> {
             if pad.iter().any(|&x| x != 0) {
                 return Err(StateCodecError::Padding(tag));
             }
-            if fields.iter().any(|f| f.0 == tag) {
+            if !seen.insert(tag) {
                 return Err(StateCodecError::Duplicate(tag));
+            }
+            if fields.len() == MAX_FIELDS {
+                return Err(StateCodecError::TooManyFields);
             }
             fields.push((tag, data));
             o = padded;

@@ -22,6 +22,8 @@ use ferry_migrate::transport::Uri;
 use ferry_vmm::{ExitReason, Vm};
 use serde_json::{json, Value};
 
+use crate::request::{check_fields, read_request};
+
 /// The followers of the events, shareable with threads that outlive a request (replication).
 #[derive(Clone, Default)]
 struct Events(Arc<Mutex<Vec<std::sync::mpsc::SyncSender<Value>>>>);
@@ -174,8 +176,6 @@ pub fn serve(path: &Path, mode: u32, ctx: Arc<ApiContext>) -> Result<()> {
 /// Most API connections served at once (each has a thread); more are answered with an error
 /// and closed.
 pub const MAX_CONNECTIONS: usize = 32;
-/// Longest request line (a `memory-write` of 1 MiB is 2 MiB of hex).
-pub const MAX_REQUEST: usize = 4 << 20;
 /// A client that takes no reply bytes for this long is dropped (its thread is freed).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -212,23 +212,6 @@ pub fn serve_listener(listener: UnixListener, path: &Path, ctx: Arc<ApiContext>)
     Ok(())
 }
 
-/// The next request line, at most [`MAX_REQUEST`] bytes: `None` at the end of the connection,
-/// an error for a longer line (the rest of it is never buffered).
-fn read_request<R: BufRead>(r: &mut R) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    let n = std::io::Read::take(&mut *r, MAX_REQUEST as u64 + 1).read_until(b'\n', &mut buf)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.len() > MAX_REQUEST {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a request line of more than {} MiB", MAX_REQUEST >> 20),
-        ));
-    }
-    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
-}
-
 fn handle_conn(conn: UnixStream, ctx: &Arc<ApiContext>) -> Result<()> {
     conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut out = conn.try_clone()?;
@@ -244,16 +227,14 @@ fn handle_conn(conn: UnixStream, ctx: &Arc<ApiContext>) -> Result<()> {
             }
         };
         // A connection that opens with an HTTP request line speaks REST (crate::http).
-        if std::mem::take(&mut first) && crate::http::is_request_line(&line) {
+        if std::mem::take(&mut first) && crate::request::is_request_line(&line) {
             crate::http::serve(&line, &mut reader, &mut out, ctx)?;
             return Ok(());
         }
         if line.trim().is_empty() {
             continue;
         }
-        let req = serde_json::from_str::<Value>(&line)
-            .map_err(|e| format!("request is not JSON: {e}"))
-            .and_then(|req| check_fields(&req).map(|()| req).map_err(|e| format!("{e:#}")));
+        let req = crate::request::parse_json_line(&line);
         let (reply, quit) = match req {
             Ok(req)
                 if matches!(req["cmd"].as_str(), Some("update" | "migrate"))
@@ -559,61 +540,6 @@ pub(crate) fn check_migrate(req: &Value, ctx: &ApiContext) -> Result<()> {
     }
     let to = req.get("to").and_then(Value::as_str).ok_or_else(|| anyhow!("migrate needs \"to\" (a string)"))?;
     migrate_params(req, to).map(|_| ())
-}
-
-/// The fields each command takes besides `cmd`.
-const FIELDS: &[(&str, &[&str])] = &[
-    ("status", &[]),
-    ("pause", &[]),
-    ("resume", &[]),
-    ("quit", &[]),
-    ("migrate-cancel", &[]),
-    (
-        "migrate",
-        &[
-            "to",
-            "downtime_ms",
-            "max_bandwidth_mib_s",
-            "max_iterations",
-            "force_switchover",
-            "auto_converge",
-            "stall_timeout_ms",
-            "copy_storage",
-            "tls_cert",
-            "tls_key",
-            "tls_ca",
-            "postcopy",
-            "postcopy_after_iterations",
-        ],
-    ),
-    ("migrate-resume", &["to", "tls_cert", "tls_key", "tls_ca"]),
-    ("snapshot", &["to", "live", "stop", "incremental_from"]),
-    ("dirty-rate", &["window_ms"]),
-    ("memory-read", &["gpa", "len"]),
-    ("memory-write", &["gpa", "hex"]),
-    ("poison", &["gpa", "announce", "at"]),
-    ("update", &["binary", "mode"]),
-    (
-        "replicate",
-        &["to", "interval_ms", "on_backup_loss", "ack_timeout_ms", "stall_timeout_ms", "tls_cert", "tls_key", "tls_ca"],
-    ),
-    ("replicate-stop", &[]),
-    ("seccomp-probe", &["thread"]),
-];
-
-/// Refuses a request that is not an object, or that has a field its command does not take (a
-/// misspelt option, say `"max_bandwidth"` for `"max_bandwidth_mib_s"`, would otherwise be
-/// ignored and the command run with the default). An unknown or missing `cmd` is left to the
-/// dispatch, which names it.
-pub(crate) fn check_fields(req: &Value) -> Result<()> {
-    let Some(obj) = req.as_object() else { bail!("a request must be a JSON object, not {req}") };
-    let Some(cmd) = obj.get("cmd").and_then(Value::as_str) else { return Ok(()) };
-    let Some((_, allowed)) = FIELDS.iter().find(|(c, _)| *c == cmd) else { return Ok(()) };
-    match obj.keys().find(|k| *k != "cmd" && !allowed.contains(&k.as_str())) {
-        Some(k) if allowed.is_empty() => bail!("unknown field \"{k}\" for {cmd} (it takes none)"),
-        Some(k) => bail!("unknown field \"{k}\" for {cmd} (it takes: {})", allowed.join(", ")),
-        None => Ok(()),
-    }
 }
 
 /// Largest bandwidth cap, MiB/s (the CLI's `--max-bandwidth` range ends there too).

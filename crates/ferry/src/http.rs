@@ -4,7 +4,7 @@
 //! A connection whose first line is an HTTP request line is served here, one request per
 //! connection (`Connection: close`); anything else is the JSON-lines protocol (api.rs). Each
 //! route maps onto the same commands the JSON API runs, so both stay one implementation.
-//! Requests: a JSON body of at most [`crate::api::MAX_REQUEST`] bytes (`Content-Length`;
+//! Requests (parsed in request.rs): a JSON body of at most [`crate::request::MAX_REQUEST`] bytes (`Content-Length`;
 //! chunked bodies are refused), unknown fields refused. Errors: 4xx with `{"error": "..."}`.
 //!
 //! The parsing is written here rather than taken from a server crate: the socket is shared with
@@ -20,35 +20,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::api::{ApiContext, MAX_REQUEST};
-
-/// Every route served: (method, path, the JSON command it runs or what it is).
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/api/v1/vm.info"),
-    ("PUT", "/api/v1/vm.pause"),
-    ("PUT", "/api/v1/vm.resume"),
-    ("PUT", "/api/v1/vm.shutdown"),
-    ("PUT", "/api/v1/vm.migrate"),
-    ("GET", "/api/v1/vm.migration"),
-    ("PUT", "/api/v1/vm.migrate-cancel"),
-    ("PUT", "/api/v1/vm.migrate-resume"),
-    ("PUT", "/api/v1/vm.snapshot"),
-    ("GET", "/api/v1/vm.dirty-rate"),
-    ("PUT", "/api/v1/vm.replicate"),
-    ("PUT", "/api/v1/vm.replicate-stop"),
-    ("GET", "/api/v1/events"),
-    ("GET", "/metrics"),
-];
-
-/// Whether `line` is an HTTP/1.x request line.
-pub fn is_request_line(line: &str) -> bool {
-    let mut it = line.trim_end().split(' ');
-    matches!(
-        (it.next(), it.next(), it.next(), it.next()),
-        (Some(m), Some(p), Some(v), None)
-            if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) && p.starts_with('/') && v.starts_with("HTTP/1.")
-    )
-}
+use crate::api::ApiContext;
 
 fn reason(code: u16) -> &'static str {
     match code {
@@ -107,58 +79,11 @@ pub fn serve(
     out: &mut UnixStream,
     ctx: &Arc<ApiContext>,
 ) -> std::io::Result<()> {
-    let mut parts = first.trim_end().split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    // Headers: Content-Length only matters; chunked bodies are not taken.
-    let mut len: Option<usize> = None;
-    let mut chunked = false;
-    for _ in 0..100 {
-        let mut h = String::new();
-        if std::io::Read::take(&mut *reader, 16 << 10).read_line(&mut h)? == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "content-length" {
-                len = v.parse().ok();
-                if len.is_none() {
-                    return error(out, 400, format!("Content-Length '{v}' is not a number"));
-                }
-            } else if k == "transfer-encoding" && !v.eq_ignore_ascii_case("identity") {
-                chunked = true;
-            }
-        }
-    }
-    if chunked {
-        return error(out, 411, "chunked request bodies are not taken: send Content-Length");
-    }
-    let n = len.unwrap_or(0);
-    if n > MAX_REQUEST {
-        return error(out, 413, format!("a body of {n} bytes; at most {MAX_REQUEST}"));
-    }
-    let mut body = vec![0u8; n];
-    reader.read_exact(&mut body)?;
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let known: Vec<&str> = ROUTES.iter().filter(|r| r.1 == path).map(|r| r.0).collect();
-    if known.is_empty() {
-        return error(out, 404, format!("no such path {path} (see docs/api/openapi.yaml)"));
-    }
-    if !known.contains(&method) {
-        return error(out, 405, format!("{path} takes {}, not {method}", known.join(", ")));
-    }
-    let mut fields = if body.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(v) => return error(out, 400, format!("the body must be a JSON object, not {v}")),
-            Err(e) => return error(out, 400, format!("the body is not JSON: {e}")),
-        }
+    let req = match crate::request::parse_http(first, reader)? {
+        Ok(r) => r,
+        Err(r) => return error(out, r.code, r.message),
     };
-    for kv in query.split('&').filter(|s| !s.is_empty()) {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        fields[k] = v.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(v));
-    }
+    let (path, mut fields) = (req.path.as_str(), req.fields);
     if path == "/metrics" {
         return metrics(out, ctx);
     }
@@ -240,7 +165,7 @@ fn migrate(out: &mut UnixStream, ctx: &Arc<ApiContext>, mut fields: Value) -> st
 /// vm.migration` and the events follow it), 409 when there is none to resume.
 fn migrate_resume(out: &mut UnixStream, ctx: &Arc<ApiContext>, mut fields: Value) -> std::io::Result<()> {
     fields["cmd"] = json!("migrate-resume");
-    if let Err(e) = crate::api::check_fields(&fields) {
+    if let Err(e) = crate::request::check_fields(&fields) {
         return error(out, 400, format!("{e:#}"));
     }
     if !ctx.postcopy_pending() {
@@ -402,7 +327,7 @@ fn events(out: &mut UnixStream, ctx: &ApiContext) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::request::{is_request_line, ROUTES};
 
     /// No drift: the OpenAPI document names exactly the routes served, with their methods.
     #[test]
@@ -425,7 +350,7 @@ mod tests {
         let mut served: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
         documented.sort();
         served.sort();
-        assert_eq!(documented, served, "docs/api/openapi.yaml and http::ROUTES differ");
+        assert_eq!(documented, served, "docs/api/openapi.yaml and request::ROUTES differ");
     }
 
     #[test]

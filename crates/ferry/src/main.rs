@@ -7,6 +7,7 @@ mod guest;
 mod http;
 mod logging;
 mod report;
+mod request;
 mod update;
 
 use std::io::{LineWriter, Write};

@@ -153,6 +153,14 @@ fn a_guest_migrated_again_and_again_loses_nothing_and_leaks_nothing() {
             }
             fd_seen.push(fds(dst.child.id()));
             rss_seen.push(rss_kib(dst.child.id()));
+            if gen % 50 == 0 {
+                eprintln!(
+                    "soak: hop {gen} at {:.0} s: descriptors {}, RSS {} KiB, errors=0",
+                    started.elapsed().as_secs_f64(),
+                    fd_seen.last().copied().unwrap_or(0),
+                    rss_seen.last().copied().unwrap_or(0)
+                );
+            }
             src = dst;
             api = next_api;
         }
@@ -182,11 +190,12 @@ fn a_guest_migrated_again_and_again_loses_nothing_and_leaks_nothing() {
         let q = (fd_seen.len() / 4).max(1);
         let (first, last) = (&fd_seen[..q], &fd_seen[fd_seen.len() - q..]);
         let (rss_first, rss_last) = (&rss_seen[..q], &rss_seen[rss_seen.len() - q..]);
+        let span = |v: &[usize]| format!("{}..{}", v.iter().min().unwrap_or(&0), v.iter().max().unwrap_or(&0));
         eprintln!(
-            "soak: {cpus} vCPU, {} hops: descriptors first {:?} last {:?}; RSS median first {} KiB last {} KiB",
+            "soak: {cpus} vCPU, {} hops: descriptors {} in the first quarter, {} in the last; RSS median {} KiB, then {} KiB",
             fd_seen.len(),
-            first,
-            last,
+            span(first),
+            span(last),
             med(rss_first),
             med(rss_last)
         );

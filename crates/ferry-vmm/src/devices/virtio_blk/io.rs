@@ -42,6 +42,29 @@ pub(super) fn parse_chain(
     Ok(Request { head, kind, sector, status_gpa, segments })
 }
 
+/// A chain the driver made available, as the device takes it: a request whose every buffer and
+/// status byte lies in guest memory on pages that are not broken, or `Err` with where to write
+/// its error status (`None`: nowhere the device may write).
+pub(super) fn take_chain(
+    mem: &GuestMemoryMmap,
+    poison: &crate::poison::PoisonSet,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Result<Request, Option<u64>> {
+    parse_chain(mem, chain).and_then(|r| {
+        // A buffer on a broken page fails the request with an I/O error, untouched.
+        // Bounds first: a buffer outside guest memory is refused before its pages are looked up.
+        if request_in_memory(mem, &r)
+            && !r.segments.iter().any(|s| touches_broken(poison, s.gpa, s.len as u64))
+            && !touches_broken(poison, r.status_gpa, 1)
+        {
+            Ok(r)
+        } else {
+            Err(Some(r.status_gpa)
+                .filter(|&g| GuestMemoryBackend::check_range(mem, GuestAddress(g), 1) && !touches_broken(poison, g, 1)))
+        }
+    })
+}
+
 /// Writes the status byte, puts the head on the used ring and records both writes as dirty.
 pub(super) fn complete_to_guest(inner: &Inner, st: &mut Shared, req: &Request, status: u8, used_len: u32) {
     // A status byte on a broken page is not written (the device never touches one).
@@ -176,19 +199,7 @@ pub(super) fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -
             let Some(chain) = st.queue.pop_descriptor_chain(&inner.mem) else { break };
             popped += 1;
             let head = chain.head_index();
-            let parsed = parse_chain(&inner.mem, chain).and_then(|r| {
-                // A buffer on a broken page fails the request with an I/O error, untouched.
-                let broken = r.segments.iter().any(|s| touches_broken(&inner.poison, s.gpa, s.len as u64));
-                if request_in_memory(&inner.mem, &r) && !broken && !touches_broken(&inner.poison, r.status_gpa, 1) {
-                    Ok(r)
-                } else {
-                    Err(Some(r.status_gpa).filter(|&g| {
-                        GuestMemoryBackend::check_range(&inner.mem, GuestAddress(g), 1)
-                            && !touches_broken(&inner.poison, g, 1)
-                    }))
-                }
-            });
-            match parsed {
+            match take_chain(&inner.mem, &inner.poison, chain) {
                 Ok(req) => {
                     let seq = st.next_seq;
                     st.next_seq += 1;

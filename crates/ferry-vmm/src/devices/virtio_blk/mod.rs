@@ -647,9 +647,38 @@ fn reset(st: &mut Shared) {
     st.epoch += 1;
 }
 
+/// Takes every chain the driver made available in `queue` as the device thread does (see
+/// `io::take_chain`): a request's status is not written here (its I/O would), a malformed one's
+/// error status is, and every head goes on the used ring. At most 4 queues' worth, as the ring
+/// can be rewritten under the device. For the fuzz target (`crate::fuzzing`): the requests
+/// taken, and how many chains were refused.
+pub(crate) fn take_available(
+    mem: &GuestMemoryMmap,
+    poison: &crate::poison::PoisonSet,
+    queue: &mut Queue,
+) -> (Vec<Request>, usize) {
+    let (mut ok, mut bad) = (Vec::new(), 0);
+    for _ in 0..4 * usize::from(queue.size()) {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+        let head = chain.head_index();
+        match io::take_chain(mem, poison, chain) {
+            Ok(r) => ok.push(r),
+            Err(status) => {
+                if let Some(gpa) = status {
+                    let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, GuestAddress(gpa));
+                }
+                bad += 1;
+            }
+        }
+        let _ = queue.add_used(mem, head, 0);
+    }
+    (ok, bad)
+}
+
 /// Whether any page of `[gpa, gpa+len)` is broken.
 fn touches_broken(poison: &crate::poison::PoisonSet, gpa: u64, len: u64) -> bool {
-    !poison.is_empty() && (gpa / 4096..=(gpa + len.max(1) - 1) / 4096).any(|g| poison.contains(g))
+    // A range past the end of the address space (a hostile descriptor) ends at its top.
+    !poison.is_empty() && poison.any_in(gpa / 4096, gpa.saturating_add(len.max(1) - 1) / 4096)
 }
 
 fn request_in_memory(mem: &GuestMemoryMmap, r: &Request) -> bool {
