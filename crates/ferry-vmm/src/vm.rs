@@ -146,10 +146,6 @@ pub struct MachineParts {
 pub fn create_machine(ram: GuestRam, dirty_tracking: DirtyTracking) -> Result<MachineParts, VmError> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-    vm_fd.set_tss_address(0xfffb_d000).map_err(kvm_err("set the TSS address"))?;
-    vm_fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm_fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
     let manual_protect = match dirty_tracking {
         DirtyTracking::Bitmap { .. } => {
             kvm_ext::enable_manual_protect(&vm_fd).map_err(kvm_err("enable manual dirty-log protection"))?
@@ -159,7 +155,14 @@ pub fn create_machine(ram: GuestRam, dirty_tracking: DirtyTracking) -> Result<Ma
             0
         }
     };
+    // The memory slots before the irqchip and the PIT: measured on this host, a slot
+    // registered after them costs 4-7 ms (a KVM grace period then waits), before them 0.6-0.9
+    // ms. A live update's pause holds this.
     ram.register(&vm_fd, false)?;
+    vm_fd.set_tss_address(0xfffb_d000).map_err(kvm_err("set the TSS address"))?;
+    vm_fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm_fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm_fd.register_irqfd(&serial_irq, COM1_GSI).map_err(kvm_err("register the serial irqfd"))?;
     Ok(MachineParts { kvm, vm_fd, ram, serial_irq, manual_protect, dirty_tracking })

@@ -159,6 +159,32 @@ fn twenty_exec_updates_in_a_row_under_load_lose_nothing() {
     }
 
     assert_runs_clean(&mut g.vm, "after 20 updates");
+    // Each exec left the previous address space to a holder process until the guest ran again:
+    // every one of them has exited and been reaped (no process, no zombie left behind).
+    let pid = g.vm.child.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut left = children_of(pid);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = children_of(pid);
+    }
+    assert!(left.is_empty(), "processes left behind by the updates (pid, state): {left:?}");
+}
+
+/// The processes whose parent is `pid`, with their state letter.
+fn children_of(pid: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its closing paren.
+        let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if f.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push((head.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0), state));
+        }
+    }
+    out
 }
 
 /// A script standing in for a new binary.
