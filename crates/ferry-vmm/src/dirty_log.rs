@@ -114,6 +114,9 @@ impl Bitmap {
     pub fn words(&self) -> &[u64] {
         &self.words
     }
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.words
+    }
     pub fn into_words(self) -> Vec<u64> {
         self.words
     }

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::dirty_log::Bitmap;
 use crate::poison::{PoisonCause, PoisonSet};
@@ -83,6 +84,13 @@ pub enum MemoryError {
          MADV_HWPOISON (CONFIG_MEMORY_FAILURE)"
     )]
     NoPoison { gpa: u64 },
+    #[error("cannot copy guest RAM region {region}'s pages into its memfd (at page {page})")]
+    CopyToMemfd {
+        region: usize,
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One RAM region: a contiguous guest-physical range backed by part of the memfd.
@@ -108,7 +116,9 @@ pub struct GuestRam {
     memfd: File,
     size: u64,
     /// Per region: the memfd holds its pages (false once a file is mapped over it).
-    memfd_backed: Vec<bool>,
+    memfd_backed: Vec<AtomicBool>,
+    /// Per region: the file mapped over it and the offset it starts at, while it is.
+    mapped_files: std::sync::Mutex<Vec<Option<(File, u64)>>>,
     /// The broken pages (shared with the vCPU threads and devices).
     poison: std::sync::Arc<PoisonSet>,
 }
@@ -179,9 +189,10 @@ impl GuestRam {
             regions.push(RamRegion { slot: slot as u32, gpa, size, file_offset: offset, host_addr });
             offset += size;
         }
-        let memfd_backed = vec![true; regions.len()];
+        let memfd_backed = regions.iter().map(|_| AtomicBool::new(true)).collect();
+        let mapped_files = std::sync::Mutex::new(regions.iter().map(|_| None).collect());
         let poison = std::sync::Arc::new(PoisonSet::new());
-        Ok(GuestRam { mem, regions, memfd, size, memfd_backed, poison })
+        Ok(GuestRam { mem, regions, memfd, size, memfd_backed, mapped_files, poison })
     }
 
     /// Allocates every page of guest RAM now (`--prefault`), so that neither the guest nor an
@@ -237,7 +248,7 @@ impl GuestRam {
 
     /// Whether the memfd holds region `i`'s pages (its holes are then never-written zero pages).
     pub fn memfd_backs(&self, i: usize) -> bool {
-        self.memfd_backed.get(i).copied().unwrap_or(false)
+        self.memfd_backed.get(i).is_some_and(|b| b.load(Ordering::Acquire))
     }
 
     /// Which of the `count` pages of region `i` from page `first` may hold data: page `k` of the
@@ -338,7 +349,204 @@ impl GuestRam {
         if p == libc::MAP_FAILED || p as u64 != r.host_addr {
             return Err(MemoryError::MapFile { region: i, source: std::io::Error::last_os_error() });
         }
-        self.memfd_backed[i] = false;
+        self.memfd_backed[i].store(false, Ordering::Release);
+        if let (Ok(mut m), Ok(f)) = (self.mapped_files.lock(), file.try_clone()) {
+            m[i] = Some((f, offset));
+        }
+        Ok(())
+    }
+
+    /// The pages of region `i` that may hold something other than zero. For a memfd-backed
+    /// region, [`Self::data_pages`]. For one mapped from a file: the file's data (`SEEK_DATA`
+    /// / `SEEK_HOLE`; its holes read zero) and every page the guest or a device wrote since
+    /// (copy-on-write pages: present or swapped in `/proc/self/pagemap` and not the file's).
+    /// Neither reads a page, so that a large sparse snapshot is not read into memory to find
+    /// its zeros. Call it after the range's dirty bits were taken, so that a page written
+    /// afterwards is dirty again.
+    pub fn content_pages(&self, i: usize) -> Result<Bitmap, MemoryError> {
+        let r = *self.regions.get(i).ok_or(MemoryError::OutOfRange { gpa: 0, len: 0 })?;
+        let npages = r.size / PAGE_SIZE;
+        let mapped = {
+            let m = self.mapped_files.lock().map_err(|_| MemoryError::Probe {
+                region: i,
+                source: std::io::Error::other("the mapped-file table's lock is poisoned"),
+            })?;
+            match m.get(i).and_then(Option::as_ref) {
+                Some((f, off)) => {
+                    Some((f.try_clone().map_err(|source| MemoryError::Probe { region: i, source })?, *off))
+                }
+                None => None,
+            }
+        };
+        let Some((file, base)) = mapped else {
+            return self.data_pages(i, 0, npages);
+        };
+        let probe = |source| MemoryError::Probe { region: i, source };
+        let mut bits = Bitmap::new(npages, false);
+        // The file's data runs within [base, base + size).
+        let end = base + r.size;
+        let mut at = base;
+        while at < end {
+            // SAFETY: lseek on an open descriptor we own a duplicate of; plain integers.
+            let d = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+            if d < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(probe(e));
+            }
+            let d = d as u64;
+            if d >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let h = unsafe { libc::lseek(file.as_raw_fd(), d as libc::off_t, libc::SEEK_HOLE) };
+            if h < 0 {
+                return Err(probe(std::io::Error::last_os_error()));
+            }
+            let h = (h as u64).min(end);
+            for p in (d - base) / PAGE_SIZE..(h - base).div_ceil(PAGE_SIZE) {
+                bits.set(p);
+            }
+            at = h.max(d + 1);
+        }
+        // The pages written since the file was mapped: anonymous now.
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE_OR_SHARED: u64 = 1 << 61;
+        let pagemap = File::open("/proc/self/pagemap").map_err(probe)?;
+        let chunk = PROBE_CHUNK_PAGES as u64;
+        let mut buf = vec![0u8; PROBE_CHUNK_PAGES * 8];
+        let mut p = 0u64;
+        while p < npages {
+            let n = chunk.min(npages - p);
+            let b = &mut buf[..(n * 8) as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&pagemap, b, (r.host_addr / PAGE_SIZE + p) * 8).map_err(probe)?;
+            for (k, e) in b.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                if (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0 {
+                    bits.set(p + k as u64);
+                }
+            }
+            p += n;
+        }
+        Ok(bits)
+    }
+
+    /// Copies `pages` (indices within region `i`, ascending) from the guest's mapping into the
+    /// memfd, where a region mapped from a snapshot file moves to. Broken pages are skipped
+    /// (never read; [`Self::map_memfd_back`] breaks them again). With `skip_zero`, a page that
+    /// reads all zero is not written: the memfd's page there is still a hole, which reads zero
+    /// (only right where nothing was written to the memfd before). Returns the pages written.
+    pub fn copy_pages_to_memfd(
+        &self,
+        i: usize,
+        pages: impl Iterator<Item = u64>,
+        skip_zero: bool,
+    ) -> Result<u64, MemoryError> {
+        let r = *self.regions.get(i).ok_or(MemoryError::OutOfRange { gpa: 0, len: 0 })?;
+        let npages = r.size / PAGE_SIZE;
+        let mut written = 0u64;
+        // Runs of consecutive pages go out in one pwrite.
+        let mut run: Option<(u64, u64)> = None;
+        let flush = |run: (u64, u64)| -> Result<(), MemoryError> {
+            let (first, n) = run;
+            let mut done = 0u64;
+            let len = n * PAGE_SIZE;
+            while done < len {
+                let off = first * PAGE_SIZE + done;
+                // SAFETY: [host_addr+off, +len-done) lies inside region i's live mapping (pages
+                // below npages); pwrite only reads it.
+                let w = unsafe {
+                    libc::pwrite(
+                        self.memfd.as_raw_fd(),
+                        (r.host_addr + off) as *const libc::c_void,
+                        (len - done) as usize,
+                        (r.file_offset + off) as libc::off_t,
+                    )
+                };
+                if w < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(MemoryError::CopyToMemfd { region: i, page: off / PAGE_SIZE, source: e });
+                }
+                if w == 0 {
+                    return Err(MemoryError::CopyToMemfd {
+                        region: i,
+                        page: off / PAGE_SIZE,
+                        source: std::io::Error::from(std::io::ErrorKind::WriteZero),
+                    });
+                }
+                done += w as u64;
+            }
+            Ok(())
+        };
+        for page in pages.filter(|&p| p < npages) {
+            let gpa = r.gpa + page * PAGE_SIZE;
+            if self.poison.contains(gpa / PAGE_SIZE) {
+                continue;
+            }
+            if skip_zero {
+                // SAFETY: one page inside region i's live mapping, read as bytes.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts((r.host_addr + page * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
+                };
+                if bytes.iter().all(|&b| b == 0) {
+                    continue;
+                }
+            }
+            written += 1;
+            run = match run {
+                Some((f, n)) if f + n == page => Some((f, n + 1)),
+                Some(prev) => {
+                    flush(prev)?;
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+        if let Some(prev) = run {
+            flush(prev)?;
+        }
+        Ok(written)
+    }
+
+    /// Maps the memfd back over region `i` (shared, at the same host address, so KVM's slot and
+    /// every device's view stay valid): the region's RAM is the memfd's from then on. Only with
+    /// the vCPUs paused and the devices quiesced, once every page that differs from the memfd
+    /// was copied there ([`Self::copy_pages_to_memfd`]). The region's broken pages are broken
+    /// again in the new mapping.
+    pub fn map_memfd_back(&self, i: usize) -> Result<(), MemoryError> {
+        let r = *self.regions.get(i).ok_or(MemoryError::OutOfRange { gpa: 0, len: 0 })?;
+        // SAFETY: MAP_FIXED replaces exactly region i's own mapping [host_addr, +size), which
+        // this GuestRam owns; the caller has paused every user of it, and KVM follows the new
+        // pages by address (its MMU notifier drops the old ones).
+        let p = unsafe {
+            libc::mmap(
+                r.host_addr as *mut libc::c_void,
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                self.memfd.as_raw_fd(),
+                r.file_offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED || p as u64 != r.host_addr {
+            return Err(MemoryError::MapFile { region: i, source: std::io::Error::last_os_error() });
+        }
+        self.memfd_backed[i].store(true, Ordering::Release);
+        if let Ok(mut m) = self.mapped_files.lock() {
+            m[i] = None;
+        }
+        let (first, last) = (r.gpa / PAGE_SIZE, (r.gpa + r.size) / PAGE_SIZE - 1);
+        if self.poison.any_in(first, last) {
+            for (gfn, _) in self.poison.list().into_iter().filter(|(g, _)| (first..=last).contains(g)) {
+                self.poison_host_page(gfn * PAGE_SIZE, None)?;
+            }
+        }
         Ok(())
     }
 
@@ -469,7 +677,7 @@ impl GuestRam {
         let page = gpa & !(PAGE_SIZE - 1);
         let hva = self.host_ptr(page, PAGE_SIZE)? as u64;
         if let Some((ri, _)) = self.page_location(page) {
-            if !self.memfd_backed[ri] {
+            if !self.memfd_backs(ri) {
                 // A snapshot file mapped copy-on-write: userfaultfd cannot poison a regular
                 // file's page. An anonymous page in its place can (the page's data is dropped,
                 // which is the point).
@@ -538,7 +746,7 @@ impl GuestRam {
         if !gpa.is_multiple_of(PAGE_SIZE)
             || !len.is_multiple_of(PAGE_SIZE)
             || page * PAGE_SIZE + len > r.size
-            || !self.memfd_backed[ri]
+            || !self.memfd_backs(ri)
         {
             return Err(MemoryError::OutOfRange { gpa, len });
         }
@@ -584,6 +792,53 @@ mod tests {
         assert_eq!(pages_of(&ram.data_pages(0, 60, 10).unwrap()), vec![3, 4]);
         assert_eq!(pages_of(&ram.data_pages(0, 201, 400).unwrap()), Vec::<u64>::new());
         assert!(ram.data_pages(0, 1000, 100).is_err(), "a range past the region is refused");
+    }
+
+    /// A region mapped from a (sparse) file moves into the memfd: only the file's data and the
+    /// pages written since the mapping are copied, zero pages stay holes, and after the remap
+    /// the region reads the same and the file never saw the guest's writes.
+    #[test]
+    fn a_file_mapped_region_moves_into_the_memfd_with_every_page_it_holds() {
+        let path = std::env::temp_dir().join(format!("ferry-memfd-move-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        file.set_len(4 << 20).unwrap();
+        for (page, byte) in [(3u64, 0x33u8), (100, 0x64)] {
+            std::os::unix::fs::FileExt::write_all_at(&file, &[byte; 4096], page * PAGE_SIZE).unwrap();
+        }
+        let mut ram = GuestRam::new(4 << 20).unwrap();
+        ram.map_file_private(0, &file, 0).unwrap();
+        assert!(!ram.memfd_backs(0));
+        let gpa = ram.regions()[0].gpa;
+        // The guest writes a page that was a hole and one that was data (copy-on-write), and
+        // reads one that was a hole (mapped from the file, still zero).
+        ram.write(gpa + 10 * PAGE_SIZE, &[0x10; 16]).unwrap();
+        ram.write(gpa + 100 * PAGE_SIZE, &[0x99; 16]).unwrap();
+        let mut b = [0u8; 16];
+        ram.read(gpa + 50 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [0; 16]);
+
+        // A hole read through a private mapping may map the shared zero page, which pagemap
+        // does not call the file's: such a page may be listed, and reads zero (not copied).
+        let content = ram.content_pages(0).unwrap();
+        let listed = pages_of(&content);
+        assert!([3, 10, 100].iter().all(|p| listed.contains(p)), "{listed:?}");
+        assert!(listed.iter().all(|p| [3, 10, 50, 100].contains(p)), "{listed:?}");
+        assert_eq!(ram.copy_pages_to_memfd(0, content.iter_set(), true).unwrap(), 3);
+        ram.map_memfd_back(0).unwrap();
+
+        assert!(ram.memfd_backs(0));
+        assert_eq!(pages_of(&ram.data_pages(0, 0, 1024).unwrap()), vec![3, 10, 100]);
+        // Memfd-backed now: its content is the memfd's data (before anything reads a hole,
+        // which would allocate it).
+        assert_eq!(pages_of(&ram.content_pages(0).unwrap()), vec![3, 10, 100]);
+        for (page, want) in [(3u64, 0x33u8), (10, 0x10), (100, 0x99), (50, 0)] {
+            ram.read(gpa + page * PAGE_SIZE, &mut b).unwrap();
+            assert_eq!(b, [want; 16], "page {page}");
+        }
+        let mut f = [0u8; 16];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut f, 10 * PAGE_SIZE).unwrap();
+        assert_eq!(f, [0; 16], "the guest's write reached the snapshot file");
     }
 
     #[test]

@@ -254,30 +254,44 @@ pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value>
     if ctx.migrated.load(Ordering::SeqCst) {
         bail!("the guest has migrated away; this Ferry is exiting");
     }
-    let ram = ctx.vm.ram();
-    if (0..ram.regions().len()).any(|i| !ram.memfd_backs(i)) {
-        bail!(
-            "this guest's RAM is mapped from a snapshot file (--restore-mode mmap), not held in a memfd a new \
-             Ferry can take over; restore with --restore-mode read to update in place"
-        );
-    }
     preflight(&binary)?;
     wait_for_teardown();
     if ctx.migrating.swap(true, Ordering::SeqCst) {
         bail!("a migration or update is already running");
     }
-    let r = match mode {
+    let r = move_ram_into_memfd(ctx).and_then(|()| match mode {
         Mode::Exec => hand_over(&binary, ctx, conn),
         Mode::Process => hand_over_prepared(&binary, ctx, conn),
-    };
+    });
     ctx.migrating.store(false, Ordering::SeqCst);
     r
 }
 
+/// RAM restored from a snapshot by mmap is a private mapping of the snapshot file, which no
+/// other process can take over: it moves into the machine's memfd first, with the guest
+/// running (docs/live-update.md), and the update hands the memfd over as for any machine.
+fn move_ram_into_memfd(ctx: &ApiContext) -> Result<()> {
+    let moved = ctx
+        .vm
+        .move_ram_into_memfd(ctx.paused.load(Ordering::SeqCst))
+        .context("cannot move the guest's RAM mapped from its snapshot file into memory for the update")?;
+    if let Some(m) = moved {
+        eprintln!(
+            "ferry: moved the guest's RAM mapped from its snapshot file into memory for the update: {} MiB copied \
+             in {} rounds, {:.0} ms, guest paused {:.1} ms",
+            m.bytes_copied >> 20,
+            m.rounds,
+            m.total.as_secs_f64() * 1000.0,
+            m.pause.as_secs_f64() * 1000.0
+        );
+    }
+    Ok(())
+}
+
 /// Process mode: the new Ferry starts and builds its VM (memory slots, vCPUs) from the
 /// handover's first part while the guest still runs here; only then is the guest paused and the
-/// rest (its state) sent. The pause holds no VM creation (a memory slot alone costs 4-11 ms on
-/// this host).
+/// rest (its state) sent. The pause holds no VM creation (memory slots cost 0.55 ms per GiB on
+/// this host, where KVM shadows the guest's page tables).
 fn hand_over_prepared(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
     let vm = &ctx.vm;
     let (stream_old, stream_new) = UnixStream::pair().context("cannot create the handover socket")?;

@@ -187,6 +187,67 @@ fn children_of(pid: u32) -> Vec<(u32, char)> {
     out
 }
 
+/// A guest restored from a snapshot by mmap has its RAM in a private mapping of the snapshot
+/// file, which no other process can take over. `ferry update` moves that RAM into the memfd
+/// first, with the guest running, then hands the memfd over: the guest re-verifies its whole
+/// working set clean after the update, its disk too, and a second update (process mode)
+/// finds an ordinary machine.
+#[test]
+fn a_guest_restored_by_mmap_is_updated_once_its_ram_moved_into_memory() {
+    if !kvm_available("a_guest_restored_by_mmap_is_updated_once_its_ram_moved_into_memory") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = guest("update-mmap");
+    let snap = g.dir.join("guest.snap");
+    let out = Command::new(FERRY)
+        .args(["snapshot", "--api-socket", g.api.to_str().unwrap(), "--to", snap.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    g.vm.kill();
+    let sock = g.dir.join("mapped.sock");
+    let img = g.dir.join("disk.img");
+    let mut vm = Proc::spawn(&[
+        "run",
+        "--restore",
+        snap.to_str().unwrap(),
+        "--restore-mode",
+        "mmap",
+        "--disk",
+        img.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(vm.wait_reports(3, Duration::from_secs(60)), "the restored guest does not report: {}", vm.stderr_text());
+    assert!(wait_socket(&sock, Duration::from_secs(5)));
+    // mib=64 of CMDLINE.
+    let ws_pages = 64 * 256;
+    let verified = vm.reports().last().unwrap().verified;
+
+    let (code, out, err) = update(&sock, &[]);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(summary(&out)["mode"], "exec");
+    assert!(
+        vm.wait_stderr("moved the guest's RAM mapped from its snapshot file into memory", Duration::from_secs(5)),
+        "{}",
+        vm.stderr_text()
+    );
+    // Every page of the working set checked again after the move.
+    assert!(
+        vm.wait_report(|r| r.verified >= verified + 2 * ws_pages, Duration::from_secs(60)),
+        "the guest did not re-verify its working set: {}",
+        vm.tail(3)
+    );
+    assert_runs_clean(&mut vm, "after the update of a guest restored by mmap");
+
+    let (code, _, err) = update(&sock, &["--mode", "process"]);
+    assert_eq!(code, 0, "{err}");
+    assert_runs_clean(&mut vm, "after a second update (process mode)");
+    let _ = api(&sock, r#"{"cmd":"quit"}"#);
+}
+
 /// A script standing in for a new binary.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
