@@ -828,9 +828,12 @@ fn handover(
     drop(s.idle.take());
     let t_pause = Instant::now();
     let mut guard = PauseGuard { vm, committed: false };
+    // A console line the guest is in the middle of printing stays in the serial state and
+    // comes out whole from the destination (or from here, if the guest resumes here), never
+    // half from each process.
     match throttle {
         Some(t) => t.stop_paused()?,
-        None => vm.pause()?,
+        None => vm.pause_keep_output()?,
     }
     // Disks stop taking and completing requests before the last sync, so every used-ring write
     // they made is in it; what is in flight goes to the destination as device state.

@@ -118,7 +118,8 @@ pub fn start<'scope>(scope: &'scope std::thread::Scope<'scope, '_>, vm: &'scope 
                 if s.load(Ordering::SeqCst) && !e.load(Ordering::SeqCst) {
                     break;
                 }
-                if vm.pause().is_err() {
+                // A partial console line stays where it is: the switch-over may follow.
+                if vm.pause_keep_output().is_err() {
                     break;
                 }
                 // The guest ran from the start of the slice until the pause took effect.
@@ -167,7 +168,8 @@ impl Throttle<'_> {
     }
 
     /// Stops throttling and leaves the vCPUs paused, without letting them run a slice in
-    /// between: the switch-over's pause follows.
+    /// between: the switch-over's pause follows. A console line the guest was printing stays
+    /// held for the state ([`Vm::pause_keep_output`]).
     pub fn stop_paused(&mut self) -> Result<(), ferry_vmm::vm::VmError> {
         self.end_paused.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
@@ -175,7 +177,7 @@ impl Throttle<'_> {
             t.thread().unpark();
             let _ = t.join();
         }
-        self.vm.pause()
+        self.vm.pause_keep_output()
     }
 
     /// Stops throttling and waits until the vCPUs run freely again.

@@ -701,6 +701,129 @@ fn postcopy_destination_gives_up_loudly_when_the_source_never_comes_back() {
     });
 }
 
+/// Issue 21 item 1, the lost heartbeat (15de27f: "HB 2260 then 2262"). A line the guest is in
+/// the middle of printing when the source pauses for the switch-over used to come out half from
+/// the source (its pause passed the partial line on) and half from the destination. Only a
+/// reader that joined the two outputs, once the source's had ended, saw the line whole; a
+/// source that exited late (starved in the idle class) left the halves unjoined, and that
+/// heartbeat was lost to the reader. The partial line now stays in the source's serial state
+/// and the destination writes it whole. Twenty migrations in a row of a guest that prints long
+/// REPORT lines every 20 ms (each takes milliseconds at one exit per byte, so a pause often
+/// lands inside one): no output ends inside a line, and every line of every process, read on
+/// its own without joining anything, is whole (every HB in sequence, every REPORT parses).
+#[test]
+fn a_line_cut_by_the_switch_over_comes_out_whole_from_one_process() {
+    if !kvm_available("a_line_cut_by_the_switch_over_comes_out_whole_from_one_process") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("whole-lines");
+    let api0 = dir.join("api-0.sock");
+    let mut procs = vec![Proc::spawn(&[
+        "run",
+        "--cmdline",
+        "mib=32 rate=50 hb_us=1000 report_ms=20",
+        "--api-socket",
+        api0.to_str().unwrap(),
+    ])];
+    assert!(procs[0].wait_reports(3, Duration::from_secs(60)), "{}", procs[0].stderr_text());
+    assert!(wait_socket(&api0, Duration::from_secs(5)));
+    let mut cur = api0;
+
+    for i in 1..=20 {
+        let uri = format!("unix:{}", dir.join(format!("mig-{i}.sock")).display());
+        let next_api = dir.join(format!("api-{i}.sock"));
+        let dst = Proc::spawn(&["run", "--incoming", &uri, "--api-socket", next_api.to_str().unwrap()]);
+        assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)), "{}", dst.stderr_text());
+
+        let o = migrate(&cur, &uri, &[]);
+
+        assert_eq!(o.code, 0, "migration {i}: {}", o.stderr);
+        let src = procs.last_mut().unwrap();
+        assert_eq!(src.wait_exit(Duration::from_secs(30)), Some(0), "migration {i}: the source did not exit");
+        assert!(wait_until(Duration::from_secs(10), || *src.eof.lock().unwrap()), "migration {i}: output never ended");
+        assert!(
+            !*src.cut_tail.lock().unwrap(),
+            "migration {i}: the source's output ends inside a line: {:?}",
+            src.lines.lock().unwrap().last()
+        );
+        procs.push(dst);
+        let dst = procs.last_mut().unwrap();
+        assert!(
+            dst.wait_reports(2, Duration::from_secs(30)),
+            "migration {i}: the guest stopped: {}",
+            dst.stderr_text()
+        );
+        assert!(wait_socket(&next_api, Duration::from_secs(5)));
+        cur = next_api;
+    }
+
+    let mut hb: Vec<u64> = Vec::new();
+    for (k, p) in procs.iter().enumerate() {
+        for (_, l) in p.lines.lock().unwrap().iter() {
+            if let Some(n) = l.strip_prefix("HB ") {
+                hb.push(n.trim().parse().unwrap_or_else(|_| panic!("process {k}: a cut heartbeat line {l:?}")));
+            } else if l.starts_with("REPORT ") {
+                // Whole: it parses and ends with its last lane's written/verified/errors.
+                let end = l.split_whitespace().last().unwrap_or_default();
+                assert!(
+                    Report::parse(l).is_some() && end.starts_with("lane") && end.matches('/').count() == 2,
+                    "process {k}: a cut REPORT line {l:?}"
+                );
+            } else {
+                assert!(l.starts_with("BOOT "), "process {k}: a cut or unexpected line {l:?}");
+            }
+        }
+    }
+    let breaks: Vec<(u64, u64)> = hb.windows(2).filter(|w| w[1] != w[0] + 1).map(|w| (w[0], w[1])).collect();
+    assert!(breaks.is_empty(), "heartbeats out of sequence across 20 migrations: {breaks:?}");
+    let last = procs.last_mut().unwrap();
+    assert_eq!(last.reports().last().unwrap().errors, 0);
+    let _ = api(&cur, r#"{"cmd":"quit"}"#);
+}
+
+/// A post-copy whose destination dies: the guest ran there, so the source's copy is stale
+/// (docs/migration.md). The source keeps what it owes, stays in `postcopy-paused` and never
+/// runs the guest again (no heartbeat, `resume` refused); `quit` ends it.
+#[test]
+fn postcopy_source_never_runs_the_guest_again_when_the_destination_dies() {
+    postcopy_scenario("postcopy_destination_dies", || {
+        let mut src = source("bitmap", "pc-dst-dies", "mib=256 rate=0 hb_us=1000 report_ms=300");
+        let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+        let mut dst = destination(&uri, "bitmap");
+        // A capped link: the push of the owed pages lasts seconds, so the destination dies in
+        // the middle of it.
+        let mut mig = start_migrate(&src.api, &uri, &["--postcopy", "--max-bandwidth", "32"]);
+        assert!(
+            dst.wait_heartbeats(5, Duration::from_secs(60)),
+            "the guest never ran on the destination: {} | {}",
+            dst.stderr_text(),
+            mig.stderr_text()
+        );
+        assert!(mig.child.try_wait().unwrap().is_none(), "the post-copy ended before the destination died");
+
+        dst.kill();
+        let o = finish(&mut mig);
+
+        assert_ne!(o.code, 0, "a post-copy whose destination died reported success");
+        assert!(o.stderr.contains("post-copy"), "{}", o.stderr);
+        let beats = src.vm.heartbeats().len();
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(src.vm.child.try_wait().unwrap().is_none(), "the source exited with pages still owed");
+        assert_eq!(src.vm.heartbeats().len(), beats, "the source ran the guest again");
+        let st = api(&src.api, r#"{"cmd":"resume"}"#);
+        assert_eq!(st["ok"], false, "the source resumed a stale guest: {st}");
+        let st =
+            Command::new(FERRY).args(["api", "--api-socket", src.api.to_str().unwrap(), "migration"]).output().unwrap();
+        let st = String::from_utf8_lossy(&st.stdout);
+        assert!(st.contains("postcopy-paused"), "{st}");
+        assert_eq!(src.vm.heartbeats().len(), beats, "the source ran the guest again");
+
+        let _ = api(&src.api, r#"{"cmd":"quit"}"#);
+        assert!(src.vm.wait_exit(Duration::from_secs(10)).is_some(), "quit did not end the source");
+    });
+}
+
 /// `--postcopy auto` on a link the guest out-dirties: pre-copy is seen not to converge after
 /// the first pass, and post-copy finishes the move (the cap holds for its push too).
 #[test]

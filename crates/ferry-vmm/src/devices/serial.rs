@@ -39,8 +39,10 @@ pub const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(10);
 /// whoever reads the console, kept the vCPU out of the guest for that long on every byte (a
 /// 150-byte line cost ~150 system calls). Bytes are collected here and written when a line
 /// ends, when [`LINE_MAX`] are pending, or when [`SerialDevice::flush_output`] is called (the
-/// machine's output thread does so for bytes older than [`PARTIAL_LINE_DELAY`]; pause, stop and
-/// drop do too, so nothing is lost or held across a migration).
+/// machine's output thread does so for bytes older than [`PARTIAL_LINE_DELAY`]; a pause, stop and
+/// drop do too). A pause that keeps output ([`SerialDevice::hold_output`]: a migration's
+/// switch-over, a live update, a checkpoint) leaves a partial line in the state instead, so
+/// that the process that runs the guest next writes the whole line.
 struct LineOut {
     out: SerialSink,
     pending: Vec<u8>,
@@ -113,8 +115,11 @@ impl Write for LineOut {
 impl Drop for LineOut {
     fn drop(&mut self) {
         // Held output (output commit) is not released here: it belongs to a checkpoint nobody
-        // acknowledged, and the backup that takes over releases it.
-        if self.commit.is_none() {
+        // acknowledged, and the backup that takes over releases it. Nor is a partial line held
+        // for the state: the state carried it to the process that runs the guest now (a
+        // migration's destination), which finishes it; written here too, it would come out
+        // twice, the first time cut.
+        if self.commit.is_none() && !self.hold {
             let _ = self.emit();
         }
     }
