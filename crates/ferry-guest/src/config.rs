@@ -129,6 +129,8 @@ pub struct Config {
     pub disk_rate: u64,
     /// Size of the disk region used, in MiB (1..=1024, clipped to the capacity).
     pub disk_mib: u64,
+    /// The hostile driver (lane 0 attacks the virtio-blk device; `hostile`).
+    pub hostile: bool,
     pub mmio: [MmioDevice; MAX_MMIO],
     pub mmio_count: usize,
 }
@@ -216,6 +218,7 @@ impl Config {
             disk_qd: 8,
             disk_rate: 0,
             disk_mib: 64,
+            hostile: false,
             mmio: [MmioDevice { base: 0, size: 0, irq: 0 }; MAX_MMIO],
             mmio_count: 0,
         }
@@ -249,6 +252,13 @@ impl Config {
                         _ => return Err(bad()),
                     }
                 }
+                "hostile" => {
+                    c.hostile = match v {
+                        "0" => false,
+                        "1" => true,
+                        _ => return Err(bad()),
+                    }
+                }
                 "disk_qd" => c.disk_qd = parse_u64(v).filter(|&x| (1..=32).contains(&x)).ok_or_else(bad)? as u32,
                 "disk_rate" => c.disk_rate = parse_u64(v).ok_or_else(bad)?,
                 "disk_mib" => c.disk_mib = parse_u64(v).filter(|&x| (1..=1024).contains(&x)).ok_or_else(bad)?,
@@ -261,6 +271,10 @@ impl Config {
                 }
                 _ => return Err(ConfigError::Unknown(tok)),
             }
+        }
+        if c.hostile && c.disk {
+            // Both would drive the one queue.
+            return Err(ConfigError::Value("hostile", "1 (with disk=1: choose one)"));
         }
         Ok(c)
     }

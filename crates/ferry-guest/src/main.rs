@@ -14,6 +14,7 @@
 mod clock;
 mod config;
 mod disk;
+mod hostile;
 mod mem;
 mod out;
 mod sys;

@@ -38,3 +38,13 @@ pub fn line(args: core::fmt::Arguments<'_>) {
     sys::write(&b.buf[..b.len]);
     LOCK.store(false, Ordering::Release);
 }
+
+/// Writes `bytes` as they are (the caller ends them with a newline), under the same lock as
+/// [`line`]: the hostile driver's serial flood.
+pub fn raw(bytes: &[u8]) {
+    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        core::hint::spin_loop();
+    }
+    sys::write(bytes);
+    LOCK.store(false, Ordering::Release);
+}

@@ -59,7 +59,7 @@ const S_ACKNOWLEDGE: u32 = 1;
 const S_DRIVER: u32 = 2;
 const S_DRIVER_OK: u32 = 4;
 const S_FEATURES_OK: u32 = 8;
-const S_NEEDS_RESET: u32 = 64;
+pub const S_NEEDS_RESET: u32 = 64;
 const S_FAILED: u32 = 128;
 
 // Feature bits.
@@ -181,6 +181,12 @@ impl Blk {
         Regs(self.base).w(R_QUEUE_NOTIFY, 0);
     }
 
+    /// Moves the driver's avail index `n` entries ahead without pushing anything (the hostile
+    /// driver: an index no device can follow).
+    pub fn jump_avail(&mut self, n: u16) {
+        self.avail_idx = self.avail_idx.wrapping_add(n);
+    }
+
     /// The next completed chain head, if any (plain memory reads of the used ring).
     pub fn pop(&mut self) -> Option<u32> {
         // SAFETY: used.idx is written by the device; a volatile read sees its latest value.
@@ -253,7 +259,25 @@ pub fn probe(cfg: &Config) -> Option<Blk> {
     None
 }
 
-fn init(d: &MmioDevice) -> Result<Blk, &'static str> {
+/// The device status register of the transport at `base`.
+pub fn status(base: u64) -> u32 {
+    Regs(base).r(R_STATUS)
+}
+
+/// Zeroes the rings (the hostile driver, before it sets a reset device up again: a device
+/// starts a queue at index 0 and reads the indices from memory).
+pub fn reset_rings() {
+    // SAFETY: lane 0 only, with the device reset (it no longer reads or writes the rings).
+    unsafe {
+        core::ptr::write_bytes(DESCS.get(), 0, 1);
+        core::ptr::write_bytes(AVAIL.get(), 0, 1);
+        core::ptr::write_bytes(USED.get(), 0, 1);
+    }
+    fence(Ordering::SeqCst);
+}
+
+/// Resets the device at `d` and sets queue 0 up on the (zeroed) rings.
+pub fn init(d: &MmioDevice) -> Result<Blk, &'static str> {
     let r = Regs(d.base);
     r.w(R_STATUS, 0);
     let mut tries = 0;

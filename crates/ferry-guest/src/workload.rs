@@ -145,6 +145,7 @@ pub fn bsp_main(cfg: Config, info: &StartInfo, clock: Clock, lanes: usize) -> ! 
     CFG_HB_US.store(cfg.hb_us, Relaxed);
     CFG_REPORT_MS.store(cfg.report_ms, Relaxed);
     crate::disk::init(&cfg, &clock);
+    crate::hostile::init(&cfg, &clock);
     GO.store(lanes as u32, Release);
     run_lane(0, lanes, cfg, clock)
 }
@@ -455,6 +456,7 @@ fn run_lane(lane: usize, lanes: usize, cfg: Config, clock: Clock) -> ! {
         if let Some(r) = rep.as_mut() {
             r.poll(now, &clock);
             crate::disk::poll(&clock);
+            crate::hostile::poll(&clock);
         }
 
         let mut to_write = match cfg.rate {

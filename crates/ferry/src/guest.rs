@@ -15,7 +15,7 @@ const GUEST_OVERHEAD_MIB: u64 = 8;
 
 /// The arguments, for error messages.
 const ARGS: &str =
-    "mib=, rate=, pattern=, hb_us=, report_ms=, disk=, disk_qd=, disk_rate=, disk_mib=, virtio_mmio.device=";
+    "mib=, rate=, pattern=, hb_us=, report_ms=, disk=, disk_qd=, disk_rate=, disk_mib=, hostile=, virtio_mmio.device=";
 
 /// Checks a `virtio_mmio.device=` value as the guest (and Linux) takes it:
 /// `<size>@<base>:<irq>[:<id>]`, size decimal with an optional K/M/G suffix (or 0x hex), base hex
@@ -51,6 +51,7 @@ fn valid_mmio_device(v: &str) -> bool {
 /// Checks the built-in guest's command line (see docs/guest.md) against `memory` bytes of RAM.
 pub fn validate_cmdline(cmdline: &str, memory: u64) -> Result<()> {
     let mut mib = 64u64;
+    let (mut disk, mut hostile) = (false, false);
     for tok in cmdline.split_ascii_whitespace() {
         let Some((k, v)) = tok.split_once('=') else {
             bail!("unknown guest argument '{tok}' (the built-in guest takes {ARGS})");
@@ -79,9 +80,14 @@ pub fn validate_cmdline(cmdline: &str, memory: u64) -> Result<()> {
             "report_ms" => {
                 num(10)?;
             }
-            "disk" => {
+            "disk" | "hostile" => {
                 if !matches!(v, "0" | "1") {
-                    bail!("guest argument disk: '{v}' is not 0 or 1");
+                    bail!("guest argument {k}: '{v}' is not 0 or 1");
+                }
+                if k == "disk" {
+                    disk = v == "1";
+                } else {
+                    hostile = v == "1";
                 }
             }
             "disk_qd" => {
@@ -105,6 +111,9 @@ pub fn validate_cmdline(cmdline: &str, memory: u64) -> Result<()> {
             }
             _ => bail!("unknown guest argument '{k}' (the built-in guest takes {ARGS})"),
         }
+    }
+    if disk && hostile {
+        bail!("guest arguments disk=1 and hostile=1: both would drive the one disk queue; choose one");
     }
     let need = (mib + mib / 256 + GUEST_OVERHEAD_MIB) << 20;
     if need > memory.min(3 << 30) {
@@ -152,6 +161,8 @@ mod tests {
             ("disk_qd=0", "disk_qd"),
             ("disk_qd=33", "disk_qd"),
             ("disk_mib=0", "disk_mib"),
+            ("disk=1 hostile=1", "choose one"),
+            ("hostile=2", "hostile"),
             ("disk_mib=1025", "disk_mib"),
             ("disk_rate=-1", "disk_rate"),
             ("virtio_mmio.device=4K", "virtio_mmio.device"),

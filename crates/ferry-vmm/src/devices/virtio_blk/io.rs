@@ -199,6 +199,13 @@ pub(super) fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -
             let Some(chain) = st.queue.pop_descriptor_chain(&inner.mem) else { break };
             popped += 1;
             let head = chain.head_index();
+            if head >= st.queue.size() {
+                // No used element can name it: the driver broke the ring.
+                let why =
+                    format!("the driver's avail ring names descriptor {head}, beyond its queue of {}", st.queue.size());
+                needs_reset(inner, st, &why);
+                return completed;
+            }
             match take_chain(&inner.mem, &inner.poison, chain) {
                 Ok(req) => {
                     let seq = st.next_seq;
