@@ -24,21 +24,29 @@ struct Guest {
 }
 
 fn guest(name: &str) -> Guest {
+    guest_on(FERRY, name)
+}
+
+/// The guest of [`guest`], run by the Ferry binary `exe`.
+fn guest_on(exe: &str, name: &str) -> Guest {
     let dir = tmpdir(name);
     let api = dir.join("api.sock");
     let img = dir.join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
-    let mut vm = Proc::spawn(&[
-        "run",
-        "--memory",
-        "1G",
-        "--cmdline",
-        CMDLINE,
-        "--disk",
-        img.to_str().unwrap(),
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
+    let mut vm = Proc::spawn_exe(
+        exe,
+        &[
+            "run",
+            "--memory",
+            "1G",
+            "--cmdline",
+            CMDLINE,
+            "--disk",
+            img.to_str().unwrap(),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
     assert!(
         vm.wait_report(
             |r| r.line.contains("DISK written=") && !r.line.contains("DISK written=0 "),
@@ -246,6 +254,106 @@ fn a_guest_restored_by_mmap_is_updated_once_its_ram_moved_into_memory() {
     assert_eq!(code, 0, "{err}");
     assert_runs_clean(&mut vm, "after a second update (process mode)");
     let _ = api(&sock, r#"{"cmd":"quit"}"#);
+}
+
+/// The previous release, as `.ci/previous-release` names it ("NAME COMMIT"; docs/releases.md):
+/// this repository's source at that commit, extracted with `git archive` and built once into
+/// `target/previous-release/COMMIT`. None, said loudly, when the commit is not in this clone
+/// (a shallow one); a build that fails is a failure.
+fn previous_release() -> Option<(String, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let spec = std::fs::read_to_string(root.join(".ci/previous-release")).unwrap();
+    let mut it = spec.split_whitespace();
+    let (name, commit) = (it.next().unwrap().to_string(), it.next().unwrap().to_string());
+    let base = root.join("target/previous-release").join(&commit);
+    let exe = base.join("target/release/ferry");
+    if exe.exists() {
+        return Some((name, exe));
+    }
+    let tar = Command::new("git").arg("-C").arg(&root).args(["archive", "--format=tar", &commit]).output();
+    let tar = match tar {
+        Ok(o) if o.status.success() => o.stdout,
+        Ok(o) => {
+            println!(
+                "SKIPPED the update from the previous release {name}: its commit {commit} is not in this clone \
+                 (a shallow clone?): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return None;
+        }
+        Err(e) => {
+            println!("SKIPPED the update from the previous release {name}: git cannot run: {e}");
+            return None;
+        }
+    };
+    let src = base.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    let mut x = Command::new("tar").arg("-x").arg("-C").arg(&src).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(x.stdin.as_mut().unwrap(), &tar).unwrap();
+    drop(x.stdin.take());
+    assert!(x.wait().unwrap().success(), "cannot unpack {name} ({commit})");
+    println!("building the previous release {name} ({commit}) into {}", base.display());
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "--release", "-p", "ferry"]).current_dir(&src).env("CARGO_TARGET_DIR", base.join("target"));
+    // Nothing of this test's own build reaches that one's.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+            build.env_remove(k);
+        }
+    }
+    let out = build.output().unwrap();
+    assert!(
+        out.status.success(),
+        "the previous release {name} ({commit}) does not build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((name, exe))
+}
+
+/// `ferry --version` of a binary: its version.
+fn version_of(exe: &Path) -> String {
+    let out = Command::new(exe).arg("--version").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap_or_default().to_string()
+}
+
+/// Issue 20 item 5: a guest run by the previous release is updated to this Ferry and back, in
+/// exec mode (same PID) and in process mode, under load, losing nothing.
+#[test]
+fn an_update_from_the_previous_release_to_this_one_and_back_loses_nothing() {
+    if !kvm_available("an_update_from_the_previous_release_to_this_one_and_back_loses_nothing") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((name, old)) = previous_release() else {
+        return;
+    };
+    let (old_version, new_version) = (version_of(&old), env!("CARGO_PKG_VERSION").to_string());
+    assert_ne!(old_version, new_version, "{name} and this Ferry have the same version");
+    let mut g = guest_on(old.to_str().unwrap(), "update-release");
+    let pid = g.vm.child.id();
+    let steps: [(&str, &str, &str); 4] = [
+        (FERRY, "exec", &new_version),
+        (old.to_str().unwrap(), "exec", &old_version),
+        (FERRY, "process", &new_version),
+        (old.to_str().unwrap(), "process", &old_version),
+    ];
+
+    for (binary, mode, version) in steps {
+        let (code, out, err) = update(&g.api, &["--binary", binary, "--mode", mode]);
+
+        let what = format!("update to {version} ({mode} mode)");
+        assert_eq!(code, 0, "{what}: {err}");
+        let s = summary(&out);
+        assert_eq!(s["ferry_version"], version, "{what}");
+        if mode == "exec" {
+            assert_eq!(s["pid"], pid, "{what}");
+        }
+        assert!(s["handover_bytes"].as_u64().unwrap() < 256 << 10, "{what}: page data crossed");
+        assert_runs_clean(&mut g.vm, &what);
+        assert_eq!(api(&g.api, r#"{"cmd":"status"}"#)["state"], "running", "{what}");
+    }
+    let _ = api(&g.api, r#"{"cmd":"quit"}"#);
 }
 
 /// A script standing in for a new binary.
