@@ -350,7 +350,9 @@ impl GuestRam {
             return Err(MemoryError::MapFile { region: i, source: std::io::Error::last_os_error() });
         }
         self.memfd_backed[i].store(false, Ordering::Release);
-        if let (Ok(mut m), Ok(f)) = (self.mapped_files.lock(), file.try_clone()) {
+        // Kept to find the file's data when the region moves into the memfd (a live update).
+        let f = file.try_clone().map_err(|source| MemoryError::MapFile { region: i, source })?;
+        if let Ok(mut m) = self.mapped_files.lock() {
             m[i] = Some((f, offset));
         }
         Ok(())
@@ -435,83 +437,76 @@ impl GuestRam {
     }
 
     /// Copies `pages` (indices within region `i`, ascending) from the guest's mapping into the
-    /// memfd, where a region mapped from a snapshot file moves to. Broken pages are skipped
-    /// (never read; [`Self::map_memfd_back`] breaks them again). With `skip_zero`, a page that
-    /// reads all zero is not written: the memfd's page there is still a hole, which reads zero
-    /// (only right where nothing was written to the memfd before). Returns the pages written.
+    /// memfd, where a region mapped from a snapshot file moves to. Each page is read with the
+    /// recoverable copy ([`Self::copy_out`]): a broken page is never read, and one that breaks
+    /// under the copy is added to the broken set instead of killing Ferry; both are skipped
+    /// ([`Self::map_memfd_back`] breaks them again). With `skip_zero`, a page that reads all
+    /// zero is not written: the memfd's page there is still a hole, which reads zero (only right
+    /// where nothing was written to the memfd before). Returns the pages written.
     pub fn copy_pages_to_memfd(
         &self,
         i: usize,
         pages: impl Iterator<Item = u64>,
         skip_zero: bool,
     ) -> Result<u64, MemoryError> {
+        const BATCH: usize = 64;
         let r = *self.regions.get(i).ok_or(MemoryError::OutOfRange { gpa: 0, len: 0 })?;
         let npages = r.size / PAGE_SIZE;
+        let ps = PAGE_SIZE as usize;
+        let mut buf = vec![0u8; BATCH * ps];
         let mut written = 0u64;
-        // Runs of consecutive pages go out in one pwrite.
-        let mut run: Option<(u64, u64)> = None;
-        let flush = |run: (u64, u64)| -> Result<(), MemoryError> {
-            let (first, n) = run;
-            let mut done = 0u64;
-            let len = n * PAGE_SIZE;
-            while done < len {
-                let off = first * PAGE_SIZE + done;
-                // SAFETY: [host_addr+off, +len-done) lies inside region i's live mapping (pages
-                // below npages); pwrite only reads it.
-                let w = unsafe {
-                    libc::pwrite(
-                        self.memfd.as_raw_fd(),
-                        (r.host_addr + off) as *const libc::c_void,
-                        (len - done) as usize,
-                        (r.file_offset + off) as libc::off_t,
-                    )
-                };
-                if w < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(MemoryError::CopyToMemfd { region: i, page: off / PAGE_SIZE, source: e });
-                }
-                if w == 0 {
-                    return Err(MemoryError::CopyToMemfd {
-                        region: i,
-                        page: off / PAGE_SIZE,
-                        source: std::io::Error::from(std::io::ErrorKind::WriteZero),
-                    });
-                }
-                done += w as u64;
-            }
-            Ok(())
+        // A run of consecutive pages in `buf`: (first page, pages).
+        let mut run: Option<(u64, usize)> = None;
+        let flush = |buf: &[u8], (first, n): (u64, usize)| -> Result<(), MemoryError> {
+            let off = r.file_offset + first * PAGE_SIZE;
+            std::os::unix::fs::FileExt::write_all_at(&self.memfd, &buf[..n * ps], off)
+                .map_err(|source| MemoryError::CopyToMemfd { region: i, page: first, source })
         };
         for page in pages.filter(|&p| p < npages) {
-            let gpa = r.gpa + page * PAGE_SIZE;
-            if self.poison.contains(gpa / PAGE_SIZE) {
-                continue;
-            }
-            if skip_zero {
-                // SAFETY: one page inside region i's live mapping, read as bytes.
-                let bytes = unsafe {
-                    std::slice::from_raw_parts((r.host_addr + page * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
-                };
-                if bytes.iter().all(|&b| b == 0) {
+            let slot = match run {
+                Some((f, n)) if f + n as u64 == page && n < BATCH => n,
+                Some(prev) => {
+                    flush(&buf, prev)?;
+                    run = None;
+                    0
+                }
+                None => 0,
+            };
+            let dst = &mut buf[slot * ps..(slot + 1) * ps];
+            match self.copy_out(r.gpa + page * PAGE_SIZE, dst) {
+                Ok(()) => {}
+                // Broken: never copied (it is in the broken set now, if it was not before).
+                Err(MemoryError::Poisoned { .. }) => {
+                    if let Some(prev) = run.take() {
+                        flush(&buf, prev)?;
+                    }
                     continue;
                 }
+                Err(e) => return Err(e),
+            }
+            if skip_zero && dst.iter().all(|&b| b == 0) {
+                if let Some(prev) = run.take() {
+                    flush(&buf, prev)?;
+                }
+                continue;
             }
             written += 1;
-            run = match run {
-                Some((f, n)) if f + n == page => Some((f, n + 1)),
-                Some(prev) => {
-                    flush(prev)?;
-                    Some((page, 1))
-                }
-                None => Some((page, 1)),
-            };
+            run = Some(match run {
+                Some((f, n)) => (f, n + 1),
+                None => (page, 1),
+            });
         }
         if let Some(prev) = run {
-            flush(prev)?;
+            flush(&buf, prev)?;
         }
         Ok(written)
+    }
+
+    /// Drops whatever region `i`'s pages hold in the memfd (a move into it that failed part
+    /// way: the next one starts again from holes, which its first round relies on).
+    pub fn forget_memfd_copy(&self, i: usize) -> Result<(), MemoryError> {
+        let r = *self.regions.get(i).ok_or(MemoryError::OutOfRange { gpa: 0, len: 0 })?;
+        punch_hole(&self.memfd, r.file_offset, r.size).map_err(|source| MemoryError::Punch { gpa: r.gpa, source })
     }
 
     /// Maps the memfd back over region `i` (shared, at the same host address, so KVM's slot and
@@ -824,6 +819,12 @@ mod tests {
         let listed = pages_of(&content);
         assert!([3, 10, 100].iter().all(|p| listed.contains(p)), "{listed:?}");
         assert!(listed.iter().all(|p| [3, 10, 50, 100].contains(p)), "{listed:?}");
+        // A move that fails part way leaves holes behind for the next one.
+        assert_eq!(ram.copy_pages_to_memfd(0, content.iter_set(), true).unwrap(), 3);
+        ram.forget_memfd_copy(0).unwrap();
+        let mut m = [0u8; 16];
+        std::os::unix::fs::FileExt::read_exact_at(ram.memfd(), &mut m, 3 * PAGE_SIZE).unwrap();
+        assert_eq!(m, [0; 16], "the failed move's copy is still in the memfd");
         assert_eq!(ram.copy_pages_to_memfd(0, content.iter_set(), true).unwrap(), 3);
         ram.map_memfd_back(0).unwrap();
 

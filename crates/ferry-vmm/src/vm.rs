@@ -665,11 +665,27 @@ impl Vm {
     /// its RAM where it was (a region already moved holds every page).
     pub fn move_ram_into_memfd(&self, user_paused: bool) -> Result<Option<MemfdMove>, VmError> {
         let ram = &self.parts.ram;
-        let n = ram.regions().len();
-        let file_mapped: Vec<usize> = (0..n).filter(|&i| !ram.memfd_backs(i)).collect();
+        let file_mapped: Vec<usize> = (0..ram.regions().len()).filter(|&i| !ram.memfd_backs(i)).collect();
         if file_mapped.is_empty() {
             return Ok(None);
         }
+        let r = self.move_file_regions(&file_mapped, user_paused);
+        if r.is_err() {
+            // What was copied of a region still mapped from its file goes: a next move's first
+            // round skips zero pages, which is only right over holes.
+            for &i in &file_mapped {
+                if !ram.memfd_backs(i) {
+                    let _ = ram.forget_memfd_copy(i);
+                }
+            }
+        }
+        r.map(Some)
+    }
+
+    /// [`Vm::move_ram_into_memfd`] of regions `file_mapped`.
+    fn move_file_regions(&self, file_mapped: &[usize], user_paused: bool) -> Result<MemfdMove, VmError> {
+        let ram = &self.parts.ram;
+        let n = ram.regions().len();
         let started = std::time::Instant::now();
         let consumer = self.dirty_consumer("memfd-move", Initial::AllDirty)?;
         let id = consumer.id();
@@ -725,7 +741,7 @@ impl Vm {
             let c = round(false)?;
             // Unmapping the file's pages (and freeing those the guest had written since the
             // restore) is most of the pause: 24 ms for 270 MiB written here.
-            for &i in &file_mapped {
+            for &i in file_mapped {
                 ram.map_memfd_back(i)?;
             }
             Ok(c)
@@ -739,7 +755,7 @@ impl Vm {
         stats.rounds += 1;
         stats.bytes_copied += c * PAGE_SIZE;
         stats.total = started.elapsed();
-        Ok(Some(stats))
+        Ok(stats)
     }
 
     /// Quiesces every disk (vCPUs paused); returns the requests in flight.

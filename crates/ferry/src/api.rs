@@ -74,7 +74,7 @@ pub struct ApiContext {
     replicating: Arc<AtomicBool>,
     /// Held by every command that checks the machine's state and changes it (api::handle), and
     /// by a migration while it checks and claims the machine.
-    state_lock: Mutex<()>,
+    pub(crate) state_lock: Mutex<()>,
     /// A migration is running (one at a time).
     pub migrating: AtomicBool,
     /// Set by `migrate-cancel`; the running migration stops at its next step.

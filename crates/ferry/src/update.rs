@@ -256,9 +256,19 @@ pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value>
     }
     preflight(&binary)?;
     wait_for_teardown();
-    if ctx.migrating.swap(true, Ordering::SeqCst) {
-        bail!("a migration or update is already running");
+    {
+        // Claimed under the state lock, as a migration is: a pause or resume is either done
+        // before this or sees the update running.
+        let _state = ctx.state_lock.lock();
+        if ctx.migrating.swap(true, Ordering::SeqCst) {
+            bail!("a migration or update is already running");
+        }
     }
+    // A snapshot pauses and resumes the guest too: one or the other at a time.
+    let Ok(_no_snapshot) = ctx.snapshots.try_lock() else {
+        ctx.migrating.store(false, Ordering::SeqCst);
+        bail!("a snapshot is being taken; update after it");
+    };
     let r = move_ram_into_memfd(ctx).and_then(|()| match mode {
         Mode::Exec => hand_over(&binary, ctx, conn),
         Mode::Process => hand_over_prepared(&binary, ctx, conn),
@@ -451,15 +461,19 @@ fn hand_over(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Result<Value
     let mut h = h;
     h.old_kvm.insert(0, holder.release_fd());
     let keep = h.all_fds();
-    for &fd in &keep {
-        set_cloexec(fd, false).map_err(|e| undo(anyhow!("cannot pass descriptor {fd} on: {e}")))?;
-    }
-    let args = with_handover(own_args(), &h);
     let restore_flags = || {
         for &fd in &keep {
             let _ = set_cloexec(fd, true);
         }
     };
+    for &fd in &keep {
+        if let Err(e) = set_cloexec(fd, false) {
+            restore_flags();
+            holder.stop();
+            return Err(undo(anyhow!("cannot pass descriptor {fd} on: {e}")));
+        }
+    }
+    let args = with_handover(own_args(), &h);
     let err = exec(binary, &args);
     restore_flags();
     holder.stop();
@@ -483,10 +497,14 @@ const HOLDER_STACK: usize = 64 * 1024;
 /// The holder: closes every descriptor but the pipe's read end (so that it keeps no socket,
 /// lock or KVM object alive), waits for the read end's EOF, and exits.
 extern "C" fn mm_holder(arg: *mut libc::c_void) -> libc::c_int {
-    let rfd = arg as usize as libc::c_uint;
+    let fds = arg as usize as u64;
+    let (rfd, wfd) = ((fds & 0xffff_ffff) as libc::c_uint, (fds >> 32) as libc::c_int);
     // SAFETY: raw system calls on this process's own descriptor table only (CLONE_VM shares
     // memory, not descriptors); no memory is touched but this stack's `b`.
     unsafe {
+        // The write end first, by itself: a kernel without close_range (before 5.9) must not
+        // leave the holder holding its own EOF.
+        libc::syscall(libc::SYS_close, wfd);
         if rfd > 0 {
             libc::syscall(libc::SYS_close_range, 0u32, rfd - 1, 0u32);
         }
@@ -512,12 +530,12 @@ impl MmHolder {
         let stack: &'static mut [u8] = Box::leak(vec![0u8; HOLDER_STACK].into_boxed_slice());
         // SAFETY: the top of a leaked, 16-byte aligned allocation (the stack grows down).
         let top = unsafe { stack.as_mut_ptr().add(HOLDER_STACK) }.map_addr(|a| a & !15);
+        // The holder's argument: the pipe's read end, and its write end to close at once.
+        let fds = (rfd.as_raw_fd() as u32 as u64) | ((wfd.as_raw_fd() as u32 as u64) << 32);
         // SAFETY: clone with CLONE_VM runs `mm_holder` on its own stack in this address space;
         // it makes only raw system calls (no allocation, no locks). Exit signal 0: reaped with
         // __WCLONE.
-        let pid = unsafe {
-            libc::clone(mm_holder, top.cast(), libc::CLONE_VM, rfd.as_raw_fd() as usize as *mut libc::c_void)
-        };
+        let pid = unsafe { libc::clone(mm_holder, top.cast(), libc::CLONE_VM, fds as usize as *mut libc::c_void) };
         if pid < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -657,8 +675,13 @@ pub fn release_old_vm(h: &HandoverArgs) {
         }
         // The holder exits on its pipe's EOF (the previous image's address space goes then);
         // reaped here, so that a next update waits for it. No clone child: ECHILD at once.
-        // SAFETY: waits for this process's clone children (only address space holders).
-        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::__WCLONE) } > 0 {}
+        loop {
+            // SAFETY: waits for this process's clone children (only address space holders).
+            let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::__WCLONE) };
+            if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        }
     });
     if let (Ok(t), Ok(mut slot)) = (t, TEARDOWN.lock()) {
         *slot = Some(t);

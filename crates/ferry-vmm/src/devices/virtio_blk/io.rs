@@ -203,6 +203,8 @@ pub(super) fn pop_requests(inner: &Inner, st: &mut Shared, jobs: &Sender<Job>) -
                 // No used element can name it: the driver broke the ring.
                 let why =
                     format!("the driver's avail ring names descriptor {head}, beyond its queue of {}", st.queue.size());
+                // Errors already put in the used ring go to the dirty log first.
+                mark_used_ring(inner, st);
                 needs_reset(inner, st, &why);
                 return completed;
             }
