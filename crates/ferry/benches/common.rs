@@ -288,6 +288,21 @@ impl Qmp {
     }
 }
 
+impl Qmp {
+    /// Polls `query-migrate` every `poll` until the migration completed; returns its last
+    /// answer. A failed or cancelled one panics, naming `what`.
+    pub fn wait_migrated(&mut self, what: &str, poll: Duration) -> serde_json::Value {
+        loop {
+            let v = self.cmd(r#"{"execute":"query-migrate"}"#);
+            match v["status"].as_str() {
+                Some("completed") => return v,
+                Some("failed") | Some("cancelled") => panic!("{what} failed: {v}"),
+                _ => std::thread::sleep(poll),
+            }
+        }
+    }
+}
+
 /// Starts a destination Ferry (`--incoming` on a socket in `dir`, plus `dst_extra`), migrates the
 /// source behind `api` to it, and returns the destination, the migration's start and end as the
 /// harness saw them, and `ferry migrate --json`'s summary.

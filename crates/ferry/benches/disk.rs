@@ -153,14 +153,7 @@ fn qemu_mig(elf: &str, cmdline: &str, i: usize) -> Mig {
     q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":107374182400,"downtime-limit":300}}"#);
     let t0 = Instant::now();
     q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"{mig}"}}}}"#));
-    let info = loop {
-        let v = q.cmd(r#"{"execute":"query-migrate"}"#);
-        match v["status"].as_str() {
-            Some("completed") => break v,
-            Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {v}"),
-            _ => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
+    let info = q.wait_migrated("QEMU migration", Duration::from_millis(5));
     let t1 = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(dst.last_report_field("errors"), Some(0), "QEMU destination guest not clean");

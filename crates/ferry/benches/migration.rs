@@ -215,14 +215,7 @@ fn qemu_run(c: &Case, i: usize, elf: &str) -> Run {
     }
     let t0 = Instant::now();
     q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"{mig}"}}}}"#));
-    let info = loop {
-        let v = q.cmd(r#"{"execute":"query-migrate"}"#);
-        match v["status"].as_str() {
-            Some("completed") => break v,
-            Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {v}"),
-            _ => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
+    let info = q.wait_migrated("QEMU migration", Duration::from_millis(5));
     let t1 = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     let cpu_stall_ms = watch.max_gap(t0 - Duration::from_millis(200), t1 + Duration::from_secs(2));

@@ -115,14 +115,7 @@ fn qemu_round(d: &Path, i: usize, elf: &str) -> Vec<(&'static str, Fig)> {
         q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":107374182400}}"#);
         let t0 = Instant::now();
         q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"file:{}"}}}}"#, file.display()));
-        let info = loop {
-            let v = q.cmd(r#"{"execute":"query-migrate"}"#);
-            match v["status"].as_str() {
-                Some("completed") => break v,
-                Some("failed") | Some("cancelled") => panic!("QEMU migrate to file failed: {v}"),
-                _ => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
+        let info = q.wait_migrated("QEMU migrate to file", Duration::from_millis(5));
         let _ = t0;
         out.push((
             name,

@@ -146,14 +146,7 @@ fn qemu_run(i: usize, mem: &str, elf: &str) -> Run {
     q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"mode":"cpr-transfer"}}"#);
     let t0 = Instant::now();
     q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"channels":[{main_ch},{cpr_ch}]}}}}"#));
-    let info = loop {
-        let v = q.cmd(r#"{"execute":"query-migrate"}"#);
-        match v["status"].as_str() {
-            Some("completed") => break v,
-            Some("failed") | Some("cancelled") => panic!("QEMU cpr-transfer failed: {v}"),
-            _ => std::thread::sleep(Duration::from_millis(2)),
-        }
-    };
+    let info = q.wait_migrated("QEMU cpr-transfer", Duration::from_millis(2));
     let t1 = Instant::now();
     clean(&dst, "QEMU cpr-transfer");
     Run {
