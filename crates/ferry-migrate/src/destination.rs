@@ -4,6 +4,7 @@
 //! Nothing runs before COMMIT: on any error the destination answers NACK (when it still can),
 //! drops everything it built and the caller exits with the error.
 
+use ferry_stream::fault;
 use std::io::{BufReader, Read};
 use std::time::{Duration, Instant};
 
@@ -232,12 +233,19 @@ pub struct IncomingParams {
 pub type PostcopyRun =
     std::thread::JoinHandle<Result<crate::postcopy::IncomingPostcopyStats, crate::postcopy::PostcopyError>>;
 
+/// How long after its ACK a destination (COMMIT_CONFIRM) may still take the first writable
+/// disk's image lock, and so the guest: the source's own wait for its last requests (60 s) and
+/// then some. A source that hears no COMMITTED waits this long (and a margin) before it takes
+/// that lock back, unless the connection ended.
+pub const COMMIT_LOCK_WAIT: Duration = Duration::from_secs(70);
+
 /// Receives a machine on `conn`. Returns the machine once the source committed, its disks
 /// handed over and its vCPUs still paused: the caller resumes it (after anything it has to say,
 /// so that no message cuts the guest's first line in a merged console). A
 /// source that sends nothing for `stall` before the stream's END fails the load; the wait for
 /// COMMIT after the ACK has no bound (see there).
 pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats, Option<PostcopyRun>), IncomingError> {
+    fault::disarm();
     let mut reply = conn.try_clone().map_err(IncomingError::Reply)?;
     let commit_conn = conn.try_clone().map_err(IncomingError::Reply)?;
     let t_start = Instant::now();
@@ -248,11 +256,12 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
     let mut watched = StallWatch::from_source(conn, params.stall);
     // The handshake: a source with it is answered (or refused, naming both format ranges);
     // one from before it starts with its stream header, read as it stands.
-    let opening = match protocol::destination_handshake(&mut watched) {
-        Ok(Opening::Hello(_)) => Vec::new(),
-        Ok(Opening::Stream(head)) => head.to_vec(),
+    let (opening, their_features) = match protocol::destination_handshake(&mut watched) {
+        Ok(Opening::Hello(h)) => (Vec::new(), h.features),
+        Ok(Opening::Stream(head)) => (head.to_vec(), 0),
         Err(e) => return Err(IncomingError::Handshake(e)),
     };
+    fault::hit("destination.connected");
     let stream = std::io::Cursor::new(opening).chain(watched);
     let IncomingParams { ram, serial_out, dirty_tracking, disks, load: opts, recover, .. } = params;
     match load(stream, reply.try_clone().ok(), local, ram, dirty_tracking, &disks, opts) {
@@ -295,6 +304,14 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
                 }
             };
             let restore = t.elapsed();
+            fault::hit("destination.restored");
+            // COMMIT_CONFIRM (pre-copy): the guest becomes ours after COMMIT once we hold the
+            // first writable disk's image lock and have said so. The ACK tells the source
+            // whether we see its lock on that image (then the lock can settle who holds the
+            // guest if our COMMITTED is lost).
+            let confirm = their_features & protocol::features::COMMIT_CONFIRM != 0 && postcopy.is_none();
+            let flags =
+                if confirm && vm.disks_token_lock_seen() == Some(true) { protocol::ACK_TOKEN_LOCK_SEEN } else { 0 };
             let stats = IncomingStats { load: stats.load + restore, restore, disk_replayed: replay, ..stats };
             reply.set_write_timeout(None).map_err(IncomingError::Reply)?;
             protocol::send_ack(
@@ -303,9 +320,12 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
                     load_us: stats.load.as_micros() as u64,
                     restore_us: stats.restore.as_micros() as u64,
                     disk_replay: replay,
+                    flags,
                 },
             )
             .map_err(IncomingError::Reply)?;
+            let acked_at = Instant::now();
+            fault::hit("destination.ack-sent");
             // Once acknowledged, the handover is the source's decision: it sends COMMIT, or
             // closes the connection (on failure, or by dying). This wait has no bound, as a
             // timeout here could discard a guest the source has already let go of (its COMMIT
@@ -313,6 +333,7 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
             let mut c = commit_conn;
             c.set_read_timeout(None).map_err(IncomingError::Reply)?;
             protocol::read_commit(&mut c).map_err(IncomingError::Commit)?;
+            fault::hit("destination.commit-received");
             // Post-copy: the source sends the missing pages from now on (the disks' replay
             // below may already wait for some).
             let run = match postcopy {
@@ -333,7 +354,21 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
             };
             // The disks take their image locks (once the source released them) and re-execute
             // the requests that were in flight at the stop, in order, before anything new.
-            vm.disks_handover().map_err(IncomingError::Start)?;
+            if confirm {
+                // Not after the ACK's deadline: a source that heard nothing by then may have
+                // taken the guest back (and let its lock go again since).
+                let source_gone = || reply.peer_closed();
+                vm.disks_handover_in_order(acked_at + COMMIT_LOCK_WAIT, &source_gone).map_err(IncomingError::Start)?;
+                fault::hit("destination.disk-locks-taken");
+                // Holding the locks, the guest is ours even if this answer is lost: the source
+                // then finds the locks taken and lets the guest go.
+                if let Err(e) = protocol::send_committed(&mut reply) {
+                    tracing::warn!("cannot confirm the handover to the source ({e}); the guest runs here (the source does not resume it on its own)");
+                }
+                fault::hit("destination.committed-sent");
+            } else {
+                vm.disks_handover().map_err(IncomingError::Start)?;
+            }
             Ok((vm, IncomingStats { total: t_start.elapsed(), ..stats }, run))
         }
         Err(e) => {

@@ -13,7 +13,11 @@
 //! `type u32 | length u32 | body`: ACK (body: load_us u64, restore_us u64, and disk_replay u64
 //! only when it is not 0, so that sources from before disks keep reading it) once it has loaded
 //! everything, or NACK (body: UTF-8 message) when it refuses. The source then sends the 8 bytes
-//! `FERRYCMT`; only then does the destination resume the guest. Little-endian throughout.
+//! `FERRYCMT`. When both HELLOs have the COMMIT_CONFIRM feature and the migration is not a
+//! post-copy, the destination then takes the disks' image locks and answers COMMITTED (an empty
+//! frame) before it resumes the guest; a source that sent COMMIT but gets no COMMITTED knows the
+//! handover may have failed and finds out who holds the guest (docs/migration.md, "After
+//! COMMIT"). Otherwise the destination resumes the guest at COMMIT. Little-endian throughout.
 
 use std::io::{Read, Write};
 
@@ -34,6 +38,9 @@ pub const FRAME_POSTCOPY_RESUME: u32 = 6;
 /// Post-copy, destination to source during pre-copy: the pages of a POSTCOPY record that came
 /// before the final pass are dropped here (body: session u64); the source may pause now.
 pub const FRAME_POSTCOPY_LISTED: u32 = 7;
+/// Destination to source after COMMIT (COMMIT_CONFIRM): the destination holds the disks' image
+/// locks and runs the guest from now on (empty body).
+pub const FRAME_COMMITTED: u32 = 8;
 /// Most frames in one PAGE_REQUEST.
 pub const MAX_REQUEST_PAGES: usize = 256;
 /// Longest POSTCOPY_RESUME body (every run of a fragmented 1 TiB guest fits).
@@ -84,8 +91,10 @@ pub mod features {
     pub const DISK_REPLAY: u64 = 1 << 2;
     /// Post-copy: the POSTCOPY record, the post-copy page stream and its return-path frames.
     pub const POSTCOPY: u64 = 1 << 3;
+    /// The destination confirms COMMIT with a COMMITTED frame once it holds the disks' locks.
+    pub const COMMIT_CONFIRM: u64 = 1 << 4;
     /// Everything this Ferry serves.
-    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY | POSTCOPY;
+    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY | POSTCOPY | COMMIT_CONFIRM;
 }
 
 /// One side's HELLO.
@@ -232,18 +241,34 @@ pub struct Ack {
     pub restore_us: u64,
     /// In-flight disk requests the destination will execute again.
     pub disk_replay: u64,
+    /// [`ACK_TOKEN_LOCK_SEEN`]; sent (a 32-byte body) only to a source with COMMIT_CONFIRM.
+    pub flags: u64,
 }
 
+/// ACK flag: the destination sees the source's lock on the first writable disk's image, so the
+/// two see each other's locks and that lock can settle who holds the guest after COMMIT.
+pub const ACK_TOKEN_LOCK_SEEN: u64 = 1;
+
 pub fn send_ack(w: &mut impl Write, a: Ack) -> std::io::Result<()> {
-    // Without disk replays the body stays the 16 bytes every Ferry reads (older sources too).
-    let len: u32 = if a.disk_replay == 0 { 16 } else { 24 };
+    // Without disk replays the body stays the 16 bytes every Ferry reads (older sources too);
+    // flags go only to sources with COMMIT_CONFIRM, which read 32.
+    let len: u32 = if a.flags != 0 {
+        32
+    } else if a.disk_replay == 0 {
+        16
+    } else {
+        24
+    };
     let mut b = Vec::with_capacity(32);
     b.extend_from_slice(&FRAME_ACK.to_le_bytes());
     b.extend_from_slice(&len.to_le_bytes());
     b.extend_from_slice(&a.load_us.to_le_bytes());
     b.extend_from_slice(&a.restore_us.to_le_bytes());
-    if a.disk_replay != 0 {
+    if len >= 24 {
         b.extend_from_slice(&a.disk_replay.to_le_bytes());
+    }
+    if len == 32 {
+        b.extend_from_slice(&a.flags.to_le_bytes());
     }
     w.write_all(&b)?;
     w.flush()
@@ -282,14 +307,15 @@ pub fn read_answer(r: &mut impl Read) -> Result<Ack, ProtocolError> {
     let (t, body) = read_frame(r)?;
     let len = body.len();
     match t {
-        FRAME_ACK if len == 16 || len == 24 => {
+        FRAME_ACK if len == 16 || len == 24 || len == 32 => {
             let word = |i: usize| {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&body[i * 8..i * 8 + 8]);
                 u64::from_le_bytes(w)
             };
-            let disk_replay = if len == 24 { word(2) } else { 0 };
-            Ok(Ack { load_us: word(0), restore_us: word(1), disk_replay })
+            let disk_replay = if len >= 24 { word(2) } else { 0 };
+            let flags = if len == 32 { word(3) } else { 0 };
+            Ok(Ack { load_us: word(0), restore_us: word(1), disk_replay, flags })
         }
         other => Err(ProtocolError::BadFrame(other)),
     }
@@ -450,6 +476,22 @@ pub fn send_commit(w: &mut impl Write) -> std::io::Result<()> {
     w.flush()
 }
 
+/// Destination, COMMIT_CONFIRM: the guest is ours now.
+pub fn send_committed(w: &mut impl Write) -> std::io::Result<()> {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&FRAME_COMMITTED.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Source, COMMIT_CONFIRM: the destination's COMMITTED.
+pub fn read_committed(r: &mut impl Read) -> Result<(), ProtocolError> {
+    match read_frame(r)? {
+        (FRAME_COMMITTED, body) if body.is_empty() => Ok(()),
+        (t, _) => Err(ProtocolError::BadFrame(t)),
+    }
+}
+
 pub fn read_commit(r: &mut impl Read) -> Result<(), ProtocolError> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
@@ -509,21 +551,24 @@ mod tests {
     #[test]
     fn ack_round_trips() {
         let mut buf = Vec::new();
-        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3, disk_replay: 5 }).unwrap();
+        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3, disk_replay: 5, flags: 0 }).unwrap();
 
         let a = read_answer(&mut buf.as_slice()).unwrap();
 
-        assert_eq!(a, Ack { load_us: 7, restore_us: 3, disk_replay: 5 });
+        assert_eq!(a, Ack { load_us: 7, restore_us: 3, disk_replay: 5, flags: 0 });
     }
 
     #[test]
     fn ack_without_disk_replays_keeps_the_16_byte_body_older_sources_read() {
         let mut buf = Vec::new();
-        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3, disk_replay: 0 }).unwrap();
+        send_ack(&mut buf, Ack { load_us: 7, restore_us: 3, disk_replay: 0, flags: 0 }).unwrap();
 
         assert_eq!(buf.len(), 8 + 16);
         assert_eq!(&buf[4..8], &16u32.to_le_bytes());
-        assert_eq!(read_answer(&mut buf.as_slice()).unwrap(), Ack { load_us: 7, restore_us: 3, disk_replay: 0 });
+        assert_eq!(
+            read_answer(&mut buf.as_slice()).unwrap(),
+            Ack { load_us: 7, restore_us: 3, disk_replay: 0, flags: 0 }
+        );
     }
 
     #[test]
@@ -566,6 +611,33 @@ mod tests {
         let mut ack = Vec::new();
         send_ack(&mut ack, Ack::default()).unwrap();
         assert!(matches!(read_postcopy_frame(&mut ack.as_slice()), Err(ProtocolError::BadFrame(FRAME_ACK))));
+    }
+
+    #[test]
+    fn ack_flags_go_in_a_32_byte_body_with_the_replay_count() {
+        let mut buf = Vec::new();
+        let a = Ack { load_us: 7, restore_us: 3, disk_replay: 0, flags: ACK_TOKEN_LOCK_SEEN };
+        send_ack(&mut buf, a).unwrap();
+        assert_eq!(&buf[4..8], &32u32.to_le_bytes());
+        assert_eq!(read_answer(&mut buf.as_slice()).unwrap(), a);
+    }
+
+    #[test]
+    fn committed_round_trips_and_anything_else_is_refused() {
+        let mut buf = Vec::new();
+        send_committed(&mut buf).unwrap();
+        assert_eq!(buf, [8, 0, 0, 0, 0, 0, 0, 0]);
+        read_committed(&mut buf.as_slice()).unwrap();
+        let mut ack = Vec::new();
+        send_ack(&mut ack, Ack::default()).unwrap();
+        assert!(matches!(read_committed(&mut ack.as_slice()), Err(ProtocolError::BadFrame(FRAME_ACK))));
+        let mut nack = Vec::new();
+        send_nack(&mut nack, "no locks").unwrap();
+        assert!(matches!(read_committed(&mut nack.as_slice()), Err(ProtocolError::Refused(m)) if m == "no locks"));
+        // A COMMITTED with a body is not one.
+        let long = [8u8, 0, 0, 0, 1, 0, 0, 0, 0];
+        assert!(matches!(read_committed(&mut long.as_slice()), Err(ProtocolError::BadFrame(8))));
+        assert!(matches!(read_committed(&mut [8u8, 0, 0].as_slice()), Err(ProtocolError::Io(_))));
     }
 
     #[test]

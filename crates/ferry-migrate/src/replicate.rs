@@ -287,6 +287,7 @@ fn run(
         limit: None,
         cancel: stop,
         storage,
+        peer_features: 0,
     };
     let ram = vm.ram();
     let config = MachineConfig {

@@ -10,6 +10,7 @@
 //! drop, harvested-but-unsent dirty bits are given back, and the migration's dirty-log consumer
 //! is unregistered (other consumers keep their bits).
 
+use ferry_stream::fault;
 use std::io::BufWriter;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +68,20 @@ pub enum MigrateError {
         #[source]
         source: ferry_vmm::memory::MemoryError,
     },
+    /// After COMMIT, no COMMITTED came, and the destination is known not to run the guest (it
+    /// never took the disk lock the source holds again, or its process is gone): the guest
+    /// resumes here.
+    #[error("the destination did not confirm the handover and does not hold the guest; it resumes here")]
+    NotConfirmed(#[source] ProtocolError),
+    /// After COMMIT, no COMMITTED came, and nothing tells whether the destination runs the guest
+    /// (no writable disk whose lock would say, a destination on another host): the guest stays
+    /// paused here, neither lost nor run twice, for the operator to resume here (only if the
+    /// destination is known not to run it) or to quit.
+    #[error(
+        "the destination did not confirm the handover, and it may be running the guest: the guest stays paused \
+         here. Resume it here (ferry's `resume`) only if the destination is known not to run it; otherwise quit"
+    )]
+    HandoverUnknown(#[source] ProtocolError),
     #[error("the destination does not serve post-copy (a Ferry without it)")]
     NoPostcopy,
     #[error("post-copy: {} page(s) still here are too scattered for one POSTCOPY record", .0)]
@@ -281,6 +296,8 @@ pub(crate) struct Sender<'a> {
     pub(crate) cancel: &'a AtomicBool,
     /// The disks' dirty blocks (`--copy-storage`).
     pub(crate) storage: Option<crate::storage::StorageSender<'a>>,
+    /// The destination's HELLO features (0: none known, as for a replication backup).
+    pub(crate) peer_features: u64,
 }
 
 /// Whether a page's bytes are all zero.
@@ -482,6 +499,7 @@ pub fn migrate(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationSummary, MigrateError> {
     let t_start = Instant::now();
+    fault::disarm();
     // Bounded like every other wait on the destination (a cancel is seen once it ends).
     let mut conn = Conn::connect_with(&params.to, params.stall_timeout, params.tls.as_deref())?;
     // Both sides' stream formats and features, before anything else: an incompatible pair
@@ -496,13 +514,15 @@ pub fn migrate(
             return Err(if cancelled_io(&e) { MigrateError::Cancelled } else { MigrateError::Handshake(e) });
         }
     };
+    fault::hit("source.connected");
     if params.postcopy.is_some() && theirs.features & protocol::features::POSTCOPY == 0 {
         conn.shutdown();
         return Err(MigrateError::NoPostcopy);
     }
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
-    let mut r = std::thread::scope(|scope| run(vm, params, cancel, progress, conn, t_start, &mut reply, scope));
+    let peer = theirs.features;
+    let mut r = std::thread::scope(|scope| run(vm, params, cancel, progress, conn, t_start, &mut reply, peer, scope));
     // A cancel that ended a blocked send or answer wait surfaces as an I/O error: it is the
     // cancel.
     if r.as_ref().err().is_some_and(|e| cancelled_io(e)) {
@@ -649,6 +669,7 @@ fn run<'s>(
     conn: Conn,
     t_start: Instant,
     reply: &mut Conn,
+    peer_features: u64,
     scope: &'s std::thread::Scope<'s, '_>,
 ) -> Result<MigrationSummary, MigrateError> {
     let header = StreamHeader::new(StreamFlags::empty());
@@ -670,6 +691,7 @@ fn run<'s>(
         limit: params.max_bandwidth,
         cancel,
         storage: None,
+        peer_features,
     };
     let ram = vm.ram();
     let config = MachineConfig {
@@ -840,6 +862,7 @@ fn handover(
     summary.disk_in_flight_at_stop = vm.quiesce_disks()?;
     // Pages armed to break in the final pass (tests of seed 001's paused-pass cases).
     vm.poison_armed_pages()?;
+    fault::hit("source.final-pass.paused");
     let mut bd = DowntimeBreakdown { pause_ms: ms(t_pause.elapsed()), ..Default::default() };
     // Tells the destination the pause has begun (it leaves the idle class for the final pass).
     s.w.final_pass().map_err(MigrateError::Send)?;
@@ -884,9 +907,12 @@ fn handover(
         return Ok(Some(pc));
     }
     let (final_pages, _, _) = s.send_pending(t, b0)?;
+    fault::hit("source.final-pass.pages-sent");
     bd.final_pages = final_pages;
-    finish_handover(s, params, reply, summary, bd, (t_pause, t), None)?;
-    guard.committed = true;
+    let r = finish_handover(s, params, reply, summary, bd, (t_pause, t), None);
+    // Not known to be ours, not known to be theirs: the guest stays paused here.
+    guard.committed = matches!(r, Ok(()) | Err(MigrateError::HandoverUnknown(_)));
+    r?;
     Ok(None)
 }
 
@@ -930,6 +956,7 @@ fn finish_handover(
     crate::records::write_sections(&mut s.w, &vm.save_state()?.sections()).map_err(MigrateError::Send)?;
     s.w.end().map_err(MigrateError::Send)?;
     s.w.flush().map_err(MigrateError::Send)?;
+    fault::hit("source.end-sent");
     bd.state_ms = ms(t.elapsed());
 
     let t = Instant::now();
@@ -939,6 +966,8 @@ fn finish_handover(
     s.drain()?;
     reply.set_read_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
     let ack = protocol::read_answer(&mut StallWatch::to_destination(&mut *reply, cancel, params.stall_timeout))?;
+    let acked_at = Instant::now();
+    fault::hit("source.ack-received");
     bd.ack_wait_ms = ms(t.elapsed());
     bd.dest_load_ms = ack.load_us as f64 / 1000.0;
     bd.dest_restore_ms = ack.restore_us as f64 / 1000.0;
@@ -950,13 +979,21 @@ fn finish_handover(
     // The image locks pass now if nothing of ours still executes (the destination then replays
     // before its vCPUs run); otherwise right after COMMIT, once our requests finished.
     summary.disk_lock_released_before_commit = vm.disks_try_release();
+    fault::hit("source.disk-locks-released");
     let t = Instant::now();
     // COMMIT is a few bytes into a drained socket: a plain blocking send.
     reply.set_write_timeout(None).map_err(TransportError::Setup)?;
     protocol::send_commit(reply).map_err(ProtocolError::Io)?;
+    fault::hit("source.commit-sent");
     bd.commit_ms = ms(t.elapsed());
     if !summary.disk_lock_released_before_commit && !vm.disks_release_when_idle(Duration::from_secs(60)) {
         tracing::warn!("a disk request still executes 60 s after the handover; the lock passes when Ferry exits");
+    }
+    if owed.is_none() && s.peer_features & protocol::features::COMMIT_CONFIRM != 0 {
+        // The token lock settles who holds the guest only when the destination saw our lock on
+        // the same image (images copied by the stream are its own files).
+        let token = !params.copy_storage && ack.flags & protocol::ACK_TOKEN_LOCK_SEEN != 0;
+        confirm_handover(vm, reply, acked_at, token)?;
     }
     let (held, writes) = vm.disks_held();
     summary.disk_completed_after_quiesce = summary.disk_completed_after_quiesce.max(held);
@@ -966,6 +1003,61 @@ fn finish_handover(
     summary.bytes = s.w.bytes_written();
     summary.pages = s.counts;
     Ok(())
+}
+
+/// After COMMIT (COMMIT_CONFIRM): waits for the destination's COMMITTED. Without it, finds out
+/// who holds the guest: the token (the first writable disk's image lock, when the destination
+/// saw ours on the same image: `token`), taken back here, means the destination never will (it
+/// takes that lock before anything else, only until its deadline after the ACK, and runs
+/// nothing without it); a destination process that is gone (a UNIX peer) runs nothing either.
+/// Then the guest resumes here ([`MigrateError::NotConfirmed`]). A token the destination holds
+/// means it runs the guest (success). Nothing to tell by: [`MigrateError::HandoverUnknown`],
+/// the guest stays paused. A destination that stays silent on an open connection is waited for
+/// until its deadline has passed, so that it cannot take the token after this side did.
+fn confirm_handover(vm: &Vm, reply: &mut Conn, acked_at: Instant, token: bool) -> Result<(), MigrateError> {
+    // Not cancellable: a cancel cannot undo a COMMIT.
+    let never = AtomicBool::new(false);
+    let deadline = acked_at + crate::destination::COMMIT_LOCK_WAIT + Duration::from_secs(5);
+    let silence = deadline.saturating_duration_since(Instant::now());
+    let e = match reply
+        .set_read_timeout(Some(SEND_POLL))
+        .map_err(ProtocolError::Io)
+        .and_then(|()| protocol::read_committed(&mut StallWatch::to_destination(&mut *reply, &never, silence)))
+    {
+        Ok(()) => {
+            fault::hit("source.committed-received");
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    tracing::warn!("the destination did not confirm COMMIT: {}", crate::destination::ErrorChain(&e));
+    // A destination that is dying closes its connection and lets its locks go in no fixed
+    // order: a token still held is looked at again for two seconds. One that lives and holds
+    // it runs the guest, and keeps it.
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        match token.then(|| vm.disks_take_back_token()).flatten() {
+            Some(true) => return Err(MigrateError::NotConfirmed(e)),
+            Some(false) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+            Some(false) => {
+                tracing::warn!("the destination holds the disk lock: the guest runs there");
+                return Ok(());
+            }
+            None => break,
+        }
+    }
+    // A peer that just closed may still be exiting: look for a moment.
+    let until = Instant::now() + Duration::from_secs(1);
+    loop {
+        if reply.peer_gone() {
+            return Err(MigrateError::NotConfirmed(e));
+        }
+        if Instant::now() > until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(MigrateError::HandoverUnknown(e))
 }
 
 /// Post-copy, before the pause: lists every page dirty now as owed (a POSTCOPY record), so that

@@ -360,8 +360,51 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Whether the peer has closed or reset the connection (seen without reading).
+    pub fn peer_closed(&self) -> bool {
+        let mut p = libc::pollfd { fd: self.raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: poll on one valid descriptor we own, with a zero timeout.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
+    /// Whether the peer is known to be gone: a UNIX peer whose process no longer exists (or is
+    /// a zombie). A TCP peer may be anywhere: never known gone.
+    pub fn peer_gone(&self) -> bool {
+        let Conn::Unix(s) = self else { return false };
+        let Ok((_, pid)) = unix_peer(s) else { return false };
+        // 0: a peer in another pid namespace, whose pid this side cannot see.
+        if pid <= 0 {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name's closing parenthesis.
+            Ok(st) => st.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+    }
+
+    /// An injected fault due on this connection's next read or write (`fault-injection` builds
+    /// only; see ferry_stream::fault).
+    fn injected(&self, write: bool) -> std::io::Result<()> {
+        if ferry_stream::fault::take_drop() {
+            self.shutdown();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection dropped by fault injection",
+            ));
+        }
+        match ferry_stream::fault::take_io(write) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.injected(false)?;
         match self {
             Conn::Unix(s) => s.read(buf),
             Conn::Tcp(s) => s.read(buf),
@@ -372,6 +415,7 @@ impl Read for Conn {
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.injected(true)?;
         match self {
             Conn::Unix(s) => s.write(buf),
             Conn::Tcp(s) => s.write(buf),

@@ -9,6 +9,7 @@
 //! [`MIN_FORMAT_VERSION`] to [`FORMAT_VERSION`] (older ones through explicit upgrade code).
 
 mod cpu_model;
+pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 mod inspect;

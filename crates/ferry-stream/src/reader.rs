@@ -115,6 +115,9 @@ pub struct StreamReader<R: Read> {
     offset: u64,
     index: u64,
     ended: bool,
+    /// The kind of the record last returned (its `read.<KIND>.after` fault point is hit when the
+    /// caller asks for the next one).
+    applied: Option<&'static str>,
     /// Records read since the last CHECKPOINT (or the header), and the crc32c over their
     /// stored checksums: what the next CHECKPOINT must state.
     epoch_records: u32,
@@ -123,6 +126,9 @@ pub struct StreamReader<R: Read> {
 
 /// Fills `buf` completely; `Ok(n)` with n < len means EOF after n bytes.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    if let Some(e) = crate::fault::take_io(false) {
+        return Err(e);
+    }
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -166,6 +172,7 @@ impl<R: Read> StreamReader<R> {
             offset: HEADER_LEN as u64,
             index: 0,
             ended: false,
+            applied: None,
             epoch_records: 0,
             epoch_crc: 0,
         })
@@ -193,6 +200,10 @@ impl<R: Read> StreamReader<R> {
 
     /// The next record. After END, returns END again without reading.
     pub fn next_record(&mut self) -> Result<Record<'_>, StreamError> {
+        if let Some(done) = self.applied.take() {
+            // The caller asks for the next record once it has applied the last one.
+            crate::fault::hit_record("read", done, "after");
+        }
         if self.ended {
             return Ok(Record::End);
         }
@@ -209,6 +220,7 @@ impl<R: Read> StreamReader<R> {
         let t = u32_at(&head, 0);
         let len = u32_at(&head, 4);
         let name = rtype::name(t);
+        crate::fault::hit_record("read", name, "before");
         if len > MAX_RECORD_BODY {
             return Err(StreamError::TooLong { index, offset: start, len, max: MAX_RECORD_BODY });
         }
@@ -271,6 +283,7 @@ impl<R: Read> StreamReader<R> {
         {
             return Err(malformed("a post-copy page stream carries only PAGE_BATCH and END".into()));
         }
+        self.applied = Some(name);
         match t {
             rtype::MACHINE_CONFIG => {
                 need(16)?;

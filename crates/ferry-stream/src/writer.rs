@@ -38,6 +38,9 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn put(&mut self, b: &[u8]) -> Result<(), StreamError> {
+        if let Some(e) = crate::fault::take_io(true) {
+            return Err(StreamError::Write(e));
+        }
         self.w.write_all(b).map_err(StreamError::Write)?;
         self.bytes += b.len() as u64;
         Ok(())
@@ -50,6 +53,7 @@ impl<W: Write> StreamWriter<W> {
             return Err(StreamError::Invalid(format!("{} body of {len} bytes", rtype::name(t))));
         }
         let len = len as u32;
+        crate::fault::hit_record("write", rtype::name(t), "before");
         let crc = record_crc(t, len, parts);
         let mut head = [0u8; 8];
         head[..4].copy_from_slice(&t.to_le_bytes());
@@ -66,6 +70,7 @@ impl<W: Write> StreamWriter<W> {
             self.epoch_records = self.epoch_records.wrapping_add(1);
             self.epoch_crc = crc32c::crc32c_append(self.epoch_crc, &crc.to_le_bytes());
         }
+        crate::fault::hit_record("write", rtype::name(t), "after");
         Ok(())
     }
 

@@ -803,6 +803,52 @@ impl Vm {
         Ok(n)
     }
 
+    /// Destination after COMMIT (COMMIT_CONFIRM): hands every disk over and waits until it
+    /// holds its image lock, one disk after the other in order. The first writable disk's lock
+    /// (the token) decides who holds the guest (see [`Vm::disks_take_back_token`]): it is taken
+    /// before anything of a later disk, and only before `deadline` (after it the source may
+    /// have taken it back and let it go again). Once the token is held the guest is ours, and
+    /// the later disks are waited for without a bound (the source lets them go once its last
+    /// requests finish, or when it exits). `source_gone` says whether the source ended the
+    /// connection: a source that did so and still holds the token took the guest back.
+    pub fn disks_handover_in_order(
+        &self,
+        deadline: std::time::Instant,
+        source_gone: &dyn Fn() -> bool,
+    ) -> Result<u64, VmError> {
+        let mut n = 0;
+        let mut token_held = false;
+        for d in self.disks() {
+            if !token_held && std::time::Instant::now() > deadline {
+                return Err(crate::devices::virtio_blk::BlockError::CommitTooLate(d.index()).into());
+            }
+            n += d.handover()?;
+            d.await_lock(if token_held { None } else { Some(deadline) }, source_gone)?;
+            token_held |= !d.image().readonly();
+        }
+        Ok(n)
+    }
+
+    /// Destination before its ACK: whether it sees the source's lock on the token image (the
+    /// first writable disk's). `None` without a writable disk.
+    pub fn disks_token_lock_seen(&self) -> Option<bool> {
+        let d = self.disks().iter().find(|d| !d.image().readonly())?;
+        Some(d.image().locked_elsewhere())
+    }
+
+    /// Source after COMMIT with no COMMITTED (COMMIT_CONFIRM): tries to take the token (the
+    /// first writable disk's image lock) back. `Some(true)`: taken, so the destination never
+    /// will and must not run the guest; `Some(false)`: the destination holds it and runs the
+    /// guest; `None`: no writable disk, or the lock failed otherwise, so no lock tells.
+    pub fn disks_take_back_token(&self) -> Option<bool> {
+        let d = self.disks().iter().find(|d| !d.image().readonly())?;
+        match d.image().lock() {
+            Ok(()) => Some(true),
+            Err(crate::devices::disk_image::DiskImageError::Locked { .. }) => Some(false),
+            Err(_) => None,
+        }
+    }
+
     /// Source before COMMIT: releases the lock of every disk with nothing executing. Returns
     /// whether all were released.
     pub fn disks_try_release(&self) -> bool {

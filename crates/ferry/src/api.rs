@@ -335,6 +335,14 @@ pub(crate) fn migrate(req: &Value, ctx: &ApiContext, progress: &mut dyn FnMut(&V
                 postcopy_paused(ctx, pending, &format!("{e:#}"));
                 return Err(e);
             }
+            Err(e @ ferry_migrate::source::MigrateError::HandoverUnknown(_)) => {
+                // The destination may run the guest: it stays paused here, as if by the API,
+                // so that nothing but an explicit `resume` (or `quit`) touches it; a snapshot
+                // or another migration would run it.
+                ctx.paused.store(true, Ordering::SeqCst);
+                ctx.publish(json!({"event": "state", "state": "paused"}));
+                return Err(e.into());
+            }
             Err(e) => return Err(e.into()),
         };
         // The destination runs the guest now: nothing may resume it here (the flag is set
@@ -729,6 +737,9 @@ fn handle(req: &Value, ctx: &ApiContext) -> Result<Value> {
             // A guest paused because its backup was lost runs unprotected from here: the output
             // it held for its last checkpoint goes out.
             ctx.vm.set_output_commit(false);
+            // Disks left quiesced by a handover that ended unknown (the operator decides here
+            // that the guest runs on this side).
+            ctx.vm.resume_disks()?;
             ctx.vm.resume()?;
             ctx.paused.store(false, Ordering::SeqCst);
             ctx.publish(json!({"event": "state", "state": "running"}));

@@ -790,6 +790,7 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     // Resumed only now: a message written while the guest's first line is half out would cut
     // that line in a console that merges stderr and stdout.
     vm.resume().context("cannot resume the migrated guest")?;
+    ferry_stream::fault::hit("destination.resumed");
     Ok(Arc::new(vm))
 }
 
@@ -1456,6 +1457,15 @@ fn main() {
     MAIN_START_NS.get_or_init(update::monotonic_ns);
     let cli = Cli::parse();
     logging::init(cli.log_level, cli.log_format);
+    // FERRY_FAULT (docs/reliability.md): armed in a fault-injection build, refused in any other
+    // (a fault asked for and silently not injected would let a test pass that tried nothing).
+    if let Some(f) = ferry_stream::fault::configured() {
+        if !ferry_stream::fault::ENABLED {
+            eprintln!("ferry: FERRY_FAULT={f} is set, but this Ferry was built without the fault-injection feature");
+            std::process::exit(2);
+        }
+        eprintln!("ferry: fault injection armed: {f}");
+    }
     let r = match cli.cmd {
         Cmd::Run(a) => run(*a),
         Cmd::Migrate(a) => migrate(a),

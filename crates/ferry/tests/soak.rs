@@ -31,35 +31,6 @@ impl Rng {
     }
 }
 
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The DISK part of each REPORT: (written, errors).
-fn disk(p: &Proc) -> Vec<(u64, u64)> {
-    p.lines_with("REPORT ")
-        .iter()
-        .filter_map(|l| {
-            let d = &l[l.find(" DISK ")?..];
-            Some((field(d, "written")?, field(d, "errors")?))
-        })
-        .collect()
-}
-
-fn assert_clean(p: &Proc, what: &str) {
-    assert!(p.reports().iter().all(|r| r.errors == 0), "{what}: memory errors: {}", p.tail(3));
-    assert!(disk(p).iter().all(|d| d.1 == 0), "{what}: disk errors: {}", p.tail(3));
-    assert!(p.lines_with("VERIFY-FAIL").is_empty() && p.lines_with("DISK-FAIL").is_empty(), "{what}: {}", p.tail(5));
-}
-
 fn spawn_source(dir: &Path, img: &Path, cpus: u32, gen: usize) -> (Proc, std::path::PathBuf) {
     let api = dir.join(format!("api-{gen}.sock"));
     let mut p = Proc::spawn(&[
@@ -77,7 +48,7 @@ fn spawn_source(dir: &Path, img: &Path, cpus: u32, gen: usize) -> (Proc, std::pa
     ]);
     assert!(p.wait_reports(3, Duration::from_secs(60)), "the guest never reported: {} {}", p.tail(3), p.stderr_text());
     assert!(wait_socket(&api, Duration::from_secs(5)));
-    assert!(disk(&p).last().is_some_and(|d| d.0 > 0), "no disk I/O: {}", p.tail(2));
+    assert!(disk_counts(&p).last().is_some_and(|d| d.0 > 0), "no disk I/O: {}", p.tail(2));
     (p, api)
 }
 
@@ -145,13 +116,13 @@ fn a_guest_migrated_again_and_again_loses_nothing_and_leaks_nothing() {
                 dst.tail(3),
                 dst.stderr_text()
             );
-            assert_clean(&src, &what);
-            assert_clean(&dst, &what);
+            assert_guest_clean(&src, &what);
+            assert_guest_clean(&dst, &what);
             let hb = joined_heartbeats(&src, &dst);
             if let Some(w) = hb.windows(2).find(|w| w[1] != w[0] + 1) {
                 panic!("{what}: heartbeat {} then {}", w[0], w[1]);
             }
-            fd_seen.push(fds(dst.child.id()));
+            fd_seen.push(fd_count(dst.child.id()));
             rss_seen.push(rss_kib(dst.child.id()));
             if gen % 50 == 0 {
                 eprintln!(
@@ -167,7 +138,7 @@ fn a_guest_migrated_again_and_again_loses_nothing_and_leaks_nothing() {
         // The last one runs on clean.
         let n = src.reports().len();
         assert!(src.wait_reports(n + 5, Duration::from_secs(30)), "the last destination stopped: {}", src.tail(3));
-        assert_clean(&src, "the last destination");
+        assert_guest_clean(&src, "the last destination");
         src.kill();
         gen += 1;
         chains.push((cpus, fd_seen, rss_seen));

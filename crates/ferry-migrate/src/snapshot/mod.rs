@@ -18,6 +18,7 @@
 //! A snapshot is written to `PATH.partial`, synced, then renamed: a failed snapshot leaves no
 //! file at PATH.
 
+use ferry_stream::fault;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
@@ -361,6 +362,9 @@ impl Out<'_> {
 
     fn flush_run(&mut self, ri: usize, start: u64, data: &[u8]) -> Result<(), SnapshotError> {
         let off = self.data_offsets[ri] + start * PAGE;
+        if let Some(e) = fault::take_io(true) {
+            return Err(self.werr(e));
+        }
         self.file.write_all_at(data, off).map_err(|e| self.werr(e))?;
         self.bytes += data.len() as u64;
         Ok(())
@@ -586,6 +590,7 @@ pub fn snapshot(
     cancel: &AtomicBool,
 ) -> Result<SnapshotSummary, SnapshotError> {
     let t_start = Instant::now();
+    fault::disarm();
     if params.live && params.incremental_from.is_some() {
         return Err(SnapshotError::LiveIncremental);
     }
@@ -718,6 +723,7 @@ fn write_file(
     // in flight goes in their state (a restore re-executes it). Resumed when this goes.
     let disks_quiesced = DisksQuiesced(vm);
     vm.quiesce_disks()?;
+    fault::hit("snapshot.paused");
     // The next incremental snapshot's tracker starts now: everything before is in this one.
     let fresh = vm.dirty_register("snapshot", Initial::Clean)?;
     let mut fresh = NewConsumer { vm, id: fresh, keep: false };
@@ -838,9 +844,15 @@ fn write_file(
     if meta.len() as u64 > meta_reserve {
         return Err(SnapshotError::MetadataTooLarge(meta.len() as u64, meta_reserve));
     }
+    fault::hit("snapshot.pages-written");
+    if let Some(e) = fault::take_io(true) {
+        return Err(out.werr(e));
+    }
     out.file.write_all_at(&meta, 0).map_err(|e| out.werr(e))?;
     out.file.sync_all().map_err(|e| out.werr(e))?;
+    fault::hit("snapshot.synced");
     std::fs::rename(tmp, &params.path).map_err(|source| SnapshotError::Write { path: params.path.clone(), source })?;
+    fault::hit("snapshot.renamed");
     if let Some(dir) = params.path.parent() {
         if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
             let _ = d.sync_all();

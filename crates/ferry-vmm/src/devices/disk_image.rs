@@ -196,6 +196,22 @@ impl DiskImage {
         }
     }
 
+    /// Whether another open file description holds a lock that conflicts with a write lock on
+    /// this image (`F_OFD_GETLK`): a destination sees its source's lock this way, which proves
+    /// the two see each other's locks (the same host, or a file system with coherent locks).
+    pub fn locked_elsewhere(&self) -> bool {
+        let mut fl = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        // SAFETY: F_OFD_GETLK reads and writes a valid `struct flock` we own; the fd is open.
+        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        r == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
+    }
+
     /// Releases the lock (no-op when not held).
     pub fn unlock(&self) {
         let mut held = self.locked.lock().unwrap_or_else(|p| p.into_inner());

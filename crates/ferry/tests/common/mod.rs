@@ -78,8 +78,14 @@ impl Proc {
     }
 
     pub fn spawn_exe(exe: &str, args: &[&str]) -> Proc {
+        Self::spawn_exe_env(exe, args, &[])
+    }
+
+    /// As [`Proc::spawn_exe`], with `env` added to the environment.
+    pub fn spawn_exe_env(exe: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(exe)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -391,4 +397,36 @@ pub fn working_set(boot_line: &str) -> (u64, u64) {
     let (a, b) = ws.split_once('-').expect("ws=A-B");
     let p = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
     (p(a), p(b))
+}
+
+/// Open descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Resident memory of a process, KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The DISK part of each REPORT line: (written, errors).
+pub fn disk_counts(p: &Proc) -> Vec<(u64, u64)> {
+    p.lines_with("REPORT ")
+        .iter()
+        .filter_map(|l| {
+            let d = &l[l.find(" DISK ")?..];
+            Some((field(d, "written")?, field(d, "errors")?))
+        })
+        .collect()
+}
+
+/// Every memory and disk report of `p` clean, and no verifier failure line.
+pub fn assert_guest_clean(p: &Proc, what: &str) {
+    assert!(p.reports().iter().all(|r| r.errors == 0), "{what}: memory errors: {}", p.tail(3));
+    assert!(disk_counts(p).iter().all(|d| d.1 == 0), "{what}: disk errors: {}", p.tail(3));
+    assert!(p.lines_with("VERIFY-FAIL").is_empty() && p.lines_with("DISK-FAIL").is_empty(), "{what}: {}", p.tail(5));
 }

@@ -88,6 +88,22 @@ pub enum BlockError {
         #[source]
         source: super::disk_image::DiskImageError,
     },
+    #[error("disk {index}: the source did not release the image lock in time ({secs} s waited); the guest does not run here")]
+    LockWait {
+        index: usize,
+        secs: u64,
+        #[source]
+        source: super::disk_image::DiskImageError,
+    },
+    #[error("disk {0} failed before the handover completed")]
+    HandoverFailed(usize),
+    #[error(
+        "disk {0}: COMMIT came later than this destination may take the guest (the source may have taken it back); \
+         the guest does not run here"
+    )]
+    CommitTooLate(usize),
+    #[error("disk {0} lost its image lock to another Ferry; the guest stays paused so that it never runs twice")]
+    Fenced(usize),
 }
 
 /// What a disk is built on.
@@ -519,6 +535,11 @@ impl BlockDevice {
     /// the image lock again if it was released, and serves the queue again.
     pub fn resume(&self) -> Result<(), BlockError> {
         let mut st = self.lock()?;
+        if st.mode == Mode::Failed {
+            // A second resume must not find the device merely "not quiesced" and let the
+            // guest run while another Ferry holds the image.
+            return Err(BlockError::Fenced(self.inner.index));
+        }
         if !st.quiesced {
             return Ok(());
         }
@@ -581,6 +602,49 @@ impl BlockDevice {
                 return false;
             }
             std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Destination after COMMIT (COMMIT_CONFIRM): waits until this device holds its image lock,
+    /// taking it as soon as the source lets it go; with a `deadline`, never after it, nor once
+    /// `source_gone` has said for a second that the source ended the connection while the lock
+    /// stays held (a source that took the guest back; a dying one lets its locks go within
+    /// that second). The device then fails, so that its thread does not take the lock later.
+    pub fn await_lock(&self, deadline: Option<Instant>, source_gone: &dyn Fn() -> bool) -> Result<(), BlockError> {
+        let start = Instant::now();
+        let mut gone_since: Option<Instant> = None;
+        loop {
+            {
+                let mut st = self.lock()?;
+                let gave_up = deadline.is_some_and(|d| Instant::now() > d)
+                    || gone_since.is_some_and(|t| t.elapsed() > Duration::from_secs(1));
+                match st.mode {
+                    Mode::Running => return Ok(()),
+                    Mode::AwaitLock(_) if gave_up => {
+                        st.mode = Mode::Failed;
+                        let source =
+                            super::disk_image::DiskImageError::Locked { path: self.inner.image.spec().path.clone() };
+                        return Err(BlockError::LockWait {
+                            index: self.inner.index,
+                            secs: start.elapsed().as_secs(),
+                            source,
+                        });
+                    }
+                    Mode::AwaitLock(_) => {
+                        if self.inner.image.lock().is_ok() {
+                            st.mode = Mode::Running;
+                            drop(st);
+                            self.kick();
+                            return Ok(());
+                        }
+                        if deadline.is_some() && gone_since.is_none() && source_gone() {
+                            gone_since = Some(Instant::now());
+                        }
+                    }
+                    Mode::AwaitHandover | Mode::Failed => return Err(BlockError::HandoverFailed(self.inner.index)),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
