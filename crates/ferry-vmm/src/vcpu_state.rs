@@ -219,31 +219,30 @@ impl VcpuState {
         vcpu.set_regs(&self.regs).map_err(kvm("set registers"))?;
         vcpu.set_sregs(&self.sregs).map_err(kvm("set special registers"))?;
         vcpu.set_fpu(&self.fpu).map_err(kvm("set the FPU"))?;
-        let words = self.xsave.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-        if self.xsave.len() > LEGACY_XSAVE_SIZE as usize {
-            let mut x = xsave2_buffer(self.xsave.len())?;
-            let legacy = x.as_fam_struct_ref().xsave.region.len();
-            let mut words = words;
-            // SAFETY: only the fixed legacy region is written; the FAM length field, which the
-            // wrapper's invariants depend on, is left as Xsave::new set it.
-            let fixed = unsafe { x.as_mut_fam_struct() };
-            for (w, v) in fixed.xsave.region.iter_mut().zip(words.by_ref().take(legacy)) {
-                *w = v;
+        let load = |x: &[u8], what: &'static str| match set_xsave(vcpu, x) {
+            Ok(()) => Ok(()),
+            Err(XsaveLoad::Size(e)) => Err(e),
+            Err(XsaveLoad::Kvm(e)) => Err(kvm(what)(e)),
+        };
+        match set_xsave(vcpu, &self.xsave) {
+            // KVM saves PKRU (XSAVE component 9) on a host with protection keys whether or not
+            // the guest uses them, and a host without them refuses the component. With CR4.PKE
+            // clear, PKRU has no effect on the guest: it is left out (an init PKRU) and the
+            // state loads. A guest that uses protection keys is refused by the CPU model check
+            // before its state gets here.
+            Err(XsaveLoad::Kvm(e))
+                if e.errno() == libc::EINVAL
+                    && self.sregs.cr4 & CR4_PKE == 0
+                    && xstate_bv(&self.xsave) & XFEATURE_PKRU != 0 =>
+            {
+                let mut x = self.xsave.clone();
+                let bv = xstate_bv(&x) & !XFEATURE_PKRU;
+                x[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8].copy_from_slice(&bv.to_le_bytes());
+                load(&x, "set XSAVE state (PKRU left out)")?;
             }
-            for (w, v) in x.as_mut_slice().iter_mut().zip(words) {
-                *w = v;
-            }
-            // SAFETY: `x` holds the whole saved area, whose size the CPU model check found no
-            // larger than this host's KVM_CAP_XSAVE2 size, so KVM reads only what `x` holds.
-            unsafe { vcpu.set_xsave2(&x) }.map_err(kvm("set XSAVE state (XSAVE2)"))?;
-        } else {
-            let mut xsave = kvm_xsave::default();
-            for (w, v) in xsave.region.iter_mut().zip(words) {
-                *w = v;
-            }
-            // SAFETY: `xsave` is a complete legacy kvm_xsave (its 4 KiB region), which is all
-            // KVM_SET_XSAVE reads for a VM without XSAVE2.
-            unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("set XSAVE state"))?;
+            Err(XsaveLoad::Size(e)) => return Err(e),
+            Err(XsaveLoad::Kvm(e)) => return Err(kvm("set XSAVE state")(e)),
+            Ok(()) => {}
         }
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("set XCRs"))?;
         vcpu.set_debug_regs(&self.debugregs).map_err(kvm("set debug registers"))?;
@@ -362,6 +361,58 @@ impl<'a> Persist for KvmVcpu<'a> {
     fn restore(fresh: KvmVcpu<'a>, state: &VcpuState) -> Result<Self, VcpuStateError> {
         state.restore(fresh.fd)?;
         Ok(fresh)
+    }
+}
+
+/// CR4.PKE: protection keys on.
+const CR4_PKE: u64 = 1 << 22;
+/// XSAVE component 9, PKRU.
+const XFEATURE_PKRU: u64 = 1 << 9;
+/// Where the XSAVE header's XSTATE_BV is in the (standard-format) area.
+const XSTATE_BV_OFFSET: usize = 512;
+
+/// The XSTATE_BV of a saved XSAVE area (0 when the area is too short to have one).
+fn xstate_bv(xsave: &[u8]) -> u64 {
+    xsave.get(XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8).map_or(0, |b| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        u64::from_le_bytes(w)
+    })
+}
+
+/// Why a saved XSAVE area did not load.
+enum XsaveLoad {
+    Size(VcpuStateError),
+    Kvm(kvm_ioctls::Error),
+}
+
+/// Loads a saved XSAVE area into `vcpu` (KVM_SET_XSAVE2 when it is larger than the legacy 4 KiB).
+fn set_xsave(vcpu: &VcpuFd, xsave: &[u8]) -> Result<(), XsaveLoad> {
+    let words = || xsave.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    if xsave.len() > LEGACY_XSAVE_SIZE as usize {
+        let mut x = xsave2_buffer(xsave.len()).map_err(XsaveLoad::Size)?;
+        let legacy = x.as_fam_struct_ref().xsave.region.len();
+        let mut words = words();
+        // SAFETY: only the fixed legacy region is written; the FAM length field, which the
+        // wrapper's invariants depend on, is left as Xsave::new set it.
+        let fixed = unsafe { x.as_mut_fam_struct() };
+        for (w, v) in fixed.xsave.region.iter_mut().zip(words.by_ref().take(legacy)) {
+            *w = v;
+        }
+        for (w, v) in x.as_mut_slice().iter_mut().zip(words) {
+            *w = v;
+        }
+        // SAFETY: `x` holds the whole saved area, whose size the CPU model check found no
+        // larger than this host's KVM_CAP_XSAVE2 size, so KVM reads only what `x` holds.
+        unsafe { vcpu.set_xsave2(&x) }.map_err(XsaveLoad::Kvm)
+    } else {
+        let mut buf = kvm_xsave::default();
+        for (w, v) in buf.region.iter_mut().zip(words()) {
+            *w = v;
+        }
+        // SAFETY: `buf` is a complete legacy kvm_xsave (its 4 KiB region), which is all
+        // KVM_SET_XSAVE reads for a VM without XSAVE2.
+        unsafe { vcpu.set_xsave(&buf) }.map_err(XsaveLoad::Kvm)
     }
 }
 
