@@ -601,6 +601,20 @@ fn postcopy_scenario(name: &str, f: fn()) {
     f();
 }
 
+/// The link of the post-copy tests, in MiB/s. Uncapped, the first pass of the 256 MiB working
+/// set took so little time on a fast host that the guest (each first write after a dirty-log
+/// clear costs a write-protect fault here) dirtied fewer than 1000 pages, and the push sent them
+/// all in 6 ms, before the guest touched one: nothing was left to test. At 128 MiB/s the first
+/// pass takes about 2 s and the push of what the guest dirtied meanwhile is long enough for the
+/// guest to fault on pages still missing.
+const POSTCOPY_BANDWIDTH: &str = "128";
+
+/// How much of the post-copy page stream the link carries before it is cut. Small against what
+/// a flat-out guest owes at the switch (`assert_postcopy_summary` asks for more than 1000
+/// pages; a CI host that starved the guest during the first pass once left fewer than the 8 MiB
+/// this used to be, and the whole post-copy went through before the "cut").
+const POSTCOPY_CUT_AFTER: u64 = 1 << 20;
+
 /// Checks a post-copy summary: every page owed at the switch went (asked for or pushed), and
 /// the destination saw faults on missing pages (a flat-out guest touches them at once).
 fn assert_postcopy_summary(s: &serde_json::Value) -> serde_json::Value {
@@ -621,7 +635,7 @@ fn postcopy_moves_a_flat_out_guest_with_nothing_lost(t: Tracking) {
     let uri = format!("unix:{}", src.dir.join("mig.sock").display());
     let mut dst = destination(&uri, t);
 
-    let o = migrate(&src.api, &uri, &["--postcopy"]);
+    let o = migrate(&src.api, &uri, &["--postcopy", "--max-bandwidth", POSTCOPY_BANDWIDTH]);
 
     assert_eq!(o.code, 0, "post-copy migration failed: {}", o.stderr);
     let s = o.summary.expect("--json summary");
@@ -643,11 +657,15 @@ fn postcopy_link_cut_is_resumed_over_a_new_connection_with_nothing_lost() {
         let dst_api = src.dir.join("dst-api.sock");
         let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--api-socket", dst_api.to_str().unwrap()]);
         assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)), "{}", dst.stderr_text());
-        let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::CutInPostcopy { after_bytes: 8 << 20 });
+        let proxy = Proxy::start(
+            src.dir.join("proxy.sock"),
+            dst_sock,
+            Fault::CutInPostcopy { after_bytes: POSTCOPY_CUT_AFTER },
+        );
 
-        let o = migrate(&src.api, &proxy.uri, &["--postcopy"]);
+        let o = migrate(&src.api, &proxy.uri, &["--postcopy", "--max-bandwidth", POSTCOPY_BANDWIDTH]);
 
-        assert_ne!(o.code, 0, "the post-copy through a cut link reported success");
+        assert_ne!(o.code, 0, "the post-copy through a cut link reported success: {:?} {}", o.summary, o.stderr);
         assert!(o.stderr.contains("migrate-resume"), "the error should say how to go on: {}", o.stderr);
         assert!(dst.wait_stderr("waiting up to", Duration::from_secs(20)), "{}", dst.stderr_text());
         // The source stays to serve the rest; it must not run the guest.
@@ -688,8 +706,12 @@ fn postcopy_destination_gives_up_loudly_when_the_source_never_comes_back() {
         let dst_uri = format!("unix:{}", dst_sock.display());
         let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--postcopy-recover-timeout-ms", "3000"]);
         assert!(dst.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)));
-        let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::CutInPostcopy { after_bytes: 8 << 20 });
-        let o = migrate(&src.api, &proxy.uri, &["--postcopy"]);
+        let proxy = Proxy::start(
+            src.dir.join("proxy.sock"),
+            dst_sock,
+            Fault::CutInPostcopy { after_bytes: POSTCOPY_CUT_AFTER },
+        );
+        let o = migrate(&src.api, &proxy.uri, &["--postcopy", "--max-bandwidth", POSTCOPY_BANDWIDTH]);
         assert_ne!(o.code, 0);
 
         src.vm.kill();
