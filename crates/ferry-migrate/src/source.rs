@@ -1046,16 +1046,19 @@ fn confirm_handover(vm: &Vm, reply: &mut Conn, acked_at: Instant, token: bool) -
             None => break,
         }
     }
-    // A peer that just closed may still be exiting: look for a moment.
+    // A UNIX peer that just closed may still be exiting: look for a moment. A TCP peer's
+    // process cannot be seen from here (Conn::peer_gone): no point in waiting for it.
     let until = Instant::now() + Duration::from_secs(1);
-    loop {
-        if reply.peer_gone() {
-            return Err(MigrateError::NotConfirmed(e));
+    if matches!(reply, Conn::Unix(_)) {
+        loop {
+            if reply.peer_gone() {
+                return Err(MigrateError::NotConfirmed(e));
+            }
+            if Instant::now() > until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        if Instant::now() > until {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
     Err(MigrateError::HandoverUnknown(e))
 }
