@@ -131,6 +131,9 @@ pub struct Config {
     pub disk_mib: u64,
     /// The hostile driver (lane 0 attacks the virtio-blk device; `hostile`).
     pub hostile: bool,
+    /// Random bits per 8-byte word of page data (8..=64; the rest are zero): 64 does not
+    /// compress, fewer compress like ordinary memory (`--compress` measurements).
+    pub word_bits: u32,
     pub mmio: [MmioDevice; MAX_MMIO],
     pub mmio_count: usize,
 }
@@ -219,6 +222,7 @@ impl Config {
             disk_rate: 0,
             disk_mib: 64,
             hostile: false,
+            word_bits: 64,
             mmio: [MmioDevice { base: 0, size: 0, irq: 0 }; MAX_MMIO],
             mmio_count: 0,
         }
@@ -261,6 +265,7 @@ impl Config {
                 }
                 "disk_qd" => c.disk_qd = parse_u64(v).filter(|&x| (1..=32).contains(&x)).ok_or_else(bad)? as u32,
                 "disk_rate" => c.disk_rate = parse_u64(v).ok_or_else(bad)?,
+                "word_bits" => c.word_bits = parse_u64(v).filter(|&x| (8..=64).contains(&x)).ok_or_else(bad)? as u32,
                 "disk_mib" => c.disk_mib = parse_u64(v).filter(|&x| (1..=1024).contains(&x)).ok_or_else(bad)?,
                 "virtio_mmio.device" => {
                     let d = parse_mmio_device(v).ok_or_else(bad)?;

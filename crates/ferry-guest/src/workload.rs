@@ -135,6 +135,10 @@ pub fn bsp_main(cfg: Config, info: &StartInfo, clock: Clock, lanes: usize) -> ! 
         ws_base,
         ws_end
     ));
+    if cfg.word_bits < 64 {
+        out::line(format_args!("CONFIG word_bits={}", cfg.word_bits));
+        WORD_MASK.store((1u64 << cfg.word_bits) - 1, Relaxed);
+    }
     WS_BASE.store(ws_base, Relaxed);
     TABLE_BASE.store(table_base, Relaxed);
     WS_PAGES.store(pages, Relaxed);
@@ -226,12 +230,15 @@ pub fn ap_main(cpu: usize) -> ! {
     run_lane(cpu, lanes, cfg, clock)
 }
 
+/// The bits of a body word that carry data (`word_bits`; the others are zero).
+static WORD_MASK: AtomicU64 = AtomicU64::new(u64::MAX);
+
 #[inline(always)]
-fn body_word(page: u64, gen: u64, i: usize) -> u64 {
+fn body_word(page: u64, gen: u64, i: usize, mask: u64) -> u64 {
     let x = page.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ gen.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
         ^ (i as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
-    x ^ (x >> 31)
+    (x ^ (x >> 31)) & mask
 }
 
 impl Geometry {
@@ -249,9 +256,10 @@ impl Geometry {
 
 fn write_page(g: &Geometry, page: u64, gen: u64) {
     let p = g.page_ptr(page);
+    let mask = WORD_MASK.load(Relaxed);
     let mut sum = 0u64;
     for i in HEADER_WORDS..WORDS {
-        let w = body_word(page, gen, i);
+        let w = body_word(page, gen, i, mask);
         sum = sum.wrapping_add(w).rotate_left(7);
         // SAFETY: p points to a page of the working set, owned by this lane.
         unsafe { p.add(i).write_volatile(w) };
@@ -283,11 +291,12 @@ fn check_page(g: &Geometry, page: u64, want_gen: u64) -> Result<(), Fail> {
     if h1 != want_gen {
         return Err(Fail { what: "generation", got_gen: h1, offset: 8 });
     }
+    let mask = WORD_MASK.load(Relaxed);
     let mut sum = 0u64;
     for i in HEADER_WORDS..WORDS {
         // SAFETY: as above.
         let w = unsafe { p.add(i).read_volatile() };
-        if w != body_word(page, h1, i) {
+        if w != body_word(page, h1, i, mask) {
             return Err(Fail { what: "body", got_gen: h1, offset: i * 8 });
         }
         sum = sum.wrapping_add(w).rotate_left(7);

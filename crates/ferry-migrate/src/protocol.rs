@@ -93,8 +93,10 @@ pub mod features {
     pub const POSTCOPY: u64 = 1 << 3;
     /// The destination confirms COMMIT with a COMMITTED frame once it holds the disks' locks.
     pub const COMMIT_CONFIRM: u64 = 1 << 4;
+    /// PAGE_BATCH_ZSTD records: page data as zstd frames (`ferry migrate --compress zstd`).
+    pub const ZSTD_PAGES: u64 = 1 << 5;
     /// Everything this Ferry serves.
-    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY | POSTCOPY | COMMIT_CONFIRM;
+    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY | POSTCOPY | COMMIT_CONFIRM | ZSTD_PAGES;
 }
 
 /// One side's HELLO.

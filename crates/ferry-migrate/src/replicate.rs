@@ -313,6 +313,7 @@ fn run(
         copy_storage: true,
         tls: None,
         postcopy: None,
+        compress: None,
     };
     let mut summary = MigrationSummary::default();
     crate::source::precopy(&mut s, &initial, None, &mut summary, &mut |_| {})?;

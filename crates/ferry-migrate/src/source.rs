@@ -84,6 +84,10 @@ pub enum MigrateError {
     HandoverUnknown(#[source] ProtocolError),
     #[error("the destination does not serve post-copy (a Ferry without it)")]
     NoPostcopy,
+    #[error("the destination (Ferry {0}) does not read zstd-compressed pages: migrate to it without --compress")]
+    NoCompression(String),
+    #[error("zstd compression could not be set up")]
+    Compression(#[source] ferry_stream::StreamError),
     #[error("post-copy: {} page(s) still here are too scattered for one POSTCOPY record", .0)]
     PostcopyTooScattered(u64),
     /// The guest runs on the destination; `pending` holds what it is still owed, for
@@ -116,6 +120,26 @@ pub struct MigrateParams {
     pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
     /// Switch to post-copy (crate::postcopy) instead of stopping for the last pass.
     pub postcopy: Option<crate::postcopy::PostcopyMode>,
+    /// Compress page data in the migration stream (not in a post-copy's page stream).
+    pub compress: Option<Compression>,
+}
+
+/// Page-data compression on the wire (`ferry migrate --compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// zstd at `level` (1 is fastest; negative levels are faster still and compress less).
+    Zstd { level: i32 },
+}
+
+/// What compression did to the page data of a migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompressionStats {
+    pub level: i32,
+    /// Data-page bytes (NORMAL pages) sent, before and after compression.
+    pub page_bytes: u64,
+    pub wire_bytes: u64,
+    /// page_bytes / wire_bytes.
+    pub ratio: f64,
 }
 
 /// Default for [`MigrateParams::stall_timeout`].
@@ -231,6 +255,9 @@ pub struct MigrationSummary {
     /// The post-copy phase, if the migration switched to post-copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<crate::postcopy::PostcopyStats>,
+    /// zstd's effect on the page data (`--compress zstd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zstd: Option<CompressionStats>,
 }
 
 /// Progress reports while the migration runs.
@@ -519,6 +546,11 @@ pub fn migrate(
         conn.shutdown();
         return Err(MigrateError::NoPostcopy);
     }
+    if params.compress.is_some() && theirs.features & protocol::features::ZSTD_PAGES == 0 {
+        conn.shutdown();
+        let (a, b, c) = theirs.ferry_version;
+        return Err(MigrateError::NoCompression(format!("{a}.{b}.{c}")));
+    }
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
     let peer = theirs.features;
@@ -677,7 +709,10 @@ fn run<'s>(
     // socket, so it shares the timeout too; it is cleared before COMMIT.
     conn.set_write_timeout(Some(SEND_POLL)).map_err(TransportError::Setup)?;
     let conn = StallWatch::to_destination(conn, cancel, params.stall_timeout);
-    let w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
+    let mut w = StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), &header).map_err(MigrateError::Send)?;
+    if let Some(Compression::Zstd { level }) = params.compress {
+        w.compress_pages(level).map_err(MigrateError::Compression)?;
+    }
     let registered = vm.dirty_consumer("migration", Initial::AllDirty)?;
     let mut s = Sender {
         vm,
@@ -792,6 +827,7 @@ pub(crate) fn precopy(
         }
         let t0 = Instant::now();
         let b0 = s.w.bytes_written();
+        let p0 = s.w.page_bytes();
         let off0 = throttle.map(|t| t.off_total());
         let (sent, normal, zero) = s.send_pending(t0, b0)?;
         if let Some(st) = s.storage.as_mut() {
@@ -806,7 +842,11 @@ pub(crate) fn precopy(
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let bytes = s.w.bytes_written() - b0;
         let dirty_rate = policy.dirty_rate(pending);
-        if policy.record_pass(sent, normal, bytes, secs) && s.idle.as_ref().is_some_and(|i| i.applied()) {
+        // The pause is estimated from pages at their raw size: with compression, the pass's
+        // bandwidth counts the bytes its pages would have taken.
+        let p1 = s.w.page_bytes();
+        let saved = (p1.raw - p0.raw).saturating_sub(p1.wire - p0.wire);
+        if policy.record_pass(sent, normal, bytes + saved, secs) && s.idle.as_ref().is_some_and(|i| i.applied()) {
             // Starved: other threads want the spare CPUs.
             drop(s.idle.take());
         }
@@ -1002,6 +1042,15 @@ fn finish_handover(
     summary.downtime_breakdown = bd;
     summary.bytes = s.w.bytes_written();
     summary.pages = s.counts;
+    if let Some(Compression::Zstd { level }) = params.compress {
+        let p = s.w.page_bytes();
+        summary.zstd = Some(CompressionStats {
+            level,
+            page_bytes: p.raw,
+            wire_bytes: p.wire,
+            ratio: if p.wire > 0 { p.raw as f64 / p.wire as f64 } else { 1.0 },
+        });
+    }
     Ok(())
 }
 

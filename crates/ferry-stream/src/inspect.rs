@@ -65,8 +65,12 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                 s.discarded += n[3];
                 let first = b.entries().first().map(|e| e.0).unwrap_or(0);
                 let last = b.entries().last().map(|e| e.0).unwrap_or(0);
+                let zstd = match b.compressed_bytes() {
+                    Some(z) => format!(", data as a zstd frame of {z} bytes"),
+                    None => String::new(),
+                };
                 format!(
-                    "PAGE_BATCH {} pages (normal {}, zero {}, broken {}, discarded {}) frames {first:#x}..{last:#x}",
+                    "PAGE_BATCH {} pages (normal {}, zero {}, broken {}, discarded {}) frames {first:#x}..{last:#x}{zstd}",
                     b.len(),
                     n[PageType::Normal.to_u8() as usize],
                     n[PageType::Zero.to_u8() as usize],

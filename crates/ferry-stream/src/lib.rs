@@ -21,7 +21,7 @@ pub use cpu_model::{CpuModel, CpuidEntry, MAX_CPUID_ENTRIES};
 pub use inspect::{inspect, InspectSummary};
 pub use reader::{DiskBlocks, PageBatch, Record, StreamReader};
 pub use snapshot::{RamMap, SnapshotInfo, SnapshotKind, MAX_PARENT_PATH, SNAPSHOT_ID_LEN};
-pub use writer::StreamWriter;
+pub use writer::{PageBytes, StreamWriter};
 
 /// Guest page size carried by streams of this version.
 pub const PAGE_SIZE: usize = 4096;
@@ -75,6 +75,9 @@ pub mod rtype {
     /// guest frames whose current data is not in this stream; they come after the switch-over
     /// in a page stream of their own (header flag POSTCOPY).
     pub const POSTCOPY: u32 = 0x12;
+    /// A page batch whose data pages are one zstd frame (format version 3 on, to receivers
+    /// that announce it; migration and checkpointed streams only).
+    pub const PAGE_BATCH_ZSTD: u32 = 0x13;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -97,6 +100,7 @@ pub mod rtype {
             0x10 => "HEARTBEAT",
             DISK_MAP => "DISK_MAP",
             POSTCOPY => "POSTCOPY",
+            PAGE_BATCH_ZSTD => "PAGE_BATCH_ZSTD",
             _ => "unknown",
         }
     }
@@ -364,6 +368,8 @@ pub enum StreamError {
          {want_crc:#010x}, the reader got {got_records} with {got_crc:#010x}"
     )]
     EpochMismatch { seq: u64, want_records: u32, want_crc: u32, got_records: u32, got_crc: u32 },
+    #[error("zstd could not be set up")]
+    Zstd(#[source] std::io::Error),
 }
 
 /// crc32c over the record type, length and body.

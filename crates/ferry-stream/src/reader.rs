@@ -69,6 +69,8 @@ pub enum Record<'a> {
 pub struct PageBatch<'a> {
     entries: Vec<(u64, PageType)>,
     data: &'a [u8],
+    /// PAGE_BATCH_ZSTD: the bytes of the zstd frame the data came from.
+    compressed: Option<usize>,
 }
 
 impl<'a> PageBatch<'a> {
@@ -80,6 +82,11 @@ impl<'a> PageBatch<'a> {
     }
     pub fn entries(&self) -> &[(u64, PageType)] {
         &self.entries
+    }
+    /// For a PAGE_BATCH_ZSTD record, the size of its zstd frame (the data pages are already
+    /// decompressed).
+    pub fn compressed_bytes(&self) -> Option<usize> {
+        self.compressed
     }
     /// `(frame, type, data)` for each entry; data only for NORMAL pages.
     pub fn iter(&self) -> impl Iterator<Item = (u64, PageType, Option<&'a [u8]>)> + '_ {
@@ -122,6 +129,9 @@ pub struct StreamReader<R: Read> {
     /// stored checksums: what the next CHECKPOINT must state.
     epoch_records: u32,
     epoch_crc: u32,
+    /// For PAGE_BATCH_ZSTD records: made at the first one, and the pages it decompressed.
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    zbuf: Vec<u8>,
 }
 
 /// Fills `buf` completely; `Ok(n)` with n < len means EOF after n bytes.
@@ -175,6 +185,8 @@ impl<R: Read> StreamReader<R> {
             applied: None,
             epoch_records: 0,
             epoch_crc: 0,
+            zstd: None,
+            zbuf: Vec::new(),
         })
     }
 
@@ -299,7 +311,17 @@ impl<R: Read> StreamReader<R> {
                     regions,
                 }))
             }
-            rtype::PAGE_BATCH => {
+            rtype::PAGE_BATCH_ZSTD if self.header.format_version < 3 => {
+                Err(malformed("PAGE_BATCH_ZSTD needs format version 3 or later".into()))
+            }
+            rtype::PAGE_BATCH_ZSTD
+                if self.header.flags.0
+                    & (StreamFlags::SNAPSHOT.0 | StreamFlags::HANDOVER.0 | StreamFlags::POSTCOPY.0)
+                    != 0 =>
+            {
+                Err(malformed("only migration and checkpointed streams carry compressed page batches".into()))
+            }
+            rtype::PAGE_BATCH | rtype::PAGE_BATCH_ZSTD => {
                 need(8)?;
                 let count = u32_at(body, 0);
                 if u32_at(body, 4) != 0 {
@@ -325,6 +347,40 @@ impl<R: Read> StreamReader<R> {
                     }
                     entries.push((gfn, t));
                 }
+                if t == rtype::PAGE_BATCH_ZSTD {
+                    // The frame must decompress to exactly the NORMAL pages: the buffer holds
+                    // no more, so a frame that claims more fails rather than allocating.
+                    let want = normal * PAGE_SIZE;
+                    let frame = &body[ents_end..];
+                    if want == 0 || frame.is_empty() {
+                        return Err(malformed(format!(
+                            "{normal} NORMAL pages and a zstd frame of {} bytes (both must be present)",
+                            frame.len()
+                        )));
+                    }
+                    if self.zstd.is_none() {
+                        self.zstd = Some(zstd::bulk::Decompressor::new().map_err(StreamError::Zstd)?);
+                    }
+                    let Some(z) = self.zstd.as_mut() else {
+                        return Err(malformed("no zstd decompressor".into()));
+                    };
+                    if self.zbuf.len() < want {
+                        self.zbuf.resize(want, 0);
+                    }
+                    let got = z.decompress_to_buffer(frame, &mut self.zbuf[..want]).map_err(|e| {
+                        malformed(format!("its zstd frame of {} bytes does not decompress: {e}", frame.len()))
+                    })?;
+                    if got != want {
+                        return Err(malformed(format!(
+                            "its zstd frame holds {got} bytes, {count} entries with {normal} NORMAL pages need {want}"
+                        )));
+                    }
+                    return Ok(Record::PageBatch(PageBatch {
+                        entries,
+                        data: &self.zbuf[..want],
+                        compressed: Some(frame.len()),
+                    }));
+                }
                 let want = ents_end + normal * PAGE_SIZE;
                 if body.len() != want {
                     return Err(malformed(format!(
@@ -332,7 +388,7 @@ impl<R: Read> StreamReader<R> {
                         body.len()
                     )));
                 }
-                Ok(Record::PageBatch(PageBatch { entries, data: &body[ents_end..] }))
+                Ok(Record::PageBatch(PageBatch { entries, data: &body[ents_end..], compressed: None }))
             }
             rtype::VCPU_STATE => {
                 need(8)?;

@@ -16,6 +16,21 @@ pub struct StreamWriter<W: Write> {
     /// Records written since the last CHECKPOINT and the crc32c over their checksums.
     epoch_records: u32,
     epoch_crc: u32,
+    /// Set by [`Self::compress_pages`]: data pages go zstd-compressed (PAGE_BATCH_ZSTD).
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// A compressed batch's frame (reused).
+    zbuf: Vec<u8>,
+    /// Data-page bytes given to page batches, and what they took on the wire.
+    pages_raw: u64,
+    pages_wire: u64,
+}
+
+/// Data-page bytes a writer was given and the bytes they took in the stream (less when
+/// compressed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageBytes {
+    pub raw: u64,
+    pub wire: u64,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -29,7 +44,32 @@ impl<W: Write> StreamWriter<W> {
             version: header.format_version,
             epoch_records: 0,
             epoch_crc: 0,
+            zstd: None,
+            zbuf: Vec::new(),
+            pages_raw: 0,
+            pages_wire: 0,
         })
+    }
+
+    /// From now on, a page batch's data pages go as one zstd frame at `level` (a
+    /// PAGE_BATCH_ZSTD record) whenever that is smaller than the pages; otherwise, and for
+    /// batches without data pages, as a plain PAGE_BATCH. Only for a reader that said it reads
+    /// PAGE_BATCH_ZSTD (a format-3 migration or checkpointed stream).
+    pub fn compress_pages(&mut self, level: i32) -> Result<(), StreamError> {
+        if self.version < 3 {
+            return Err(StreamError::Invalid(format!("compressed page batches in a version {} stream", self.version)));
+        }
+        let mut z = zstd::bulk::Compressor::new(level).map_err(StreamError::Zstd)?;
+        // The frame states its decompressed size; the reader checks it against the entries.
+        z.include_contentsize(true).map_err(StreamError::Zstd)?;
+        z.include_checksum(false).map_err(StreamError::Zstd)?;
+        self.zstd = Some(z);
+        Ok(())
+    }
+
+    /// Data-page bytes written so far, raw and as they went (see [`Self::compress_pages`]).
+    pub fn page_bytes(&self) -> PageBytes {
+        PageBytes { raw: self.pages_raw, wire: self.pages_wire }
     }
 
     /// Bytes written so far, header included.
@@ -124,8 +164,28 @@ impl<W: Write> StreamWriter<W> {
         for &(gfn, t) in entries {
             head.extend_from_slice(&entry(gfn, t).to_le_bytes());
         }
-        let r = self.record(rtype::PAGE_BATCH, &[&head, data]);
+        self.pages_raw += data.len() as u64;
+        // A compressed frame no smaller than the pages does not go: the buffer holds less than
+        // the pages, so zstd gives up with "destination too small" and they go as they are.
+        // (The record's crc32c already covers every byte, so the frame carries no checksum.)
+        let mut frame = std::mem::take(&mut self.zbuf);
+        frame.clear();
+        let compressed = match self.zstd.as_mut() {
+            Some(z) if !data.is_empty() => {
+                frame.reserve(data.len() - 1);
+                z.compress_to_buffer(data, &mut frame).is_ok() && frame.len() < data.len()
+            }
+            _ => false,
+        };
+        let r = if compressed {
+            self.pages_wire += frame.len() as u64;
+            self.record(rtype::PAGE_BATCH_ZSTD, &[&head, &frame])
+        } else {
+            self.pages_wire += data.len() as u64;
+            self.record(rtype::PAGE_BATCH, &[&head, data])
+        };
         self.scratch = head;
+        self.zbuf = frame;
         r
     }
 

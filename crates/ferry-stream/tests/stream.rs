@@ -712,3 +712,177 @@ fn postcopy_is_refused_outside_a_v3_migration_stream_and_a_page_stream_carries_o
     let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(StreamFlags::empty())).unwrap();
     assert!(w.postcopy(1, &[(5, 0)]).is_err());
 }
+
+/// A page that compresses well: a line of text, over and over, with the page's number in it.
+fn text_page(n: u32) -> Vec<u8> {
+    format!("page {n:08}: the quick brown fox jumps over the lazy dog; ").bytes().cycle().take(PAGE_SIZE).collect()
+}
+
+/// A page that does not compress (xorshift bytes).
+fn noise_page(seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A v3 migration stream written with `compress_pages`: a batch of text pages and a zero page
+/// (goes as PAGE_BATCH_ZSTD), a batch of noise (does not shrink: plain PAGE_BATCH), a batch
+/// without data pages (plain), state, END. The pages, to check what a reader gets.
+fn golden_v3_zstd() -> (Vec<u8>, Vec<(u64, Vec<u8>)>) {
+    let h = StreamHeader { format_version: 3, flags: StreamFlags::empty(), page_size: 4096, writer_version: (0, 2, 0) };
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    w.compress_pages(1).unwrap();
+    w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 1, regions: vec![(0, 64 << 20)] }).unwrap();
+    w.cpu_model(&CpuModel { tsc_khz: 2_100_000, xsave_size: 4096, cpuid: vec![] }).unwrap();
+    let text: Vec<Vec<u8>> = (0..8).map(text_page).collect();
+    let mut entries: Vec<(u64, PageType)> = (0..8).map(|i| (0x100 + i, PageType::Normal)).collect();
+    entries.insert(3, (0x1ff, PageType::Zero));
+    w.page_batch(&entries, &text.iter().map(|p| p.as_slice()).collect::<Vec<_>>()).unwrap();
+    let noise = [noise_page(1), noise_page(2)];
+    w.page_batch(&[(0x200, PageType::Normal), (0x201, PageType::Normal)], &[&noise[0], &noise[1]]).unwrap();
+    w.page_batch(&[(0x300, PageType::Zero), (0x301, PageType::Broken)], &[]).unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.vcpu_state(0, 2, b"vcpu").unwrap();
+    w.end().unwrap();
+    let mut pages: Vec<(u64, Vec<u8>)> = text.into_iter().enumerate().map(|(i, p)| (0x100 + i as u64, p)).collect();
+    pages.extend([(0x200, noise[0].clone()), (0x201, noise[1].clone())]);
+    (w.into_inner(), pages)
+}
+
+/// Every data page of a stream with the record type it came in, in order.
+fn pages_of(b: &[u8]) -> Result<Vec<(u64, Vec<u8>, bool)>, StreamError> {
+    let mut r = StreamReader::new(b)?;
+    let mut out = Vec::new();
+    loop {
+        match r.next_record()? {
+            Record::PageBatch(pb) => {
+                let z = pb.compressed_bytes().is_some();
+                out.extend(pb.iter().filter_map(|(g, _, d)| d.map(|d| (g, d.to_vec(), z))));
+            }
+            Record::End => return Ok(out),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn golden_v3_zstd_fixture_reads_back_page_for_page() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v3-zstd.bin");
+    let (written, pages) = golden_v3_zstd();
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(path, &written).unwrap();
+    }
+    let fixture = std::fs::read(path).unwrap();
+    // The fixture is the compatibility promise: it must keep reading, page for page. What this
+    // version writes must read the same (its bytes may differ with another libzstd).
+    for (what, b) in [("the fixture", &fixture), ("this version's stream", &written)] {
+        let got = pages_of(b).unwrap();
+        let want: Vec<(u64, Vec<u8>, bool)> = pages.iter().map(|(g, p)| (*g, p.clone(), *g < 0x200)).collect();
+        assert!(got == want, "{what}: pages differ (or came in the wrong record type)");
+        let records = read_all(b).unwrap();
+        assert!(records[3].starts_with("batch 0x200:Normal:"), "{what}: {}", records[3]);
+        assert_eq!(
+            [&records[2..3], &records[4..]].concat(),
+            [
+                "batch 0x100:Normal:112,97,103,101 0x101:Normal:112,97,103,101 0x102:Normal:112,97,103,101 \
+                 0x1ff:Zero: 0x103:Normal:112,97,103,101 0x104:Normal:112,97,103,101 \
+                 0x105:Normal:112,97,103,101 0x106:Normal:112,97,103,101 0x107:Normal:112,97,103,101",
+                "batch 0x300:Zero: 0x301:Broken:",
+                "vm v1 vm",
+                "vcpu 0 v2 vcpu",
+                "end",
+            ],
+            "{what}"
+        );
+    }
+    // Eight text pages shrink far: the compressed stream is well under the pages it carries.
+    assert!(fixture.len() < 4 * PAGE_SIZE, "{} bytes for 8 text and 2 noise pages", fixture.len());
+    let mut out = Vec::new();
+    inspect(fixture.as_slice(), &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("data as a zstd frame of"), "{out}");
+}
+
+/// A PAGE_BATCH_ZSTD body: count, reserved, entries, then `frame`.
+fn zstd_body(entries: &[(u64, PageType)], frame: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for &(g, t) in entries {
+        b.extend_from_slice(&(g | (t.to_u8() as u64) << 60).to_le_bytes());
+    }
+    b.extend_from_slice(frame);
+    b
+}
+
+#[test]
+fn a_compressed_batch_that_does_not_decompress_to_its_pages_is_refused() {
+    let one = [(0x10, PageType::Normal)];
+    let two = [(0x10, PageType::Normal), (0x11, PageType::Normal)];
+    let p = text_page(1);
+    let frame = zstd::bulk::compress(&p, 1).unwrap();
+    let frame2 = zstd::bulk::compress(&[p.clone(), p.clone()].concat(), 1).unwrap();
+    let short = zstd::bulk::compress(&p[..4000], 1).unwrap();
+    let refused = |body: Vec<u8>, flags: StreamFlags, version: u32| {
+        let h = StreamHeader { format_version: version, flags, page_size: 4096, writer_version: (0, 2, 0) };
+        let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+        w.raw_record(rtype::PAGE_BATCH_ZSTD, &body).unwrap();
+        w.end().unwrap();
+        read_all(&w.into_inner()).unwrap_err().to_string()
+    };
+    let plain = StreamFlags::empty();
+    // The well-formed one reads, as a check that the cases below fail for their own reason.
+    let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(plain)).unwrap();
+    w.raw_record(rtype::PAGE_BATCH_ZSTD, &zstd_body(&one, &frame)).unwrap();
+    w.end().unwrap();
+    assert_eq!(pages_of(&w.into_inner()).unwrap(), [(0x10, p.clone(), true)]);
+
+    for (body, want) in [
+        (zstd_body(&two, &frame), "holds 4096 bytes"),
+        (zstd_body(&one, &frame2), "does not decompress"),
+        (zstd_body(&one, &short), "holds 4000 bytes"),
+        (zstd_body(&one, &frame[..frame.len() - 3]), "does not decompress"),
+        (zstd_body(&one, &[frame.as_slice(), b"garbage!"].concat()), "does not decompress"),
+        (zstd_body(&one, &[]), "both must be present"),
+        (zstd_body(&[(0x10, PageType::Zero)], &frame), "both must be present"),
+    ] {
+        let e = refused(body, plain, 3);
+        assert!(e.contains("PAGE_BATCH_ZSTD") && e.contains(want), "want {want:?}: {e}");
+    }
+    let ok = zstd_body(&one, &frame);
+    assert!(refused(ok.clone(), plain, 2).contains("needs format version 3"));
+    for f in [StreamFlags::SNAPSHOT, StreamFlags::HANDOVER, StreamFlags::POSTCOPY] {
+        let e = refused(ok.clone(), f, 3);
+        assert!(e.contains("PAGE_BATCH_ZSTD") || e.contains("only PAGE_BATCH"), "{f:?}: {e}");
+    }
+}
+
+#[test]
+fn a_writer_compresses_only_when_asked_and_only_in_a_version_3_stream() {
+    let text: Vec<Vec<u8>> = (0..4).map(text_page).collect();
+    let refs: Vec<&[u8]> = text.iter().map(|p| p.as_slice()).collect();
+    let entries: Vec<(u64, PageType)> = (0..4).map(|i| (i, PageType::Normal)).collect();
+    let plain = stream_with(|w| w.page_batch(&entries, &refs).unwrap());
+    let mut bytes = PageBytes::default();
+    let packed = stream_with(|w| {
+        w.compress_pages(3).unwrap();
+        w.page_batch(&entries, &refs).unwrap();
+        bytes = w.page_bytes();
+    });
+    assert!(pages_of(&plain).unwrap().iter().all(|p| !p.2));
+    assert_eq!(
+        pages_of(&packed).unwrap(),
+        pages_of(&plain).unwrap().into_iter().map(|(g, d, _)| (g, d, true)).collect::<Vec<_>>()
+    );
+    assert_eq!(bytes.raw, 4 * PAGE_SIZE as u64);
+    assert!(bytes.wire < bytes.raw / 8, "{bytes:?}");
+    let h = StreamHeader { format_version: 2, flags: StreamFlags::empty(), page_size: 4096, writer_version: (0, 2, 0) };
+    let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+    assert!(w.compress_pages(1).is_err());
+}

@@ -550,6 +550,10 @@ pub(crate) fn check_migrate(req: &Value, ctx: &ApiContext) -> Result<()> {
     migrate_params(req, to).map(|_| ())
 }
 
+/// Highest zstd level a migration may ask for (higher ones need far more memory and time than
+/// a migration can spend).
+pub const MAX_ZSTD_LEVEL: u64 = 19;
+
 /// Largest bandwidth cap, MiB/s (the CLI's `--max-bandwidth` range ends there too).
 pub const MAX_BANDWIDTH_MIB_S: u64 = 1 << 40;
 
@@ -605,6 +609,20 @@ fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
                     bail!("\"postcopy\": \"auto\" decides when to switch itself: it takes no \"postcopy_after_iterations\"")
                 }
                 (Some(o), _) => bail!("\"postcopy\" must be \"always\" or \"auto\", not \"{o}\""),
+            }
+        },
+        compress: {
+            use ferry_migrate::source::Compression;
+            let level = match opt_u64(req, "compress_level")? {
+                Some(l @ 1..=MAX_ZSTD_LEVEL) => Some(l as i32),
+                Some(l) => bail!("\"compress_level\" must be 1 to {MAX_ZSTD_LEVEL}, not {l}"),
+                None => None,
+            };
+            match (opt_str(req, "compress")?, level) {
+                (None, None) => None,
+                (None, Some(_)) => bail!("\"compress_level\" needs \"compress\": \"zstd\""),
+                (Some("zstd"), l) => Some(Compression::Zstd { level: l.unwrap_or(1) }),
+                (Some(o), _) => bail!("\"compress\" must be \"zstd\", not \"{o}\""),
             }
         },
     })
@@ -1007,6 +1025,10 @@ mod tests {
             (json!({"max_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S + 1}), "max_bandwidth_mib_s"),
             (json!({"stall_timeout_ms": 0}), "stall_timeout_ms"),
             (json!({"max_iterations": 0}), "force_switchover"),
+            (json!({"compress": "lz4"}), "\"compress\" must be \"zstd\""),
+            (json!({"compress": "zstd", "compress_level": 0}), "compress_level"),
+            (json!({"compress": "zstd", "compress_level": MAX_ZSTD_LEVEL + 1}), "compress_level"),
+            (json!({"compress_level": 3}), "needs \"compress\""),
         ];
         for (req, field) in cases {
             let e = match params(req.clone()) {
@@ -1016,6 +1038,11 @@ mod tests {
             assert!(e.contains(field), "{req}: {e}");
         }
         assert!(params(json!({"max_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S})).is_ok());
+        use ferry_migrate::source::Compression;
+        assert_eq!(params(json!({})).unwrap().compress, None);
+        assert_eq!(params(json!({"compress": "zstd"})).unwrap().compress, Some(Compression::Zstd { level: 1 }));
+        let p = params(json!({"compress": "zstd", "compress_level": 7})).unwrap();
+        assert_eq!(p.compress, Some(Compression::Zstd { level: 7 }));
     }
 
     #[test]

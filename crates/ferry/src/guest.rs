@@ -15,7 +15,7 @@ const GUEST_OVERHEAD_MIB: u64 = 8;
 
 /// The arguments, for error messages.
 const ARGS: &str =
-    "mib=, rate=, pattern=, hb_us=, report_ms=, disk=, disk_qd=, disk_rate=, disk_mib=, hostile=, virtio_mmio.device=";
+    "mib=, rate=, pattern=, hb_us=, report_ms=, disk=, disk_qd=, disk_rate=, disk_mib=, hostile=, word_bits=, virtio_mmio.device=";
 
 /// Checks a `virtio_mmio.device=` value as the guest (and Linux) takes it:
 /// `<size>@<base>:<irq>[:<id>]`, size decimal with an optional K/M/G suffix (or 0x hex), base hex
@@ -103,6 +103,11 @@ pub fn validate_cmdline(cmdline: &str, memory: u64) -> Result<()> {
                     bail!("guest argument disk_mib: '{v}' is not in 1..=1024");
                 }
             }
+            "word_bits" => {
+                if !matches!(num(8)?, 8..=64) {
+                    bail!("guest argument word_bits: '{v}' is not in 8..=64");
+                }
+            }
             // Added by the VMM for each virtio-mmio device (the Linux form); the guest probes them.
             "virtio_mmio.device" => {
                 if !valid_mmio_device(v) {
@@ -149,7 +154,7 @@ mod tests {
 
     #[test]
     fn disk_arguments_and_virtio_mmio_tokens_are_accepted() {
-        let c = "mib=8 disk=1 disk_qd=32 disk_rate=0 disk_mib=1024 virtio_mmio.device=4K@0xd0000000:5 \
+        let c = "mib=8 disk=1 disk_qd=32 disk_rate=0 disk_mib=1024 word_bits=16 virtio_mmio.device=4K@0xd0000000:5 \
                  virtio_mmio.device=512@0xfeb00e00:12 virtio_mmio.device=0x1000@0xd0001000:6:3";
         validate_cmdline(c, 256 << 20).unwrap();
     }
@@ -165,6 +170,8 @@ mod tests {
             ("hostile=2", "hostile"),
             ("disk_mib=1025", "disk_mib"),
             ("disk_rate=-1", "disk_rate"),
+            ("word_bits=7", "word_bits"),
+            ("word_bits=65", "word_bits"),
             ("virtio_mmio.device=4K", "virtio_mmio.device"),
             ("virtio_mmio.device=4K@0xd0000000", "virtio_mmio.device"),
             ("virtio_mmio.device=4X@0xd0000000:5", "virtio_mmio.device"),

@@ -289,9 +289,22 @@ struct MigrateArgs {
     /// Post-copy after this many pre-copy passes (instead of after the first).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     postcopy_after_iterations: Option<u32>,
+    /// Compress page data with zstd (for links slower than the CPU compresses: a batch that
+    /// does not shrink goes as it is). The destination must be a Ferry that reads it.
+    #[arg(long, value_enum)]
+    compress: Option<CompressArg>,
+    /// zstd level for --compress (1, the default, is fastest).
+    #[arg(long, requires = "compress", value_parser = clap::value_parser!(u64).range(1..=api::MAX_ZSTD_LEVEL))]
+    compress_level: Option<u64>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum CompressArg {
+    /// zstd (level: --compress-level).
+    Zstd,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -1293,6 +1306,12 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     warn_plain_tcp(&ferry_migrate::transport::Uri::parse(&a.to)?, a.tls.given(), a.insecure);
     if let Some(b) = a.max_bandwidth {
         req["max_bandwidth_mib_s"] = b.into();
+    }
+    if let Some(CompressArg::Zstd) = a.compress {
+        req["compress"] = "zstd".into();
+    }
+    if let Some(l) = a.compress_level {
+        req["compress_level"] = l.into();
     }
     match (a.postcopy, a.postcopy_after_iterations) {
         (Some(PostcopyArg::Auto), Some(_)) => {

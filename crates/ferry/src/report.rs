@@ -116,6 +116,16 @@ pub fn summary_text(s: &Value) -> String {
             if s["disk_lock_released_before_commit"] == Value::Bool(true) { "before COMMIT" } else { "after COMMIT" }
         );
     }
+    let z = &s["zstd"];
+    if z.is_object() {
+        o += &format!(
+            "  zstd            level {}: {:.1} MiB of page data in {:.1} MiB ({:.2}x)\n",
+            u(z, "level"),
+            u(z, "page_bytes") as f64 / (1 << 20) as f64,
+            u(z, "wire_bytes") as f64 / (1 << 20) as f64,
+            f(z, "ratio")
+        );
+    }
     o += "  iteration   dirty pages    sent pages        MiB      ms     MiB/s  throttle  held off\n";
     for it in s["iterations"].as_array().into_iter().flatten() {
         o += &format!(

@@ -63,6 +63,8 @@ pub const FIELDS: &[(&str, &[&str])] = &[
             "tls_ca",
             "postcopy",
             "postcopy_after_iterations",
+            "compress",
+            "compress_level",
         ],
     ),
     ("migrate-resume", &["to", "tls_cert", "tls_key", "tls_ca"]),

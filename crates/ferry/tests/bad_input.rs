@@ -182,6 +182,19 @@ fn a_zero_bandwidth_cap_is_refused() {
 }
 
 #[test]
+fn a_compression_level_without_compression_or_out_of_range_is_refused() {
+    let (code, err) = migrate_with(&["--compress-level", "3"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--compress"), "{err}");
+    let (code, err) = migrate_with(&["--compress", "zstd", "--compress-level", "20"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--compress-level"), "{err}");
+    let (code, err) = migrate_with(&["--compress", "lz4"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--compress") && err.contains("zstd"), "{err}");
+}
+
+#[test]
 fn zero_iterations_without_forced_switchover_is_refused() {
     let (code, err) = migrate_with(&["--max-iterations", "0"]);
     assert_ne!(code, 0);

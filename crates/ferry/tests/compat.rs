@@ -445,3 +445,45 @@ fn a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_bo
     assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
 }
 
+/// A destination that does not read compressed pages (a Ferry from before them: its HELLO
+/// lacks ZSTD_PAGES, bit 5) is refused by a source asked to `--compress`, before any byte of
+/// the stream, naming the destination's version; the source runs on.
+#[test]
+fn a_compressed_migration_to_a_destination_that_cannot_read_it_is_refused_before_any_page() {
+    if !kvm_available("a_compressed_migration_to_a_destination_that_cannot_read_it_is_refused_before_any_page") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("no-zstd");
+    let sock = src.dir.join("old.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut hello = [0u8; 32];
+        c.read_exact(&mut hello).unwrap();
+        // The source's own HELLO back, without ZSTD_PAGES and from Ferry 0.1.0.
+        let mut reply = hello;
+        reply[16] &= !(1 << 5);
+        reply[24..30].copy_from_slice(&[0, 0, 1, 0, 0, 0]);
+        c.write_all(&reply).unwrap();
+        let mut rest = Vec::new();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = c.read_to_end(&mut rest);
+        (hello, rest.len())
+    });
+
+    let out = Command::new(FERRY)
+        .args(["migrate", "--api-socket", src.api.to_str().unwrap(), "--to"])
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--compress", "zstd"])
+        .output()
+        .unwrap();
+
+    let (hello, after) = fake.join().unwrap();
+    assert_ne!(hello[16] & (1 << 5), 0, "this Ferry's HELLO does not offer ZSTD_PAGES");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("the destination (Ferry 0.1.0) does not read zstd-compressed pages"), "{err}");
+    assert_eq!(after, 0, "the source sent {after} bytes after the handshake");
+    assert_source_runs_on(&mut src);
+}
