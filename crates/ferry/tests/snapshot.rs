@@ -39,6 +39,16 @@ fn guest(name: &str, cmdline: &str) -> Guest {
     let api = dir.join("api.sock");
     let mut vm = Proc::spawn(&["run", "--memory", "512M", "--cmdline", cmdline, "--api-socket", api.to_str().unwrap()]);
     assert!(vm.wait_reports(3, Duration::from_secs(60)), "guest never reported: {}", vm.stderr_text());
+    // Every snapshot test counts on the whole working set being there: wait for the guest to
+    // say it has written it (three reports were not always enough: a CI run's full snapshot
+    // once held only 116 of the 128 MiB).
+    let pages =
+        cmdline.split_whitespace().find_map(|t| t.strip_prefix("mib=")?.parse::<u64>().ok()).unwrap_or(64) * 256;
+    assert!(
+        vm.wait_report(|r| r.written >= pages, Duration::from_secs(120)),
+        "the guest never filled its {pages} pages: {}",
+        vm.tail(3)
+    );
     assert!(wait_socket(&api, Duration::from_secs(5)));
     Guest { vm, api, dir }
 }

@@ -1,0 +1,242 @@
+//! Compression, Ferry against QEMU 10, on the same built-in guest in one run.
+//!
+//! `cargo bench -p ferry --bench compress` migrates a 1 GiB guest whose 256 MiB working set
+//! compresses like ordinary memory (`word_bits=16`) while it dirties 50 MiB/s, FERRY_BENCH_RUNS
+//! times (default 3), over two links: loopback (UNIX socket; QEMU's multifd needs TCP, so its
+//! rows use TCP on loopback) and a real 1 Gbit/s link (two network namespaces joined by a veth
+//! pair, `tbf` on both ends; needs root and `ip`/`tc`). Rows: Ferry plain, Ferry `--compress
+//! zstd` (level 1), QEMU plain, QEMU multifd with zstd (level 1, its default two channels).
+//! Printed, medians: total time, bytes on the wire, host-seen pause (largest `HB` gap), and the
+//! ratios against QEMU's matching row. Every destination guest must verify with errors=0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CMDLINE: &str = "mib=256 rate=50 word_bits=16 hb_us=1000 report_ms=200";
+const WS_MIB: u64 = 256;
+const NS: [&str; 2] = ["ferry-bz-src", "ferry-bz-dst"];
+const DST_IP: &str = "10.79.0.2";
+
+#[derive(Default, Clone, Copy)]
+struct Run {
+    total_ms: f64,
+    wire_mib: f64,
+    pause_ms: f64,
+}
+
+/// Where the two sides run: both on this host's loopback, or in two namespaces over a veth pair
+/// with a rate limit.
+#[derive(Clone, Copy, PartialEq)]
+enum Link {
+    Loopback,
+    Tbf,
+}
+
+fn sh(args: &[&str]) -> bool {
+    Command::new(args[0]).args(&args[1..]).status().is_ok_and(|s| s.success())
+}
+
+/// The 1 Gbit/s link: removed again on drop.
+struct Namespaces;
+
+impl Namespaces {
+    fn create() -> Option<Namespaces> {
+        Namespaces::remove();
+        let ok = sh(&["ip", "netns", "add", NS[0]])
+            && sh(&["ip", "netns", "add", NS[1]])
+            && sh(&["ip", "link", "add", "ferry-bz-a", "type", "veth", "peer", "name", "ferry-bz-b"])
+            && sh(&["ip", "link", "set", "ferry-bz-a", "netns", NS[0]])
+            && sh(&["ip", "link", "set", "ferry-bz-b", "netns", NS[1]]);
+        let ns = Namespaces;
+        if !ok {
+            return None;
+        }
+        for (n, dev, ip) in [(NS[0], "ferry-bz-a", "10.79.0.1/24"), (NS[1], "ferry-bz-b", "10.79.0.2/24")] {
+            let ok = sh(&["ip", "netns", "exec", n, "ip", "addr", "add", ip, "dev", dev])
+                && sh(&["ip", "netns", "exec", n, "ip", "link", "set", dev, "up"])
+                && sh(&["ip", "netns", "exec", n, "ip", "link", "set", "lo", "up"])
+                && sh(&[
+                    "ip", "netns", "exec", n, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit",
+                    "burst", "1mb", "latency", "50ms",
+                ]);
+            if !ok {
+                return None;
+            }
+        }
+        Some(ns)
+    }
+
+    fn remove() {
+        for n in NS {
+            let _ = Command::new("ip").args(["netns", "del", n]).stderr(std::process::Stdio::null()).status();
+        }
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        Namespaces::remove();
+    }
+}
+
+/// `exe args`, in namespace `ns` on the tbf link.
+fn spawn_in(link: Link, side: usize, exe: &str, args: &[&str]) -> Proc {
+    match link {
+        Link::Loopback => Proc::spawn(exe, args),
+        Link::Tbf => {
+            let mut a = vec!["netns", "exec", NS[side], exe];
+            a.extend(args);
+            Proc::spawn("ip", &a)
+        }
+    }
+}
+
+fn wait_filled(p: &Proc) {
+    p.wait("the guest to fill its working set", Duration::from_secs(180), |l| {
+        l.iter().rev().find(|(_, x)| x.starts_with("REPORT ")).and_then(|(_, x)| field(x, "written")).unwrap_or(0)
+            >= WS_MIB * 256
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+}
+
+fn ferry_run(i: usize, link: Link, zstd: bool) -> Run {
+    wait_quiet();
+    let d = tmpdir(&format!("bz-ferry-{i}-{zstd}"));
+    let api = d.join("api.sock");
+    let src = spawn_in(
+        link,
+        0,
+        FERRY,
+        &["run", "--memory", "1G", "--cmdline", CMDLINE, "--api-socket", api.to_str().unwrap()],
+    );
+    wait_filled(&src);
+    let sock = d.join("mig.sock");
+    let uri = match link {
+        Link::Loopback => format!("unix:{}", sock.display()),
+        Link::Tbf => format!("tcp:{DST_IP}:7801"),
+    };
+    let dst = spawn_in(link, 1, FERRY, &["run", "--incoming", &uri]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut args = vec!["migrate", "--api-socket", api.to_str().unwrap(), "--to", &uri, "--json"];
+    if link == Link::Tbf {
+        args.push("--insecure");
+    }
+    if zstd {
+        args.extend(["--compress", "zstd"]);
+    }
+    let t0 = Instant::now();
+    let out = Command::new(FERRY).args(&args).output().unwrap();
+    let t1 = Instant::now();
+    assert!(out.status.success(), "ferry migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(dst.last_report_field("errors"), Some(0), "destination guest not clean");
+    Run {
+        total_ms: s["total_ms"].as_f64().unwrap(),
+        wire_mib: s["bytes"].as_f64().unwrap() / (1 << 20) as f64,
+        pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
+    }
+}
+
+fn qemu_run(i: usize, link: Link, zstd: bool, elf: &str) -> Run {
+    wait_quiet();
+    let d = tmpdir(&format!("bz-qemu-{i}-{zstd}"));
+    let (qs, qd) = (d.join("qmp-src.sock"), d.join("qmp-dst.sock"));
+    let host = if link == Link::Tbf { DST_IP } else { "127.0.0.1" };
+    let uri = format!("tcp:{host}:7802");
+    let qmp_src = format!("unix:{},server=on,wait=off", qs.display());
+    let qmp_dst = format!("unix:{},server=on,wait=off", qd.display());
+    let mut a = qemu_args(elf, "1G", "1", CMDLINE);
+    a.extend(["-qmp", &qmp_src]);
+    let src = spawn_in(link, 0, "qemu-system-x86_64", &a);
+    wait_filled(&src);
+    let mut b = qemu_args(elf, "1G", "1", CMDLINE);
+    b.extend(["-qmp", &qmp_dst, "-incoming", "defer"]);
+    let dst = spawn_in(link, 1, "qemu-system-x86_64", &b);
+    let mut qdc = Qmp::connect(&qd);
+    let mut q = Qmp::connect(&qs);
+    if zstd {
+        let caps = r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"multifd","state":true}]}}"#;
+        let params =
+            r#"{"execute":"migrate-set-parameters","arguments":{"multifd-compression":"zstd","multifd-zstd-level":1}}"#;
+        for c in [&mut qdc, &mut q] {
+            c.cmd(caps);
+            c.cmd(params);
+        }
+    }
+    qdc.cmd(&format!(r#"{{"execute":"migrate-incoming","arguments":{{"uri":"{uri}"}}}}"#));
+    q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":107374182400,"downtime-limit":300}}"#);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"{uri}"}}}}"#));
+    let info = q.wait_migrated("QEMU migration", Duration::from_millis(5));
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(dst.last_report_field("errors"), Some(0), "QEMU destination guest not clean");
+    Run {
+        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        wire_mib: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / (1 << 20) as f64,
+        pause_ms: max_hb_gap(&src, &dst, t0 - Duration::from_millis(200), t1 + Duration::from_secs(2)),
+    }
+}
+
+fn main() {
+    let Some(runs) = bench_runs("compress", 3) else {
+        return;
+    };
+    let d = tmpdir("bz-guest");
+    let elf = export_guest(&d);
+    let elf = elf.to_str().unwrap();
+    let ns = Namespaces::create();
+    if ns.is_none() {
+        println!(
+            "SKIPPED the 1 Gbit/s link: cannot create network namespaces with a tbf veth pair (needs root, ip, tc)"
+        );
+    }
+    let links: Vec<(Link, &str)> = if ns.is_some() {
+        vec![(Link::Loopback, "loopback"), (Link::Tbf, "1 Gbit/s tbf")]
+    } else {
+        vec![(Link::Loopback, "loopback")]
+    };
+    println!(
+        "Migration of a 1 GiB guest, 256 MiB working set compressible ~4x (word_bits=16), dirtying 50 MiB/s; \
+         medians of {runs} runs"
+    );
+    for (link, name) in links {
+        let mut rows: Vec<(&str, Vec<Run>)> =
+            vec![("Ferry", vec![]), ("Ferry --compress zstd", vec![]), ("QEMU", vec![]), ("QEMU multifd zstd", vec![])];
+        for i in 0..runs {
+            rows[0].1.push(ferry_run(i, link, false));
+            rows[1].1.push(ferry_run(i, link, true));
+            rows[2].1.push(qemu_run(i, link, false, elf));
+            rows[3].1.push(qemu_run(i, link, true, elf));
+        }
+        let m = |v: &[Run], g: fn(&Run) -> f64| median(v.iter().map(g).collect());
+        println!("{name}:");
+        println!("  {:<22} | {:>9} {:>9} {:>9} | {:>13}", "", "total ms", "wire MiB", "pause ms", "total vs QEMU");
+        for (k, (row, v)) in rows.iter().enumerate() {
+            let q = &rows[if k % 2 == 0 { 2 } else { 3 }].1;
+            println!(
+                "  {:<22} | {:>9.0} {:>9.1} {:>9.1} | {:>13.2}",
+                row,
+                m(v, |r| r.total_ms),
+                m(v, |r| r.wire_mib),
+                m(v, |r| r.pause_ms),
+                m(v, |r| r.total_ms) / m(q, |r| r.total_ms)
+            );
+        }
+        println!(
+            "  zstd / plain: Ferry {:.2}, QEMU {:.2} (total time)",
+            m(&rows[1].1, |r| r.total_ms) / m(&rows[0].1, |r| r.total_ms),
+            m(&rows[3].1, |r| r.total_ms) / m(&rows[2].1, |r| r.total_ms)
+        );
+    }
+    println!("total vs QEMU: against QEMU's row of the same kind (plain or zstd); pause = host-seen (largest HB gap);");
+    println!("QEMU's rows use TCP on loopback (multifd needs it); Ferry's loopback rows use a UNIX socket.");
+}
