@@ -77,6 +77,7 @@ fn source_with(name: &str, disk: &str, cmdline: &str) -> Source {
         &spec,
     ]);
     assert!(vm.wait_reports(4, Duration::from_secs(60)), "source never reported: {} {}", vm.tail(4), vm.stderr_text());
+    assert!(vm.wait_disk_writing(Duration::from_secs(60)), "guest does no disk I/O: {}", vm.tail(2));
     assert!(wait_socket(&api, Duration::from_secs(5)));
     let d = disk_reports(&vm);
     assert!(d.last().is_some_and(|d| d.written > 0), "guest does no disk I/O: {}", vm.tail(2));
@@ -270,7 +271,10 @@ fn writes_to_a_read_only_image_fail_in_the_guest_and_change_nothing() {
         "--disk",
         &spec,
     ]);
-    assert!(vm.wait_reports(8, Duration::from_secs(60)), "{} {}", vm.tail(3), vm.stderr_text());
+    // Refused writes show once the disk workload runs (after the memory fill).
+    let refused =
+        |r: &Report| r.line.find(" DISK ").and_then(|at| field(&r.line[at..], "ioerr")).is_some_and(|n| n > 0);
+    assert!(vm.wait_report(refused, Duration::from_secs(60)), "{} {}", vm.tail(3), vm.stderr_text());
     vm.kill();
 
     let info = vm.lines_with("DISK-INFO");

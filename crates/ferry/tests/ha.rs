@@ -298,6 +298,9 @@ fn replicate_stop_ends_the_backup_without_a_failover() {
     let refused = common::api(&api, r#"{"cmd":"pause"}"#);
     assert!(refused["error"].as_str().unwrap().contains("replication to a backup is running"), "{refused}");
     more_reports(&mut prim, 5, "the primary");
+    // Enough epochs to stop in the middle of (what is asserted below), whatever the host's pace.
+    let epochs = || common::api(&api, r#"{"cmd":"status"}"#)["replication"]["epochs"].as_u64().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(30), || epochs() > 20), "only {} epochs in 30 s", epochs());
 
     let out =
         Command::new(FERRY).args(["replicate-stop", "--api-socket", api.to_str().unwrap(), "--json"]).output().unwrap();

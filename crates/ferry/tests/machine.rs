@@ -13,11 +13,16 @@ fn builtin_guest_heartbeats_and_reports_clean_verification_that_grows() {
         return;
     }
     let mut vm = Proc::spawn(&["run", "--memory", "256M", "--cmdline", "mib=32 rate=20 report_ms=300"]);
+    assert!(vm.wait_lanes_verifying(Duration::from_secs(40)), "the guest never verified: {}", vm.tail(5));
+    let n = vm.reports().len();
 
-    let ok = vm.wait_reports(6, Duration::from_secs(40));
+    let ok = vm.wait_reports(n + 6, Duration::from_secs(40));
 
     assert!(ok, "too few REPORT lines; output: {} stderr: {}", vm.tail(5), vm.stderr_text());
-    let r = vm.reports();
+    let all = vm.reports();
+    assert!(all.iter().all(|x| x.errors == 0), "verify errors: {}", all.last().unwrap().line);
+    // After the fill: verification never stops.
+    let r = &all[n - 1..];
     assert!(r.iter().all(|x| x.errors == 0), "verify errors: {}", r.last().unwrap().line);
     assert!(vm.lines_with("VERIFY-FAIL").is_empty(), "{:?}", vm.lines_with("VERIFY-FAIL"));
     assert!(r.windows(2).all(|w| w[1].verified > w[0].verified), "verified= does not grow: {r:?}");
@@ -34,9 +39,9 @@ fn two_vcpus_run_two_lanes_that_both_write_and_verify() {
     }
     let mut vm = Proc::spawn(&["run", "--memory", "256M", "--cpus", "2", "--cmdline", "mib=32 rate=20 report_ms=300"]);
 
-    let ok = vm.wait_reports(4, Duration::from_secs(40));
+    let ok = vm.wait_lanes_verifying(Duration::from_secs(60));
 
-    assert!(ok, "too few REPORT lines: {} {}", vm.tail(5), vm.stderr_text());
+    assert!(ok, "both lanes never verified: {} {}", vm.tail(5), vm.stderr_text());
     let last = vm.reports().last().cloned().unwrap();
     assert_eq!(last.lanes, 2, "{}", last.line);
     assert_eq!(last.errors, 0, "{}", last.line);
@@ -254,7 +259,11 @@ fn dirty_rate_measures_the_rate_the_guest_writes_at_with_bitmap_and_ring() {
             "--dirty-tracking",
             tracking,
         ]);
-        assert!(vm.wait_reports(4, Duration::from_secs(60)), "{tracking}: {}", vm.stderr_text());
+        // The rate is the workload's: the fill (written as fast as the guest can) must be over
+        // before the window, and one whole report period after it.
+        assert!(vm.wait_lanes_verifying(Duration::from_secs(60)), "{tracking}: {}", vm.stderr_text());
+        let n = vm.reports().len();
+        assert!(vm.wait_reports(n + 1, Duration::from_secs(10)), "{tracking}: the guest stopped reporting");
         let from = vm.reports().len();
 
         let out = std::process::Command::new(FERRY)

@@ -317,6 +317,8 @@ fn the_api_bounds_request_size_and_connections() {
         api.to_str().unwrap(),
     ]);
     assert!(wait_socket(&api, Duration::from_secs(20)), "{}", p.stderr_text());
+    // The guest's fill touches its RAM, which counts in Ferry's RSS: done before the baseline.
+    assert!(p.wait_lanes_verifying(Duration::from_secs(40)), "{}", p.tail(3));
     let pid = p.child.id();
     let rss0 = rss_kib(pid);
 

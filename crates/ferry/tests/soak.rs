@@ -47,6 +47,7 @@ fn spawn_source(dir: &Path, img: &Path, cpus: u32, gen: usize) -> (Proc, std::pa
         img.to_str().unwrap(),
     ]);
     assert!(p.wait_reports(3, Duration::from_secs(60)), "the guest never reported: {} {}", p.tail(3), p.stderr_text());
+    assert!(p.wait_disk_writing(Duration::from_secs(60)), "no disk I/O: {}", p.tail(2));
     assert!(wait_socket(&api, Duration::from_secs(5)));
     assert!(disk_counts(&p).last().is_some_and(|d| d.0 > 0), "no disk I/O: {}", p.tail(2));
     (p, api)

@@ -180,6 +180,32 @@ impl Proc {
 
     /// Waits until the last REPORT line satisfies `pred` (or the process exited); returns
     /// whether it does.
+    /// Waits until every lane of the guest verifies pages: each lane's fill of the working set
+    /// is done (a lane verifies only after its fill). What a test that needs the whole working
+    /// set waits for, never a count of reports (a slow host fills slowly).
+    pub fn wait_lanes_verifying(&mut self, timeout: Duration) -> bool {
+        self.wait_report(
+            |r| {
+                r.lanes > 0
+                    && (0..r.lanes).all(|i| {
+                        let key = format!("lane{i}=");
+                        r.line
+                            .split_whitespace()
+                            .find_map(|t| t.strip_prefix(key.as_str()))
+                            .and_then(|v| v.split('/').nth(1)?.parse::<u64>().ok())
+                            .is_some_and(|verified| verified > 0)
+                    })
+            },
+            timeout,
+        )
+    }
+
+    /// Waits until the guest's disk workload has written a block (it starts after lane 0's
+    /// memory fill).
+    pub fn wait_disk_writing(&mut self, timeout: Duration) -> bool {
+        self.wait_report(|r| r.line.contains("DISK written=") && !r.line.contains("DISK written=0 "), timeout)
+    }
+
     pub fn wait_report(&mut self, pred: impl Fn(&Report) -> bool, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
