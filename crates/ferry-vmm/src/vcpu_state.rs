@@ -183,7 +183,15 @@ impl VcpuState {
     /// (`cpu::xsave_size`).
     pub fn save(vcpu: &VcpuFd, msr_indices: &[u32], xsave_size: u32) -> Result<Self, VcpuStateError> {
         let mp_state = vcpu.get_mp_state().map_err(kvm("read the MP state"))?;
-        let events = vcpu.get_vcpu_events().map_err(kvm("read vCPU events"))?;
+        let mut events = vcpu.get_vcpu_events().map_err(kvm("read vCPU events"))?;
+        // Without KVM_CAP_EXCEPTION_PAYLOAD KVM reports a pending exception as injected as well,
+        // and drops `pending` when the events are set back (no KVM_VCPUEVENT_VALID_PAYLOAD): the
+        // injected bit carries the exception. Saved as it restores, so that a restored guest
+        // saves the same state (a snapshot caught a vCPU with a #UD pending: its restored copy
+        // saved it injected only, and the state no longer compared equal).
+        if events.flags & kvm_bindings::KVM_VCPUEVENT_VALID_PAYLOAD == 0 && events.exception.injected != 0 {
+            events.exception.pending = 0;
+        }
         let regs = vcpu.get_regs().map_err(kvm("read registers"))?;
         let sregs = vcpu.get_sregs().map_err(kvm("read special registers"))?;
         let fpu = vcpu.get_fpu().map_err(kvm("read the FPU"))?;
