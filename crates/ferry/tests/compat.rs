@@ -117,7 +117,7 @@ fn a_format_1_migration_stream_from_an_older_ferry_still_loads_and_its_guest_ver
         "--api-socket",
         dst_api.to_str().unwrap(),
     ]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
     let stream = std::fs::read(fixture("v1-migration-stream.bin")).unwrap();
 
     let (mut c, t, body) = send_as_old_source(&sock, &stream, &dst);
@@ -179,7 +179,7 @@ fn a_format_2_migration_stream_with_a_version_2_vcpu_section_loads_and_its_guest
         "--api-socket",
         dst_api.to_str().unwrap(),
     ]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
 
     let (mut c, t, body) = send_as_old_source(&sock, &with_this_hosts_cpu_model(&fixture_bytes), &dst);
     assert_eq!(t, 1, "the destination refused: {}", String::from_utf8_lossy(&body));
@@ -235,7 +235,7 @@ fn a_state_section_of_an_unknown_version_is_refused_naming_the_section_and_the_v
     let dir = tmpdir("sectionversion");
     let sock = dir.join("in.sock");
     let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
 
     let (_c, t, body) = send_as_old_source(&sock, &stream_with_vcpu_section_version(9), &dst);
 
@@ -302,7 +302,7 @@ fn a_destination_lacking_a_cpu_feature_refuses_before_loading_and_the_source_run
     // A host like this one but without the FPU bit (leaf 1 EDX bit 0), which every guest has.
     let uri = format!("unix:{}", sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &uri, "--debug-mask-cpuid", "1.edx.0"]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
 
     let (code, err) = migrate(&src.api, &uri);
 
@@ -321,7 +321,7 @@ fn a_destination_lacking_a_cpu_feature_refuses_before_loading_and_the_source_run
     let sock2 = src.dir.join("full.sock");
     let uri2 = format!("unix:{}", sock2.display());
     let mut dst2 = Proc::spawn(&["run", "--incoming", &uri2]);
-    assert!(wait_for_path(&sock2), "the destination socket never appeared");
+    assert!(wait_listening(&sock2), "the destination socket never appeared");
     let (code, err) = migrate(&src.api, &uri2);
     assert_eq!(code, 0, "{err}");
     assert!(dst2.wait_reports(3, Duration::from_secs(30)), "{}", dst2.stderr_text());
@@ -377,7 +377,7 @@ fn a_source_writing_a_section_version_the_destination_cannot_read_is_refused_and
     let mut src = source("sectionproxy");
     let sock = src.dir.join("dst.sock");
     let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
     // A source from the future: its vCPU sections are version 7.
     let fault = common::proxy::Fault::SetSectionVersion { record: ferry_stream::rtype::VCPU_STATE, version: 7 };
     let proxy = common::proxy::Proxy::start(src.dir.join("proxy.sock"), sock, fault);
@@ -407,7 +407,7 @@ fn a_handover_stream_sent_to_a_migration_destination_is_refused() {
     let dir = tmpdir("handover-peer");
     let sock = dir.join("in.sock");
     let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
     let h = ferry_stream::StreamHeader::new(ferry_stream::StreamFlags::HANDOVER);
     let mut w = ferry_stream::StreamWriter::new(Vec::new(), &h).unwrap();
     w.machine_config(&ferry_stream::MachineConfig { memory_bytes: 16 << 20, vcpus: 1, regions: vec![(0, 16 << 20)] })
@@ -431,7 +431,7 @@ fn a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_bo
     let dir = tmpdir("oldhello");
     let sock = dir.join("in.sock");
     let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
     let mut hello = [0u8; 32];
     hello[..8].copy_from_slice(b"FERRYHLO");
     hello[8..12].copy_from_slice(&5u32.to_le_bytes());

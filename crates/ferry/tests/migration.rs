@@ -370,7 +370,7 @@ fn destination_fails_after_its_stall_timeout_when_the_source_stops_sending() {
     let dst_sock = src.dir.join("dst.sock");
     let dst_uri = format!("unix:{}", dst_sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--stall-timeout-ms", "1500"]);
-    wait_for_path(&dst_sock);
+    wait_listening(&dst_sock);
     let fault = Fault::StallAtRecord { record: ferry_stream::rtype::PAGE_BATCH, from_index: 40, hold_ms: 60_000 };
     let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, fault);
     let (api_path, uri) = (src.api.clone(), proxy.uri.clone());
@@ -407,7 +407,7 @@ fn a_commit_slower_than_the_destinations_stall_timeout_still_hands_over() {
     let dst_sock = src.dir.join("dst.sock");
     let dst_uri = format!("unix:{}", dst_sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &dst_uri, "--stall-timeout-ms", "1000"]);
-    wait_for_path(&dst_sock);
+    wait_listening(&dst_sock);
     let proxy = Proxy::start(src.dir.join("proxy.sock"), dst_sock, Fault::DelayCommit { hold_ms: 2500 });
 
     let o = migrate(&src.api, &proxy.uri, &[]);

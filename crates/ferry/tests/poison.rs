@@ -154,7 +154,7 @@ fn pages_broken_before_during_and_in_the_final_pass_of_a_migration_arrive_broken
     let sock = src.dir.join("mig.sock");
     let uri = format!("unix:{}", sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &uri]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
     let mut mig = Proc::spawn(&["migrate", "--api-socket", src.api.to_str().unwrap(), "--to", &uri, "--json"]);
     // Two more once the migration is under way.
     assert!(mig.wait_stderr("connected to", Duration::from_secs(20)), "{}", mig.stderr_text());
@@ -192,7 +192,7 @@ fn a_page_that_breaks_under_ferrys_copy_is_recovered_and_arrives_broken() {
     let sock = src.dir.join("mig.sock");
     let uri = format!("unix:{}", sock.display());
     let mut dst = Proc::spawn(&["run", "--incoming", &uri, "--api-socket", src.dir.join("dst.sock").to_str().unwrap()]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
 
     let out = Command::new(FERRY)
         .args(["migrate", "--api-socket", src.api.to_str().unwrap(), "--to", &uri, "--json"])
@@ -266,7 +266,7 @@ fn refused(batch_entries: &[u64], data: &[u8]) -> String {
     let dir = tmpdir("poison-stream");
     let sock = dir.join("in.sock");
     let mut dst = Proc::spawn(&["run", "--incoming", &format!("unix:{}", sock.display())]);
-    assert!(wait_for_path(&sock), "the destination socket never appeared");
+    assert!(wait_listening(&sock), "the destination socket never appeared");
     let h = ferry_stream::StreamHeader {
         format_version: 1,
         flags: ferry_stream::StreamFlags::empty(),

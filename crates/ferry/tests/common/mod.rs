@@ -399,10 +399,24 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// Waits (up to 10 s) for a listening destination's socket path to appear: not by connecting,
-/// as a destination takes its first connection as the stream. Returns whether it appeared.
-pub fn wait_for_path(p: &Path) -> bool {
-    wait_until(Duration::from_secs(10), || p.exists())
+/// Waits (up to 10 s) until a destination listens on its UNIX socket `p`: not by connecting, as
+/// a destination takes its first connection as the stream, and not by the path appearing, which
+/// happens at bind(), before listen() (a connect in between is refused: a suite run under load
+/// failed so). Returns whether it listens.
+pub fn wait_listening(p: &Path) -> bool {
+    wait_until(Duration::from_secs(10), || unix_listening(p))
+}
+
+/// Whether a UNIX socket listens at `p`, from /proc/net/unix (the flag __SO_ACCEPTCON, 0x10000,
+/// is set by listen()).
+pub fn unix_listening(p: &Path) -> bool {
+    let want = p.to_string_lossy();
+    std::fs::read_to_string("/proc/net/unix").is_ok_and(|t| {
+        t.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 8 && f[7] == want && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+        })
+    })
 }
 
 /// Waits until the API socket accepts connections.
