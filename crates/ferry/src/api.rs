@@ -921,14 +921,14 @@ fn replicate(req: &Value, ctx: &ApiContext) -> Result<Value> {
                     BackupLoss::Stop => {
                         let _ = vm.pause();
                         paused.store(true, Ordering::SeqCst);
-                        eprintln!(
+                        say!(
                             "ferry: the backup is lost ({msg}); the guest is PAUSED (--on-backup-loss stop), its output \
                              since the last checkpoint held: `ferry api resume` runs it unprotected"
                         );
                     }
                     BackupLoss::Continue => {
                         vm.set_output_commit(false);
-                        eprintln!(
+                        say!(
                             "ferry: the backup is lost ({msg}); the guest runs UNPROTECTED (--on-backup-loss continue)"
                         );
                     }

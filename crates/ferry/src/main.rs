@@ -1,5 +1,16 @@
 //! `ferry`: run a VM, migrate it, inspect streams.
 
+/// `eprintln!` that never panics: a Ferry whose stderr reader is gone (its supervisor or test
+/// harness died, a closed pipe) must still stop, clean up and exit as it says, not die in a
+/// message (a SIGTERM once left such a Ferry running: the signal thread panicked printing
+/// "stopping on SIGTERM" before it stopped the machine).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod api;
 mod client;
 mod demo;
@@ -369,7 +380,7 @@ impl TlsArgs {
 /// A loud word on plain TCP: the stream is the whole guest.
 fn warn_plain_tcp(uri: &ferry_migrate::transport::Uri, tls: bool, insecure: bool) {
     if matches!(uri, ferry_migrate::transport::Uri::Tcp(_)) && !tls && !insecure {
-        eprintln!(
+        say!(
             "ferry: WARNING: {uri} is plain TCP: the guest's memory and disks cross the network unencrypted, and \
              anyone who can reach it is trusted; give --tls-cert/--tls-key/--tls-ca (docs/security.md), or \
              --insecure to say this is intended"
@@ -691,7 +702,7 @@ fn restore(a: &RunArgs, path: &std::path::Path) -> Result<Arc<Vm>> {
         &a.load_options(),
     )
     .with_context(|| format!("cannot restore {}; nothing was started", path.display()))?;
-    eprintln!(
+    say!(
         "ferry: restored {} ({} snapshot{} in the chain): {} data ({} mapped) and {} zero pages, {} disk blocks with data, {:.1} MiB read, {:.1} ms{}",
         path.display(),
         st.chain_len,
@@ -721,7 +732,7 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
             let t = std::time::Instant::now();
             let ram = GuestRam::new(m).context("guest RAM")?;
             ram.prefault().context("--prefault")?;
-            eprintln!("ferry: allocated {} MiB of guest RAM in {:.0} ms", m >> 20, t.elapsed().as_secs_f64() * 1000.0);
+            say!("ferry: allocated {} MiB of guest RAM in {:.0} ms", m >> 20, t.elapsed().as_secs_f64() * 1000.0);
             IncomingRam::Prefaulted(ram)
         }
     };
@@ -731,10 +742,7 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     let admit = admission(&uri, tls, a.allow_peer_uid)?;
     warn_plain_tcp(&uri, admit.tls.is_some(), a.insecure);
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
-    eprintln!(
-        "ferry: waiting for an incoming migration on {uri}{}",
-        if admit.tls.is_some() { " (mutual TLS)" } else { "" }
-    );
+    say!("ferry: waiting for an incoming migration on {uri}{}", if admit.tls.is_some() { " (mutual TLS)" } else { "" });
     let conn = listener.accept_with(&uri, &admit)?;
     // Kept for a post-copy whose link fails: the source comes back here (`migrate-resume`).
     let recover = ferry_migrate::postcopy::Recover {
@@ -756,9 +764,9 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
     let (vm, stats, postcopy) =
         ferry_migrate::destination::receive(conn, params).context("incoming migration failed; nothing was started")?;
     if stats.disk_replayed > 0 {
-        eprintln!("ferry: re-executing {} disk request(s) that were in flight at the stop", stats.disk_replayed);
+        say!("ferry: re-executing {} disk request(s) that were in flight at the stop", stats.disk_replayed);
     }
-    eprintln!(
+    say!(
         "ferry: incoming migration complete: {:.1} MiB, {} normal and {} zero pages, load {:.1} ms (restore {:.1} ms)",
         stats.bytes as f64 / (1 << 20) as f64,
         stats.normal_pages,
@@ -767,14 +775,14 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
         stats.restore.as_secs_f64() * 1000.0
     );
     if let Some(run) = postcopy {
-        eprintln!("ferry: post-copy: the guest runs here; the pages it still lacks follow from the source");
+        say!("ferry: post-copy: the guest runs here; the pages it still lacks follow from the source");
         api::POSTCOPY_INCOMING.store(true, std::sync::atomic::Ordering::SeqCst);
         std::thread::Builder::new()
             .name("postcopy-wait".into())
             .spawn(move || match run.join() {
                 Ok(Ok(s)) => {
                     api::POSTCOPY_INCOMING.store(false, std::sync::atomic::Ordering::SeqCst);
-                    eprintln!(
+                    say!(
                     "ferry: post-copy complete in {:.1} ms: {} pages; {} faults on missing pages (p50 {} us, p99 {} us, \
                      max {} us), {} on zero pages, {} link recoveries",
                     s.duration.as_secs_f64() * 1000.0,
@@ -790,11 +798,11 @@ fn incoming(a: &RunArgs, uri: &str) -> Result<Arc<Vm>> {
                 Ok(Err(e)) => {
                     // Only the source had these pages: the guest cannot go on, and a vCPU
                     // waiting on one cannot be stopped but by ending the process.
-                    eprintln!("ferry: post-copy failed: {:#}", anyhow::Error::new(e));
+                    say!("ferry: post-copy failed: {:#}", anyhow::Error::new(e));
                     std::process::exit(1);
                 }
                 Err(_) => {
-                    eprintln!("ferry: post-copy failed: its thread panicked");
+                    say!("ferry: post-copy failed: its thread panicked");
                     std::process::exit(1);
                 }
             })
@@ -822,10 +830,7 @@ fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
     let admit = admission(&uri, tls, a.allow_peer_uid)?;
     warn_plain_tcp(&uri, admit.tls.is_some(), a.insecure);
     let listener = ferry_migrate::transport::Listener::bind(&uri)?;
-    eprintln!(
-        "ferry: standby: waiting for the primary on {uri}{}",
-        if admit.tls.is_some() { " (mutual TLS)" } else { "" }
-    );
+    say!("ferry: standby: waiting for the primary on {uri}{}", if admit.tls.is_some() { " (mutual TLS)" } else { "" });
     let conn = listener.accept_with(&uri, &admit)?;
     drop(listener);
     let params = StandbyParams {
@@ -841,7 +846,7 @@ fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
     };
     match ferry_migrate::standby::standby(conn, params).context("standby failed; nothing was started")? {
         StandbyOutcome::Ended { seq, stats } => {
-            eprintln!(
+            say!(
                 "ferry: standby: the primary ended replication after checkpoint {seq} ({} checkpoints, {:.1} MiB); \
                  nothing runs here",
                 stats.checkpoints,
@@ -850,7 +855,7 @@ fn standby(a: &RunArgs, uri: &str) -> Result<Option<Arc<Vm>>> {
             Ok(None)
         }
         StandbyOutcome::Failover { vm, seq, why, stats } => {
-            eprintln!(
+            say!(
                 "ferry: standby: the primary is lost ({why}); the guest resumes here from checkpoint {seq}, restored in {:.1} ms \
                  ({} checkpoints received, {} pages of an unfinished epoch discarded)",
                 stats.failover.as_secs_f64() * 1000.0,
@@ -887,7 +892,7 @@ fn boot(a: &RunArgs) -> Result<Arc<Vm>> {
     let memory = a.memory.unwrap_or(1 << 30);
     check_disks_distinct(&a.disk)?;
     if let Some(host) = host_ram().filter(|&h| memory > h) {
-        eprintln!(
+        say!(
             "ferry: warning: --memory {} MiB is more than this host's {} MiB of RAM: the guest's memory is allocated \
              as it is touched, and touching it all will swap or fail",
             memory >> 20,
@@ -965,7 +970,7 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
         )?;
         // Said before the guest runs: a line it is printing when it resumes must not be cut
         // by this one in a console that merges stderr and stdout.
-        eprintln!(
+        say!(
             "ferry: {} the guest over ({} mode): {} bytes of state, {} MiB of RAM in place",
             if a.handover_failed.is_some() { "took back" } else { "took" },
             if h.mode == update::Mode::Exec { "exec" } else { "process" },
@@ -981,7 +986,7 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
         Ok(x) => x,
         Err(e) => {
             let why = format!("the new Ferry could not take the guest over: {e:#}");
-            eprintln!("ferry: {why}");
+            say!("ferry: {why}");
             return Err(update::hand_back(h, &why));
         }
     };
@@ -1049,7 +1054,7 @@ fn stop_on_signals(vm: &Arc<Vm>) -> Result<()> {
                 libc::SIGHUP => "SIGHUP",
                 _ => "a signal",
             };
-            eprintln!("ferry: stopping on {name} (exit status 0)");
+            say!("ferry: stopping on {name} (exit status 0)");
             vm.request_exit(ExitReason::Stopped);
             return;
         }
@@ -1086,9 +1091,9 @@ fn serve_and_wait_on(a: &RunArgs, vm: Arc<Vm>, listener: Option<std::os::unix::n
         ExitReason::Migrated => ("migrated", "guest migrated away".to_string()),
     };
     if a.json {
-        eprintln!("{}", serde_json::json!({"exit_status": exit_code(&reason), "reason": what, "detail": detail}));
+        say!("{}", serde_json::json!({"exit_status": exit_code(&reason), "reason": what, "detail": detail}));
     } else {
-        eprintln!("ferry: {detail}");
+        say!("ferry: {detail}");
     }
     if let Some(sock) = &a.api_socket {
         let _ = std::fs::remove_file(sock);
@@ -1343,7 +1348,7 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     if let Some(path) = &a.report {
         std::fs::write(path, report::svg(summary))
             .with_context(|| format!("cannot write the report {}", path.display()))?;
-        eprintln!("ferry: report written to {}", path.display());
+        say!("ferry: report written to {}", path.display());
     }
     Ok(0)
 }
@@ -1358,12 +1363,12 @@ fn follow(socket: &std::path::Path, events: &mut client::Events, json: bool) -> 
         events,
         &mut |ev| match &bar {
             Some(b) => report::update_bar(b, ev),
-            None => eprintln!("ferry: {}", report::progress_line(ev)),
+            None => say!("ferry: {}", report::progress_line(ev)),
         },
         &mut || {
             if INTERRUPTED.load(Ordering::SeqCst) && !cancelled {
                 cancelled = true;
-                eprintln!("ferry: cancelling the migration (the source keeps running)");
+                say!("ferry: cancelling the migration (the source keeps running)");
                 let _ = client::request(socket, "PUT", "/api/v1/vm.migrate-cancel", None);
             }
         },
@@ -1408,7 +1413,7 @@ fn ferry_update(api_socket: &std::path::Path, binary: Option<PathBuf>, mode: Upd
     if json {
         println!("{s}");
     } else {
-        eprintln!(
+        say!(
             "ferry: updated ({} mode, pid {}): guest paused {:.2} ms, {} bytes of state handed over, {} MiB of RAM in place",
             s["mode"].as_str().unwrap_or("?"),
             s["pid"],
@@ -1426,9 +1431,9 @@ fn debug_poison(api_socket: &std::path::Path, gpa: u64, unannounced: bool, at_fi
         api::call(api_socket, &serde_json::json!({"cmd": "poison", "gpa": gpa, "announce": !unannounced, "at": at}))?;
     let page = v["gpa"].as_u64().unwrap_or(gpa);
     if at_final_pass {
-        eprintln!("ferry: guest page {page:#x} breaks when the next migration's final pass begins");
+        say!("ferry: guest page {page:#x} breaks when the next migration's final pass begins");
     } else {
-        eprintln!("ferry: guest page {page:#x} is broken");
+        say!("ferry: guest page {page:#x} is broken");
     }
     Ok(0)
 }
@@ -1458,7 +1463,7 @@ fn print_replication(r: &serde_json::Value, json: bool, what: &str) {
         return;
     }
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-    eprintln!(
+    say!(
         "ferry: {what}: backup {}, {} checkpoints ({:.1}/s), pause p50 {:.2} ms p99 {:.2} ms, ack p50 {:.2} ms, {:.0} KiB per epoch; initial copy {:.0} ms, {:.1} MiB",
         r["to"].as_str().unwrap_or("?"),
         r["epochs"].as_u64().unwrap_or(0),
@@ -1480,10 +1485,10 @@ fn main() {
     // (a fault asked for and silently not injected would let a test pass that tried nothing).
     if let Some(f) = ferry_stream::fault::configured() {
         if !ferry_stream::fault::ENABLED {
-            eprintln!("ferry: FERRY_FAULT={f} is set, but this Ferry was built without the fault-injection feature");
+            say!("ferry: FERRY_FAULT={f} is set, but this Ferry was built without the fault-injection feature");
             std::process::exit(2);
         }
-        eprintln!("ferry: fault injection armed: {f}");
+        say!("ferry: fault injection armed: {f}");
     }
     let r = match cli.cmd {
         Cmd::Run(a) => run(*a),
@@ -1542,7 +1547,7 @@ fn main() {
                 "quit" | "shutdown" => ("PUT", "/api/v1/vm.shutdown"),
                 "migration" => ("GET", "/api/v1/vm.migration"),
                 other => {
-                    eprintln!(
+                    say!(
                         "ferry: error: unknown API command {other:?} (status, pause, resume, quit, migration; the \
                          rest has its own subcommand or a REST route: docs/api/openapi.yaml)"
                     );
@@ -1561,7 +1566,7 @@ fn main() {
     match r {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            say!("ferry: error: {e:#}");
             std::process::exit(1);
         }
     }

@@ -286,7 +286,7 @@ fn move_ram_into_memfd(ctx: &ApiContext) -> Result<()> {
         .move_ram_into_memfd(ctx.paused.load(Ordering::SeqCst))
         .context("cannot move the guest's RAM mapped from its snapshot file into memory for the update")?;
     if let Some(m) = moved {
-        eprintln!(
+        say!(
             "ferry: moved the guest's RAM mapped from its snapshot file into memory for the update: {} MiB copied \
              in {} rounds, {:.0} ms, guest paused {:.1} ms",
             m.bytes_copied >> 20,

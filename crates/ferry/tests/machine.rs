@@ -193,6 +193,42 @@ fn sigterm_sigint_and_sighup_stop_ferry_with_status_zero_and_remove_its_api_sock
     }
 }
 
+/// A Ferry whose stdout and stderr reader is gone (its supervisor or test harness died) still
+/// stops on SIGTERM and removes its API socket: its messages to the closed pipe fail quietly.
+/// (A suite run cut short left such Ferrys running, at 100 % of a CPU: the signal thread
+/// panicked printing "stopping on SIGTERM" and never stopped the machine.)
+#[test]
+fn sigterm_stops_ferry_even_when_its_output_pipe_is_closed() {
+    if !kvm_available("sigterm_stops_ferry_even_when_its_output_pipe_is_closed") {
+        return;
+    }
+    use std::process::{Command, Stdio};
+    let dir = tmpdir("stop-closed-pipe");
+    let sock = dir.join("api.sock");
+    let mut child = Command::new(FERRY)
+        .args(["run", "--memory", "64M", "--cmdline", "mib=8", "--api-socket", sock.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_socket(&sock, Duration::from_secs(20)), "the API socket never appeared");
+    // The reader goes away: every later write to stdout or stderr fails with EPIPE.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    std::thread::sleep(Duration::from_millis(500));
+
+    // SAFETY: (test) a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exited = wait_until(Duration::from_secs(10), || child.try_wait().unwrap().is_some());
+
+    if !exited {
+        let _ = child.kill();
+    }
+    assert!(exited, "ferry ignored SIGTERM once its output pipe was closed");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists(), "the API socket was left behind");
+}
+
 #[test]
 fn a_file_that_is_not_ours_is_never_replaced_by_a_socket_or_a_snapshot() {
     if !kvm_available("a_file_that_is_not_ours_is_never_replaced_by_a_socket_or_a_snapshot") {
