@@ -60,6 +60,28 @@ pub enum IncomingError {
     PostcopyFrame(u64),
     #[error("cannot start post-copy")]
     PostcopyStart(#[source] std::io::Error),
+    #[error("page frame {gfn:#x} came on page channel {channel} of {count}; its shard belongs to another channel")]
+    WrongChannel { gfn: u64, channel: u32, count: u32 },
+    #[error("the source asks for page channels, but this destination takes no further connections")]
+    NoChannelListener,
+    #[error("waiting for the source's page channels failed")]
+    ChannelAccept(#[source] std::io::Error),
+    #[error("accepting a page channel failed")]
+    ChannelConnect(#[source] crate::transport::TransportError),
+    #[error("only {got} of the {count} page channels connected within {secs:.1} s (the stall timeout)")]
+    ChannelsMissing { got: u32, count: u32, secs: f64 },
+    #[error("page channel {channel} sent nothing for {secs:.1} s (the stall timeout) before its END")]
+    ChannelStalled { channel: u32, secs: f64 },
+    #[error("page channel {index} failed")]
+    Channel {
+        index: u32,
+        #[source]
+        source: Box<IncomingError>,
+    },
+    #[error("page channel {0}'s thread panicked")]
+    ChannelPanicked(u32),
+    #[error("the load stopped")]
+    ChannelStopped,
 }
 
 /// Timings of the load, reported in the ACK and to the caller.
@@ -100,7 +122,7 @@ impl Pending {
     /// so the guest gets a machine check when it touches it and no stale data is ever read
     /// (whatever this load wrote there before is dropped).
     pub(crate) fn mark_broken(&mut self, gfn: u64) -> Result<(), IncomingError> {
-        let (_, ri, page) = self.page(gfn)?;
+        let (_, ri, page) = self.locate(gfn)?;
         let ram = &self.machine.ram;
         if ram.poison().mark(gfn, ferry_vmm::poison::PoisonCause::Stream) {
             ram.poison_host_page(gfn * PAGE_SIZE as u64, self.uffd.as_ref())
@@ -110,66 +132,93 @@ impl Pending {
         self.written[ri].clear(page);
         Ok(())
     }
+}
 
-    /// Writes a run of `n` NORMAL pages starting at frame `gfn` from `data` (n pages).
-    fn write_run(&mut self, gfn: u64, n: u64, data: &[u8]) -> Result<(), IncomingError> {
-        if let Some(g) = (gfn..gfn + n).find(|&g| self.machine.ram.poison().contains(g)) {
-            return Err(IncomingError::DataForBroken(g));
-        }
-        let len = n * PAGE_SIZE as u64;
-        let (host, ri, page) = self.page(gfn)?;
-        // The run must lie in one region: check its last page too.
-        let (_, ri_last, _) = self.page(gfn + n - 1)?;
-        if ri_last != ri || data.len() as u64 != len {
-            for i in 0..n {
-                self.write_run(gfn + i, 1, &data[(i as usize) * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE])?;
-            }
-            return Ok(());
-        }
-        if let Some(u) = &self.uffd {
-            let written = &mut self.written[ri];
-            // Pages this load wrote already exist (later iterations resend dirtied pages): a
-            // plain copy. Missing ones are filled with UFFDIO_COPY. Split the run where that
-            // changes, so neither kind costs a failing ioctl per page.
-            let mut i = 0;
-            while i < n {
-                let exists = written.get(page + i);
-                let mut j = i + 1;
-                while j < n && written.get(page + j) == exists {
-                    j += 1;
-                }
-                let sub = &data[(i as usize) * PAGE_SIZE..(j as usize) * PAGE_SIZE];
-                // SAFETY: `host` is the run's first page; the run lies in one region (checked
-                // above), so the sub-run's pages are guest RAM too.
-                let at = unsafe { host.add((i as usize) * PAGE_SIZE) };
-                if exists {
-                    // SAFETY: the pages exist (written earlier in this load), so the copy
-                    // cannot fault on a missing registered page; no vCPU runs yet; `sub` has
-                    // the sub-run's length.
-                    unsafe { std::ptr::copy_nonoverlapping(sub.as_ptr(), at, sub.len()) };
-                } else {
-                    fill_missing(u, written, at, page + i, sub)?;
-                }
-                i = j;
-            }
-            return Ok(());
-        }
-        // No userfaultfd: every page is an ordinary mapping.
-        // SAFETY: `host` points to `len` bytes of guest RAM no vCPU uses yet; `data` has `len`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host, len as usize) };
-        for i in 0..n {
-            self.written[ri].set(page + i);
-        }
-        Ok(())
-    }
+/// Where incoming pages go: the machine being loaded ([`Pending`]), or a page channel's
+/// share of it (channels.rs).
+pub(crate) trait PageTarget {
+    /// The host address, region and page index (in its region) of guest frame `gfn`.
+    fn locate(&self, gfn: u64) -> Result<(*mut u8, usize, u64), IncomingError>;
+    /// Whether `gfn` is broken (no data may be written there).
+    fn is_broken(&self, gfn: u64) -> bool;
+    /// Region `ri`'s pages written by this load, and the userfaultfd that fills missing ones.
+    fn fill_state(&mut self, ri: usize) -> (&mut Bitmap, Option<&Uffd>);
+    /// A BROKEN entry for `gfn`.
+    fn mark_broken(&mut self, gfn: u64) -> Result<(), IncomingError>;
+}
 
-    fn page(&mut self, gfn: u64) -> Result<(*mut u8, usize, u64), IncomingError> {
-        let gpa = gfn * PAGE_SIZE as u64;
+impl PageTarget for Pending {
+    fn locate(&self, gfn: u64) -> Result<(*mut u8, usize, u64), IncomingError> {
         let ram = &self.machine.ram;
+        let gpa = gfn.checked_mul(PAGE_SIZE as u64).ok_or(IncomingError::PageOutside(gfn))?;
         let (ri, page) = ram.page_location(gpa).ok_or(IncomingError::PageOutside(gfn))?;
         let p = ram.host_ptr(gpa, PAGE_SIZE as u64).map_err(|_| IncomingError::PageOutside(gfn))?;
         Ok((p, ri, page))
     }
+
+    fn is_broken(&self, gfn: u64) -> bool {
+        self.machine.ram.poison().contains(gfn)
+    }
+
+    fn fill_state(&mut self, ri: usize) -> (&mut Bitmap, Option<&Uffd>) {
+        (&mut self.written[ri], self.uffd.as_ref())
+    }
+
+    fn mark_broken(&mut self, gfn: u64) -> Result<(), IncomingError> {
+        Pending::mark_broken(self, gfn)
+    }
+}
+
+/// Writes a run of `n` NORMAL pages starting at frame `gfn` from `data` (n pages).
+fn write_run<T: PageTarget>(t: &mut T, gfn: u64, n: u64, data: &[u8]) -> Result<(), IncomingError> {
+    if let Some(g) = (gfn..gfn + n).find(|&g| t.is_broken(g)) {
+        return Err(IncomingError::DataForBroken(g));
+    }
+    let len = n * PAGE_SIZE as u64;
+    let (host, ri, page) = t.locate(gfn)?;
+    // The run must lie in one region: check its last page too.
+    let (_, ri_last, _) = t.locate(gfn + n - 1)?;
+    if ri_last != ri || data.len() as u64 != len {
+        for i in 0..n {
+            write_run(t, gfn + i, 1, &data[(i as usize) * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE])?;
+        }
+        return Ok(());
+    }
+    let (written, uffd) = t.fill_state(ri);
+    if let Some(u) = uffd {
+        // Pages this load wrote already exist (later iterations resend dirtied pages): a
+        // plain copy. Missing ones are filled with UFFDIO_COPY. Split the run where that
+        // changes, so neither kind costs a failing ioctl per page.
+        let mut i = 0;
+        while i < n {
+            let exists = written.get(page + i);
+            let mut j = i + 1;
+            while j < n && written.get(page + j) == exists {
+                j += 1;
+            }
+            let sub = &data[(i as usize) * PAGE_SIZE..(j as usize) * PAGE_SIZE];
+            // SAFETY: `host` is the run's first page; the run lies in one region (checked
+            // above), so the sub-run's pages are guest RAM too.
+            let at = unsafe { host.add((i as usize) * PAGE_SIZE) };
+            if exists {
+                // SAFETY: the pages exist (written earlier in this load), so the copy
+                // cannot fault on a missing registered page; no vCPU runs yet; `sub` has
+                // the sub-run's length.
+                unsafe { std::ptr::copy_nonoverlapping(sub.as_ptr(), at, sub.len()) };
+            } else {
+                fill_missing(u, written, at, page + i, sub)?;
+            }
+            i = j;
+        }
+        return Ok(());
+    }
+    // No userfaultfd: every page is an ordinary mapping.
+    // SAFETY: `host` points to `len` bytes of guest RAM no vCPU uses yet; `data` has `len`.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host, len as usize) };
+    for i in 0..n {
+        written.set(page + i);
+    }
+    Ok(())
 }
 
 /// Fills pages this load has not written (from `page` of `written`'s region, at `host`) with
@@ -253,7 +302,10 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
     conn.set_read_timeout(Some(SEND_POLL)).map_err(IncomingError::Reply)?;
     conn.set_write_timeout(Some(SEND_POLL)).map_err(IncomingError::Reply)?;
     let local = conn.is_local();
-    let mut watched = StallWatch::from_source(conn, params.stall);
+    // Bytes arriving on page channels (if any) count as the source being alive: the main
+    // connection may be quiet while they carry a pass.
+    let activity = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut watched = StallWatch::from_source(conn, params.stall).with_activity(activity.clone());
     // The handshake: a source with it is answered (or refused, naming both format ranges);
     // one from before it starts with its stream header, read as it stands.
     let (opening, their_features) = match protocol::destination_handshake(&mut watched) {
@@ -263,8 +315,17 @@ pub fn receive(conn: Conn, params: IncomingParams) -> Result<(Vm, IncomingStats,
     };
     fault::hit("destination.connected");
     let stream = std::io::Cursor::new(opening).chain(watched);
+    let stall = params.stall;
     let IncomingParams { ram, serial_out, dirty_tracking, disks, load: opts, recover, .. } = params;
-    match load(stream, reply.try_clone().ok(), local, ram, dirty_tracking, &disks, opts) {
+    let listen = recover.as_ref().map(|r| crate::channels::ChannelListener {
+        listener: &r.listener,
+        uri: &r.uri,
+        admit: &r.admit,
+        activity: activity.clone(),
+    });
+    let loaded = load(stream, reply.try_clone().ok(), local, ram, dirty_tracking, &disks, opts, listen.as_ref(), stall);
+    drop(listen);
+    match loaded {
         Ok((mut pending, loaded, stats, rest)) => {
             // Post-copy: from here a touch of a page still at the source waits for it.
             let postcopy = match (pending.postcopy.take(), pending.uffd.take()) {
@@ -394,18 +455,59 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
+/// Where a receive is, for the scheduling class of the threads that copy pages in
+/// (copy_priority.rs); shared by the main reader and the page channels' threads.
+pub(crate) struct ReceivePhase {
+    /// Page entries still to come before the first pass (every page once) is complete.
+    first_pass_left: std::sync::atomic::AtomicU64,
+    /// The source paused its guest (FINAL_PASS), or the state began.
+    urgent: std::sync::atomic::AtomicBool,
+    /// Whether the source (and so its running guest) shares this host's CPUs.
+    local: bool,
+}
+
+impl ReceivePhase {
+    fn new(local: bool) -> Self {
+        ReceivePhase {
+            first_pass_left: std::sync::atomic::AtomicU64::new(u64::MAX),
+            urgent: std::sync::atomic::AtomicBool::new(false),
+            local,
+        }
+    }
+
+    /// `n` more page entries arrived.
+    pub(crate) fn received(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let _ = self.first_pass_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(l.saturating_sub(n)));
+    }
+
+    fn set_urgent(&self) {
+        self.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the copy may stay in the idle class: until the final pass when the source's
+    /// guest runs on this host, else until every page has come once.
+    pub(crate) fn idle_ok(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        !self.urgent.load(Ordering::Relaxed) && (self.local || self.first_pass_left.load(Ordering::Relaxed) > 0)
+    }
+}
+
 /// The migration stream's own records: guest RAM comes in page batches, written as they
 /// arrive into a machine built when the configuration arrived.
 struct MigrationSink<'a> {
     ram: Option<IncomingRam>,
     dirty_tracking: DirtyTracking,
     disks: &'a [DiskImage],
-    /// Whether the source (and so its running guest) shares this host's CPUs.
-    local: bool,
+    /// Where page channels connect (None: this destination takes none).
+    listen: Option<&'a crate::channels::ChannelListener<'a>>,
+    stall: Duration,
+    /// The page channels' threads. Declared before `pending`: dropped (stopped and joined)
+    /// before the guest RAM they write into.
+    channels: Option<crate::channels::ChannelsIn>,
     pending: Option<Pending>,
     idle_copy: Option<crate::copy_priority::IdleCopy>,
-    /// Page entries still to come before the first pass (every page once) is complete.
-    first_pass_left: u64,
+    phase: std::sync::Arc<ReceivePhase>,
     stats: IncomingStats,
     /// The disks' blocks, when the stream carries them (`--copy-storage`).
     storage: crate::storage::StorageReceiver<'a>,
@@ -435,7 +537,7 @@ impl RecordSink for MigrationSink<'_> {
         // come once, or until the final pass if the guest runs on this host.
         let disk_threads = self.disks.iter().map(|d| d.spec().busy_threads()).sum();
         drop(self.idle_copy.replace(crate::copy_priority::IdleCopy::enter(c.vcpus, disk_threads)));
-        self.first_pass_left = c.memory_bytes / PAGE_SIZE as u64;
+        self.phase.first_pass_left.store(c.memory_bytes / PAGE_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
         let prefaulted = uffd.is_none();
         let machine = create_machine(ram, self.dirty_tracking)?;
         self.pending =
@@ -451,6 +553,12 @@ impl RecordSink for MigrationSink<'_> {
 
     fn page_batch(&mut self, batch: PageBatch<'_>) -> Result<(), IncomingError> {
         let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("PAGE_BATCH before MACHINE_CONFIG"))?;
+        if let Some(c) = &self.channels {
+            // The main connection is channel 0: only its shards come here.
+            if let Some(&(gfn, _)) = batch.entries().iter().find(|(g, _)| ferry_stream::channel_of(*g, c.count) != 0) {
+                return Err(IncomingError::WrongChannel { gfn, channel: 0, count: c.count });
+            }
+        }
         if let Some((_, missing)) = &mut p.postcopy {
             // After a POSTCOPY record only pages not listed come with data; a listed page that
             // broke meanwhile comes as BROKEN and is owed no more.
@@ -467,8 +575,8 @@ impl RecordSink for MigrationSink<'_> {
                 }
             }
         }
-        self.first_pass_left = self.first_pass_left.saturating_sub(batch.len() as u64);
-        if self.first_pass_left == 0 && !self.local {
+        self.phase.received(batch.len() as u64);
+        if !self.phase.idle_ok() {
             drop(self.idle_copy.take());
         }
         if let Some(i) = self.idle_copy.as_mut() {
@@ -485,9 +593,36 @@ impl RecordSink for MigrationSink<'_> {
         Ok(self.storage.apply(&b)?)
     }
 
+    /// Page data also comes on `count - 1` more connections: take them now (before any page).
+    fn channels(&mut self, count: u32, session: u64) -> Result<(), IncomingError> {
+        let p = self.pending.as_ref().ok_or(IncomingError::Unexpected("CHANNELS before MACHINE_CONFIG"))?;
+        if self.channels.is_some() {
+            return Err(IncomingError::Unexpected("a second CHANNELS record"));
+        }
+        if self.stats.normal_pages + self.stats.zero_pages + self.stats.broken_pages > 0 || p.postcopy.is_some() {
+            return Err(IncomingError::Unexpected("CHANNELS after page data"));
+        }
+        let from = self.listen.ok_or(IncomingError::NoChannelListener)?;
+        let main =
+            self.reply.as_ref().ok_or(IncomingError::NoChannelListener)?.try_clone().map_err(IncomingError::Reply)?;
+        let ram = &p.machine.ram;
+        let copy = crate::channels::CopyClass {
+            phase: self.phase.clone(),
+            vcpus: p.vcpus,
+            disk_threads: self.disks.iter().map(|d| d.spec().busy_threads()).sum(),
+        };
+        let set =
+            crate::channels::ChannelsIn::accept(from, count, session, ram, p.uffd.as_ref(), main, self.stall, copy)?;
+        self.channels = Some(set);
+        Ok(())
+    }
+
     /// The switch-over is to post-copy: the listed pages' data is still at the source. What
     /// this load wrote there is stale: it is dropped, so that a touch waits for the page.
     fn postcopy(&mut self, session: u64, runs: Vec<(u64, u64)>) -> Result<(), IncomingError> {
+        if self.channels.is_some() {
+            return Err(IncomingError::Unexpected("POSTCOPY in a migration with page channels"));
+        }
         let p = self.pending.as_mut().ok_or(IncomingError::Unexpected("POSTCOPY before MACHINE_CONFIG"))?;
         let ram = &p.machine.ram;
         // Several records of one session add up: the source lists most pages while its guest
@@ -560,19 +695,21 @@ impl RecordSink for MigrationSink<'_> {
 
     // The source paused its guest: the final pass is the pause, at full priority.
     fn final_pass(&mut self) {
+        self.phase.set_urgent();
         drop(self.idle_copy.take());
         self.final_pass = true;
     }
 
     fn state_begins(&mut self) {
+        self.phase.set_urgent();
         drop(self.idle_copy.take());
     }
 }
 
 /// Writes a batch's pages into guest RAM (`(frame, type, data)` in order, data for NORMAL
 /// pages): runs of NORMAL pages with consecutive frames and adjacent data are one copy.
-pub(crate) fn apply_pages<'d>(
-    p: &mut Pending,
+pub(crate) fn apply_pages<'d, T: PageTarget>(
+    p: &mut T,
     stats: &mut IncomingStats,
     pages: impl Iterator<Item = (u64, PageType, Option<&'d [u8]>)>,
 ) -> Result<(), IncomingError> {
@@ -591,7 +728,7 @@ pub(crate) fn apply_pages<'d>(
                 }
                 _ => {
                     if let Some((start, n, buf)) = run.take() {
-                        p.write_run(start, n, buf)?;
+                        write_run(p, start, n, buf)?;
                     }
                     run = Some((gfn, 1, d));
                     continue;
@@ -599,15 +736,15 @@ pub(crate) fn apply_pages<'d>(
             }
         }
         if let Some((start, n, buf)) = run.take() {
-            p.write_run(start, n, buf)?;
+            write_run(p, start, n, buf)?;
         }
         match ty {
             PageType::Zero | PageType::Discarded => {
-                if p.machine.ram.poison().contains(gfn) {
+                if p.is_broken(gfn) {
                     return Err(IncomingError::DataForBroken(gfn));
                 }
-                let (host, ri, page) = p.page(gfn)?;
-                if p.written[ri].get(page) {
+                let (host, ri, page) = p.locate(gfn)?;
+                if p.fill_state(ri).0.get(page) {
                     // SAFETY: the page exists (written earlier in this load) and no
                     // vCPU runs yet.
                     unsafe { std::ptr::write_bytes(host, 0, PAGE_SIZE) };
@@ -622,13 +759,14 @@ pub(crate) fn apply_pages<'d>(
         }
     }
     if let Some((start, n, buf)) = run.take() {
-        p.write_run(start, n, buf)?;
+        write_run(p, start, n, buf)?;
     }
     Ok(())
 }
 
 /// Reads the stream into a new machine's RAM; returns the machine's parts and its state, and
 /// the connection's reader after END (a post-copy page stream follows there).
+#[allow(clippy::too_many_arguments)]
 fn load<R: Read>(
     stream: R,
     reply: Option<Conn>,
@@ -637,6 +775,8 @@ fn load<R: Read>(
     dirty_tracking: DirtyTracking,
     disks: &[DiskImage],
     mut opts: LoadOptions,
+    listen: Option<&crate::channels::ChannelListener<'_>>,
+    stall: Duration,
 ) -> Result<(Pending, crate::records::Loaded, IncomingStats, BufReader<R>), IncomingError> {
     if let IncomingRam::Fresh(Some(m)) = &ram {
         opts.memory = Some(*m);
@@ -652,20 +792,46 @@ fn load<R: Read>(
         ram: Some(ram),
         dirty_tracking,
         disks,
-        local,
+        listen,
+        stall,
+        channels: None,
         pending: None,
         idle_copy: None,
-        first_pass_left: u64::MAX,
+        phase: std::sync::Arc::new(ReceivePhase::new(local)),
         stats: IncomingStats::default(),
         storage: crate::storage::StorageReceiver::new(disks),
         reply,
         final_pass: false,
     };
-    let loaded = load_records(&mut r, StreamKind::Migration, &opts, &mut sink)?;
+    let loaded = match load_records(&mut r, StreamKind::Migration, &opts, &mut sink) {
+        Ok(l) => l,
+        Err(e) => {
+            // A failed channel shuts the main connection: its error is the one that explains.
+            return Err(sink.channels.take().and_then(|c| c.first_error()).unwrap_or(e));
+        }
+    };
     let t_end = Instant::now();
     let mut stats = sink.stats;
     stats.bytes = loaded.bytes;
-    let mut p = sink.pending.ok_or(LoadError::NoConfig("END"))?;
+    let channels = sink.channels.take();
+    let mut p = sink.pending.take().ok_or(LoadError::NoConfig("END"))?;
+    if let Some(c) = channels {
+        // Every channel's pages are in before the state is loaded (the source ended them all
+        // before it sent the state); what they wrote and found broken joins the load's.
+        for out in c.join()? {
+            for (ri, w) in out.written.iter().enumerate() {
+                p.written[ri].or_words(w.words());
+            }
+            for gfn in out.broken {
+                p.mark_broken(gfn)?;
+            }
+            stats.bytes += out.bytes;
+            stats.normal_pages += out.normal;
+            stats.zero_pages += out.zero;
+            stats.broken_pages += out.broken_entries;
+            tracing::debug!("page channel {}: {} bytes", out.index, out.bytes);
+        }
+    }
     // Without post-copy, guest memory is ordinary from here; with it, the fault handler takes
     // the userfaultfd over.
     if p.postcopy.is_none() {

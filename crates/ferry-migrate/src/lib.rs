@@ -23,6 +23,7 @@
 //! Until the source has sent COMMIT it owns the guest: any failure before that point resumes the
 //! source with its dirty bits intact, and the destination discards what it received.
 
+pub mod channels;
 pub mod copy_priority;
 pub mod destination;
 pub mod handover;

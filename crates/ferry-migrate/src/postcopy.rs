@@ -423,20 +423,11 @@ impl PostcopySource {
                 continue;
             }
             let gpa = regions[ri].gpa + page * PAGE_SIZE as u64;
-            let mut ty = PageType::Zero;
-            if ram.is_poisoned(gpa) {
-                ty = PageType::Broken;
-            } else {
-                let slot = &mut buf[used..used + PAGE_SIZE];
-                match ram.copy_out(gpa, slot) {
-                    Ok(()) if !crate::source::is_zero(slot) => {
-                        ty = PageType::Normal;
-                        used += PAGE_SIZE;
-                    }
-                    Ok(()) => {}
-                    Err(ferry_vmm::memory::MemoryError::Poisoned { .. }) => ty = PageType::Broken,
-                    Err(source) => return Err(PostcopyError::Memory { gpa, source }),
-                }
+            let slot = &mut buf[used..used + PAGE_SIZE];
+            let ty =
+                crate::source::copy_page(ram, gpa, slot).map_err(|source| PostcopyError::Memory { gpa, source })?;
+            if ty == PageType::Normal {
+                used += PAGE_SIZE;
             }
             entries.push((gpa / PAGE_SIZE as u64, ty));
             self.remaining[ri].clear(page);

@@ -74,6 +74,8 @@ pub enum ProtocolError {
     NoHandshake(String),
     #[error("the peer's handshake has non-zero reserved bytes")]
     HelloReserved,
+    #[error("not a page channel of this migration: {0}")]
+    NotOurChannel(String),
 }
 
 /// Magic of a HELLO.
@@ -95,8 +97,11 @@ pub mod features {
     pub const COMMIT_CONFIRM: u64 = 1 << 4;
     /// PAGE_BATCH_ZSTD records: page data as zstd frames (`ferry migrate --compress zstd`).
     pub const ZSTD_PAGES: u64 = 1 << 5;
+    /// Page data over several connections: the CHANNELS record and channel connections
+    /// (`ferry migrate --channels N`).
+    pub const CHANNELS: u64 = 1 << 6;
     /// Everything this Ferry serves.
-    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY | POSTCOPY | COMMIT_CONFIRM | ZSTD_PAGES;
+    pub const ALL: u64 = CPU_MODEL | FINAL_PASS | DISK_REPLAY | POSTCOPY | COMMIT_CONFIRM | ZSTD_PAGES | CHANNELS;
 }
 
 /// One side's HELLO.
@@ -202,6 +207,56 @@ pub fn source_handshake(c: &mut (impl Read + Write)) -> Result<Hello, ProtocolEr
         }
         Err(e) => Err(e),
         Ok(_) => Err(ProtocolError::BadFrame(FRAME_ACK)),
+    }
+}
+
+/// Magic of a CHANNEL_HELLO, the first bytes of a page channel's connection.
+pub const CHANNEL_HELLO_MAGIC: &[u8; 8] = b"FERRYCHN";
+/// Size of a CHANNEL_HELLO.
+pub const CHANNEL_HELLO_LEN: usize = 32;
+
+/// The opening of a page channel (`--channels`): magic `FERRYCHN`, session u64, index u32
+/// (1 to count - 1; 0 is the main connection), count u32, reserved u64. The channel's stream
+/// (header flag CHANNEL) follows. No answer: the destination closes a connection it does not
+/// take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHello {
+    pub session: u64,
+    pub index: u32,
+    pub count: u32,
+}
+
+impl ChannelHello {
+    pub fn encode(&self) -> [u8; CHANNEL_HELLO_LEN] {
+        let mut b = [0u8; CHANNEL_HELLO_LEN];
+        b[..8].copy_from_slice(CHANNEL_HELLO_MAGIC);
+        b[8..16].copy_from_slice(&self.session.to_le_bytes());
+        b[16..20].copy_from_slice(&self.index.to_le_bytes());
+        b[20..24].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    /// Decodes a CHANNEL_HELLO and checks it against the CHANNELS record of `session` with
+    /// `count` channels.
+    pub fn decode(b: &[u8; CHANNEL_HELLO_LEN], session: u64, count: u32) -> Result<ChannelHello, ProtocolError> {
+        let bad = |m: String| Err(ProtocolError::NotOurChannel(m));
+        if &b[..8] != CHANNEL_HELLO_MAGIC {
+            return bad(format!("it starts with {:?}, not {:?}", String::from_utf8_lossy(&b[..8]), "FERRYCHN"));
+        }
+        if b[24..].iter().any(|&x| x != 0) {
+            return bad("its reserved bytes are not zero".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[8..16]);
+        let h = ChannelHello { session: u64::from_le_bytes(w), index: u32_at(16), count: u32_at(20) };
+        if h.session != session {
+            return bad(format!("session {:#018x}, this migration's is {session:#018x}", h.session));
+        }
+        if h.count != count || h.index == 0 || h.index >= count {
+            return bad(format!("channel {} of {}, this migration has {count}", h.index, h.count));
+        }
+        Ok(h)
     }
 }
 
@@ -506,6 +561,27 @@ pub fn read_commit(r: &mut impl Read) -> Result<(), ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_channel_hello_of_another_session_index_or_count_is_refused() {
+        let ok = ChannelHello { session: 0xabcd, index: 2, count: 3 };
+        assert_eq!(ChannelHello::decode(&ok.encode(), 0xabcd, 3).unwrap(), ok);
+        let mut reserved = ok.encode();
+        reserved[31] = 1;
+        let mut magic = ok.encode();
+        magic[..8].copy_from_slice(b"FERRYHLO");
+        for (b, want) in [
+            (ChannelHello { session: 0xabce, ..ok }.encode(), "session 0x000000000000abce"),
+            (ChannelHello { index: 0, ..ok }.encode(), "channel 0 of 3"),
+            (ChannelHello { index: 3, ..ok }.encode(), "channel 3 of 3"),
+            (ChannelHello { count: 4, ..ok }.encode(), "this migration has 3"),
+            (reserved, "reserved bytes"),
+            (magic, "FERRYHLO"),
+        ] {
+            let e = ChannelHello::decode(&b, 0xabcd, 3).unwrap_err().to_string();
+            assert!(e.contains("not a page channel of this migration") && e.contains(want), "want {want:?}: {e}");
+        }
+    }
 
     fn hello(min: u32, max: u32) -> Hello {
         Hello { min_format: min, max_format: max, features: features::ALL, ferry_version: (0, 1, 0) }

@@ -172,6 +172,10 @@ pub trait RecordSink {
     }
     /// BROKEN_PAGES (snapshot files): frames broken on the machine saved.
     fn broken_pages(&mut self, gfns: Vec<u64>) -> Result<(), Self::Error>;
+    /// CHANNELS: page data also comes on `count - 1` more connections (migration streams).
+    fn channels(&mut self, _count: u32, _session: u64) -> Result<(), Self::Error> {
+        Err(LoadError::Unexpected("CHANNELS", "this stream").into())
+    }
     /// Post-copy: these frames' data comes after the switch-over (live migration only).
     fn postcopy(&mut self, _session: u64, _runs: Vec<(u64, u64)>) -> Result<(), Self::Error> {
         Err(LoadError::Unexpected("POSTCOPY", "this stream").into())
@@ -341,6 +345,10 @@ pub fn load_records<R: Read, S: RecordSink>(
             Record::DiskMap(m) => {
                 p.only_in(kind, StreamKind::Snapshot, "DISK_MAP", sink)?;
                 sink.disk_map(m)?;
+            }
+            Record::Channels { count, session } => {
+                p.only_in(kind, StreamKind::Migration, "CHANNELS", sink)?;
+                sink.channels(count, session)?;
             }
             Record::Postcopy { session, runs } => {
                 p.only_in(kind, StreamKind::Migration, "POSTCOPY", sink)?;

@@ -288,6 +288,8 @@ fn run(
         cancel: stop,
         storage,
         peer_features: 0,
+        channels: None,
+        unsynced: Vec::new(),
     };
     let ram = vm.ram();
     let config = MachineConfig {
@@ -314,6 +316,7 @@ fn run(
         tls: None,
         postcopy: None,
         compress: None,
+        channels: 1,
     };
     let mut summary = MigrationSummary::default();
     crate::source::precopy(&mut s, &initial, None, &mut summary, &mut |_| {})?;

@@ -88,6 +88,20 @@ pub enum MigrateError {
     NoCompression(String),
     #[error("zstd compression could not be set up")]
     Compression(#[source] ferry_stream::StreamError),
+    #[error("the destination (Ferry {0}) does not take page channels: migrate to it without --channels")]
+    NoChannels(String),
+    #[error("--channels {0}: 1 to {max} connections", max = ferry_stream::MAX_CHANNELS)]
+    ChannelCount(u32),
+    #[error("--channels and --postcopy do not go together yet: the post-copy page stream has one connection")]
+    ChannelsWithPostcopy,
+    #[error("page channel {index} failed")]
+    Channel {
+        index: u32,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("its thread ended after an earlier failure")]
+    ChannelGone,
     #[error("post-copy: {} page(s) still here are too scattered for one POSTCOPY record", .0)]
     PostcopyTooScattered(u64),
     /// The guest runs on the destination; `pending` holds what it is still owed, for
@@ -122,6 +136,8 @@ pub struct MigrateParams {
     pub postcopy: Option<crate::postcopy::PostcopyMode>,
     /// Compress page data in the migration stream (not in a post-copy's page stream).
     pub compress: Option<Compression>,
+    /// Connections that carry page data (channels.rs); 1: the main connection only.
+    pub channels: u32,
 }
 
 /// Page-data compression on the wire (`ferry migrate --compress`).
@@ -148,7 +164,7 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Waits until the destination has read everything sent on `conn`; fails with
 /// [`MigrateError::Stalled`] when the count of bytes it has not taken stops falling for
 /// `stall`, or with [`MigrateError::Cancelled`].
-fn wait_read(conn: &Conn, stall: Duration, cancel: &AtomicBool) -> Result<(), MigrateError> {
+pub(crate) fn wait_read(conn: &Conn, stall: Duration, cancel: &AtomicBool) -> Result<(), MigrateError> {
     let (mut last, mut since) = (u64::MAX, Instant::now());
     loop {
         let left = conn.unread_bytes().map_err(TransportError::Setup)?;
@@ -258,6 +274,11 @@ pub struct MigrationSummary {
     /// zstd's effect on the page data (`--compress zstd`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zstd: Option<CompressionStats>,
+    /// Connections that carried page data (`--channels`), and the stream bytes each carried
+    /// (the main connection first).
+    pub channels: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub channel_bytes: Vec<u64>,
 }
 
 /// Progress reports while the migration runs.
@@ -325,6 +346,11 @@ pub(crate) struct Sender<'a> {
     pub(crate) storage: Option<crate::storage::StorageSender<'a>>,
     /// The destination's HELLO features (0: none known, as for a replication backup).
     pub(crate) peer_features: u64,
+    /// The page channels beyond the main connection (`--channels`).
+    pub(crate) channels: Option<crate::channels::ChannelSet<'a>>,
+    /// With channels: the chunks handed to them since their last sync (region, first page,
+    /// bits), whose bits go back if a channel fails.
+    pub(crate) unsynced: Vec<(usize, u64, Vec<u64>)>,
 }
 
 /// Whether a page's bytes are all zero.
@@ -336,12 +362,87 @@ pub(crate) fn is_zero(p: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
+/// Copies the page at `gpa` into `slot` (one page) unless it is broken, and says what it is:
+/// NORMAL (data in `slot`), ZERO (all zero), or BROKEN (known broken, never read; or it broke
+/// while it was copied, which the copy catches and the poison set records).
+pub(crate) fn copy_page(
+    ram: &ferry_vmm::memory::GuestRam,
+    gpa: u64,
+    slot: &mut [u8],
+) -> Result<PageType, ferry_vmm::memory::MemoryError> {
+    if ram.is_poisoned(gpa) {
+        return Ok(PageType::Broken);
+    }
+    match ram.copy_out(gpa, slot) {
+        Ok(()) if !is_zero(slot) => Ok(PageType::Normal),
+        Ok(()) => Ok(PageType::Zero),
+        Err(ferry_vmm::memory::MemoryError::Poisoned { .. }) => Ok(PageType::Broken),
+        Err(e) => Err(e),
+    }
+}
+
 impl Sender<'_> {
     /// Waits until the destination has read everything written so far (see [`wait_read`]).
     pub(crate) fn drain(&mut self) -> Result<(), MigrateError> {
         let cancel = self.cancel;
         let sw = self.w.get_mut().get_ref();
-        wait_read(&sw.conn, sw.stall, cancel)
+        wait_read(&sw.conn, sw.stall, cancel)?;
+        match &self.channels {
+            Some(c) => c.drain(cancel),
+            None => Ok(()),
+        }
+    }
+
+    /// Stream bytes written so far, all connections (channels as of their last sync).
+    pub(crate) fn bytes_written(&self) -> u64 {
+        self.w.bytes_written() + self.channels.as_ref().map_or(0, |c| c.bytes())
+    }
+
+    /// Page data bytes before and after compression, all connections.
+    pub(crate) fn page_bytes(&self) -> ferry_stream::PageBytes {
+        let m = self.w.page_bytes();
+        match &self.channels {
+            Some(c) => {
+                let o = c.page_bytes();
+                ferry_stream::PageBytes { raw: m.raw + o.raw, wire: m.wire + o.wire }
+            }
+            None => m,
+        }
+    }
+
+    /// With channels: waits until every channel has written what it was given, and adds what
+    /// they sent to the counts. Returns (normal, zero) pages they sent.
+    fn sync_channels(&mut self) -> Result<(u64, u64), MigrateError> {
+        let Some(c) = self.channels.as_mut() else { return Ok((0, 0)) };
+        let r = c.sync();
+        self.settle_channels(r)
+    }
+
+    /// Ends every channel (END) after the final pass.
+    fn end_channels(&mut self) -> Result<(), MigrateError> {
+        let Some(c) = self.channels.as_mut() else { return Ok(()) };
+        let r = c.end();
+        self.settle_channels(r).map(|_| ())
+    }
+
+    fn settle_channels(
+        &mut self,
+        r: Result<crate::channels::SentPages, MigrateError>,
+    ) -> Result<(u64, u64), MigrateError> {
+        match r {
+            Ok(p) => {
+                self.unsynced.clear();
+                self.counts.normal += p.normal;
+                self.counts.zero += p.zero;
+                self.counts.broken += p.broken;
+                Ok((p.normal, p.zero))
+            }
+            Err(e) => {
+                // Not known to have been sent: the bits go back.
+                self.give_back_unsynced();
+                Err(e)
+            }
+        }
     }
 
     /// Harvests and sends every page the consumer has pending. Returns (pages sent, bytes).
@@ -364,9 +465,16 @@ impl Sender<'_> {
             while first < npages {
                 let count = HARVEST_PAGES.min(npages - first);
                 if self.cancel.load(Ordering::SeqCst) {
+                    self.give_back_unsynced();
                     return Err(MigrateError::Cancelled);
                 }
-                let bits = self.vm.dirty_harvest(self.consumer, ri, first, count)?;
+                let bits = match self.vm.dirty_harvest(self.consumer, ri, first, count) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.give_back_unsynced();
+                        return Err(e.into());
+                    }
+                };
                 if bits.iter().all(|&w| w == 0) {
                     first += count;
                     continue;
@@ -376,12 +484,16 @@ impl Sender<'_> {
                         Ok(d) => Some(d),
                         Err(source) => {
                             let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
+                            self.give_back_unsynced();
                             return Err(MigrateError::Memory { gpa: region.gpa + first * PAGE_SIZE as u64, source });
                         }
                     }
                 } else {
                     None
                 };
+                if self.channels.is_some() {
+                    self.unsynced.push((ri, first, bits.clone()));
+                }
                 let res = self.send_chunk(ri, first, &bits, data.as_ref(), iter_start, iter_bytes_start);
                 match res {
                     Ok((n, z)) => {
@@ -390,20 +502,34 @@ impl Sender<'_> {
                         sent += n + z;
                     }
                     Err(e) => {
-                        // Nothing of this chunk is known to have arrived: the bits go back.
-                        let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
+                        // Nothing of this chunk is known to have arrived: the bits go back
+                        // (with channels, those of every chunk since their last sync).
+                        if self.channels.is_some() {
+                            self.give_back_unsynced();
+                        } else {
+                            let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
+                        }
                         return Err(e);
                     }
                 }
                 first += count;
             }
         }
-        Ok((sent, normal, zero))
+        let (n, z) = self.sync_channels()?;
+        Ok((sent + n + z, normal + n, zero + z))
+    }
+
+    /// The bits of every chunk handed to the channels since their last sync go back.
+    fn give_back_unsynced(&mut self) {
+        for (ri, first, bits) in std::mem::take(&mut self.unsynced) {
+            let _ = self.vm.dirty_give_back(self.consumer, ri, first, &bits);
+        }
     }
 
     /// Sends the pages set in `bits` (pages `first + i` of region `ri`); pages not set in `data`
     /// (if given; same indexing, `GuestRam::data_pages`) are holes of the memfd and go as ZERO
-    /// without being read.
+    /// without being read. With channels, each channel's shards go to its thread and this
+    /// thread sends channel 0's. Returns the (normal, zero) pages this thread sent.
     fn send_chunk(
         &mut self,
         ri: usize,
@@ -415,56 +541,60 @@ impl Sender<'_> {
     ) -> Result<(u64, u64), MigrateError> {
         let ram = self.vm.ram();
         let region = ram.regions()[ri];
-        // A page past the probed range (none is) counts as data: read, never assumed zero.
-        let in_data = |page: u64| data.is_none_or(|d| d.get(page - first) || page - first >= d.npages());
-        let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(BATCH_PAGES);
-        // NORMAL pages' bytes, in entry order: each page is copied out of guest RAM once
-        // (`GuestRam::copy_out`; a page the guest changes meanwhile is dirty again and resent),
-        // and the zero check looks at that copy.
-        // The buffer keeps its size (zeroed once); `used` bytes of it from `base`, the first
-        // page-aligned byte, hold this batch's pages (page_aligned_offset says why).
         let mut pages_buf = std::mem::take(&mut self.pages_buf);
-        pages_buf.resize(pages_buf.len().max(self.batch_pages * PAGE_SIZE + PAGE_SIZE), 0);
-        let base = ferry_stream::page_aligned_offset(&pages_buf);
-        let mut used = 0usize;
-        let (mut normal, mut zero) = (0u64, 0u64);
-        let pages = bits.iter().enumerate().flat_map(|(w, &word)| {
-            (0..64u64).filter(move |b| word & (1 << b) != 0).map(move |b| first + w as u64 * 64 + b)
-        });
-        for page in pages {
-            let gpa = region.gpa + page * PAGE_SIZE as u64;
-            let gfn = gpa / PAGE_SIZE as u64;
-            // A broken page is never read (a hole can be broken too); one that breaks while it
-            // is copied is caught by the copy and joins the set (docs/poison.md).
-            let mut ty = if ram.is_poisoned(gpa) { PageType::Broken } else { PageType::Zero };
-            if ty == PageType::Zero && in_data(page) {
-                let slot = &mut pages_buf[base + used..base + used + PAGE_SIZE];
-                match ram.copy_out(gpa, slot) {
-                    Ok(()) if !is_zero(slot) => {
-                        ty = PageType::Normal;
-                        used += PAGE_SIZE;
+        let batch_pages = self.batch_pages;
+        let idle_applied = self.idle.as_ref().is_some_and(|i| i.applied());
+        let (idle, cancel) = (&mut self.idle, self.cancel);
+        let share = self.channels.as_ref().map_or(1, |c| c.count());
+        let limit = self.limit.and_then(|l| NonZeroU64::new(l.get() / u64::from(share)).or(Some(l)));
+        let mut after = |w: &mut StreamWriter<_>| -> Result<(), MigrateError> {
+            if let Some(i) = idle.as_mut() {
+                i.watch();
+            }
+            // Keep the iteration's average rate at the limit (this connection's share).
+            crate::channels::pace(limit, w.bytes_written().saturating_sub(iter_bytes_start), iter_start, cancel)
+        };
+        let mut out = crate::channels::SentPages::default();
+        let r = (|| -> Result<(), MigrateError> {
+            match self.channels.as_mut() {
+                None => {
+                    out = crate::channels::send_pages(
+                        ram,
+                        &mut self.w,
+                        &mut pages_buf,
+                        batch_pages,
+                        ri,
+                        first,
+                        bits,
+                        data.map(|d| (d, first)),
+                        &mut after,
+                    )?;
+                }
+                Some(c) => {
+                    let pass = crate::channels::Pass { start: iter_start, limit, idle: idle_applied, batch_pages };
+                    let own = c.dispatch(ri, region.gpa / PAGE_SIZE as u64, first, bits, data, pass)?;
+                    for (f, words) in &own {
+                        out += crate::channels::send_pages(
+                            ram,
+                            &mut self.w,
+                            &mut pages_buf,
+                            batch_pages,
+                            ri,
+                            *f,
+                            words,
+                            data.map(|d| (d, first)),
+                            &mut after,
+                        )?;
                     }
-                    Ok(()) => {}
-                    Err(ferry_vmm::memory::MemoryError::Poisoned { .. }) => ty = PageType::Broken,
-                    Err(source) => return Err(MigrateError::Memory { gpa, source }),
                 }
             }
-            entries.push((gfn, ty));
-            match ty {
-                PageType::Normal => normal += 1,
-                PageType::Broken => self.counts.broken += 1,
-                _ => zero += 1,
-            }
-            if entries.len() >= self.batch_pages {
-                self.flush_batch(&mut entries, &pages_buf[base..base + used], iter_start, iter_bytes_start)?;
-                used = 0;
-            }
-        }
-        self.flush_batch(&mut entries, &pages_buf[base..base + used], iter_start, iter_bytes_start)?;
+            Ok(())
+        })();
         self.pages_buf = pages_buf;
-        self.counts.normal += normal;
-        self.counts.zero += zero;
-        Ok((normal, zero))
+        self.counts.normal += out.normal;
+        self.counts.zero += out.zero;
+        self.counts.broken += out.broken;
+        r.map(|()| (out.normal, out.zero))
     }
 
     /// Sends every page the poison set holds, typed BROKEN: whatever the destination got for
@@ -475,7 +605,13 @@ impl Sender<'_> {
         let mut entries: Vec<(u64, PageType)> = Vec::with_capacity(self.batch_pages);
         let t = Instant::now();
         let b0 = self.w.bytes_written();
-        for &(gfn, _) in &broken {
+        // With channels, each frame goes on its own channel, after its data.
+        let gfns: Vec<u64> = broken.iter().map(|&(g, _)| g).collect();
+        let own = match self.channels.as_mut() {
+            Some(c) => c.dispatch_broken(&gfns)?,
+            None => gfns,
+        };
+        for &gfn in &own {
             entries.push((gfn, PageType::Broken));
             if entries.len() >= self.batch_pages {
                 self.flush_batch(&mut entries, &[], t, b0)?;
@@ -500,16 +636,13 @@ impl Sender<'_> {
         }
         self.w.page_batch_packed(entries, pages).map_err(MigrateError::Send)?;
         entries.clear();
-        if let Some(limit) = self.limit {
-            // Keep the iteration's average rate at the limit.
-            let bytes = self.w.bytes_written() - iter_bytes_start;
-            let due = Duration::from_secs_f64(bytes as f64 / limit.get() as f64);
-            let elapsed = iter_start.elapsed();
-            if due > elapsed {
-                std::thread::sleep(due - elapsed);
-            }
-        }
-        Ok(())
+        // Keep the iteration's average rate at the limit.
+        crate::channels::pace(
+            self.limit,
+            self.w.bytes_written().saturating_sub(iter_bytes_start),
+            iter_start,
+            self.cancel,
+        )
     }
 }
 
@@ -527,6 +660,12 @@ pub fn migrate(
 ) -> Result<MigrationSummary, MigrateError> {
     let t_start = Instant::now();
     fault::disarm();
+    if params.channels == 0 || params.channels > ferry_stream::MAX_CHANNELS {
+        return Err(MigrateError::ChannelCount(params.channels));
+    }
+    if params.channels > 1 && params.postcopy.is_some() {
+        return Err(MigrateError::ChannelsWithPostcopy);
+    }
     // Bounded like every other wait on the destination (a cancel is seen once it ends).
     let mut conn = Conn::connect_with(&params.to, params.stall_timeout, params.tls.as_deref())?;
     // Both sides' stream formats and features, before anything else: an incompatible pair
@@ -550,6 +689,11 @@ pub fn migrate(
         conn.shutdown();
         let (a, b, c) = theirs.ferry_version;
         return Err(MigrateError::NoCompression(format!("{a}.{b}.{c}")));
+    }
+    if params.channels > 1 && theirs.features & protocol::features::CHANNELS == 0 {
+        conn.shutdown();
+        let (a, b, c) = theirs.ferry_version;
+        return Err(MigrateError::NoChannels(format!("{a}.{b}.{c}")));
     }
     let mut reply = conn.try_clone().map_err(TransportError::Setup)?;
     progress(&Progress::Connected { to: params.to.to_string() });
@@ -696,7 +840,7 @@ impl Convergence {
 fn run<'s>(
     vm: &'s Vm,
     params: &MigrateParams,
-    cancel: &AtomicBool,
+    cancel: &'s AtomicBool,
     progress: &mut dyn FnMut(&Progress),
     conn: Conn,
     t_start: Instant,
@@ -727,6 +871,8 @@ fn run<'s>(
         cancel,
         storage: None,
         peer_features,
+        channels: None,
+        unsynced: Vec::new(),
     };
     let ram = vm.ram();
     let config = MachineConfig {
@@ -736,6 +882,13 @@ fn run<'s>(
     };
     s.w.machine_config(&config).map_err(MigrateError::Send)?;
     s.w.cpu_model(vm.cpu_model()).map_err(MigrateError::Send)?;
+    if params.channels > 1 {
+        // Before any page: the destination takes the other connections of this session now.
+        let session = crate::postcopy::new_session();
+        s.w.channels(params.channels, session).map_err(MigrateError::Send)?;
+        s.w.flush().map_err(MigrateError::Send)?;
+        s.channels = Some(crate::channels::ChannelSet::open(scope, vm, params, cancel, params.channels, session)?);
+    }
     if params.copy_storage {
         if vm.disks().is_empty() {
             return Err(MigrateError::NoDisks);
@@ -750,6 +903,7 @@ fn run<'s>(
         memory_bytes: ram.size(),
         vcpus: vm.vcpu_count(),
         disks: vm.disks().len() as u64,
+        channels: params.channels.max(1),
         ..Default::default()
     };
     let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
@@ -826,10 +980,10 @@ pub(crate) fn precopy(
             }
         }
         let t0 = Instant::now();
-        let b0 = s.w.bytes_written();
-        let p0 = s.w.page_bytes();
+        let b0 = s.bytes_written();
+        let p0 = s.page_bytes();
         let off0 = throttle.map(|t| t.off_total());
-        let (sent, normal, zero) = s.send_pending(t0, b0)?;
+        let (sent, normal, zero) = s.send_pending(t0, s.w.bytes_written())?;
         if let Some(st) = s.storage.as_mut() {
             summary.storage += st.send(&mut s.w)?;
         }
@@ -840,11 +994,11 @@ pub(crate) fn precopy(
         // must not include the tail of an earlier pass sitting in socket buffers.
         s.drain()?;
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
-        let bytes = s.w.bytes_written() - b0;
+        let bytes = s.bytes_written() - b0;
         let dirty_rate = policy.dirty_rate(pending);
         // The pause is estimated from pages at their raw size: with compression, the pass's
         // bandwidth counts the bytes its pages would have taken.
-        let p1 = s.w.page_bytes();
+        let p1 = s.page_bytes();
         let saved = (p1.raw - p0.raw).saturating_sub(p1.wire - p0.wire);
         if policy.record_pass(sent, normal, bytes + saved, secs) && s.idle.as_ref().is_some_and(|i| i.applied()) {
             // Starved: other threads want the spare CPUs.
@@ -976,6 +1130,9 @@ fn finish_handover(
     // The final re-check of page types (seed 001, step 8): every page known broken now goes
     // again as BROKEN, including those that broke after their data was sent.
     summary.broken_pages = s.send_broken_pages()?;
+    // Every channel has sent its last pages (END): the destination loads the state only after
+    // it has read them all.
+    s.end_channels()?;
     if let Some((owed, session)) = owed {
         // A page that broke since the harvest went as BROKEN just now: it is not owed.
         let mut listed = owed.clone();
@@ -1040,10 +1197,13 @@ fn finish_handover(
     summary.disk_writes_completed_after_quiesce = summary.disk_writes_completed_after_quiesce.max(writes);
     summary.downtime_ms = ms(t_pause.elapsed());
     summary.downtime_breakdown = bd;
-    summary.bytes = s.w.bytes_written();
+    summary.bytes = s.bytes_written();
     summary.pages = s.counts;
+    if let Some(c) = &s.channels {
+        summary.channel_bytes = std::iter::once(s.w.bytes_written()).chain(c.bytes_by_channel()).collect();
+    }
     if let Some(Compression::Zstd { level }) = params.compress {
-        let p = s.w.page_bytes();
+        let p = s.page_bytes();
         summary.zstd = Some(CompressionStats {
             level,
             page_bytes: p.raw,

@@ -347,6 +347,16 @@ impl Conn {
         }
     }
 
+    /// Shuts the receiving direction down: a read blocked on it returns, and the peer's sends
+    /// fail, while answers can still go out (a NACK).
+    pub fn shutdown_read(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Read),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
+            Conn::Tls(t) => t.sock().shutdown(std::net::Shutdown::Read),
+        };
+    }
+
     /// Shuts both directions down (wakes a peer blocked on us).
     pub fn shutdown(&self) {
         let _ = match self {
@@ -460,6 +470,15 @@ impl Listener {
         })
     }
 
+    /// Non-blocking accepts (`accept_with` then fails with `WouldBlock` instead of waiting, also
+    /// after it refused a peer), or blocking ones again.
+    pub fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+            Listener::Tcp(l) => l.set_nonblocking(on),
+        }
+    }
+
     /// Waits up to `timeout` for a connection to accept; false if none came.
     pub fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
         use std::os::fd::AsRawFd;
@@ -557,6 +576,9 @@ pub struct StallWatch<'a, C> {
     /// A wait already failed: every later call fails at once (a dropped BufWriter's last
     /// flush must not wait out another stall).
     failed: bool,
+    /// Bytes moved on the migration's other connections (its page channels): while they grow,
+    /// a silence here is not a stall.
+    activity: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The payload of the I/O error a cancel ends a blocked wait with (told apart from real
@@ -596,12 +618,27 @@ impl<'a, C> StallWatch<'a, C> {
             peer: "destination",
             read_what: "sent no answer",
             failed: false,
+            activity: None,
         }
     }
 
     /// The destination's connection from its source: reads of the stream.
     pub fn from_source(conn: C, stall: Duration) -> Self {
-        StallWatch { conn, cancel: None, stall, peer: "source", read_what: "sent no data", failed: false }
+        StallWatch {
+            conn,
+            cancel: None,
+            stall,
+            peer: "source",
+            read_what: "sent no data",
+            failed: false,
+            activity: None,
+        }
+    }
+
+    /// Counts bytes moved on `activity` (the migration's page channels) as signs of life too.
+    pub fn with_activity(mut self, activity: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.activity = Some(activity);
+        self
     }
 
     /// Runs `op` (one send or receive on a socket with a SEND_POLL timeout) until it completes
@@ -611,10 +648,18 @@ impl<'a, C> StallWatch<'a, C> {
         if self.failed {
             return Err(std::io::Error::new(ErrorKind::BrokenPipe, "an earlier send or wait failed"));
         }
-        let start = Instant::now();
+        let mut start = Instant::now();
+        let seen = |a: &Option<std::sync::Arc<std::sync::atomic::AtomicU64>>| {
+            a.as_ref().map_or(0, |a| a.load(Ordering::Relaxed))
+        };
+        let mut last = seen(&self.activity);
         loop {
             match op(&mut self.conn) {
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    let now = seen(&self.activity);
+                    if now != last {
+                        (last, start) = (now, Instant::now());
+                    }
                     if self.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
                         self.failed = true;
                         return Err(std::io::Error::other(CancelledIo));

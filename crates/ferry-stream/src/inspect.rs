@@ -126,6 +126,9 @@ pub fn inspect<R: Read, W: Write>(r: R, out: &mut W) -> Result<InspectSummary, S
                 "RAM_REFERENCE region {} gpa {:#x}, {} bytes in fd {} at offset {:#x}",
                 r.region, r.gpa, r.size, r.fd, r.offset
             ),
+            Record::Channels { count, session } => {
+                format!("CHANNELS {count} connections of session {session:#018x} carry page data")
+            }
             Record::Postcopy { runs, .. } => format!(
                 "POSTCOPY {} runs, {} frames after the switch-over",
                 runs.len(),

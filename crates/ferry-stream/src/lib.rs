@@ -78,6 +78,10 @@ pub mod rtype {
     /// A page batch whose data pages are one zstd frame (format version 3 on, to receivers
     /// that announce it; migration and checkpointed streams only).
     pub const PAGE_BATCH_ZSTD: u32 = 0x13;
+    /// Page channels (format version 3 on, to destinations that announce them; migration
+    /// streams only): page data also comes on `count - 1` more connections of this session,
+    /// each a stream of its own (header flag CHANNEL) carrying the pages of its shard.
+    pub const CHANNELS: u32 = 0x14;
 
     /// A record type's name for messages.
     pub fn name(t: u32) -> &'static str {
@@ -101,6 +105,7 @@ pub mod rtype {
             DISK_MAP => "DISK_MAP",
             POSTCOPY => "POSTCOPY",
             PAGE_BATCH_ZSTD => "PAGE_BATCH_ZSTD",
+            CHANNELS => "CHANNELS",
             _ => "unknown",
         }
     }
@@ -156,8 +161,11 @@ impl StreamFlags {
     /// A post-copy page stream: after a migration stream's switch-over, the pages its POSTCOPY
     /// record listed, in PAGE_BATCH records only, then END.
     pub const POSTCOPY: StreamFlags = StreamFlags(8);
+    /// A page channel of a migration (its main stream's CHANNELS record): page batches of the
+    /// channel's shard only, then END.
+    pub const CHANNEL: StreamFlags = StreamFlags(16);
     /// Every flag this version knows.
-    pub const KNOWN: u32 = 15;
+    pub const KNOWN: u32 = 31;
 
     pub fn empty() -> StreamFlags {
         StreamFlags(0)
@@ -313,6 +321,18 @@ pub const DISK_SECTOR: u64 = 512;
 
 /// Most frames one BROKEN_PAGES record may list.
 pub const MAX_BROKEN_PAGES: u32 = 1 << 20;
+/// Most connections of one migration (the main one included): CHANNELS counts 2 to this.
+pub const MAX_CHANNELS: u32 = 16;
+/// Frames per shard of the page channels: shard `gfn >> CHANNEL_SHARD_SHIFT` (2 MiB of guest
+/// frames) goes on channel `shard % count`, always, so a page's sends stay in order.
+pub const CHANNEL_SHARD_SHIFT: u32 = 9;
+
+/// The channel (0: the main connection) that carries frame `gfn` when a migration has `count`
+/// channels.
+pub fn channel_of(gfn: u64, count: u32) -> u32 {
+    ((gfn >> CHANNEL_SHARD_SHIFT) % u64::from(count.max(1))) as u32
+}
+
 /// Most runs in one POSTCOPY record (its body stays under [`MAX_RECORD_BODY`]).
 pub const MAX_POSTCOPY_RUNS: u32 = (MAX_RECORD_BODY - 16) / 16;
 

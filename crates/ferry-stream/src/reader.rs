@@ -45,6 +45,12 @@ pub enum Record<'a> {
         session: u64,
         runs: Vec<(u64, u64)>,
     },
+    /// Page data also comes on `count - 1` more connections of `session` (migration streams,
+    /// format version 3 on).
+    Channels {
+        count: u32,
+        session: u64,
+    },
     /// A RAM region handed over in place (handover streams only).
     RamReference(crate::RamReference),
     /// Optional marker: the source paused the guest, the final pass follows (migration streams).
@@ -295,6 +301,14 @@ impl<R: Read> StreamReader<R> {
         {
             return Err(malformed("a post-copy page stream carries only PAGE_BATCH and END".into()));
         }
+        if self.header.flags.contains(StreamFlags::CHANNEL)
+            && t & OPTIONAL == 0
+            && t != rtype::PAGE_BATCH
+            && t != rtype::PAGE_BATCH_ZSTD
+            && t != rtype::END
+        {
+            return Err(malformed("a page channel carries only page batches and END".into()));
+        }
         self.applied = Some(name);
         match t {
             rtype::MACHINE_CONFIG => {
@@ -520,6 +534,25 @@ impl<R: Read> StreamReader<R> {
                     return Err(malformed(format!("run of {n} frames from {first:#x}")));
                 }
                 Ok(Record::Postcopy { session: u64_at(body, 0), runs })
+            }
+            rtype::CHANNELS if self.header.format_version < 3 => {
+                Err(malformed("CHANNELS needs format version 3 or later".into()))
+            }
+            rtype::CHANNELS if self.header.flags.0 != 0 => {
+                Err(malformed("only a live migration stream (no header flags) carries CHANNELS".into()))
+            }
+            rtype::CHANNELS => {
+                if body.len() != 16 {
+                    return Err(malformed(format!("body of {} bytes, want 16", body.len())));
+                }
+                if u32_at(body, 4) != 0 {
+                    return Err(StreamError::Reserved { what: "CHANNELS header", offset: start + 12 });
+                }
+                let count = u32_at(body, 0);
+                if !(2..=crate::MAX_CHANNELS).contains(&count) {
+                    return Err(malformed(format!("{count} channels (2 to {} allowed)", crate::MAX_CHANNELS)));
+                }
+                Ok(Record::Channels { count, session: u64_at(body, 8) })
             }
             rtype::RAM_REFERENCE if !self.header.flags.contains(StreamFlags::HANDOVER) => Err(malformed(
                 "a RAM reference is only valid in a local live-update handover (header flag HANDOVER), \

@@ -256,6 +256,17 @@ impl<W: Write> StreamWriter<W> {
         self.record(rtype::POSTCOPY, &[&b])
     }
 
+    /// CHANNELS: page data also comes on `count - 1` more connections of `session`.
+    pub fn channels(&mut self, count: u32, session: u64) -> Result<(), StreamError> {
+        if !(2..=crate::MAX_CHANNELS).contains(&count) {
+            return Err(StreamError::Invalid(format!("{count} channels (2 to {} allowed)", crate::MAX_CHANNELS)));
+        }
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&count.to_le_bytes());
+        b[8..].copy_from_slice(&session.to_le_bytes());
+        self.record(rtype::CHANNELS, &[&b])
+    }
+
     /// FINAL_PASS (optional, empty): the guest is paused, the final pass follows.
     pub fn final_pass(&mut self) -> Result<(), StreamError> {
         self.record(rtype::FINAL_PASS, &[])

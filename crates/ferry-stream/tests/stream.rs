@@ -103,6 +103,7 @@ fn read_all(b: &[u8]) -> Result<Vec<String>, StreamError> {
             Record::CpuModel(m) => format!("cpu {} kHz xsave {} cpuid {:x?}", m.tsc_khz, m.xsave_size, m.cpuid),
             Record::BrokenPages(g) => format!("broken {g:x?}"),
             Record::Postcopy { session, runs } => format!("postcopy {session:#x} {runs:x?}"),
+            Record::Channels { count, session } => format!("channels {count} {session:#x}"),
             Record::RamReference(r) => format!("ramref {r:?}"),
             Record::FinalPass => "final pass".to_string(),
             Record::DiskConfig(c) => format!("disks {:?}", c.sectors),
@@ -885,4 +886,95 @@ fn a_writer_compresses_only_when_asked_and_only_in_a_version_3_stream() {
     let h = StreamHeader { format_version: 2, flags: StreamFlags::empty(), page_size: 4096, writer_version: (0, 2, 0) };
     let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
     assert!(w.compress_pages(1).is_err());
+}
+
+/// The version 3 golden streams of a migration over three page channels: the main stream (its
+/// CHANNELS record, channel 0's pages, state, END) and channel 1's stream (header flag CHANNEL,
+/// its shard's pages, a BROKEN entry of the final re-check, END).
+fn golden_v3_channels() -> (Vec<u8>, Vec<u8>) {
+    let h = |flags| StreamHeader { format_version: 3, flags, page_size: 4096, writer_version: (0, 2, 0) };
+    let mut w = StreamWriter::new(Vec::new(), &h(StreamFlags::empty())).unwrap();
+    w.machine_config(&MachineConfig { memory_bytes: 64 << 20, vcpus: 1, regions: vec![(0, 64 << 20)] }).unwrap();
+    w.channels(3, 0x1122_3344_5566_7788).unwrap();
+    // Frames 0x000-0x1ff are shard 0 (channel 0), 0x200-0x3ff shard 1 (channel 1).
+    w.page_batch(&[(0x10, PageType::Normal), (0x11, PageType::Zero)], &[&page(1)]).unwrap();
+    w.vm_state(1, b"vm").unwrap();
+    w.end().unwrap();
+    let mut c = StreamWriter::new(Vec::new(), &h(StreamFlags::CHANNEL)).unwrap();
+    c.page_batch(&[(0x200, PageType::Normal), (0x3ff, PageType::Zero)], &[&page(2)]).unwrap();
+    c.page_batch(&[(0x201, PageType::Broken)], &[]).unwrap();
+    c.end().unwrap();
+    (w.into_inner(), c.into_inner())
+}
+
+#[test]
+fn golden_v3_channel_fixtures_are_what_this_version_writes_and_read_back() {
+    let main_path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v3-channels-main.bin");
+    let chan_path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v3-channel.bin");
+    let (main, chan) = golden_v3_channels();
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(main_path, &main).unwrap();
+        std::fs::write(chan_path, &chan).unwrap();
+    }
+    let (main_fixture, chan_fixture) = (std::fs::read(main_path).unwrap(), std::fs::read(chan_path).unwrap());
+    assert_eq!(main, main_fixture, "the writer no longer produces the v3 main-channel fixture byte for byte");
+    assert_eq!(chan, chan_fixture, "the writer no longer produces the v3 page-channel fixture byte for byte");
+    assert_eq!(
+        read_all(&main_fixture).unwrap(),
+        [
+            "config 67108864 1 [(0, 67108864)]",
+            "channels 3 0x1122334455667788",
+            "batch 0x10:Normal:1,32,63,94 0x11:Zero:",
+            "vm v1 vm",
+            "end",
+        ]
+    );
+    assert_eq!(
+        read_all(&chan_fixture).unwrap(),
+        ["batch 0x200:Normal:2,33,64,95 0x3ff:Zero:", "batch 0x201:Broken:", "end"]
+    );
+    assert_eq!([channel_of(0x10, 3), channel_of(0x200, 3), channel_of(0x3ff, 3), channel_of(0x600, 3)], [0, 1, 1, 0]);
+    let mut out = Vec::new();
+    inspect(main_fixture.as_slice(), &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("CHANNELS 3 connections of session 0x1122334455667788"), "{out}");
+}
+
+#[test]
+fn a_channels_record_or_a_channel_stream_out_of_place_is_refused() {
+    let body = |count: u32, reserved: u32| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&count.to_le_bytes());
+        b.extend_from_slice(&reserved.to_le_bytes());
+        b.extend_from_slice(&7u64.to_le_bytes());
+        b
+    };
+    let refused = |rtype: u32, body: Vec<u8>, flags: StreamFlags, version: u32| {
+        let h = StreamHeader { format_version: version, flags, page_size: 4096, writer_version: (0, 2, 0) };
+        let mut w = StreamWriter::new(Vec::new(), &h).unwrap();
+        w.raw_record(rtype, &body).unwrap();
+        w.end().unwrap();
+        read_all(&w.into_inner()).map(|r| r.join("; ")).map_err(|e| e.to_string())
+    };
+    let plain = StreamFlags::empty();
+    assert_eq!(refused(rtype::CHANNELS, body(2, 0), plain, 3).unwrap(), "channels 2 0x7; end");
+    for (b, flags, version, want) in [
+        (body(1, 0), plain, 3, "1 channels (2 to 16 allowed)"),
+        (body(17, 0), plain, 3, "17 channels (2 to 16 allowed)"),
+        (body(2, 1), plain, 3, "CHANNELS header"),
+        (body(2, 0)[..12].to_vec(), plain, 3, "body of 12 bytes"),
+        (body(2, 0), plain, 2, "needs format version 3"),
+        (body(2, 0), StreamFlags::SNAPSHOT, 3, "only a live migration stream"),
+        (body(2, 0), StreamFlags::CHECKPOINTED, 3, "only a live migration stream"),
+        (body(2, 0), StreamFlags::CHANNEL, 3, "only page batches and END"),
+    ] {
+        let e = refused(rtype::CHANNELS, b, flags, version).unwrap_err();
+        assert!(e.contains(want), "want {want:?}: {e}");
+    }
+    // A page channel carries page batches and END, nothing else.
+    let e = refused(rtype::VM_STATE, vec![1, 0, 0, 0, 0, 0, 0, 0], StreamFlags::CHANNEL, 3).unwrap_err();
+    assert!(e.contains("only page batches and END"), "{e}");
+    // The writer refuses a count the reader would.
+    let mut w = StreamWriter::new(Vec::new(), &StreamHeader::new(plain)).unwrap();
+    assert!(w.channels(1, 0).is_err() && w.channels(MAX_CHANNELS + 1, 0).is_err());
 }

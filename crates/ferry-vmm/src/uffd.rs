@@ -129,6 +129,13 @@ impl Uffd {
         Ok(Uffd { fd, ranges: Vec::new(), poison: false })
     }
 
+    /// A second handle on the same userfaultfd for another thread's [`Uffd::copy`] calls: it
+    /// registers nothing of its own (its `unregister_all` does nothing).
+    pub fn try_clone_for_copy(&self) -> Result<Self, UffdError> {
+        let fd = self.fd.try_clone().map_err(|source| UffdError::Ioctl { what: "dup", source })?;
+        Ok(Uffd { fd, ranges: Vec::new(), poison: self.poison })
+    }
+
     /// Whether [`Uffd::poison`] is available.
     pub fn can_poison(&self) -> bool {
         self.poison

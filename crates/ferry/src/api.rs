@@ -554,6 +554,9 @@ pub(crate) fn check_migrate(req: &Value, ctx: &ApiContext) -> Result<()> {
 /// a migration can spend).
 pub const MAX_ZSTD_LEVEL: u64 = 19;
 
+/// Most connections a migration's page data may take (`channels`).
+pub const MAX_CHANNELS: u64 = ferry_stream::MAX_CHANNELS as u64;
+
 /// Largest bandwidth cap, MiB/s (the CLI's `--max-bandwidth` range ends there too).
 pub const MAX_BANDWIDTH_MIB_S: u64 = 1 << 40;
 
@@ -561,6 +564,14 @@ pub const MAX_BANDWIDTH_MIB_S: u64 = 1 << 40;
 /// range is refused, never replaced by its default.
 fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
     let force_switchover = opt_bool(req, "force_switchover")?.unwrap_or(false);
+    let p = migrate_params_unchecked(req, to, force_switchover)?;
+    if p.channels > 1 && p.postcopy.is_some() {
+        bail!("\"channels\" and \"postcopy\" do not go together yet: the post-copy page stream has one connection");
+    }
+    Ok(p)
+}
+
+fn migrate_params_unchecked(req: &Value, to: &str, force_switchover: bool) -> Result<MigrateParams> {
     Ok(MigrateParams {
         to: Uri::parse(to)?,
         downtime_limit: match opt_u64(req, "downtime_ms")? {
@@ -624,6 +635,11 @@ fn migrate_params(req: &Value, to: &str) -> Result<MigrateParams> {
                 (Some("zstd"), l) => Some(Compression::Zstd { level: l.unwrap_or(1) }),
                 (Some(o), _) => bail!("\"compress\" must be \"zstd\", not \"{o}\""),
             }
+        },
+        channels: match opt_u64(req, "channels")? {
+            Some(n @ 1..=MAX_CHANNELS) => n as u32,
+            Some(n) => bail!("\"channels\" must be 1 to {MAX_CHANNELS}, not {n}"),
+            None => 1,
         },
     })
 }
@@ -1029,6 +1045,10 @@ mod tests {
             (json!({"compress": "zstd", "compress_level": 0}), "compress_level"),
             (json!({"compress": "zstd", "compress_level": MAX_ZSTD_LEVEL + 1}), "compress_level"),
             (json!({"compress_level": 3}), "needs \"compress\""),
+            (json!({"channels": 0}), "\"channels\" must be 1 to 16"),
+            (json!({"channels": MAX_CHANNELS + 1}), "\"channels\" must be 1 to 16"),
+            (json!({"channels": "2"}), "channels"),
+            (json!({"channels": 2, "postcopy": "always"}), "do not go together"),
         ];
         for (req, field) in cases {
             let e = match params(req.clone()) {
@@ -1043,6 +1063,8 @@ mod tests {
         assert_eq!(params(json!({"compress": "zstd"})).unwrap().compress, Some(Compression::Zstd { level: 1 }));
         let p = params(json!({"compress": "zstd", "compress_level": 7})).unwrap();
         assert_eq!(p.compress, Some(Compression::Zstd { level: 7 }));
+        assert_eq!(params(json!({})).unwrap().channels, 1);
+        assert_eq!(params(json!({"channels": 4})).unwrap().channels, 4);
     }
 
     #[test]

@@ -307,6 +307,16 @@ struct MigrateArgs {
     /// zstd level for --compress (1, the default, is fastest).
     #[arg(long, requires = "compress", value_parser = clap::value_parser!(u64).range(1..=api::MAX_ZSTD_LEVEL))]
     compress_level: Option<u64>,
+    /// Connections that carry page data (1 to 16): each has a thread on both sides that
+    /// copies, compresses and writes its share of guest memory (2 MiB shards), so a migration
+    /// uses more than one CPU per side. The destination must be a Ferry that takes them; not
+    /// with --postcopy.
+    #[arg(
+        long,
+        value_parser = clap::value_parser!(u64).range(1..=api::MAX_CHANNELS),
+        conflicts_with_all = ["postcopy", "postcopy_after_iterations"]
+    )]
+    channels: Option<u64>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -1317,6 +1327,9 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     if let Some(l) = a.compress_level {
         req["compress_level"] = l.into();
+    }
+    if let Some(n) = a.channels {
+        req["channels"] = n.into();
     }
     match (a.postcopy, a.postcopy_after_iterations) {
         (Some(PostcopyArg::Auto), Some(_)) => {

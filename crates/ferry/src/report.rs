@@ -116,6 +116,11 @@ pub fn summary_text(s: &Value) -> String {
             if s["disk_lock_released_before_commit"] == Value::Bool(true) { "before COMMIT" } else { "after COMMIT" }
         );
     }
+    if let Some(per) = s["channel_bytes"].as_array().filter(|a| a.len() > 1) {
+        let mib: Vec<String> =
+            per.iter().map(|b| format!("{:.1}", b.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64)).collect();
+        o += &format!("  channels        {} connections, MiB each: {}\n", per.len(), mib.join(" / "));
+    }
     let z = &s["zstd"];
     if z.is_object() {
         o += &format!(

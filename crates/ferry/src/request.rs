@@ -65,6 +65,7 @@ pub const FIELDS: &[(&str, &[&str])] = &[
             "postcopy_after_iterations",
             "compress",
             "compress_level",
+            "channels",
         ],
     ),
     ("migrate-resume", &["to", "tls_cert", "tls_key", "tls_ca"]),

@@ -195,6 +195,18 @@ fn a_compression_level_without_compression_or_out_of_range_is_refused() {
 }
 
 #[test]
+fn a_channel_count_out_of_range_or_with_postcopy_is_refused() {
+    for n in ["0", "17", "two"] {
+        let (code, err) = migrate_with(&["--channels", n]);
+        assert_ne!(code, 0);
+        assert!(err.contains("--channels"), "--channels {n}: {err}");
+    }
+    let (code, err) = migrate_with(&["--channels", "2", "--postcopy"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--channels") && err.contains("--postcopy"), "{err}");
+}
+
+#[test]
 fn zero_iterations_without_forced_switchover_is_refused() {
     let (code, err) = migrate_with(&["--max-iterations", "0"]);
     assert_ne!(code, 0);

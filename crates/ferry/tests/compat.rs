@@ -445,25 +445,21 @@ fn a_source_offering_a_format_the_destination_does_not_read_is_refused_naming_bo
     assert_ne!(dst.wait_exit(Duration::from_secs(20)), Some(0));
 }
 
-/// A destination that does not read compressed pages (a Ferry from before them: its HELLO
-/// lacks ZSTD_PAGES, bit 5) is refused by a source asked to `--compress`, before any byte of
-/// the stream, naming the destination's version; the source runs on.
-#[test]
-fn a_compressed_migration_to_a_destination_that_cannot_read_it_is_refused_before_any_page() {
-    if !kvm_available("a_compressed_migration_to_a_destination_that_cannot_read_it_is_refused_before_any_page") {
-        return;
-    }
+/// A destination from Ferry 0.1.0 whose HELLO lacks feature bit `bit` (it answers with the
+/// source's own HELLO, that bit cleared): `ferry migrate` with `args` must fail naming `want`,
+/// send no byte after the handshake, and leave the source running.
+fn refused_by_an_older_destination(name: &str, bit: u32, args: &[&str], want: &str) {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut src = source("no-zstd");
+    let mut src = source(name);
     let sock = src.dir.join("old.sock");
     let l = UnixListener::bind(&sock).unwrap();
     let fake = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
         let mut hello = [0u8; 32];
         c.read_exact(&mut hello).unwrap();
-        // The source's own HELLO back, without ZSTD_PAGES and from Ferry 0.1.0.
         let mut reply = hello;
-        reply[16] &= !(1 << 5);
+        reply[16..24]
+            .copy_from_slice(&(u64::from_le_bytes(hello[16..24].try_into().unwrap()) & !(1 << bit)).to_le_bytes());
         reply[24..30].copy_from_slice(&[0, 0, 1, 0, 0, 0]);
         c.write_all(&reply).unwrap();
         let mut rest = Vec::new();
@@ -475,15 +471,39 @@ fn a_compressed_migration_to_a_destination_that_cannot_read_it_is_refused_before
     let out = Command::new(FERRY)
         .args(["migrate", "--api-socket", src.api.to_str().unwrap(), "--to"])
         .arg(format!("unix:{}", sock.display()))
-        .args(["--compress", "zstd"])
+        .args(args)
         .output()
         .unwrap();
 
     let (hello, after) = fake.join().unwrap();
-    assert_ne!(hello[16] & (1 << 5), 0, "this Ferry's HELLO does not offer ZSTD_PAGES");
+    let offered = u64::from_le_bytes(hello[16..24].try_into().unwrap());
+    assert_ne!(offered & (1 << bit), 0, "this Ferry's HELLO does not offer feature bit {bit}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
-    assert!(err.contains("the destination (Ferry 0.1.0) does not read zstd-compressed pages"), "{err}");
+    assert!(err.contains(want), "{err}");
     assert_eq!(after, 0, "the source sent {after} bytes after the handshake");
     assert_source_runs_on(&mut src);
+}
+
+/// A destination that does not read compressed pages (a Ferry from before them: its HELLO
+/// lacks ZSTD_PAGES, bit 5) is refused by a source asked to `--compress`, before any byte of
+/// the stream, naming the destination's version; the source runs on.
+#[test]
+fn a_compressed_migration_to_a_destination_that_cannot_read_it_is_refused_before_any_page() {
+    if !kvm_available("a_compressed_migration_to_a_destination_that_cannot_read_it_is_refused_before_any_page") {
+        return;
+    }
+    let want = "the destination (Ferry 0.1.0) does not read zstd-compressed pages";
+    refused_by_an_older_destination("no-zstd", 5, &["--compress", "zstd"], want);
+}
+
+/// A destination that takes no page channels (its HELLO lacks CHANNELS, bit 6) is refused by a
+/// source asked for `--channels`, before any byte of the stream; the source runs on.
+#[test]
+fn a_migration_over_channels_to_a_destination_without_them_is_refused_before_any_page() {
+    if !kvm_available("a_migration_over_channels_to_a_destination_without_them_is_refused_before_any_page") {
+        return;
+    }
+    let want = "the destination (Ferry 0.1.0) does not take page channels";
+    refused_by_an_older_destination("no-channels", 6, &["--channels", "2"], want);
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Fault, Proxy};
+use common::proxy::{ConnFault, ConnProxy, Fault, Proxy};
 use common::*;
 
 /// Migration tests share the machine's two cores: run them one at a time.
@@ -619,6 +619,113 @@ fn compressed_migration_moves_every_page_in_fewer_bytes() {
     assert!(s["bytes"].as_u64().unwrap() < raw, "the stream is not smaller than its pages: {s}");
     assert_eq!(z["level"], 1, "{z}");
     assert_destination_clean(&src, &mut dst, 128 * 256);
+}
+
+/// `--channels 3`: page data over three connections, each frame always on the channel of its
+/// 2 MiB shard. A guest dirtying 50 MiB/s moves with nothing lost, and each connection carries
+/// its share.
+#[test]
+fn page_channels_carry_every_page_and_the_guest_verifies_clean() {
+    if !kvm_available("page_channels_carry_every_page_and_the_guest_verifies_clean") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("bitmap", "channels", "mib=256 rate=50 report_ms=300");
+    assert!(src.vm.wait_report(|r| r.written >= 256 * 256, Duration::from_secs(60)), "the guest never filled its set");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri, "bitmap");
+
+    let o = migrate(&src.api, &uri, &["--channels", "3"]);
+
+    assert_eq!(o.code, 0, "migration over three channels failed: {}", o.stderr);
+    let s = o.summary.expect("--json summary");
+    assert_eq!(s["channels"], 3, "{s}");
+    let per: Vec<u64> = s["channel_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+    assert_eq!(per.len(), 3, "{s}");
+    // The data pages in 2 MiB shards, round robin: each channel carries about a third.
+    let total: u64 = per.iter().sum();
+    assert_eq!(total, s["bytes"].as_u64().unwrap(), "{s}");
+    assert!(total > 32 << 20, "{s}");
+    assert!(per.iter().all(|&b| b > total / 5), "a channel carried far less than its share: {per:?}");
+    assert!(s["pages"]["normal"].as_u64().unwrap() >= 256 * 256, "{s}");
+    assert_destination_clean(&src, &mut dst, 256 * 256);
+}
+
+/// Channels with zstd on each and the dirty ring: each channel compresses its own pages, and
+/// nothing is lost.
+#[test]
+fn compressed_page_channels_with_the_dirty_ring_lose_no_page() {
+    if !kvm_available("compressed_page_channels_with_the_dirty_ring_lose_no_page") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let src = source("ring", "chzstd", "mib=128 rate=50 word_bits=16 hb_us=1000 report_ms=300");
+    let uri = format!("unix:{}", src.dir.join("mig.sock").display());
+    let mut dst = destination(&uri, "ring");
+
+    let o = migrate(&src.api, &uri, &["--channels", "2", "--compress", "zstd"]);
+
+    assert_eq!(o.code, 0, "compressed migration over two channels failed: {}", o.stderr);
+    let s = o.summary.expect("--json summary");
+    let z = &s["zstd"];
+    let (raw, wire) = (z["page_bytes"].as_u64().unwrap(), z["wire_bytes"].as_u64().unwrap());
+    assert_eq!(raw, s["pages"]["normal"].as_u64().unwrap() * 4096, "{s}");
+    assert!(wire * 3 < raw * 2, "zstd over channels saved less than a third of the page data: {z}");
+    assert_eq!(s["channel_bytes"].as_array().map(Vec::len), Some(2), "{s}");
+    assert_destination_clean(&src, &mut dst, 128 * 256);
+}
+
+/// One page channel's connection cut mid-migration: the migration fails naming the channel, the
+/// source guest runs on clean (the bits of what the channels had not confirmed go back), the
+/// destination discards everything and exits, and a retry moves the guest with nothing lost.
+#[test]
+fn a_page_channel_cut_mid_migration_resumes_the_source_and_a_retry_works() {
+    if !kvm_available("a_page_channel_cut_mid_migration_resumes_the_source_and_a_retry_works") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("bitmap", "chcut", "mib=256 rate=50 report_ms=500");
+    let dst_sock = src.dir.join("dst.sock");
+    let mut dst = destination(&format!("unix:{}", dst_sock.display()), "bitmap");
+    // Connection 1 is the first page channel (0 is the main connection).
+    let proxy = ConnProxy::start(src.dir.join("proxy.sock"), dst_sock, Some((1, ConnFault::Cut(16 << 20))));
+
+    let o = migrate(&src.api, &proxy.uri, &["--channels", "2", "--max-bandwidth", "256"]);
+
+    assert!(proxy.cut.load(std::sync::atomic::Ordering::SeqCst), "the proxy never cut the channel");
+    assert_ne!(o.code, 0, "a migration whose channel was cut succeeded");
+    assert!(o.stderr.contains("page channel 1"), "the error should name the channel: {}", o.stderr);
+    assert_source_running_clean(&mut src);
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some_and(|c| c != 0), "destination must discard and exit");
+    assert!(dst.reports().is_empty(), "destination must not run the guest");
+    assert_retry_succeeds(&src, 256 * 256);
+}
+
+/// A byte flipped in page channel 2 of 3: the destination's channel finds the checksum wrong,
+/// stops the whole load (its other channels included, blocked in reads) and refuses naming
+/// the channel; the source guest runs on clean, the destination exits, and a retry works.
+#[test]
+fn a_corrupt_page_channel_stops_the_destination_with_the_channels_error() {
+    if !kvm_available("a_corrupt_page_channel_stops_the_destination_with_the_channels_error") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut src = source("bitmap", "chflip", "mib=256 rate=50 report_ms=500");
+    let dst_sock = src.dir.join("dst.sock");
+    let mut dst = destination(&format!("unix:{}", dst_sock.display()), "bitmap");
+    // Connection 2 is the second page channel; 4 MiB into it is page data.
+    let proxy = ConnProxy::start(src.dir.join("proxy.sock"), dst_sock, Some((2, ConnFault::Flip(4 << 20))));
+
+    let o = migrate(&src.api, &proxy.uri, &["--channels", "3"]);
+
+    assert!(proxy.cut.load(std::sync::atomic::Ordering::SeqCst), "the proxy never flipped a byte");
+    assert_ne!(o.code, 0, "a migration with a corrupt channel succeeded");
+    assert!(o.stderr.contains("page channel 2") && o.stderr.contains("checksum"), "{}", o.stderr);
+    assert!(dst.wait_exit(Duration::from_secs(20)).is_some_and(|c| c != 0), "destination must discard and exit");
+    assert!(dst.stderr_text().contains("page channel 2"), "{}", dst.stderr_text());
+    assert!(dst.reports().is_empty(), "destination must not run the guest");
+    assert_source_running_clean(&mut src);
+    assert_retry_succeeds(&src, 256 * 256);
 }
 
 /// Runs a post-copy scenario once (bitmap tracking), alone on the machine.

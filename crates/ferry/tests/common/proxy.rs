@@ -221,3 +221,67 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// What [`ConnProxy`] does to one connection.
+#[derive(Debug, Clone, Copy)]
+pub enum ConnFault {
+    /// Cut it, both ways, after this many bytes from the source.
+    Cut(u64),
+    /// Flip one bit of the source's byte at this offset.
+    Flip(u64),
+}
+
+/// A raw proxy for every connection made to it (a migration's main connection and its page
+/// channels), each forwarded both ways to `target`; connection number `fault.0` (0: the first
+/// accepted) gets `fault.1`.
+pub struct ConnProxy {
+    pub uri: String,
+    /// Whether the fault happened.
+    pub cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ConnProxy {
+    pub fn start(listen: PathBuf, target: PathBuf, fault: Option<(usize, ConnFault)>) -> ConnProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let l = UnixListener::bind(&listen).expect("bind proxy");
+        let uri = format!("unix:{}", listen.display());
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            for (n, src) in l.incoming().enumerate() {
+                let Ok(mut src) = src else { return };
+                let Ok(mut dst) = UnixStream::connect(&target) else { return };
+                let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d2, &mut s2);
+                    let _ = s2.shutdown(Shutdown::Write);
+                });
+                let f = fault.filter(|&(i, _)| i == n).map(|(_, f)| f);
+                let flag = flag.clone();
+                std::thread::spawn(move || match f {
+                    Some(ConnFault::Cut(b)) => {
+                        let _ = std::io::copy(&mut (&mut src).take(b), &mut dst);
+                        flag.store(true, Ordering::SeqCst);
+                        let _ = dst.shutdown(Shutdown::Both);
+                        let _ = src.shutdown(Shutdown::Both);
+                    }
+                    Some(ConnFault::Flip(at)) => {
+                        let mut head = vec![0u8; at as usize + 1];
+                        if src.read_exact(&mut head).is_ok() {
+                            head[at as usize] ^= 0x10;
+                            flag.store(true, Ordering::SeqCst);
+                            let _ = dst.write_all(&head);
+                            let _ = std::io::copy(&mut src, &mut dst);
+                        }
+                        let _ = dst.shutdown(Shutdown::Write);
+                    }
+                    None => {
+                        let _ = std::io::copy(&mut src, &mut dst);
+                        let _ = dst.shutdown(Shutdown::Write);
+                    }
+                });
+            }
+        });
+        ConnProxy { uri, cut: done }
+    }
+}
