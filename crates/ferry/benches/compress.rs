@@ -1,13 +1,15 @@
-//! Compression, Ferry against QEMU 10, on the same built-in guest in one run.
+//! Page channels and compression, Ferry against QEMU 10, on the same built-in guest in one run.
 //!
 //! `cargo bench -p ferry --bench compress` migrates a 1 GiB guest whose 256 MiB working set
 //! compresses like ordinary memory (`word_bits=16`) while it dirties 50 MiB/s, FERRY_BENCH_RUNS
 //! times (default 3), over two links: loopback (UNIX socket; QEMU's multifd needs TCP, so its
 //! rows use TCP on loopback) and a real 1 Gbit/s link (two network namespaces joined by a veth
-//! pair, `tbf` on both ends; needs root and `ip`/`tc`). Rows: Ferry plain, Ferry `--compress
-//! zstd` (level 1), QEMU plain, QEMU multifd with zstd (level 1, its default two channels).
-//! Printed, medians: total time, bytes on the wire, host-seen pause (largest `HB` gap), and the
-//! ratios against QEMU's matching row. Every destination guest must verify with errors=0.
+//! pair, `tbf` on both ends; needs root and `ip`/`tc`). Rows: Ferry with one connection and
+//! with `--channels 2`, each plain and with `--compress zstd` (level 1); QEMU plain, QEMU
+//! multifd (its default two channels) plain and with zstd (level 1). Printed, medians: total
+//! time, bytes on the wire, host-seen pause (largest `HB` gap), and the ratios against QEMU's
+//! matching row and against Ferry's one-connection row of the same kind. Every destination
+//! guest must verify with errors=0.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -105,9 +107,9 @@ fn wait_filled(p: &Proc) {
     std::thread::sleep(Duration::from_millis(1000));
 }
 
-fn ferry_run(i: usize, link: Link, zstd: bool) -> Run {
+fn ferry_run(i: usize, link: Link, channels: u32, zstd: bool) -> Run {
     wait_quiet();
-    let d = tmpdir(&format!("bz-ferry-{i}-{zstd}"));
+    let d = tmpdir(&format!("bz-ferry-{i}-{channels}-{zstd}"));
     let api = d.join("api.sock");
     let src = spawn_in(
         link,
@@ -130,6 +132,10 @@ fn ferry_run(i: usize, link: Link, zstd: bool) -> Run {
     if zstd {
         args.extend(["--compress", "zstd"]);
     }
+    let n = channels.to_string();
+    if channels > 1 {
+        args.extend(["--channels", &n]);
+    }
     let t0 = Instant::now();
     let out = Command::new(FERRY).args(&args).output().unwrap();
     let t1 = Instant::now();
@@ -144,9 +150,9 @@ fn ferry_run(i: usize, link: Link, zstd: bool) -> Run {
     }
 }
 
-fn qemu_run(i: usize, link: Link, zstd: bool, elf: &str) -> Run {
+fn qemu_run(i: usize, link: Link, multifd: bool, zstd: bool, elf: &str) -> Run {
     wait_quiet();
-    let d = tmpdir(&format!("bz-qemu-{i}-{zstd}"));
+    let d = tmpdir(&format!("bz-qemu-{i}-{multifd}-{zstd}"));
     let (qs, qd) = (d.join("qmp-src.sock"), d.join("qmp-dst.sock"));
     let host = if link == Link::Tbf { DST_IP } else { "127.0.0.1" };
     let uri = format!("tcp:{host}:7802");
@@ -161,13 +167,15 @@ fn qemu_run(i: usize, link: Link, zstd: bool, elf: &str) -> Run {
     let dst = spawn_in(link, 1, "qemu-system-x86_64", &b);
     let mut qdc = Qmp::connect(&qd);
     let mut q = Qmp::connect(&qs);
-    if zstd {
+    if multifd {
         let caps = r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"multifd","state":true}]}}"#;
         let params =
             r#"{"execute":"migrate-set-parameters","arguments":{"multifd-compression":"zstd","multifd-zstd-level":1}}"#;
         for c in [&mut qdc, &mut q] {
             c.cmd(caps);
-            c.cmd(params);
+            if zstd {
+                c.cmd(params);
+            }
         }
     }
     qdc.cmd(&format!(r#"{{"execute":"migrate-incoming","arguments":{{"uri":"{uri}"}}}}"#));
@@ -209,34 +217,59 @@ fn main() {
          medians of {runs} runs"
     );
     for (link, name) in links {
-        let mut rows: Vec<(&str, Vec<Run>)> =
-            vec![("Ferry", vec![]), ("Ferry --compress zstd", vec![]), ("QEMU", vec![]), ("QEMU multifd zstd", vec![])];
+        // (row, Ferry channels or QEMU multifd, zstd); QEMU rows last.
+        let kinds: [(&str, u32, bool); 7] = [
+            ("Ferry", 1, false),
+            ("Ferry --channels 2", 2, false),
+            ("Ferry --compress zstd", 1, true),
+            ("Ferry --channels 2 + zstd", 2, true),
+            ("QEMU", 0, false),
+            ("QEMU multifd (2 ch)", 1, false),
+            ("QEMU multifd zstd", 1, true),
+        ];
+        let mut rows: Vec<Vec<Run>> = vec![Vec::new(); kinds.len()];
         for i in 0..runs {
-            rows[0].1.push(ferry_run(i, link, false));
-            rows[1].1.push(ferry_run(i, link, true));
-            rows[2].1.push(qemu_run(i, link, false, elf));
-            rows[3].1.push(qemu_run(i, link, true, elf));
+            for (k, &(row, n, zstd)) in kinds.iter().enumerate() {
+                rows[k].push(if row.starts_with("Ferry") {
+                    ferry_run(i, link, n, zstd)
+                } else {
+                    qemu_run(i, link, n > 0, zstd, elf)
+                });
+            }
         }
         let m = |v: &[Run], g: fn(&Run) -> f64| median(v.iter().map(g).collect());
         println!("{name}:");
-        println!("  {:<22} | {:>9} {:>9} {:>9} | {:>13}", "", "total ms", "wire MiB", "pause ms", "total vs QEMU");
-        for (k, (row, v)) in rows.iter().enumerate() {
-            let q = &rows[if k % 2 == 0 { 2 } else { 3 }].1;
+        println!(
+            "  {:<26} | {:>9} {:>9} {:>9} | {:>13} {:>12}",
+            "", "total ms", "wire MiB", "pause ms", "total vs QEMU", "vs 1 channel"
+        );
+        for (k, (row, n, zstd)) in kinds.iter().enumerate() {
+            let v = &rows[k];
+            // Against QEMU's row of the same kind: plain, multifd, multifd zstd.
+            let q = match (row.starts_with("Ferry"), *n, *zstd) {
+                (true, 1, false) => Some(4),
+                (true, _, false) => Some(5),
+                (true, _, true) => Some(6),
+                _ => None,
+            };
+            let one = if row.starts_with("Ferry") && *n > 1 { Some(if *zstd { 2 } else { 0 }) } else { None };
+            let ratio = |o: Option<usize>| {
+                o.map_or(String::from("-"), |o| format!("{:.2}", m(v, |r| r.total_ms) / m(&rows[o], |r| r.total_ms)))
+            };
             println!(
-                "  {:<22} | {:>9.0} {:>9.1} {:>9.1} | {:>13.2}",
+                "  {:<26} | {:>9.0} {:>9.1} {:>9.1} | {:>13} {:>12}",
                 row,
                 m(v, |r| r.total_ms),
                 m(v, |r| r.wire_mib),
                 m(v, |r| r.pause_ms),
-                m(v, |r| r.total_ms) / m(q, |r| r.total_ms)
+                ratio(q),
+                ratio(one)
             );
         }
-        println!(
-            "  zstd / plain: Ferry {:.2}, QEMU {:.2} (total time)",
-            m(&rows[1].1, |r| r.total_ms) / m(&rows[0].1, |r| r.total_ms),
-            m(&rows[3].1, |r| r.total_ms) / m(&rows[2].1, |r| r.total_ms)
-        );
     }
-    println!("total vs QEMU: against QEMU's row of the same kind (plain or zstd); pause = host-seen (largest HB gap);");
+    println!("total vs QEMU: against QEMU's row of the same kind (plain; channels vs multifd; zstd vs multifd zstd);");
+    println!(
+        "vs 1 channel: against Ferry's one-connection row of the same compression; pause = host-seen (largest HB gap);"
+    );
     println!("QEMU's rows use TCP on loopback (multifd needs it); Ferry's loopback rows use a UNIX socket.");
 }
