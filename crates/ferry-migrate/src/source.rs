@@ -705,11 +705,14 @@ pub fn migrate(
         r = Err(MigrateError::Cancelled);
     }
     if r.is_err() {
-        // A refusal from the destination explains a failed send better than "broken pipe": give
-        // it a moment to arrive. Then tell the destination this attempt is over; it discards
-        // what it received.
+        // A refusal from the destination explains a failed send better than "broken pipe" (on
+        // the main connection or a page channel: a destination that refuses what came on one
+        // channel closes them all): give it a moment to arrive. Then tell the destination this
+        // attempt is over; it discards what it received.
         let refusal = match &r {
-            Err(MigrateError::Send(_)) => refusal(&mut reply, Duration::from_millis(500)),
+            Err(MigrateError::Send(_) | MigrateError::Channel { .. }) => {
+                refusal(&mut reply, Duration::from_millis(500))
+            }
             _ => None,
         };
         reply.shutdown();
