@@ -3,7 +3,10 @@
 //!
 //! `cargo bench -p ferry --bench update` runs, for 1, 4 and 16 GiB guests (FERRY_BENCH_SIZES,
 //! e.g. `1G,4G`), FERRY_BENCH_RUNS times (default 3):
-//! - `ferry update` in exec mode (same PID) and in process mode (a new process prepared first);
+//! - `ferry update` in exec mode (same PID: the guest parked in a process of the old binary for
+//!   the exec, then pulled back, each step prepared ahead), the same in a single step (the exec
+//!   inside the pause, as a new binary without parking takes it: FERRY_UPDATE_SINGLE_EXEC=1 in
+//!   the running Ferry), and in process mode (a new process prepared first);
 //! - `ferry migrate` to a new Ferry on this host over a UNIX socket (pre-copy: page data moves);
 //! - QEMU cpr-transfer: guest RAM in a shared memfd (`memory-backend-memfd,share=on`,
 //!   `aux-ram-share=on`), a new QEMU started with a `cpr` and a `main` incoming channel, then
@@ -42,6 +45,7 @@ struct Run {
 #[derive(Clone, Copy, PartialEq)]
 enum Way {
     Exec,
+    ExecSingle,
     Process,
     Migrate,
     CprTransfer,
@@ -51,6 +55,7 @@ impl Way {
     fn name(self) -> &'static str {
         match self {
             Way::Exec => "ferry update (exec)",
+            Way::ExecSingle => "ferry update (exec, 1 step)",
             Way::Process => "ferry update (process)",
             Way::Migrate => "ferry migrate, local",
             Way::CprTransfer => "QEMU cpr-transfer",
@@ -75,8 +80,13 @@ fn ferry_run(i: usize, mem: &str, way: Way) -> Run {
     wait_quiet();
     let d = tmpdir(&format!("update-{i}-{mem}-{}", way as u8));
     let api = d.join("api.sock");
+    // Read by the running Ferry when it updates (the bench is single-threaded here).
+    if way == Way::ExecSingle {
+        std::env::set_var("FERRY_UPDATE_SINGLE_EXEC", "1");
+    }
     let src =
         Proc::spawn(FERRY, &["run", "--memory", mem, "--cmdline", CMDLINE, "--api-socket", api.to_str().unwrap()]);
+    std::env::remove_var("FERRY_UPDATE_SINGLE_EXEC");
     wait_filled(&src);
     if way == Way::Migrate {
         let (dst, t0, t1, s) = ferry_migrate(&api, &d, &[]);
@@ -88,7 +98,7 @@ fn ferry_run(i: usize, mem: &str, way: Way) -> Run {
             total_ms: (t1 - t0).as_secs_f64() * 1000.0,
         };
     }
-    let mode = if way == Way::Exec { "exec" } else { "process" };
+    let mode = if way == Way::Process { "process" } else { "exec" };
     let t0 = Instant::now();
     let out = Command::new(FERRY)
         .args(["update", "--api-socket", api.to_str().unwrap(), "--mode", mode, "--json"])
@@ -169,7 +179,7 @@ fn main() {
     let d = tmpdir("update-guest");
     let elf = export_guest(&d);
     let elf = elf.to_str().unwrap();
-    let ways = [Way::Exec, Way::Process, Way::Migrate, Way::CprTransfer];
+    let ways = [Way::Exec, Way::ExecSingle, Way::Process, Way::Migrate, Way::CprTransfer];
     let mut table: Vec<(String, Way, Vec<Run>)> = Vec::new();
     for mem in &sizes {
         for &w in &ways {
@@ -186,7 +196,7 @@ fn main() {
     }
     println!("Live update of a guest dirtying 64 MiB at 50 MiB/s, medians of {runs} runs");
     println!(
-        "{:<6} {:<24} | {:>12} {:>12} | {:>12} {:>10} | {:>13}",
+        "{:<6} {:<28} | {:>12} {:>12} | {:>12} {:>10} | {:>13}",
         "guest", "", "host pause ms", "own pause ms", "bytes moved", "total ms", "pause / QEMU"
     );
     let m = |v: &[Run], g: fn(&Run) -> f64| median(v.iter().map(g).collect());
@@ -196,7 +206,7 @@ fn main() {
         for (_, w, v) in table.iter().filter(|(s, _, _)| s == mem) {
             let gap = m(v, |r| r.gap_ms);
             println!(
-                "{:<6} {:<24} | {:>12.1} {:>12.1} | {:>12.0} {:>10.0} | {:>13.2}",
+                "{:<6} {:<28} | {:>12.1} {:>12.1} | {:>12.0} {:>10.0} | {:>13.2}",
                 mem,
                 w.name(),
                 gap,

@@ -626,6 +626,19 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// The serial sink of a Ferry taking a guest over: a file is appended to, not truncated.
+fn serial_sink_append(spec: &str) -> Result<SerialSink> {
+    if spec == "stdout" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec)
+        .with_context(|| format!("cannot open serial output file {spec}"))?;
+    Ok(Box::new(LineWriter::new(f)))
+}
+
 fn serial_sink(spec: &str) -> Result<SerialSink> {
     if spec == "stdout" {
         return Ok(Box::new(std::io::stdout()));
@@ -656,6 +669,9 @@ fn run(a: RunArgs) -> Result<i32> {
     // A live update: the machine comes from the Ferry before this one, nothing else applies.
     if let Some(h) = a.handover.clone() {
         let (vm, listener) = handover_in(&a, &h)?;
+        if h.park.is_some() {
+            return parked(&a, &h, vm, listener);
+        }
         return serve_and_wait_on(&a, vm, listener);
     }
     if a.cpus == 0 {
@@ -946,6 +962,33 @@ fn serve_and_wait(a: &RunArgs, vm: Arc<Vm>) -> Result<i32> {
     serve_and_wait_on(a, vm, None)
 }
 
+/// A guest parked for an exec (docs/live-update.md, "Exec mode"): runs it until the image after
+/// the exec pulls it, then exits. If the process that parked it is gone without pulling it,
+/// this one keeps the guest and serves its API.
+fn parked(
+    a: &RunArgs,
+    h: &update::HandoverArgs,
+    vm: Arc<Vm>,
+    listener: Option<std::os::unix::net::UnixListener>,
+) -> Result<i32> {
+    match update::park(&vm, h) {
+        update::ParkEnd::HandedOn => {
+            let _ = std::io::stdout().flush();
+            // SAFETY: _exit without destructors: the guest is the pulling image's now, nothing
+            // of it may be touched (no vCPU stop, no disk flush from here).
+            unsafe { libc::_exit(0) }
+        }
+        update::ParkEnd::Orphaned => {
+            say!(
+                "ferry: the Ferry that parked the guest here for its update is gone; this process ({}) runs the \
+                 guest and serves its API",
+                std::process::id()
+            );
+            serve_and_wait_on(a, vm, listener)
+        }
+    }
+}
+
 /// The new side of `ferry update`: rebuilds the machine the previous Ferry handed over, resumes
 /// it and answers the client. If it cannot, the guest goes back to the previous binary.
 fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option<std::os::unix::net::UnixListener>)> {
@@ -963,17 +1006,24 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
             .zip(&h.disks)
             .map(|(spec, &fd)| DiskImage::adopt(spec, update::dup_file(fd)?).map_err(anyhow::Error::new))
             .collect::<Result<Vec<_>>>()?;
-        let mut state = update::dup_file(h.state)?;
-        if h.mode == update::Mode::Exec {
-            // A memfd this image (or a hand-back) reads from its start; process mode's is a
-            // socket.
-            std::io::Seek::seek(&mut state, std::io::SeekFrom::Start(0))?;
-        }
+        let state = if h.pull.is_some() {
+            // The guest is parked: asked for over the parking socket, it comes on a new one.
+            update::pull(h)?
+        } else {
+            let mut state = update::dup_file(h.state)?;
+            if h.mode == update::Mode::Exec {
+                // A memfd this image (or a hand-back) reads from its start; process mode's is a
+                // socket.
+                std::io::Seek::seek(&mut state, std::io::SeekFrom::Start(0))?;
+            }
+            state
+        };
         let ram = update::dup_file(h.ram)?;
         let (vm, stats) = ferry_migrate::handover::receive_handover(
             state,
             vec![(h.ram as u32, ram)],
-            serial_sink(&a.serial)?,
+            // Appended to: the previous Ferry's output stays (a file named by --serial).
+            serial_sink_append(&a.serial)?,
             a.dirty_tracking()?,
             disks,
             &mut || update::ready(h),
@@ -981,9 +1031,14 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
         // Said before the guest runs: a line it is printing when it resumes must not be cut
         // by this one in a console that merges stderr and stdout.
         say!(
-            "ferry: {} the guest over ({} mode): {} bytes of state, {} MiB of RAM in place",
+            "ferry: {} the guest over ({}): {} bytes of state, {} MiB of RAM in place",
             if a.handover_failed.is_some() { "took back" } else { "took" },
-            if h.mode == update::Mode::Exec { "exec" } else { "process" },
+            match (h.mode, h.park.is_some(), h.pull.is_some()) {
+                (_, true, _) => "parked for the exec of the Ferry before it",
+                (update::Mode::Exec, _, true) => "exec mode, from the parked process",
+                (update::Mode::Exec, _, _) => "exec mode",
+                (update::Mode::Process, _, _) => "process mode",
+            },
             stats.stream_bytes,
             stats.ram_bytes >> 20
         );
@@ -1001,10 +1056,12 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
         }
     };
     let t0_ns = match h.mode {
-        update::Mode::Exec => h.t0_ns,
-        update::Mode::Process => update::pause_start(h).unwrap_or(h.t0_ns),
+        update::Mode::Exec if h.pull.is_none() => h.t0_ns,
+        _ => update::pause_start(h).unwrap_or(h.t0_ns),
     };
     let pause_ms = (update::monotonic_ns().saturating_sub(t0_ns)) as f64 / 1e6;
+    // Exec mode in two steps: the guest paused once to be parked, once to come back.
+    let pauses_ms: Vec<f64> = h.park_pause_ns.map(|p| p as f64 / 1e6).into_iter().chain([pause_ms]).collect();
     update::close_handed_over(h);
     update::release_old_vm(h);
     // SAFETY: the API listener, handed over for this; owned from here on.
@@ -1012,11 +1069,14 @@ fn handover_in(a: &RunArgs, h: &update::HandoverArgs) -> Result<(Arc<Vm>, Option
     let summary = serde_json::json!({
         "mode": if h.mode == update::Mode::Exec { "exec" } else { "process" },
         "pid": std::process::id(),
-        "pause_ms": pause_ms,
+        // The longest pause the guest saw; each of them in `pauses_ms`.
+        "pause_ms": pauses_ms.iter().copied().fold(0.0, f64::max),
+        "pauses_ms": pauses_ms,
+        "parked_pid": h.parked_pid,
         "restore_ms": stats.restore.as_secs_f64() * 1000.0,
         "build_ms": stats.build.as_secs_f64() * 1000.0,
         // From the pause to this image's main(): quiesce, state, exec (or spawn), start-up.
-        "to_new_image_ms": MAIN_START_NS.get().filter(|_| h.mode == update::Mode::Exec).map(|&n| n.saturating_sub(h.t0_ns) as f64 / 1e6),
+        "to_new_image_ms": MAIN_START_NS.get().filter(|_| h.mode == update::Mode::Exec && h.pull.is_none()).map(|&n| n.saturating_sub(h.t0_ns) as f64 / 1e6),
         "handover_bytes": stats.stream_bytes,
         "ram_bytes_in_place": stats.ram_bytes,
         "broken_pages": stats.broken_pages,
@@ -1426,11 +1486,19 @@ fn ferry_update(api_socket: &std::path::Path, binary: Option<PathBuf>, mode: Upd
     if json {
         println!("{s}");
     } else {
+        // Exec mode in two steps: a pause to park the guest for the exec, one to take it back.
+        let pauses: Vec<String> = s["pauses_ms"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|p| p.as_f64()).map(|p| format!("{p:.2}")).collect())
+            .unwrap_or_default();
+        let paused = match (pauses.len(), s["parked_pid"].as_u64()) {
+            (2, Some(pid)) => format!("guest paused {} ms (parked in process {pid} for the exec)", pauses.join(" + ")),
+            _ => format!("guest paused {:.2} ms", s["pause_ms"].as_f64().unwrap_or(f64::NAN)),
+        };
         say!(
-            "ferry: updated ({} mode, pid {}): guest paused {:.2} ms, {} bytes of state handed over, {} MiB of RAM in place",
+            "ferry: updated ({} mode, pid {}): {paused}, {} bytes of state handed over, {} MiB of RAM in place",
             s["mode"].as_str().unwrap_or("?"),
             s["pid"],
-            s["pause_ms"].as_f64().unwrap_or(f64::NAN),
             s["handover_bytes"],
             s["ram_bytes_in_place"].as_u64().unwrap_or(0) >> 20
         );

@@ -69,14 +69,24 @@ pub struct HandoverArgs {
     /// happens after the new machine runs; closed then. The first is the old address space
     /// holder's pipe (closed last), where there is one.
     pub old_kvm: Vec<RawFd>,
+    /// Exec mode with a parked guest, in the parked process: the control socket on which the
+    /// image after the exec pulls the guest back (docs/live-update.md, "Exec mode").
+    pub park: Option<RawFd>,
+    /// Exec mode with a parked guest, in the image after the exec: the control socket to the
+    /// parked process, to pull the guest from (the handover then comes over a socket sent on it).
+    pub pull: Option<RawFd>,
+    /// The parked process (this image's child, reaped once it has handed the guest on).
+    pub parked_pid: Option<u32>,
+    /// How long the guest paused when it was parked (ns).
+    pub park_pause_ns: Option<u64>,
 }
 
 impl HandoverArgs {
     pub fn encode(&self) -> String {
         let o = |f: Option<RawFd>| f.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-        format!(
+        let mut s = format!(
             "state={},ram={},api={},reply={},old={},ack={},argv={},disks={},t0={},mode={},back={},paused={},oldkvm={}",
-            self.state,
+            o(Some(self.state).filter(|&f| f >= 0)),
             self.ram,
             o(self.api),
             o(self.reply),
@@ -89,7 +99,21 @@ impl HandoverArgs {
             u8::from(self.back),
             u8::from(self.paused),
             self.old_kvm.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(":")
-        )
+        );
+        // Keys a Ferry without parking does not know are only written when set: a single-step
+        // exec hands over to such a Ferry too.
+        let extra = [
+            ("park", self.park.map(|v| v.to_string())),
+            ("pull", self.pull.map(|v| v.to_string())),
+            ("parkedpid", self.parked_pid.map(|v| v.to_string())),
+            ("parkpause", self.park_pause_ns.map(|v| v.to_string())),
+        ];
+        for (k, v) in extra {
+            if let Some(v) = v {
+                s.push_str(&format!(",{k}={v}"));
+            }
+        }
+        s
     }
 
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
@@ -107,13 +131,21 @@ impl HandoverArgs {
             back: false,
             paused: false,
             old_kvm: Vec::new(),
+            park: None,
+            pull: None,
+            parked_pid: None,
+            park_pause_ns: None,
         };
         let fd = |v: &str| v.parse::<RawFd>().map_err(|_| format!("'{v}' is not a descriptor"));
         let opt = |v: &str| if v == "-" { Ok(None) } else { fd(v).map(Some) };
         for kv in s.split(',') {
             let (k, v) = kv.split_once('=').ok_or_else(|| format!("'{kv}' is not key=value"))?;
             match k {
-                "state" => h.state = fd(v)?,
+                "state" => h.state = opt(v)?.unwrap_or(-1),
+                "park" => h.park = opt(v)?,
+                "pull" => h.pull = opt(v)?,
+                "parkedpid" => h.parked_pid = Some(v.parse().map_err(|_| format!("'{v}' is not a process id"))?),
+                "parkpause" => h.park_pause_ns = Some(v.parse().map_err(|_| format!("'{v}' is not a time"))?),
                 "ram" => h.ram = fd(v)?,
                 "api" => h.api = opt(v)?,
                 "reply" => h.reply = opt(v)?,
@@ -137,15 +169,28 @@ impl HandoverArgs {
                 _ => return Err(format!("unknown handover key '{k}'")),
             }
         }
-        if h.state < 0 || h.ram < 0 {
-            return Err("the handover needs state= and ram=".into());
+        if (h.state < 0 && h.pull.is_none()) || h.ram < 0 {
+            return Err("the handover needs state= (or pull=) and ram=".into());
         }
         Ok(h)
     }
 
     fn all_fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.state, self.ram];
-        v.extend([self.api, self.reply, self.old, self.ack, self.argv].into_iter().flatten());
+        let mut v = vec![self.ram];
+        v.extend(
+            [
+                Some(self.state).filter(|&f| f >= 0),
+                self.api,
+                self.reply,
+                self.old,
+                self.ack,
+                self.argv,
+                self.park,
+                self.pull,
+            ]
+            .into_iter()
+            .flatten(),
+        );
         v.extend(&self.disks);
         v.extend(&self.old_kvm);
         v
@@ -175,13 +220,15 @@ pub fn check_info() -> Value {
         "min_format": ferry_stream::MIN_FORMAT_VERSION,
         "max_format": ferry_stream::FORMAT_VERSION,
         "handover": true,
+        // Pulls a guest parked for an exec (exec mode in two steps, docs/live-update.md).
+        "pull": true,
         "version": env!("CARGO_PKG_VERSION"),
     })
 }
 
 /// Starts the new binary once (`update-check`) to see that it runs and reads this Ferry's
-/// handover, before anything is paused.
-fn preflight(binary: &Path) -> Result<()> {
+/// handover, before anything is paused. Returns what it said of itself (`update-check`).
+fn preflight(binary: &Path) -> Result<Value> {
     let mut child = Command::new(binary)
         .arg("update-check")
         .stdin(std::process::Stdio::null())
@@ -229,7 +276,7 @@ fn preflight(binary: &Path) -> Result<()> {
             binary.display()
         );
     }
-    Ok(())
+    Ok(info)
 }
 
 /// The old side: runs on the API connection `conn` that asked. On success in exec mode it does
@@ -254,7 +301,10 @@ pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value>
     if ctx.migrated.load(Ordering::SeqCst) {
         bail!("the guest has migrated away; this Ferry is exiting");
     }
-    preflight(&binary)?;
+    let info = preflight(&binary)?;
+    // A new binary that can pull a parked guest gets it in two short pauses, each independent
+    // of the guest's size; an older one by the single exec (its VM built inside the pause).
+    let park = info["pull"] == json!(true) && std::env::var_os("FERRY_UPDATE_SINGLE_EXEC").is_none();
     wait_for_teardown();
     {
         // Claimed under the state lock, as a migration is: a pause or resume is either done
@@ -270,6 +320,7 @@ pub fn update(req: &Value, ctx: &ApiContext, conn: &UnixStream) -> Result<Value>
         bail!("a snapshot is being taken; update after it");
     };
     let r = move_ram_into_memfd(ctx).and_then(|()| match mode {
+        Mode::Exec if park => hand_over_parked(&binary, ctx, conn),
         Mode::Exec => hand_over(&binary, ctx, conn),
         Mode::Process => hand_over_prepared(&binary, ctx, conn),
     });
@@ -303,6 +354,29 @@ fn move_ram_into_memfd(ctx: &ApiContext) -> Result<()> {
 /// rest (its state) sent. The pause holds no VM creation (memory slots cost 0.55 ms per GiB on
 /// this host, where KVM shadows the guest's page tables).
 fn hand_over_prepared(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
+    start_prepared(binary, ctx, Some(conn.as_raw_fd()), None)?;
+    // The new process runs the guest and answered the client: leave at once, touching nothing
+    // (no resume, no cleanup of what it now owns).
+    let _ = std::io::stdout().flush();
+    // SAFETY: _exit ends the process without running destructors or atexit handlers, so
+    // nothing of the guest's (now the new process's) is touched.
+    unsafe { libc::_exit(0) }
+}
+
+/// A new process that took the guest over, prepared ahead.
+struct Prepared {
+    child: std::process::Child,
+    /// How long the guest was paused, to the new process's acknowledgement (ns).
+    pause_ns: u64,
+}
+
+/// Starts `binary` as a Ferry that builds its VM from the handover's first part while the guest
+/// runs here, then pauses the guest and sends its state. Returns once the new process has
+/// acknowledged (it runs the guest then; this machine stays paused, and must never run again).
+/// `reply`: the client's connection, for the new process to answer; `park`: the new process
+/// parks the guest for this one's exec (it then serves a pull on that socket). On failure the
+/// guest runs on here.
+fn start_prepared(binary: &Path, ctx: &ApiContext, reply: Option<RawFd>, park: Option<RawFd>) -> Result<Prepared> {
     let vm = &ctx.vm;
     let (stream_old, stream_new) = UnixStream::pair().context("cannot create the handover socket")?;
     let (ctl_old, ctl_new) = UnixStream::pair().context("cannot create the handover control socket")?;
@@ -311,7 +385,7 @@ fn hand_over_prepared(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Res
         state: stream_new.as_raw_fd(),
         ram: ram_fd,
         api: ctx.listener_fd(),
-        reply: Some(conn.as_raw_fd()),
+        reply,
         old: None,
         ack: Some(ctl_new.as_raw_fd()),
         argv: None,
@@ -321,6 +395,10 @@ fn hand_over_prepared(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Res
         back: false,
         paused: ctx.paused.load(Ordering::SeqCst),
         old_kvm: Vec::new(),
+        park,
+        pull: None,
+        parked_pid: None,
+        park_pause_ns: None,
     };
     let keep = h.all_fds();
     for &fd in &keep {
@@ -370,14 +448,7 @@ fn hand_over_prepared(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Res
         return Err(undo(&mut child, anyhow::Error::new(e).context("cannot send the handover")));
     }
     match wait_byte(&ctl_old, b'A', &mut child) {
-        Ok(()) => {
-            // The new process runs the guest and answered the client: leave at once, touching
-            // nothing (no resume, no cleanup of what it now owns).
-            let _ = std::io::stdout().flush();
-            // SAFETY: _exit ends the process without running destructors or atexit handlers,
-            // so nothing of the guest's (now the new process's) is touched.
-            unsafe { libc::_exit(0) }
-        }
+        Ok(()) => Ok(Prepared { child, pause_ns: monotonic_ns().saturating_sub(t0_ns) }),
         Err(e) => Err(undo(&mut child, e)),
     }
 }
@@ -403,6 +474,198 @@ fn wait_byte(ctl: &UnixStream, want: u8, child: &mut std::process::Child) -> Res
             bail!("the new Ferry did not take over within 60 s; the guest runs on here");
         }
     }
+}
+
+/// Exec mode in two steps: the guest is parked in a process of this binary (prepared ahead, as
+/// in process mode), this process execs the new binary, and the new image pulls the guest back
+/// from the parked process, prepared ahead too. Two pauses, neither holding a VM's creation
+/// (docs/live-update.md, "Exec mode").
+fn hand_over_parked(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Result<Value> {
+    let vm = &ctx.vm;
+    // This binary by descriptor: the parked process runs it, and a hand-back execs it (its path
+    // may name the new binary by now).
+    let old = File::open("/proc/self/exe").context("cannot open this Ferry's own binary")?;
+    let argv = memfd_with(&own_args().join("\0")).context("cannot keep the command line")?;
+    let (pull_end, park_end) = UnixStream::pair().context("cannot create the parking socket")?;
+    let this_binary = PathBuf::from(format!("/proc/self/fd/{}", old.as_raw_fd()));
+    let parked = start_prepared(&this_binary, ctx, None, Some(park_end.as_raw_fd()))
+        .context("cannot park the guest for the exec")?;
+    drop(park_end);
+    // The guest runs in the parked process; this machine stays paused from here on.
+    let h = HandoverArgs {
+        state: -1,
+        ram: vm.ram().memfd_raw(),
+        api: ctx.listener_fd(),
+        reply: Some(conn.as_raw_fd()),
+        old: Some(old.as_raw_fd()),
+        ack: Some(pull_end.as_raw_fd()),
+        argv: Some(argv.as_raw_fd()),
+        disks: vm.disks().iter().map(|d| d.image().file().as_raw_fd()).collect(),
+        t0_ns: 0,
+        mode: Mode::Exec,
+        back: false,
+        paused: ctx.paused.load(Ordering::SeqCst),
+        old_kvm: Vec::new(),
+        park: None,
+        pull: Some(pull_end.as_raw_fd()),
+        parked_pid: Some(parked.child.id()),
+        park_pause_ns: Some(parked.pause_ns),
+    };
+    for fd in h.all_fds() {
+        if let Err(e) = set_cloexec(fd, false) {
+            return Err(give_up_parked(&h, &format!("cannot pass descriptor {fd} on: {e}")));
+        }
+    }
+    let err = exec(binary, &with_handover(own_args(), &h));
+    // This binary takes the guest back from the parked process.
+    let why = format!("cannot exec the new binary {}: {err}", binary.display());
+    say!("ferry: {why}");
+    let err = hand_back(&h, &why);
+    Err(give_up_parked(&h, &format!("{err:#}")))
+}
+
+/// The guest is parked and cannot come back into this process: the parked process keeps it
+/// (once this one is gone, it serves the API itself). Answers the client and exits.
+fn give_up_parked(h: &HandoverArgs, why: &str) -> anyhow::Error {
+    let pid = h.parked_pid.unwrap_or(0);
+    let msg = format!(
+        "{why}; the guest runs on in the parked Ferry process {pid}, which serves the API once this one has exited"
+    );
+    say!("ferry: {msg}");
+    reply(h, &json!({"ok": false, "error": msg}));
+    let _ = std::io::stdout().flush();
+    // SAFETY: _exit without destructors: this machine is paused and must not run again (the
+    // guest runs in the parked process).
+    unsafe { libc::_exit(1) }
+}
+
+/// A message on the parking socket.
+enum Ctl {
+    /// A pull, with the socket to send the handover on.
+    Pull(UnixStream),
+    Byte(u8),
+    /// The pulling side is gone (every copy of its end closed).
+    Gone,
+}
+
+fn recv_ctl(ctl: &UnixStream) -> Ctl {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut b = [0u8; 1];
+    loop {
+        match ctl.recv_with_fd(&mut b) {
+            Ok((0, _)) => return Ctl::Gone,
+            Ok((_, Some(f))) if b[0] == b'P' => return Ctl::Pull(UnixStream::from(OwnedFd::from(f))),
+            Ok(_) => return Ctl::Byte(b[0]),
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(_) => return Ctl::Gone,
+        }
+    }
+}
+
+/// How a parked process's service ended.
+pub enum ParkEnd {
+    /// The guest went on to the image that pulled it: exit.
+    HandedOn,
+    /// The process that parked the guest here is gone without pulling it: this one keeps it.
+    Orphaned,
+}
+
+/// The parked process: serves pulls on the parking socket until one takes the guest. A pull
+/// that fails (the pulling image could not rebuild the machine and hands back to the previous
+/// binary, which pulls again) leaves the guest running here.
+pub fn park(vm: &ferry_vmm::vm::Vm, h: &HandoverArgs) -> ParkEnd {
+    let Some(fd) = h.park else { return ParkEnd::Orphaned };
+    // SAFETY: the parking socket, handed over for this; owned here.
+    let ctl = unsafe { UnixStream::from_raw_fd(fd) };
+    let mut next = None;
+    loop {
+        let stream = match next.take() {
+            Some(s) => s,
+            None => match recv_ctl(&ctl) {
+                Ctl::Pull(s) => s,
+                Ctl::Gone => return ParkEnd::Orphaned,
+                Ctl::Byte(b) => {
+                    say!("ferry: parked guest: unexpected byte {b:#04x} on the parking socket, ignored");
+                    continue;
+                }
+            },
+        };
+        match hand_on(vm, h, &ctl, stream) {
+            Ok(Step::Done) => return ParkEnd::HandedOn,
+            Ok(Step::Again(s)) => next = Some(s),
+            Ok(Step::Gone) => return ParkEnd::Orphaned,
+            Err(e) => say!("ferry: handing the parked guest on failed: {e:#}; it runs on here"),
+        }
+    }
+}
+
+enum Step {
+    Done,
+    Again(UnixStream),
+    Gone,
+}
+
+/// One pull: the prepared handover's protocol (process mode's), the pulling image on `ctl`.
+fn hand_on(vm: &ferry_vmm::vm::Vm, h: &HandoverArgs, ctl: &UnixStream, stream: UnixStream) -> Result<Step> {
+    // The RAM reference names the memfd by the number the image after the exec holds it under
+    // (the same number here: both inherited it from the process that parked the guest).
+    let mut w = ferry_migrate::handover::write_handover_prefix(vm, BufWriter::new(&stream), h.ram as u32)
+        .context("cannot send the handover")?;
+    match recv_ctl(ctl) {
+        Ctl::Byte(b'R') => {}
+        Ctl::Pull(s) => return Ok(Step::Again(s)),
+        Ctl::Gone => return Ok(Step::Gone),
+        Ctl::Byte(b) => bail!("unexpected byte {b:#04x} from the Ferry pulling the guest"),
+    }
+    let t0_ns = monotonic_ns();
+    vm.pause_keep_output()?;
+    let undo = || {
+        let _ = vm.resume_disks();
+        if !h.paused {
+            let _ = vm.resume();
+        }
+    };
+    if let Err(e) = vm.quiesce_disks() {
+        undo();
+        return Err(e.into());
+    }
+    let _ = std::io::stdout().flush();
+    if (&*ctl).write_all(&t0_ns.to_le_bytes()).is_err() {
+        undo();
+        return Ok(Step::Gone);
+    }
+    if let Err(e) = ferry_migrate::handover::write_handover_state(vm, &mut w) {
+        undo();
+        return Err(anyhow::Error::new(e).context("cannot send the handover"));
+    }
+    match recv_ctl(ctl) {
+        Ctl::Byte(b'A') => Ok(Step::Done),
+        Ctl::Pull(s) => {
+            undo();
+            Ok(Step::Again(s))
+        }
+        Ctl::Gone => {
+            undo();
+            Ok(Step::Gone)
+        }
+        Ctl::Byte(b) => {
+            undo();
+            bail!("unexpected byte {b:#04x} from the Ferry pulling the guest")
+        }
+    }
+}
+
+/// The image after the exec (or a hand-back): asks the parked process for the guest. Returns
+/// the socket the handover comes on.
+pub fn pull(h: &HandoverArgs) -> Result<File> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let fd = h.pull.ok_or_else(|| anyhow!("no parking socket"))?;
+    let (ours, theirs) = UnixStream::pair().context("cannot create the handover socket")?;
+    // SAFETY: the parking socket handed over for this; used, not owned (acknowledge closes it).
+    let ctl = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
+    ctl.send_with_fd(&b"P"[..], theirs.as_raw_fd())
+        .map_err(|e| anyhow!("cannot ask the parked Ferry process for the guest: {e}"))?;
+    Ok(File::from(OwnedFd::from(ours)))
 }
 
 /// Exec mode: the handover in a memfd, then exec.
@@ -452,6 +715,10 @@ fn hand_over(binary: &Path, ctx: &ApiContext, conn: &UnixStream) -> Result<Value
         back: false,
         paused: was_paused,
         old_kvm: vm.kvm_fds(),
+        park: None,
+        pull: None,
+        parked_pid: None,
+        park_pause_ns: None,
     };
     // This address space outlives the exec in a holder process, so that the exec does not
     // tear it down (unmapping the guest's RAM, the KVM MMU's release) inside the pause. The
@@ -662,6 +929,20 @@ pub fn dup_file(fd: RawFd) -> std::io::Result<File> {
 /// machine runs.
 pub fn release_old_vm(h: &HandoverArgs) {
     let fds = h.old_kvm.clone();
+    if let Some(pid) = h.parked_pid {
+        // The parked process exits on this image's acknowledgement: reaped here, so that a next
+        // update waits for it and no zombie is left.
+        let t = std::thread::Builder::new().name("parked-reaper".into()).spawn(move || loop {
+            // SAFETY: waits for this process's own child, the parked Ferry.
+            let r = unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+            if r >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        });
+        if let (Ok(t), Ok(mut slot)) = (t, TEARDOWN.lock()) {
+            *slot = Some(t);
+        }
+    }
     if fds.is_empty() {
         return;
     }
@@ -702,7 +983,8 @@ fn wait_for_teardown() {
 /// Closes the handed-over descriptors this image has taken duplicates of (after it holds the
 /// guest: a hand-back no longer needs them).
 pub fn close_handed_over(h: &HandoverArgs) {
-    let mut fds = vec![h.state, h.ram];
+    let mut fds = vec![h.ram];
+    fds.extend(Some(h.state).filter(|&f| f >= 0));
     fds.extend(&h.disks);
     fds.extend([h.old, h.argv].into_iter().flatten());
     for fd in fds {
@@ -770,8 +1052,20 @@ mod tests {
             back: true,
             paused: true,
             old_kvm: vec![12, 13],
+            park: None,
+            pull: Some(14),
+            parked_pid: Some(4242),
+            park_pause_ns: Some(900_000),
         };
         assert_eq!(HandoverArgs::parse(&h.encode()).unwrap(), h);
+        // Without the parking keys, the line is the one a Ferry without parking reads.
+        let single = HandoverArgs { pull: None, parked_pid: None, park_pause_ns: None, ..h.clone() };
+        assert!(!single.encode().contains("pull") && !single.encode().contains("park"));
+        assert_eq!(HandoverArgs::parse(&single.encode()).unwrap(), single);
+        let pulled = HandoverArgs { state: -1, ..h.clone() };
+        assert!(pulled.encode().starts_with("state=-,"));
+        assert_eq!(HandoverArgs::parse(&pulled.encode()).unwrap(), pulled);
+        assert!(HandoverArgs::parse("state=-,ram=3").unwrap_err().contains("pull="));
         assert!(HandoverArgs::parse("ram=3").unwrap_err().contains("state="));
         assert!(HandoverArgs::parse("state=1,ram=2,color=red").unwrap_err().contains("color"));
     }

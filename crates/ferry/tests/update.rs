@@ -120,6 +120,16 @@ fn exec_update_keeps_the_pid_the_guest_and_its_disk_and_moves_only_state() {
     assert_eq!(s["ram_bytes_in_place"], 1u64 << 30);
     let bytes = s["handover_bytes"].as_u64().unwrap();
     assert!(bytes < 256 << 10, "{bytes} bytes crossed for a 1 GiB guest: page data went along");
+    // Two steps: parked in a process of the old binary, then pulled back after the exec.
+    let pauses = s["pauses_ms"].as_array().unwrap();
+    assert_eq!(pauses.len(), 2, "{s}");
+    assert_eq!(s["pause_ms"].as_f64().unwrap(), pauses.iter().map(|p| p.as_f64().unwrap()).fold(0.0, f64::max));
+    let parked = s["parked_pid"].as_u64().unwrap() as u32;
+    assert_ne!(parked, pid);
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{parked}")).exists()),
+        "the parked process {parked} was not reaped"
+    );
     assert!(g.vm.child.try_wait().unwrap().is_none(), "the Ferry process exited");
     assert_runs_clean(&mut g.vm, "after exec update");
     assert_eq!(api(&g.api, r#"{"cmd":"status"}"#)["state"], "running");
@@ -391,6 +401,14 @@ fn every_failure_before_the_new_ferry_holds_the_guest_leaves_it_running_in_the_o
     );
     let dies_in_process =
         script(&dir, "dies", &format!("if [ \"$1\" = update-check ]; then exec {FERRY} update-check; fi\nexit 3"));
+    // Passes the start check and removes itself: the exec after the guest was parked fails, and
+    // the old binary pulls the guest back from the parked process.
+    let vanishes = script(
+        &dir,
+        "vanishes",
+        &format!("if [ \"$1\" = update-check ]; then rm -f \"$0\"; exec {FERRY} update-check; fi\nexit 3"),
+    );
+    let vanishes_msg = format!("cannot exec the new binary {}", vanishes.display());
     let pid = g.vm.child.id();
     let future_msg = format!("reads stream formats 7 to 9; this Ferry writes format {}", ferry_stream::FORMAT_VERSION);
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -405,6 +423,7 @@ fn every_failure_before_the_new_ferry_holds_the_guest_leaves_it_running_in_the_o
             vec!["--binary".into(), dies_in_process.display().to_string(), "--mode".into(), "process".into()],
             "the new Ferry exited before taking over",
         ),
+        (vec!["--binary".into(), vanishes.display().to_string()], &vanishes_msg),
     ];
 
     for (args, want) in cases {
@@ -419,4 +438,37 @@ fn every_failure_before_the_new_ferry_holds_the_guest_leaves_it_running_in_the_o
         assert_runs_clean(&mut g.vm, &format!("{args:?}"));
         assert_eq!(api(&g.api, r#"{"cmd":"status"}"#)["state"], "running", "{args:?}");
     }
+}
+
+/// The new binary dies right after the exec (its first step, before it asked for the guest): the
+/// process that was the Ferry is gone, and the guest, parked for the exec, runs on in the parked
+/// process, which then serves the API. A single-step exec would have lost the guest with it.
+#[test]
+fn a_new_binary_dying_after_the_exec_leaves_the_guest_running_in_the_parked_process() {
+    if !kvm_available("a_new_binary_dying_after_the_exec_leaves_the_guest_running_in_the_parked_process") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = guest("update-orphan");
+    let crashes_later = script(
+        &g.dir,
+        "crashes-later",
+        &format!("if [ \"$1\" = update-check ]; then exec {FERRY} update-check; fi\nkill -SEGV $$"),
+    );
+
+    let (code, _, err) = update(&g.api, &["--binary", crashes_later.to_str().unwrap()]);
+
+    assert_ne!(code, 0, "the update succeeded with a binary that crashes: {err}");
+    // Killed by the signal: no exit code (the output goes on, from the parked process).
+    let died = g.vm.wait_exit_seen(Duration::from_secs(10));
+    assert!(matches!(died, Some((None, _))), "the Ferry process did not die of SIGSEGV: {died:?}");
+    let status = api(&g.api, r#"{"cmd":"status"}"#);
+    assert_eq!(status["state"], "running", "{status}");
+    assert!(
+        g.vm.stderr_text().contains("runs the guest and serves its API"),
+        "the parked process did not say it took the guest: {}",
+        g.vm.stderr_text()
+    );
+    assert_runs_clean(&mut g.vm, "in the parked process");
+    let _ = api(&g.api, r#"{"cmd":"quit"}"#);
 }
