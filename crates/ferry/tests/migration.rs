@@ -1003,3 +1003,77 @@ fn postcopy_auto_moves_a_guest_that_a_capped_link_cannot_converge() {
         assert_destination_clean(&src, &mut dst, 128 * 256);
     });
 }
+
+/// The source of the link tests: `cmdline`'s guest in namespace 0 of `link`.
+fn source_on(link: &TbfLink, name: &str, cmdline: &str) -> Source {
+    let dir = tmpdir(name);
+    let api = dir.join("api.sock");
+    let mut vm = link.spawn(0, &["run", "--memory", "1G", "--cmdline", cmdline, "--api-socket", api.to_str().unwrap()]);
+    assert!(vm.wait_reports(3, Duration::from_secs(60)), "source never reported: {} {}", vm.tail(4), vm.stderr_text());
+    assert!(wait_socket(&api, Duration::from_secs(5)));
+    Source { vm, api, dir, tracking: "bitmap" }
+}
+
+/// The destination of the link tests, listening on TCP in namespace 1 of `link`.
+fn destination_on(link: &TbfLink) -> (Proc, String) {
+    let uri = format!("tcp:{}:7777", link.dst_ip);
+    let d = link.spawn(1, &["run", "--incoming", &uri]);
+    assert!(d.wait_stderr("waiting for an incoming migration", Duration::from_secs(10)), "{}", d.stderr_text());
+    (d, uri)
+}
+
+/// The rate the first pass really moved at, MiB/s: the link is what the test says it is.
+fn first_pass_mib_s(s: &serde_json::Value) -> f64 {
+    let it = &s["iterations"][0];
+    it["bytes"].as_f64().unwrap() / (1 << 20) as f64 / (it["duration_ms"].as_f64().unwrap() / 1000.0)
+}
+
+/// A 256 MiB flat-out guest over a real 32 MiB/s link (two network namespaces, veth, tbf): pre-copy
+/// cannot converge, `--postcopy auto` sees it and switches, and the destination's guest
+/// re-verifies every page clean (acceptance 15's scenario, in the suite).
+#[test]
+fn flat_out_guest_over_a_real_32_mib_s_link_moves_with_auto_postcopy() {
+    postcopy_scenario("flat_out_guest_over_a_real_32_mib_s_link_moves_with_auto_postcopy", || {
+        let Some(link) =
+            TbfLink::create("flat_out_guest_over_a_real_32_mib_s_link_moves_with_auto_postcopy", "256mbit", "64kb")
+        else {
+            return;
+        };
+        let src = source_on(&link, "tbf-postcopy", "mib=256 rate=0 hb_us=1000 report_ms=300");
+        let (mut dst, uri) = destination_on(&link);
+
+        let o = migrate(&src.api, &uri, &["--postcopy", "auto"]);
+
+        assert_eq!(o.code, 0, "post-copy auto over the link failed: {}", o.stderr);
+        let s = o.summary.expect("--json summary");
+        let rate = first_pass_mib_s(&s);
+        assert!(rate < 40.0, "the first pass moved {rate:.0} MiB/s: the link is not limited to 32 MiB/s");
+        assert_postcopy_summary(&s);
+        assert_destination_clean(&src, &mut dst, 256 * 256);
+        assert!(dst.wait_stderr("post-copy complete", Duration::from_secs(10)), "{}", dst.stderr_text());
+    });
+}
+
+/// Two page channels with zstd over a real 1 Gbit/s link: every channel's connection crosses the
+/// namespaces, each carries its share, and the destination's guest verifies clean.
+#[test]
+fn compressed_page_channels_over_a_real_1_gbit_link_lose_no_page() {
+    postcopy_scenario("compressed_page_channels_over_a_real_1_gbit_link_lose_no_page", || {
+        let Some(link) =
+            TbfLink::create("compressed_page_channels_over_a_real_1_gbit_link_lose_no_page", "1gbit", "1mb")
+        else {
+            return;
+        };
+        let src = source_on(&link, "tbf-channels", "mib=256 rate=50 word_bits=16 hb_us=1000 report_ms=300");
+        let (mut dst, uri) = destination_on(&link);
+
+        let o = migrate(&src.api, &uri, &["--channels", "2", "--compress", "zstd"]);
+
+        assert_eq!(o.code, 0, "channels over the link failed: {}", o.stderr);
+        let s = o.summary.expect("--json summary");
+        assert_eq!(s["channels"], 2, "{s}");
+        let per: Vec<u64> = s["channel_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+        assert!(per.len() == 2 && per.iter().all(|&b| b > 1 << 20), "each connection carries its share: {per:?}");
+        assert_destination_clean(&src, &mut dst, 256 * 256);
+    });
+}

@@ -470,3 +470,77 @@ pub fn assert_guest_clean(p: &Proc, what: &str) {
     assert!(disk_counts(p).iter().all(|d| d.1 == 0), "{what}: disk errors: {}", p.tail(3));
     assert!(p.lines_with("VERIFY-FAIL").is_empty() && p.lines_with("DISK-FAIL").is_empty(), "{what}: {}", p.tail(5));
 }
+
+/// Two network namespaces joined by a veth pair, each side's egress limited by a `tbf` qdisc:
+/// two hosts on one machine, over a real link of a given rate (issue 24, item 5). Removed on
+/// drop.
+pub struct TbfLink {
+    ns: [String; 2],
+    /// The address of side 1 (the destination's side).
+    pub dst_ip: &'static str,
+}
+
+impl TbfLink {
+    /// A link at `rate` (tc syntax, e.g. `256mbit`) with `burst`, or None, after a loud SKIPPED
+    /// for `test`, where this host cannot make one (not root, no `ip`/`tc`, no veth or tbf).
+    /// With FERRY_REQUIRE_KVM=1 (CI) a link that cannot be made fails the test instead.
+    pub fn create(test: &str, rate: &str, burst: &str) -> Option<TbfLink> {
+        let tag =
+            format!("{}{}", std::process::id() % 100_000, LINK_SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        let ns = [format!("ferry-t{tag}a"), format!("ferry-t{tag}b")];
+        let dev = [format!("fty{tag}a"), format!("fty{tag}b")];
+        let link = TbfLink { ns: ns.clone(), dst_ip: "10.77.0.2" };
+        let run = |args: &[&str]| -> Result<(), String> {
+            match Command::new(args[0]).args(&args[1..]).stderr(Stdio::piped()).stdout(Stdio::null()).output() {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim())),
+                Err(e) => Err(format!("{}: {e}", args.join(" "))),
+            }
+        };
+        let setup = || -> Result<(), String> {
+            run(&["ip", "netns", "add", &ns[0]])?;
+            run(&["ip", "netns", "add", &ns[1]])?;
+            run(&["ip", "link", "add", &dev[0], "type", "veth", "peer", "name", &dev[1]])?;
+            for (i, ip) in ["10.77.0.1/24", "10.77.0.2/24"].into_iter().enumerate() {
+                run(&["ip", "link", "set", &dev[i], "netns", &ns[i]])?;
+                run(&["ip", "-n", &ns[i], "addr", "add", ip, "dev", &dev[i]])?;
+                run(&["ip", "-n", &ns[i], "link", "set", &dev[i], "up"])?;
+                run(&["ip", "-n", &ns[i], "link", "set", "lo", "up"])?;
+                run(&[
+                    "ip", "netns", "exec", &ns[i], "tc", "qdisc", "add", "dev", &dev[i], "root", "tbf", "rate", rate,
+                    "burst", burst, "latency", "50ms",
+                ])?;
+            }
+            Ok(())
+        };
+        match setup() {
+            Ok(()) => Some(link),
+            Err(e) if kvm_required(std::env::var_os("FERRY_REQUIRE_KVM").as_deref()) => {
+                panic!("FERRY_REQUIRE_KVM=1 but the link for {test} cannot be made: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED {test}: it needs two network namespaces and tbf (root, iproute2): {e}");
+                println!("SKIPPED {test}: no network namespaces ({e})");
+                None
+            }
+        }
+    }
+
+    /// `ferry args` in namespace `side` (0: source, 1: destination).
+    pub fn spawn(&self, side: usize, args: &[&str]) -> Proc {
+        let mut a = vec!["netns", "exec", &self.ns[side], FERRY];
+        a.extend(args);
+        Proc::spawn_exe("ip", &a)
+    }
+}
+
+static LINK_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Drop for TbfLink {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            // Deleting a namespace deletes its end of the veth pair, and so the pair.
+            let _ = Command::new("ip").args(["netns", "del", n]).stderr(Stdio::null()).status();
+        }
+    }
+}
