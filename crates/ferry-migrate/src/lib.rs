@@ -26,6 +26,7 @@
 pub mod channels;
 pub mod copy_priority;
 pub mod destination;
+pub mod dirty_limit;
 pub mod handover;
 pub mod postcopy;
 pub mod protocol;

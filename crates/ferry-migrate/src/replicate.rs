@@ -317,9 +317,10 @@ fn run(
         postcopy: None,
         compress: None,
         channels: 1,
+        dirty_limit: None,
     };
     let mut summary = MigrationSummary::default();
-    crate::source::precopy(&mut s, &initial, None, &mut summary, &mut |_| {})?;
+    crate::source::precopy(&mut s, &initial, Default::default(), &mut summary, &mut |_| {})?;
     drop(s.idle.take());
     s.batch_pages = 64;
     s.cancel = never;

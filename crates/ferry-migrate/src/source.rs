@@ -102,6 +102,8 @@ pub enum MigrateError {
     },
     #[error("its thread ended after an earlier failure")]
     ChannelGone,
+    #[error(transparent)]
+    DirtyLimit(#[from] crate::dirty_limit::DirtyLimitError),
     #[error("post-copy: {} page(s) still here are too scattered for one POSTCOPY record", .0)]
     PostcopyTooScattered(u64),
     /// The guest runs on the destination; `pending` holds what it is still owed, for
@@ -138,6 +140,9 @@ pub struct MigrateParams {
     pub compress: Option<Compression>,
     /// Connections that carry page data (channels.rs); 1: the main connection only.
     pub channels: u32,
+    /// Per-vCPU dirty-rate limit in MiB/s (crate::dirty_limit), applied instead of the
+    /// whole-machine throttle once pre-copy stalls. Needs the dirty ring.
+    pub dirty_limit: Option<NonZeroU64>,
 }
 
 /// Page-data compression on the wire (`ferry migrate --compress`).
@@ -279,6 +284,9 @@ pub struct MigrationSummary {
     pub channels: u32,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub channel_bytes: Vec<u64>,
+    /// What the per-vCPU dirty-rate limit did (`--dirty-limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_limit: Option<crate::dirty_limit::DirtyLimitStats>,
 }
 
 /// Progress reports while the migration runs.
@@ -295,6 +303,10 @@ pub enum Progress {
     },
     Throttle {
         percent: u32,
+    },
+    /// The per-vCPU dirty-rate limit took effect (`--dirty-limit`), MiB/s per vCPU.
+    DirtyLimit {
+        mib_s: u64,
     },
     /// The switch-over was to post-copy: these pages follow while the destination runs.
     PostcopyStarted {
@@ -666,6 +678,10 @@ pub fn migrate(
     if params.channels > 1 && params.postcopy.is_some() {
         return Err(MigrateError::ChannelsWithPostcopy);
     }
+    // Before the destination is reached: a limit this machine cannot keep is refused at once.
+    if params.dirty_limit.is_some() && vm.dirty_ring_stats().is_none() {
+        return Err(crate::dirty_limit::DirtyLimitError::NoRing.into());
+    }
     // Bounded like every other wait on the destination (a cancel is seen once it ends).
     let mut conn = Conn::connect_with(&params.to, params.stall_timeout, params.tls.as_deref())?;
     // Both sides' stream formats and features, before anything else: an incompatible pair
@@ -909,13 +925,22 @@ fn run<'s>(
         channels: params.channels.max(1),
         ..Default::default()
     };
-    let mut throttle = params.auto_converge.then(|| crate::throttle::start(scope, vm));
-    let post = precopy(&mut s, params, throttle.as_ref(), &mut summary, progress)?;
+    // A per-vCPU dirty-rate limit replaces the whole-machine throttle.
+    let mut limiter = match params.dirty_limit {
+        Some(l) => Some(crate::dirty_limit::DirtyLimiter::start(scope, vm, l.get())?),
+        None => None,
+    };
+    let mut throttle = (params.auto_converge && limiter.is_none()).then(|| crate::throttle::start(scope, vm));
+    let brakes = Brakes { throttle: throttle.as_ref(), limiter: limiter.as_ref() };
+    let post = precopy(&mut s, params, brakes, &mut summary, progress)?;
+    // The limit ends before the pause (its last hold runs out by itself).
+    summary.dirty_limit = limiter.as_mut().map(|l| l.stop());
     // Taken before COMMIT: nothing after it may fail but the post-copy's link itself.
     let serve_conn = if post { Some(reply.try_clone().map_err(TransportError::Setup)?) } else { None };
     let early = if post { Some(list_owed_early(&mut s, params, reply)?) } else { None };
     let owed = handover(&mut s, params, throttle.as_mut(), reply, &mut summary, early)?;
     drop(throttle);
+    drop(limiter);
     if let (Some(mut pc), Some(conn)) = (owed, serve_conn) {
         // The guest runs on the destination now: serve it the pages it is still owed.
         progress(&Progress::PostcopyStarted { pages: pc.left() });
@@ -930,15 +955,24 @@ fn run<'s>(
     Ok(summary)
 }
 
+/// What slows a guest that dirties faster than the link sends: the whole-machine throttle
+/// (auto-converge) or the per-vCPU dirty-rate limit, at most one of them.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Brakes<'b, 'a> {
+    pub(crate) throttle: Option<&'b crate::throttle::Throttle<'a>>,
+    pub(crate) limiter: Option<&'b crate::dirty_limit::DirtyLimiter<'a>>,
+}
+
 /// The passes while the guest runs, until the policy says switch over (or gives up). Returns
 /// whether the switch-over is to post-copy.
 pub(crate) fn precopy(
     s: &mut Sender<'_>,
     params: &MigrateParams,
-    throttle: Option<&crate::throttle::Throttle<'_>>,
+    brakes: Brakes<'_, '_>,
     summary: &mut MigrationSummary,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<bool, MigrateError> {
+    let (throttle, limiter) = (brakes.throttle, brakes.limiter);
     use crate::postcopy::PostcopyMode;
     let vm = s.vm;
     let mut policy = Convergence::new(params.downtime_limit);
@@ -952,7 +986,7 @@ pub(crate) fn precopy(
         // Disk blocks are page-sized: they count as pages for the estimate.
         let pending = vm.dirty_pending(s.consumer)? + s.storage.as_ref().map_or(0, |st| st.pending());
         let estimate_ms = policy.estimate_ms(pending);
-        let can_throttle = throttle.is_some_and(|t| t.can_step_up());
+        let can_throttle = throttle.is_some_and(|t| t.can_step_up()) || limiter.is_some_and(|l| !l.engaged());
         let decision = policy.decide(pending, can_throttle, params);
         // Post-copy instead of a stop-and-copy: after the passes asked for (unless the pause
         // would be tiny anyway), or (auto) once pre-copy is seen not to converge.
@@ -978,6 +1012,10 @@ pub(crate) fn precopy(
                     if let Some(pct) = throttle.and_then(|t| t.step_up(dirty, send)) {
                         summary.max_throttle_percent = pct;
                         progress(&Progress::Throttle { percent: pct });
+                    }
+                    if let Some(l) = limiter.filter(|l| !l.engaged()) {
+                        l.engage(policy.iteration);
+                        progress(&Progress::DirtyLimit { mib_s: params.dirty_limit.map_or(0, NonZeroU64::get) });
                     }
                 }
             }

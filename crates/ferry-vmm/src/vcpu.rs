@@ -99,6 +99,10 @@ struct CtlState {
     req: Request,
     paused: bool,
     exited: bool,
+    /// Held out of KVM_RUN until then (a dirty-rate limit, docs/migration.md), while running.
+    hold_until: Option<std::time::Instant>,
+    /// Time spent held, in total.
+    held: std::time::Duration,
 }
 
 struct Control {
@@ -190,6 +194,8 @@ impl VcpuHandle {
                 req: if start_paused { Request::Pause } else { Request::Run },
                 paused: false,
                 exited: false,
+                hold_until: None,
+                held: std::time::Duration::ZERO,
             }),
             cv: Condvar::new(),
         });
@@ -250,6 +256,29 @@ impl VcpuHandle {
         self.request(Request::Run)
     }
 
+    /// Keeps a running vCPU out of `KVM_RUN` until `until` (a later hold extends it; an earlier
+    /// one changes nothing): it leaves `KVM_RUN` at once (a kick) and waits on its thread. A
+    /// pause or stop request ends the wait as usual; the hold lasts through a pause.
+    pub fn hold(&self, until: std::time::Instant) -> Result<(), VcpuError> {
+        {
+            let mut g = self.ctl.m.lock().map_err(|_| VcpuError::Poisoned(self.id))?;
+            if g.exited || g.hold_until.is_some_and(|h| h >= until) {
+                return Ok(());
+            }
+            g.hold_until = Some(until);
+        }
+        RunPtr(self.kvm_run).set_immediate_exit(1);
+        if let Some(t) = &self.thread {
+            t.kill(kick_signal()).map_err(|e| VcpuError::Kick(self.id, e))?;
+        }
+        Ok(())
+    }
+
+    /// How long this vCPU has been held ([`VcpuHandle::hold`]) in total.
+    pub fn held(&self) -> std::time::Duration {
+        self.ctl.m.lock().map(|g| g.held).unwrap_or_default()
+    }
+
     /// The vCPU fd, for state save/restore. Only call while the vCPU is paused: the vCPU thread
     /// holds this lock while it runs.
     pub fn fd(&self) -> Result<MutexGuard<'_, VcpuFd>, VcpuError> {
@@ -296,7 +325,24 @@ fn vcpu_loop(env: &VcpuEnv, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<Control>, run: RunP
             };
             loop {
                 match g.req {
-                    Request::Run => break,
+                    Request::Run => {
+                        let now = std::time::Instant::now();
+                        match g.hold_until {
+                            Some(until) if until > now => {
+                                // Held: wait it out (a pause or stop request wakes this).
+                                g = match ctl.cv.wait_timeout(g, until - now) {
+                                    Ok((g, _)) => g,
+                                    Err(_) => return,
+                                };
+                                g.held += now.elapsed();
+                            }
+                            Some(_) => {
+                                g.hold_until = None;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
                     Request::Quit => {
                         drop(g);
                         finish(&ctl);

@@ -479,6 +479,28 @@ impl Vm {
     }
 
     /// Entries each vCPU's dirty ring has delivered (ring tracking only).
+    /// Collects every vCPU's dirty ring now (ring tracking), so that [`Vm::dirty_ring_stats`]
+    /// counts what each vCPU dirtied up to this moment. None without rings.
+    pub fn dirty_ring_collect(&self) -> Result<Option<u64>, VmError> {
+        match &self.rings {
+            Some(r) => Ok(Some(r.collect()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keeps vCPU `index` out of the guest until `until` (a per-vCPU dirty-rate limit).
+    pub fn hold_vcpu(&self, index: usize, until: std::time::Instant) -> Result<(), VmError> {
+        match self.vcpus.get(index) {
+            Some(v) => Ok(v.hold(until)?),
+            None => Ok(()),
+        }
+    }
+
+    /// How long each vCPU has been held ([`Vm::hold_vcpu`]).
+    pub fn vcpus_held(&self) -> Vec<std::time::Duration> {
+        self.vcpus.iter().map(VcpuHandle::held).collect()
+    }
+
     pub fn dirty_ring_stats(&self) -> Option<RingStats> {
         self.rings.as_ref().map(|r| r.stats())
     }

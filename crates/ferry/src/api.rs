@@ -509,6 +509,7 @@ fn update_migration(ctx: &ApiContext, ev: &Value) {
             m["expected_downtime_ms"] = ev["estimated_downtime_ms"].clone();
         }
         Some("throttle") => m["throttle_percent"] = ev["percent"].clone(),
+        Some("dirty-limit") => m["dirty_limit_mib_s"] = ev["mib_s"].clone(),
         Some("postcopy-started") => {
             m["phase"] = json!("postcopy");
             m["remaining_pages"] = ev["pages"].clone();
@@ -559,6 +560,9 @@ pub const MAX_CHANNELS: u64 = ferry_stream::MAX_CHANNELS as u64;
 
 /// Largest bandwidth cap, MiB/s (the CLI's `--max-bandwidth` range ends there too).
 pub const MAX_BANDWIDTH_MIB_S: u64 = 1 << 40;
+
+/// Largest per-vCPU dirty-rate limit, MiB/s (far above any vCPU's dirty rate).
+pub const MAX_DIRTY_LIMIT_MIB_S: u64 = 1 << 20;
 
 /// The migration parameters a `migrate` request asks for; a field of the wrong type or out of
 /// range is refused, never replaced by its default.
@@ -640,6 +644,11 @@ fn migrate_params_unchecked(req: &Value, to: &str, force_switchover: bool) -> Re
             Some(n @ 1..=MAX_CHANNELS) => n as u32,
             Some(n) => bail!("\"channels\" must be 1 to {MAX_CHANNELS}, not {n}"),
             None => 1,
+        },
+        dirty_limit: match opt_u64(req, "dirty_limit_mib_s")? {
+            Some(n @ 1..=MAX_DIRTY_LIMIT_MIB_S) => NonZeroU64::new(n),
+            Some(n) => bail!("\"dirty_limit_mib_s\" must be 1 to {MAX_DIRTY_LIMIT_MIB_S}, not {n}"),
+            None => None,
         },
     })
 }
@@ -1049,6 +1058,8 @@ mod tests {
             (json!({"channels": MAX_CHANNELS + 1}), "\"channels\" must be 1 to 16"),
             (json!({"channels": "2"}), "channels"),
             (json!({"channels": 2, "postcopy": "always"}), "do not go together"),
+            (json!({"dirty_limit_mib_s": 0}), "\"dirty_limit_mib_s\" must be 1 to"),
+            (json!({"dirty_limit_mib_s": "8"}), "dirty_limit_mib_s"),
         ];
         for (req, field) in cases {
             let e = match params(req.clone()) {
@@ -1065,6 +1076,8 @@ mod tests {
         assert_eq!(p.compress, Some(Compression::Zstd { level: 7 }));
         assert_eq!(params(json!({})).unwrap().channels, 1);
         assert_eq!(params(json!({"channels": 4})).unwrap().channels, 4);
+        assert_eq!(params(json!({"dirty_limit_mib_s": 8})).unwrap().dirty_limit.map(|l| l.get()), Some(8));
+        assert_eq!(params(json!({})).unwrap().dirty_limit, None);
     }
 
     #[test]

@@ -317,6 +317,13 @@ struct MigrateArgs {
         conflicts_with_all = ["postcopy", "postcopy_after_iterations"]
     )]
     channels: Option<u64>,
+    /// Per-vCPU dirty-rate limit, MiB/s (QEMU's dirty-limit idea): once pre-copy stops
+    /// converging, each vCPU that dirties memory faster than this is held out of the guest for
+    /// short spells until it does not, while vCPUs under the limit run at full speed. Replaces
+    /// auto-converge's whole-machine throttle; needs a machine started with --dirty-tracking
+    /// ring.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=api::MAX_DIRTY_LIMIT_MIB_S))]
+    dirty_limit: Option<u64>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -1390,6 +1397,9 @@ fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     if let Some(n) = a.channels {
         req["channels"] = n.into();
+    }
+    if let Some(l) = a.dirty_limit {
+        req["dirty_limit_mib_s"] = l.into();
     }
     match (a.postcopy, a.postcopy_after_iterations) {
         (Some(PostcopyArg::Auto), Some(_)) => {

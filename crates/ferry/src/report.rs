@@ -32,6 +32,7 @@ pub fn progress_line(ev: &Value) -> String {
             f(ev, "estimated_downtime_ms")
         ),
         "throttle" => format!("dirty set stopped shrinking: throttling the vCPUs to {}%", u(ev, "percent")),
+        "dirty-limit" => format!("dirty set stopped shrinking: each vCPU limited to dirtying {} MiB/s", u(ev, "mib_s")),
         "postcopy-started" => {
             format!("post-copy: the guest runs on the destination; {} pages follow", u(ev, "pages"))
         }
@@ -99,6 +100,21 @@ pub fn summary_text(s: &Value) -> String {
     o += &format!("  bytes sent      {:>10.1} MiB\n", u(s, "bytes") as f64 / (1 << 20) as f64);
     if u(s, "max_throttle_percent") > 0 {
         o += &format!("  vCPU throttle   {:>10} % at most (auto-converge)\n", u(s, "max_throttle_percent"));
+    }
+    let dl = &s["dirty_limit"];
+    if u(dl, "engaged_at_iteration") > 0 {
+        let per = |k: &str, unit: &str| -> String {
+            dl[k].as_array().map_or(String::new(), |a| {
+                a.iter().map(|x| format!("{:.0} {unit}", x.as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", ")
+            })
+        };
+        o += &format!(
+            "  dirty limit     {:>10} MiB/s per vCPU from pass {}: held {}; dirtied {}\n",
+            u(dl, "limit_mib_s"),
+            u(dl, "engaged_at_iteration"),
+            per("held_ms", "ms"),
+            per("dirty_rate_mib_s", "MiB/s")
+        );
     }
     o += &format!(
         "  pages           {} normal, {} zero, {} broken, {} discarded\n",
@@ -195,6 +211,7 @@ pub fn update_bar(b: &indicatif::ProgressBar, ev: &Value) {
             f(ev, "estimated_downtime_ms")
         )),
         "throttle" => b.set_message(format!("throttling the guest to {}%", u(ev, "percent"))),
+        "dirty-limit" => b.set_message(format!("limiting each vCPU to dirtying {} MiB/s", u(ev, "mib_s"))),
         "postcopy-started" | "postcopy" => b.set_message(progress_line(ev)),
         _ => {}
     }

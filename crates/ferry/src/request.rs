@@ -66,6 +66,7 @@ pub const FIELDS: &[(&str, &[&str])] = &[
             "compress",
             "compress_level",
             "channels",
+            "dirty_limit_mib_s",
         ],
     ),
     ("migrate-resume", &["to", "tls_cert", "tls_key", "tls_ca"]),
