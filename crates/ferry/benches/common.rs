@@ -394,3 +394,59 @@ impl Drop for CpuWatch {
         }
     }
 }
+
+/// Two network namespaces `ns` joined by a veth pair `dev`, with addresses `<net>.1` and
+/// `<net>.2`, each side's egress limited by `tbf rate <rate> burst <burst>`: two hosts on one
+/// machine over a real link. Removed on drop (and before being made, should an earlier run have
+/// left them). None where this host cannot make them (root and iproute2 needed).
+pub struct TbfNamespaces {
+    ns: [&'static str; 2],
+}
+
+impl TbfNamespaces {
+    pub fn create(ns: [&'static str; 2], dev: [&'static str; 2], net: &str, rate: &str, burst: &str) -> Option<Self> {
+        let sh = |args: &[&str]| Command::new(args[0]).args(&args[1..]).status().is_ok_and(|s| s.success());
+        let link = TbfNamespaces { ns };
+        link.remove();
+        if !(sh(&["ip", "netns", "add", ns[0]])
+            && sh(&["ip", "netns", "add", ns[1]])
+            && sh(&["ip", "link", "add", dev[0], "type", "veth", "peer", "name", dev[1]]))
+        {
+            return None;
+        }
+        for i in 0..2 {
+            let ip = format!("{net}.{}/24", i + 1);
+            let ok = sh(&["ip", "link", "set", dev[i], "netns", ns[i]])
+                && sh(&["ip", "-n", ns[i], "addr", "add", &ip, "dev", dev[i]])
+                && sh(&["ip", "-n", ns[i], "link", "set", dev[i], "up"])
+                && sh(&["ip", "-n", ns[i], "link", "set", "lo", "up"])
+                && sh(&[
+                    "ip", "netns", "exec", ns[i], "tc", "qdisc", "add", "dev", dev[i], "root", "tbf", "rate", rate,
+                    "burst", burst, "latency", "50ms",
+                ]);
+            if !ok {
+                return None;
+            }
+        }
+        Some(link)
+    }
+
+    /// `exe args` in namespace `side` (0 or 1).
+    pub fn spawn(&self, side: usize, exe: &str, args: &[&str]) -> Proc {
+        let mut a = vec!["netns", "exec", self.ns[side], exe];
+        a.extend(args);
+        Proc::spawn("ip", &a)
+    }
+
+    fn remove(&self) {
+        for n in self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+impl Drop for TbfNamespaces {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

@@ -40,53 +40,6 @@ enum Link {
     Tbf,
 }
 
-fn sh(args: &[&str]) -> bool {
-    Command::new(args[0]).args(&args[1..]).status().is_ok_and(|s| s.success())
-}
-
-/// The 1 Gbit/s link: removed again on drop.
-struct Namespaces;
-
-impl Namespaces {
-    fn create() -> Option<Namespaces> {
-        Namespaces::remove();
-        let ok = sh(&["ip", "netns", "add", NS[0]])
-            && sh(&["ip", "netns", "add", NS[1]])
-            && sh(&["ip", "link", "add", "ferry-bz-a", "type", "veth", "peer", "name", "ferry-bz-b"])
-            && sh(&["ip", "link", "set", "ferry-bz-a", "netns", NS[0]])
-            && sh(&["ip", "link", "set", "ferry-bz-b", "netns", NS[1]]);
-        let ns = Namespaces;
-        if !ok {
-            return None;
-        }
-        for (n, dev, ip) in [(NS[0], "ferry-bz-a", "10.79.0.1/24"), (NS[1], "ferry-bz-b", "10.79.0.2/24")] {
-            let ok = sh(&["ip", "netns", "exec", n, "ip", "addr", "add", ip, "dev", dev])
-                && sh(&["ip", "netns", "exec", n, "ip", "link", "set", dev, "up"])
-                && sh(&["ip", "netns", "exec", n, "ip", "link", "set", "lo", "up"])
-                && sh(&[
-                    "ip", "netns", "exec", n, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit",
-                    "burst", "1mb", "latency", "50ms",
-                ]);
-            if !ok {
-                return None;
-            }
-        }
-        Some(ns)
-    }
-
-    fn remove() {
-        for n in NS {
-            let _ = Command::new("ip").args(["netns", "del", n]).stderr(std::process::Stdio::null()).status();
-        }
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        Namespaces::remove();
-    }
-}
-
 /// `exe args`, in namespace `ns` on the tbf link.
 fn spawn_in(link: Link, side: usize, exe: &str, args: &[&str]) -> Proc {
     match link {
@@ -201,7 +154,7 @@ fn main() {
     let d = tmpdir("bz-guest");
     let elf = export_guest(&d);
     let elf = elf.to_str().unwrap();
-    let ns = Namespaces::create();
+    let ns = TbfNamespaces::create(NS, ["ferry-bz-a", "ferry-bz-b"], "10.79.0", "1gbit", "1mb");
     if ns.is_none() {
         println!(
             "SKIPPED the 1 Gbit/s link: cannot create network namespaces with a tbf veth pair (needs root, ip, tc)"

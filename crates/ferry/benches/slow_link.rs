@@ -30,6 +30,7 @@ const CMDLINE: &str = "mib=256 rate=0 hb_us=1000 report_ms=200";
 const WS_MIB: u64 = 256;
 const NS: [&str; 2] = ["ferry-bsl-src", "ferry-bsl-dst"];
 const DEV: [&str; 2] = ["ferry-bsl-a", "ferry-bsl-b"];
+const NET: &str = "10.75.0";
 const DST_IP: &str = "10.75.0.2";
 /// Per-vCPU dirty limit of the dirty-limit rows, MiB/s.
 const LIMIT: &str = "4";
@@ -43,58 +44,6 @@ struct Run {
     passes: f64,
     pause_ms: f64,
     errors: f64,
-}
-
-fn sh(args: &[&str]) -> bool {
-    Command::new(args[0]).args(&args[1..]).status().is_ok_and(|s| s.success())
-}
-
-/// The 32 MiB/s link: removed again on drop.
-struct Namespaces;
-
-impl Namespaces {
-    fn create() -> Option<Namespaces> {
-        Namespaces::remove();
-        let ok = sh(&["ip", "netns", "add", NS[0]])
-            && sh(&["ip", "netns", "add", NS[1]])
-            && sh(&["ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1]]);
-        let ns = Namespaces;
-        if !ok {
-            return None;
-        }
-        for (i, ip) in ["10.75.0.1/24", "10.75.0.2/24"].into_iter().enumerate() {
-            let ok = sh(&["ip", "link", "set", DEV[i], "netns", NS[i]])
-                && sh(&["ip", "-n", NS[i], "addr", "add", ip, "dev", DEV[i]])
-                && sh(&["ip", "-n", NS[i], "link", "set", DEV[i], "up"])
-                && sh(&["ip", "-n", NS[i], "link", "set", "lo", "up"])
-                && sh(&[
-                    "ip", "netns", "exec", NS[i], "tc", "qdisc", "add", "dev", DEV[i], "root", "tbf", "rate",
-                    "256mbit", "burst", "64kb", "latency", "50ms",
-                ]);
-            if !ok {
-                return None;
-            }
-        }
-        Some(ns)
-    }
-
-    fn remove() {
-        for n in NS {
-            let _ = Command::new("ip").args(["netns", "del", n]).stderr(std::process::Stdio::null()).status();
-        }
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        Namespaces::remove();
-    }
-}
-
-fn spawn_in(side: usize, exe: &str, args: &[&str]) -> Proc {
-    let mut a = vec!["netns", "exec", NS[side], exe];
-    a.extend(args);
-    Proc::spawn("ip", &a)
 }
 
 fn wait_filled(p: &Proc) {
@@ -126,12 +75,12 @@ impl Way {
     }
 }
 
-fn ferry_run(i: usize, way: Way) -> Run {
+fn ferry_run(link: &TbfNamespaces, i: usize, way: Way) -> Run {
     wait_quiet();
     let d = tmpdir(&format!("bsl-ferry-{i}-{}", way as u8));
     let api = d.join("api.sock");
     let tracking = if way == Way::FerryDirtyLimit { "ring" } else { "bitmap" };
-    let src = spawn_in(
+    let src = link.spawn(
         0,
         FERRY,
         &[
@@ -148,7 +97,7 @@ fn ferry_run(i: usize, way: Way) -> Run {
     );
     wait_filled(&src);
     let uri = format!("tcp:{DST_IP}:7811");
-    let dst = spawn_in(1, FERRY, &["run", "--memory", "1G", "--dirty-tracking", tracking, "--incoming", &uri]);
+    let dst = link.spawn(1, FERRY, &["run", "--memory", "1G", "--dirty-tracking", tracking, "--incoming", &uri]);
     std::thread::sleep(Duration::from_millis(500));
     let mut args = vec!["migrate", "--api-socket", api.to_str().unwrap(), "--to", &uri, "--json", "--insecure"];
     match way {
@@ -171,7 +120,7 @@ fn ferry_run(i: usize, way: Way) -> Run {
     }
 }
 
-fn qemu_run(i: usize, way: Way, elf: &str) -> Run {
+fn qemu_run(link: &TbfNamespaces, i: usize, way: Way, elf: &str) -> Run {
     wait_quiet();
     let d = tmpdir(&format!("bsl-qemu-{i}-{}", way as u8));
     let (qs, qd) = (d.join("qmp-src.sock"), d.join("qmp-dst.sock"));
@@ -189,11 +138,11 @@ fn qemu_run(i: usize, way: Way, elf: &str) -> Run {
     let elf: &'static str = Box::leak(elf.to_string().into_boxed_str());
     let mut a = with_accel(qemu_args(elf, "1G", "1", CMDLINE));
     a.extend(["-qmp".into(), qmp_src]);
-    let src = spawn_in(0, "qemu-system-x86_64", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let src = link.spawn(0, "qemu-system-x86_64", &a.iter().map(String::as_str).collect::<Vec<_>>());
     wait_filled(&src);
     let mut b = with_accel(qemu_args(elf, "1G", "1", CMDLINE));
     b.extend(["-qmp".into(), qmp_dst, "-incoming".into(), "defer".into()]);
-    let dst = spawn_in(1, "qemu-system-x86_64", &b.iter().map(String::as_str).collect::<Vec<_>>());
+    let dst = link.spawn(1, "qemu-system-x86_64", &b.iter().map(String::as_str).collect::<Vec<_>>());
     let mut qdc = Qmp::connect(&qd);
     let mut q = Qmp::connect(&qs);
     qdc.cmd(&format!(r#"{{"execute":"migrate-incoming","arguments":{{"uri":"{uri}"}}}}"#));
@@ -246,7 +195,7 @@ fn main() {
     let Some(runs) = bench_runs("slow_link", 1) else {
         return;
     };
-    let Some(_ns) = Namespaces::create() else {
+    let Some(link) = TbfNamespaces::create(NS, DEV, NET, "256mbit", "64kb") else {
         println!("SKIPPED slow_link: cannot create network namespaces with a tbf veth pair (needs root, ip, tc)");
         return;
     };
@@ -264,8 +213,8 @@ fn main() {
     for i in 0..runs {
         for (k, &w) in ways.iter().enumerate() {
             rows[k].push(match w {
-                Way::QemuAutoConverge | Way::QemuDirtyLimit => qemu_run(i, w, elf),
-                _ => ferry_run(i, w),
+                Way::QemuAutoConverge | Way::QemuDirtyLimit => qemu_run(&link, i, w, elf),
+                _ => ferry_run(&link, i, w),
             });
         }
     }
