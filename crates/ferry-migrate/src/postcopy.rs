@@ -47,10 +47,37 @@ pub enum PostcopyMode {
 }
 
 /// Page-stream bytes the source lets sit unread in the socket before the next background
-/// batch: a requested page waits behind at most this much (8 ms at 32 MiB/s).
+/// batch, at most: a requested page waits behind no more than this much plus a batch. On TCP
+/// the bound follows the link ([`backlog_limit`]).
 const IN_FLIGHT: u64 = 256 << 10;
-/// Pages per background batch.
+/// The least the bound goes down to.
+const MIN_IN_FLIGHT: u64 = 32 << 10;
+/// Queueing the bound allows on top of the link's round trip.
+const QUEUE_TIME: Duration = Duration::from_millis(2);
+/// Pages per background batch, at most (fewer on a slow link: half the backlog bound).
 const PUSH_PAGES: usize = 32;
+/// How often the bound is recomputed.
+const BACKLOG_EVERY: Duration = Duration::from_millis(50);
+
+/// The backlog bound for a link that delivers `rate` bytes/s with a lowest round trip of
+/// `min_rtt_us`: what keeps it busy (its bandwidth-delay product) plus [`QUEUE_TIME`] of
+/// queue, so that a requested page waits behind about 2 ms of push on a slow link instead of
+/// 256 KiB (8 ms at 32 MiB/s), and a long link still gets its round trip's worth in flight.
+/// Without a measurement (a UNIX socket): [`IN_FLIGHT`].
+fn backlog_limit(link: Option<(u64, u32)>) -> u64 {
+    match link {
+        Some((rate, min_rtt_us)) if rate > 0 && min_rtt_us > 0 => {
+            let t = f64::from(min_rtt_us) / 1e6 + QUEUE_TIME.as_secs_f64();
+            ((rate as f64 * t) as u64).clamp(MIN_IN_FLIGHT, IN_FLIGHT)
+        }
+        _ => IN_FLIGHT,
+    }
+}
+
+/// Pages per background batch under backlog bound `limit`.
+fn batch_pages(limit: u64) -> usize {
+    ((limit / 2) as usize / PAGE_SIZE).clamp(4, PUSH_PAGES)
+}
 /// How often the source reports post-copy progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -270,6 +297,8 @@ impl PostcopySource {
         let mut buf = vec![0u8; PUSH_PAGES * PAGE_SIZE];
         let b0 = w.bytes_written();
         let t0 = Instant::now();
+        let mut limit = backlog_limit(w.get_mut().get_ref().conn.tcp_link());
+        let mut limit_at = Instant::now();
         let take = |f: Result<PostcopyFrame, ProtocolError>,
                     urgent: &mut Vec<u64>,
                     done: &mut Option<PostcopyDone>,
@@ -305,12 +334,16 @@ impl PostcopySource {
                 w.flush().map_err(|e| interrupted(self.left, Box::new(e)))?;
                 continue;
             }
+            if limit_at.elapsed() >= BACKLOG_EVERY {
+                limit = backlog_limit(w.get_mut().get_ref().conn.tcp_link());
+                limit_at = Instant::now();
+            }
             let queued = w.get_mut().get_ref().conn.unread_bytes().map_err(|e| interrupted(self.left, Box::new(e)))?;
             // Ahead of the bandwidth cap: wait (for a request, at most until due).
             let ahead = self.limit.map_or(Duration::ZERO, |l| {
                 Duration::from_secs_f64((w.bytes_written() - b0) as f64 / l.get() as f64).saturating_sub(t0.elapsed())
             });
-            if queued < last_queued || queued <= IN_FLIGHT {
+            if queued < last_queued || queued <= limit {
                 (last_queued, queued_since) = (queued, Instant::now());
             } else if queued_since.elapsed() >= self.stall {
                 return Err(interrupted(
@@ -318,7 +351,7 @@ impl PostcopySource {
                     format!("the destination took no data for {:.1} s", self.stall.as_secs_f64()).into(),
                 ));
             }
-            if queued > IN_FLIGHT || !ahead.is_zero() {
+            if queued > limit || !ahead.is_zero() {
                 let wait =
                     if ahead.is_zero() { Duration::from_micros(200) } else { ahead.min(Duration::from_millis(5)) };
                 match rx.recv_timeout(wait) {
@@ -330,7 +363,7 @@ impl PostcopySource {
                 }
                 continue;
             }
-            let batch = self.next_background(PUSH_PAGES);
+            let batch = self.next_background(batch_pages(limit));
             let n = self.send_pages(vm, &mut w, &mut buf, batch.into_iter())?;
             self.stats.pushed_pages += n;
             w.flush().map_err(|e| interrupted(self.left, Box::new(e)))?;
@@ -973,6 +1006,22 @@ mod tests {
             pc.left -= 1;
         }
         got
+    }
+
+    #[test]
+    fn the_backlog_bound_follows_the_link() {
+        // 32 MiB/s, 50 µs round trip: 2.05 ms of it, about 67 KiB, in batches of 8 pages.
+        let slow = backlog_limit(Some((32 << 20, 50)));
+        assert!((66 << 10..=70 << 10).contains(&slow), "{slow}");
+        assert_eq!(batch_pages(slow), 8);
+        // A fast local link is capped; a long one gets its round trip's worth, capped too.
+        assert_eq!(backlog_limit(Some((10 << 30, 30))), IN_FLIGHT);
+        assert_eq!(backlog_limit(Some((1 << 20, 100))), MIN_IN_FLIGHT);
+        // No measurement (UNIX socket, a fresh connection): the fixed bound.
+        assert_eq!(backlog_limit(None), IN_FLIGHT);
+        assert_eq!(backlog_limit(Some((0, 0))), IN_FLIGHT);
+        assert_eq!(batch_pages(IN_FLIGHT), PUSH_PAGES);
+        assert_eq!(batch_pages(MIN_IN_FLIGHT), 4);
     }
 
     #[test]

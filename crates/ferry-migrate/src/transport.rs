@@ -323,6 +323,28 @@ impl Conn {
         Ok(n.max(0) as u64)
     }
 
+    /// A TCP connection's delivery rate (bytes/s) and lowest round-trip time seen (µs), from
+    /// `TCP_INFO` (Linux 4.6 and later); None for a UNIX socket or an older kernel.
+    pub fn tcp_link(&self) -> Option<(u64, u32)> {
+        if matches!(self, Conn::Unix(_)) {
+            return None;
+        }
+        // The kernel's struct tcp_info: tcpi_min_rtt (u32) at byte 148, tcpi_delivery_rate
+        // (u64) at byte 160 (include/uapi/linux/tcp.h); libc's struct ends before them.
+        let mut buf = [0u8; 256];
+        let mut len = buf.len() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `buf` and the length back.
+        let r = unsafe {
+            libc::getsockopt(self.raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, buf.as_mut_ptr().cast(), &mut len)
+        };
+        if r < 0 || (len as usize) < 168 {
+            return None;
+        }
+        let min_rtt = u32::from_ne_bytes(buf[148..152].try_into().ok()?);
+        let rate = u64::from_ne_bytes(buf[160..168].try_into().ok()?);
+        Some((rate, min_rtt))
+    }
+
     pub fn try_clone(&self) -> std::io::Result<Conn> {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
